@@ -1,0 +1,115 @@
+"""The command line: a thin layer over each stage's config dataclass and `run` function.
+
+Every option comes from a dataclass field and its docstring, so `--help` documents all of them;
+`--config FILE.yaml` loads values, and options given after it override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import typing
+
+import jsonargparse
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+# command path -> (module, config class, run function, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
+    ("demo",): ("datalever.demo", "DemoConfig", "run", "Run the whole method on the embedded default data (the first thing to try)."),
+    ("data", "synth"): ("datalever.data", "SynthConfig", "run_synth", "Generate the embedded math word-problem dataset (GSM8K format) with train/validation/test splits."),
+    ("data", "check"): ("datalever.data", "CheckConfig", "run_check", "Load a dataset file, detect its schema and report counts, sources and problems."),
+    ("model", "build"): ("datalever.data", "ModelBuildConfig", "run_model_build", "Build a model preset from scratch as an HF checkpoint directory."),
+    ("score",): ("datalever.losses", "ScoreConfig", "run", "Score every example's response loss under a model (the loss engine)."),
+    ("profile",): ("datalever.profile", "ProfileConfig", "run", "Train a proxy briefly and record every training example's loss trajectory."),
+    ("split",): ("datalever.split", "SplitConfig", "run", "Cluster loss trajectories into easy and hard examples."),
+    ("upsample",): ("datalever.upsample", "UpsampleConfig", "run", "Build one arm's training set (hard, easy, random or base) from the split."),
+    ("train",): ("datalever.train", "TrainConfig", "run", "Fine-tune a causal LM (AdamW, Muon or SAM; full or LoRA) with the response-only loss."),
+    ("eval",): ("datalever.evaluate", "EvalConfig", "run", "Greedy-decode answers and report exact-match accuracy overall, per source and per difficulty."),
+    ("experiment",): ("datalever.experiment", "ExperimentConfig", "run", "Run every arm over every seed: profile, split, upsample, train, evaluate, report."),
+    ("theory",): ("datalever.theory", "TheoryConfig", "run", "Simplicity bias of GD, SAM and reshaped data in multi-head linear attention."),
+}
+
+
+def _load(command: tuple[str, ...]):
+    module, cls, fn, _ = COMMANDS[command]
+    mod = importlib.import_module(module)
+    return getattr(mod, cls), getattr(mod, fn)
+
+
+def _subparser(config_cls, help_text: str) -> ArgumentParser:
+    parser = ArgumentParser(description=(config_cls.__doc__ or help_text).strip())
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of option values; options after it override it.")
+    parser.add_class_arguments(config_cls, nested_key=None, fail_untyped=True)
+    return parser
+
+
+def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
+    """The full parser; with `only`, import just that command's module (fast start-up for one command)."""
+    parser = ArgumentParser(prog="datalever",
+                            description="datalever: the training-data distribution as a lever on LLM fine-tuning.")
+    top = parser.add_subcommands(dest="command")
+    groups: dict[str, typing.Any] = {}
+    # Level order: first all top-level names, then the second level (jsonargparse requires it).
+    for path, (_, _, _, help_text) in COMMANDS.items():
+        if len(path) == 1:
+            sub = _subparser(_load(path)[0], help_text) if only in (None, path) else ArgumentParser(description=help_text)
+            top.add_subcommand(path[0], sub, help=help_text)
+        elif path[0] not in groups:
+            group = ArgumentParser(description=f"`{path[0]}` commands.")
+            top.add_subcommand(path[0], group, help=f"{path[0]} commands: " + ", ".join(p[1] for p in COMMANDS if p[0] == path[0]))
+            groups[path[0]] = group
+    for name, group in groups.items():
+        subs = group.add_subcommands(dest="command")
+        for path, (_, _, _, help_text) in COMMANDS.items():
+            if len(path) == 2 and path[0] == name:
+                sub = _subparser(_load(path)[0], help_text) if only in (None, path) else ArgumentParser(description=help_text)
+                subs.add_subcommand(path[1], sub, help=help_text)
+    return parser
+
+
+def _to_dataclass(cls, values: dict):
+    """Build a (possibly nested) config dataclass from parsed values."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f.name if f.name in values else "\u200b" + f.name  # jsonargparse escapes names like `keys`
+        if key not in values:
+            continue
+        value = values[key]
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
+            value = _to_dataclass(hints[f.name], value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _command_path(argv: list[str]) -> tuple[str, ...] | None:
+    words = [a for a in argv if not a.startswith("-")]
+    for n in (2, 1):
+        if tuple(words[:n]) in COMMANDS:
+            return tuple(words[:n])
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    path = _command_path(argv)
+    parser = build_parser(only=path)
+    ns = parser.parse_args(argv)
+    node = ns
+    for name in path or ():
+        node = node[name]
+    if path is None:
+        parser.print_help()
+        return
+    config_cls, run = _load(path)
+    values = {k: v for k, v in node.as_dict().items() if k != "config"}
+    result = run(_to_dataclass(config_cls, values))
+    if isinstance(result, str):
+        print(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Experiment: one profile and split, then for every arm and seed the training set, fine-tuning and
+evaluation, and a report with confidence intervals and paired comparisons.
+
+Layout of the run directory:
+    data/                      the embedded dataset (unless files are given)
+    trajectories.parquet ...   profile stage;  split.parquet, split_summary.json, plots: split stage
+    arms/<arm>/seed<S>/        upsampled set (examples.jsonl + manifest.parquet), train/, eval/
+    results.json, results.md, results_*.png
+An arm/seed whose eval/metrics.json exists is not run again; a killed arm resumes from its last
+training checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datalever import rundir
+from datalever.data import SynthConfig, run_synth
+from datalever.evaluate import EvalConfig, run as eval_run
+from datalever.profile import ProfileConfig, run as profile_run
+from datalever.split import SplitConfig, run as split_run
+from datalever.train import TrainConfig, run as train_run, total_steps
+from datalever.upsample import UpsampleConfig, run as upsample_run
+
+
+@dataclass
+class ArmConfig:
+    """One arm: which examples are upsampled and how the model is trained."""
+
+    name: str = "hard"
+    """Arm name (a directory under arms/)."""
+    data: str = "base"
+    """Training distribution: base (original) | hard | easy | random (upsampled as the upsample stage does)."""
+    optimizer: str | None = None
+    """Override the optimizer for this arm: adamw | muon | sam."""
+    match_steps_of: str | None = None
+    """Train as many optimizer steps as this arm does (e.g. base-long matches hard)."""
+    synth_fn: str | None = None
+    """Add synthesized variants of the selected examples, e.g. datalever.synth:variants."""
+
+
+BUILTIN_ARMS: dict[str, ArmConfig] = {
+    "base": ArmConfig("base", "base"),
+    "hard": ArmConfig("hard", "hard"),
+    "random": ArmConfig("random", "random"),
+    "easy": ArmConfig("easy", "easy"),
+    "base-long": ArmConfig("base-long", "base", match_steps_of="hard"),
+    "sam": ArmConfig("sam", "base", optimizer="sam"),
+    "hard-muon": ArmConfig("hard-muon", "hard", optimizer="muon"),
+    "hard-synth": ArmConfig("hard-synth", "hard", synth_fn="datalever.synth:variants"),
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """Profile, split, then train and evaluate every arm over every seed; write results and plots."""
+
+    run_dir: str = "runs/experiment"
+    """Run directory for every stage's files."""
+    train_file: str | None = None
+    """Training examples; default: generate the embedded dataset into RUN/data."""
+    val_file: str | None = None
+    """Validation examples (validation loss during training; choose hyperparameters on these)."""
+    test_file: str | None = None
+    """Test examples for the final accuracies."""
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    """Embedded dataset settings (used when train_file is not given; its `out` is RUN/data)."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Proxy settings (its run_dir and train_file are set by the experiment)."""
+    features: str = "trajectory"
+    """Split features: trajectory | final | relative."""
+    stratify: bool = False
+    """Cluster within each data source."""
+    m: int = 1
+    """Extra uses of each selected example (1: twice, 2: three times)."""
+    arms: list[str] = field(default_factory=lambda: ["base", "hard", "random", "easy", "base-long", "sam"])
+    """Arms to run, by name: base, hard, random, easy, base-long, sam, hard-muon, hard-synth, or one of extra_arms."""
+    extra_arms: list[ArmConfig] = field(default_factory=list)
+    """Arms defined here in full (name, data, optimizer, match_steps_of, synth_fn)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Training seeds (model initialization of a preset, data order, the random arm's draw)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Target training settings for every arm (data, out, manifest, seed are set per arm)."""
+    eval_split: str = "test"
+    """Which split the reported accuracies use: test (final numbers) or validation (choosing settings)."""
+    eval_max_new_tokens: int = 200
+    """Generation cap for evaluation."""
+    eval_batch_size: int = 64
+    """Prompts per generation batch."""
+    eval_limit: int | None = None
+    """Evaluate only the first N examples (quick checks)."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def arm_spec(cfg: ExperimentConfig, name: str) -> ArmConfig:
+    extra = {a.name: a for a in cfg.extra_arms}
+    if name in extra:
+        return extra[name]
+    if name in BUILTIN_ARMS:
+        return BUILTIN_ARMS[name]
+    raise ValueError(f"unknown arm {name!r}: built-in {sorted(BUILTIN_ARMS)}, or define it in extra_arms")
+
+
+def data_files(cfg: ExperimentConfig) -> dict[str, str]:
+    """The train/validation/test files, generating the embedded dataset if none are given."""
+    run_dir = Path(cfg.run_dir)
+    if cfg.train_file:
+        return {"train": cfg.train_file, "validation": cfg.val_file, "test": cfg.test_file}
+    data_dir = run_dir / "data"
+    if not (data_dir / "test.jsonl").exists():
+        run_synth(dataclasses.replace(cfg.synth, out=str(data_dir)))
+    return {s: str(data_dir / f"{s}.jsonl") for s in ("train", "validation", "test")}
+
+
+def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, train_file: str) -> Path:
+    """Upsample for this arm and seed into arms/<arm>/seed<S>/ (examples.jsonl + manifest.parquet)."""
+    out = Path(cfg.run_dir) / "arms" / arm.name / f"seed{seed}"
+    if not (out / "manifest.json").exists():
+        upsample_run(UpsampleConfig(run_dir=cfg.run_dir, arm=arm.data, m=cfg.m, seed=seed, synth_fn=arm.synth_fn,
+                                    train_file=train_file, out=str(out)))
+    return out
+
+
+def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: Path, files: dict) -> TrainConfig:
+    tcfg = copy.deepcopy(cfg.train)
+    tcfg.data = str(arm_dir / "examples.jsonl")
+    tcfg.manifest = str(arm_dir / "manifest.parquet")
+    tcfg.val_data = files.get("validation")
+    tcfg.out = str(arm_dir / "train")
+    tcfg.models_dir = str(Path(cfg.run_dir) / "models")
+    tcfg.seed = seed
+    tcfg.progress = cfg.progress
+    if arm.optimizer:
+        tcfg.optim = dataclasses.replace(tcfg.optim, name=arm.optimizer)
+    if arm.match_steps_of:
+        other = arm_spec(cfg, arm.match_steps_of)
+        other_dir = prepare_arm_data(cfg, other, seed, files["train"])
+        import pyarrow.parquet as pq
+        epoch_len = sum(pq.read_table(other_dir / "manifest.parquet", columns=["multiplicity"]).column(0).to_pylist())
+        tcfg.max_steps = total_steps(cfg.train, epoch_len)
+    return tcfg
+
+
+def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> dict:
+    arm_dir = prepare_arm_data(cfg, arm, seed, files["train"])
+    metrics_path = arm_dir / "eval" / "metrics.json"
+    if metrics_path.exists():
+        return rundir.read_json(metrics_path)
+    train_run(arm_train_config(cfg, arm, seed, arm_dir, files))
+    return eval_run(EvalConfig(model=str(arm_dir / "train" / "model"), data=files[cfg.eval_split],
+                               out=str(arm_dir / "eval"), max_new_tokens=cfg.eval_max_new_tokens,
+                               batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, progress=cfg.progress))
+
+
+def run_method(cfg: ExperimentConfig, files: dict) -> None:
+    """The shared front of every arm: one profile and one split."""
+    profile_run(dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"],
+                                    progress=cfg.progress))
+    if not (Path(cfg.run_dir) / "split.parquet").exists():
+        split_run(SplitConfig(run_dir=cfg.run_dir, features=cfg.features, stratify=cfg.stratify,
+                              seed=cfg.profile.seed, train_file=files["train"]))
+
+
+def run(cfg: ExperimentConfig) -> str:
+    from datalever.report import write_report
+
+    run_dir = Path(cfg.run_dir)
+    rundir.record_provenance(run_dir, "experiment", cfg)
+    files = data_files(cfg)
+    t0 = time.perf_counter()
+    run_method(cfg, files)
+    arms = [arm_spec(cfg, name) for name in cfg.arms]
+    for arm in arms:
+        for seed in cfg.seeds:
+            run_arm(cfg, arm, seed, files)
+    report = write_report(run_dir, [a.name for a in arms], cfg.seeds, eval_split=cfg.eval_split)
+    return report["markdown"] + f"\n\nresults: {run_dir / 'results.md'} (plots: {run_dir}/results_*.png); " \
+                                f"this invocation took {time.perf_counter() - t0:.0f} s"

@@ -1,0 +1,181 @@
+"""The per-example loss engine: mean NLL of each example's response given its prompt.
+
+Why not `model(labels=...)`: that materializes full-vocabulary logits for every position, prompt
+included, and averages over the whole batch. Here the transformer body runs once per batch, and
+the output projection is applied only at the positions whose next token is a response token; the
+per-token losses are then summed per example. The same module computes the training loss, so what
+is recorded for the proxy and what the target model minimizes are one definition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datalever.examples import Example
+from datalever.tokens import IGNORE, Encoded, collate, encode_example, token_budget_batches
+
+# Configs whose logits are post-processed after the output projection (scaling, soft-capping):
+# for these the engine takes the model's own logits instead of projecting hidden states itself.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+FLAG_TRUNCATED = "truncated"  # the maximum length cut the whole response away
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The HF model under DDP/FSDP/torch.compile/peft wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model"):  # peft: LoRA layers stay injected in the base model
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def _needs_full_logits(hf_model: nn.Module) -> bool:
+    cfg = getattr(hf_model, "config", None)
+    return any(getattr(cfg, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING)
+
+
+class ResponseLoss(nn.Module):
+    """Wraps a causal LM; forward returns per-example (sum of response-token NLL, response-token count).
+
+    Wrap this module (not the bare model) with Accelerate/DDP when training, so gradient
+    synchronization sees the forward pass. `chunk` bounds the rows projected to the vocabulary at
+    once, so memory stays flat for large vocabularies.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int = 8192):
+        super().__init__()
+        self.model = model
+        self.chunk = chunk
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        targets = labels[:, 1:]
+        keep = targets != IGNORE  # position t predicts token t+1
+        rows = keep.nonzero(as_tuple=True)[0]
+        hf = _unwrap(self.model)
+        if _needs_full_logits(hf):
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            token_nll = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
+        else:
+            body = getattr(hf, hf.base_model_prefix)
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+            token_nll = self._project_and_score(hf.get_output_embeddings(), hidden[keep], targets[keep])
+        n = input_ids.shape[0]
+        sums = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_nll)
+        counts = keep.sum(dim=1)
+        return sums, counts
+
+    def _project_and_score(self, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        parts = [F.cross_entropy(head(h).float(), t, reduction="none")
+                 for h, t in zip(hidden.split(self.chunk), targets.split(self.chunk))]
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+@dataclass
+class ExampleLoss:
+    id: str
+    loss: float  # mean NLL over response tokens; NaN only together with a flag
+    n_tokens: int  # response tokens that carry loss
+    flag: str = ""  # "" or FLAG_TRUNCATED
+
+
+def encode_all(tokenizer, examples: Sequence[Example], max_length: int) -> list[Encoded]:
+    return [encode_example(tokenizer, ex, max_length) for ex in examples]
+
+
+@torch.inference_mode()
+def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, pad_id: int, token_budget: int = 16384,
+                  accelerator=None, progress: bool = False, desc: str = "scoring") -> dict[str, ExampleLoss]:
+    """Per-example response losses for already-encoded examples, keyed by id.
+
+    Under `torch.distributed` (an Accelerate `accelerator` with several processes) each rank scores
+    every world_size-th batch and the results are gathered by id on every rank.
+    """
+    from tqdm.auto import tqdm
+
+    scorer = model if isinstance(model, ResponseLoss) else ResponseLoss(model)
+    was_training = scorer.training
+    scorer.eval()
+    device = next(scorer.parameters()).device
+    results = {e.id: ExampleLoss(e.id, math.nan, 0, FLAG_TRUNCATED) for e in encoded if e.fully_truncated}
+    scorable = [e for e in encoded if not e.fully_truncated]
+    batches = token_budget_batches([len(e.input_ids) for e in scorable], token_budget)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = batches[rank::world]
+    local: list[tuple[str, float, int]] = []
+    for batch in tqdm(mine, desc=desc, disable=not progress or rank != 0, leave=False):
+        rows = [scorable[i] for i in batch]
+        tensors = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        sums, counts = scorer(**tensors)
+        for e, s, c in zip(rows, sums.tolist(), counts.tolist()):
+            local.append((e.id, s / c, c))
+    if world > 1:
+        from accelerate.utils import gather_object
+        local = gather_object(local)
+    for id_, loss, count in local:
+        results[id_] = ExampleLoss(id_, loss, count)
+    scorer.train(was_training)
+    return results
+
+
+def score_examples(model: nn.Module, tokenizer, examples: Sequence[Example], *, max_length: int = 512,
+                   token_budget: int = 16384, accelerator=None, progress: bool = False) -> dict[str, ExampleLoss]:
+    """Mean response NLL of every example given its prompt, plus token counts and truncation flags."""
+    encoded = encode_all(tokenizer, examples, max_length)
+    return score_encoded(model, encoded, pad_id=tokenizer.pad_token_id, token_budget=token_budget,
+                         accelerator=accelerator, progress=progress)
+
+
+@dataclass
+class ScoreConfig:
+    """Score every example's mean response loss under a model (the per-example loss engine)."""
+
+    model: str = "preset:demo"
+    """HF checkpoint directory or hub id, or `preset:NAME`."""
+    data: str = "runs/demo/data/train.jsonl"
+    """Examples to score."""
+    out: str = "runs/score/losses.parquet"
+    """Output Parquet table: id, loss, n_tokens, flag."""
+    max_length: int = 512
+    """Maximum tokens per example; an example whose response is cut away entirely is flagged."""
+    token_budget: int = 16384
+    """Padded tokens per batch (length-bucketed)."""
+    dtype: str | None = None
+    """float32 | bfloat16 | float16 | auto (default: the checkpoint's)."""
+    seed: int = 0
+    """Seed of a preset's initialization."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the checkpoint (only for checkpoints you trust)."""
+
+
+def run(cfg: ScoreConfig) -> str:
+    import pyarrow as pa
+    from accelerate import Accelerator
+
+    from datalever import rundir
+    from datalever.examples import load_examples
+    from datalever.models import load_model, load_tokenizer, resolve_model
+
+    accelerator = Accelerator()
+    path = resolve_model(cfg.model, "runs/models", seed=cfg.seed)
+    model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
+    tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    examples = load_examples(cfg.data)
+    scores = score_examples(model, tokenizer, examples, max_length=cfg.max_length, token_budget=cfg.token_budget,
+                            accelerator=accelerator, progress=True)
+    if accelerator.is_main_process:
+        rows = [scores[ex.id] for ex in examples]
+        rundir.write_parquet(cfg.out, pa.table({"id": [r.id for r in rows], "loss": [r.loss for r in rows],
+                                                "n_tokens": [r.n_tokens for r in rows], "flag": [r.flag for r in rows]}))
+    flagged = sum(1 for s in scores.values() if s.flag)
+    return f"{cfg.out}: {len(examples)} examples scored, {flagged} flagged (response cut away by max_length)"

@@ -1,0 +1,166 @@
+"""Models and tokenizers: any HF causal LM by path or hub id, or a preset built from scratch.
+
+A preset is a real HF architecture (Llama, GPT-NeoX/Pythia, Qwen3) with random weights and a
+byte-level BPE tokenizer trained locally on the embedded math corpus, saved with `save_pretrained`:
+every artifact is an ordinary HF checkpoint directory, so the code path for a real checkpoint and
+for a preset is the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig,
+                          LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config)
+
+log = logging.getLogger(__name__)
+
+PRESET_PREFIX = "preset:"
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str  # "llama" | "gpt_neox" | "qwen3"
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int  # model vocabulary (embedding rows); >= the tokenizer's size
+    max_positions: int = 1024
+    tokenizer_vocab: int = 512
+
+
+PRESETS: dict[str, Preset] = {
+    # For tests: seconds to build and run.
+    "tiny": Preset("llama", hidden=32, layers=2, heads=4, intermediate=64, vocab=512, max_positions=512),
+    "tiny-neox": Preset("gpt_neox", hidden=32, layers=2, heads=4, intermediate=64, vocab=512, max_positions=512),
+    "tiny-qwen3": Preset("qwen3", hidden=32, layers=2, heads=4, intermediate=64, vocab=512, max_positions=512),
+    # The demo's proxy and target: trains in minutes on 2 CPU cores.
+    "demo": Preset("llama", hidden=128, layers=4, heads=4, intermediate=384, vocab=512),
+    # Pythia-70M's shape (hidden 512, 6 layers, 8 heads, 50304 embedding rows) for benchmarks.
+    "pythia-70m": Preset("gpt_neox", hidden=512, layers=6, heads=8, intermediate=2048, vocab=50304,
+                         max_positions=2048),
+}
+
+
+def is_preset(spec: str) -> bool:
+    return spec.startswith(PRESET_PREFIX)
+
+
+def build_tokenizer(vocab_size: int = 512, corpus_seed: int = 12345, corpus_size: int = 4000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on generated math problems (deterministic).
+
+    Digits are split one per token (as in Llama), so arithmetic is not hidden inside merges; every
+    byte is in the alphabet, so no text is ever out of vocabulary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from datalever import synth
+
+    records = synth.generate(corpus_size, seed=corpus_seed)
+    corpus = [r["question"] + "\n" + r["answer"] for r in records]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
+                                   model_max_length=1_000_000)
+
+
+def build_config(preset: Preset, tokenizer) -> "PretrainedConfig":
+    common = dict(vocab_size=max(preset.vocab, len(tokenizer)), hidden_size=preset.hidden,
+                  num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+                  intermediate_size=preset.intermediate, max_position_embeddings=preset.max_positions,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    if preset.arch == "llama":
+        return LlamaConfig(num_key_value_heads=preset.heads, **common)
+    if preset.arch == "qwen3":
+        return Qwen3Config(num_key_value_heads=preset.heads, head_dim=preset.hidden // preset.heads, **common)
+    if preset.arch == "gpt_neox":
+        return GPTNeoXConfig(rotary_pct=0.25, use_parallel_residual=True, **common)
+    raise ValueError(f"unknown architecture {preset.arch!r}")
+
+
+def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Build preset `name` from scratch with seed `seed` and save it as an HF checkpoint directory."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
+        return out_dir  # built before: presets are deterministic by (name, seed)
+    preset = PRESETS[name]
+    tokenizer = build_tokenizer(preset.tokenizer_vocab)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(build_config(preset, tokenizer))
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "datalever_preset.json").write_text(json.dumps({"preset": name, "seed": seed}))
+    if out_dir.exists():
+        import shutil
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def resolve_model(spec: str, cache_dir: str | Path, seed: int = 0) -> str:
+    """Turn a model spec into something `from_pretrained` accepts.
+
+    `preset:NAME` builds the preset into `cache_dir/NAME-seedS`; anything else is a local path or a
+    hub id, returned unchanged.
+    """
+    if is_preset(spec):
+        name = spec[len(PRESET_PREFIX):]
+        return str(build_preset(name, Path(cache_dir) / f"{name}-seed{seed}", seed=seed))
+    return spec
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        # Many base models ship without a pad token; padding positions are always masked out.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, *, dtype: str | torch.dtype | None = None,
+               trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load an HF causal LM. Weights come from safetensors when the checkpoint has them."""
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "auto": "auto"}[dtype]
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def load_model_and_tokenizer(spec: str, cache_dir: str | Path = "runs/models", *, seed: int = 0,
+                             dtype=None, trust_remote_code: bool = False):
+    path = resolve_model(spec, cache_dir, seed=seed)
+    return load_model(path, dtype=dtype, trust_remote_code=trust_remote_code), load_tokenizer(
+        path, trust_remote_code=trust_remote_code)
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def model_config_summary(path: str) -> dict:
+    cfg = AutoConfig.from_pretrained(path)
+    return {"architectures": getattr(cfg, "architectures", None), "model_type": cfg.model_type,
+            "hidden_size": getattr(cfg, "hidden_size", None),
+            "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+            "vocab_size": getattr(cfg, "vocab_size", None)}

@@ -1,0 +1,166 @@
+"""The experiment's report: accuracy per arm with 95% confidence intervals over seeds, accuracy by
+difficulty, relative gain over base, compute spent (the proxy's share included), and paired
+comparisons of `hard` against each control over the same seeds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from statistics import mean, stdev
+
+from datalever import rundir
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the Student-t confidence interval (half-width NaN for one value)."""
+    from scipy import stats
+
+    m = mean(values)
+    if len(values) < 2:
+        return m, math.nan
+    return m, stats.t.ppf(0.5 + level / 2, len(values) - 1) * stdev(values) / math.sqrt(len(values))
+
+
+def _seed_dir(run_dir: Path, arm: str, seed: int) -> Path:
+    return run_dir / "arms" / arm / f"seed{seed}"
+
+
+def collect(run_dir: Path, arms: list[str], seeds: list[int]) -> dict:
+    """Per arm and seed: test metrics and the training run's compute."""
+    rows = {}
+    for arm in arms:
+        for seed in seeds:
+            d = _seed_dir(run_dir, arm, seed)
+            metrics = rundir.read_json(d / "eval" / "metrics.json")
+            summary = rundir.read_json(d / "train" / "train_summary.json")
+            rows[(arm, seed)] = {"metrics": metrics, "train": summary}
+    return rows
+
+
+def proxy_compute(run_dir: Path) -> dict:
+    """What profiling cost: the proxy's training plus the recording passes."""
+    summary_path = run_dir / "profile" / "train_summary.json"
+    meta_path = run_dir / "trajectories.meta.json"
+    out = {}
+    if summary_path.exists():
+        out.update(rundir.read_json(summary_path)["compute"])
+    if meta_path.exists():
+        out["record_wall_s"] = sum(rundir.read_json(meta_path).get("record_wall_s", []))
+    return out
+
+
+def summarize_arm(rows: dict, arm: str, seeds: list[int]) -> dict:
+    accs = [rows[(arm, s)]["metrics"]["accuracy"] for s in seeds]
+    acc_mean, acc_ci = t_interval(accs)
+    by_level: dict[str, dict[str, float]] = {}
+    for key in ("level",):
+        values = {v for s in seeds for v in rows[(arm, s)]["metrics"].get("per_difficulty", {}).get(key, {})}
+        for v in sorted(values):
+            vals = [rows[(arm, s)]["metrics"]["per_difficulty"][key][v]["accuracy"] for s in seeds
+                    if v in rows[(arm, s)]["metrics"]["per_difficulty"].get(key, {})]
+            by_level[v] = {"mean": mean(vals), "n_seeds": len(vals)}
+    compute_keys = ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")
+    compute = {k: mean(rows[(arm, s)]["train"]["compute"][k] for s in seeds) for k in compute_keys}
+    return {"accuracy": {"per_seed": dict(zip(map(str, seeds), accs)), "mean": acc_mean, "ci95": acc_ci},
+            "by_level": by_level, "compute": compute,
+            "final_val_loss": [rows[(arm, s)]["train"].get("final_val_loss") for s in seeds],
+            "n_test": rows[(arm, seeds[0])]["metrics"]["n"]}
+
+
+def paired(rows: dict, a: str, b: str, seeds: list[int]) -> dict:
+    diffs = [rows[(a, s)]["metrics"]["accuracy"] - rows[(b, s)]["metrics"]["accuracy"] for s in seeds]
+    m, ci = t_interval(diffs)
+    return {"mean_diff": m, "ci95": ci, "per_seed": dict(zip(map(str, seeds), diffs)),
+            "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def markdown(results: dict) -> str:
+    arms = results["arms"]
+    levels = sorted({lv for a in arms.values() for lv in a["by_level"]},
+                    key=lambda v: ["easy", "medium", "hard"].index(v) if v in ("easy", "medium", "hard") else 9)
+    head = ["arm", "test acc % (mean ± 95% CI)", "gain vs base"] + [f"acc {lv} %" for lv in levels] + \
+           ["optimizer steps", "fwd passes", "bwd passes", "wall s"]
+    lines = [f"Seeds: {results['seeds']}; test examples: {results['n_test']}; split: {results['eval_split']}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, a in arms.items():
+        acc = a["accuracy"]
+        gain = a.get("relative_gain_vs_base")
+        cells = [name, f"{_pct(acc['mean'])} ± {_pct(acc['ci95'])}",
+                 "—" if gain is None else f"{100 * gain:+.1f}%"]
+        cells += [_pct(a["by_level"].get(lv, {}).get("mean", math.nan)) for lv in levels]
+        c = a["compute"]
+        cells += [f"{c['optimizer_steps']:.0f}", f"{c['forwards']:.0f}", f"{c['backwards']:.0f}", f"{c['wall_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    p = results.get("proxy_compute") or {}
+    if p:
+        lines += ["", f"Proxy (shared by all arms): {p.get('optimizer_steps', 0):.0f} optimizer steps, "
+                      f"{p.get('wall_s', 0):.0f} s training of which {p.get('record_wall_s', 0):.0f} s recording."]
+    if results["paired"]:
+        lines += ["", "Paired differences over the same seeds (accuracy points, mean ± 95% CI; wins/ties/losses):", ""]
+        for name, d in results["paired"].items():
+            lines.append(f"- {name}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])} "
+                         f"({d['wins']}/{d['ties']}/{d['losses']})")
+    return "\n".join(lines)
+
+
+def plot(results: dict, run_dir: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = results["arms"]
+    names = list(arms)
+    paths = []
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 3.5))
+    means = [100 * arms[n]["accuracy"]["mean"] for n in names]
+    errs = [0 if math.isnan(arms[n]["accuracy"]["ci95"]) else 100 * arms[n]["accuracy"]["ci95"] for n in names]
+    ax.bar(names, means, yerr=errs, capsize=4, color="tab:blue")
+    for n_i, n in enumerate(names):
+        ax.scatter([n_i] * len(arms[n]["accuracy"]["per_seed"]),
+                   [100 * v for v in arms[n]["accuracy"]["per_seed"].values()], color="k", s=10, zorder=3)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy per arm (mean, 95% CI, seeds as dots)")
+    fig.tight_layout()
+    paths.append(str(run_dir / "results_accuracy.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    levels = sorted({lv for a in arms.values() for lv in a["by_level"]})
+    if levels:
+        fig, ax = plt.subplots(figsize=(1.5 * len(levels) * max(1, len(names) / 3) + 2, 3.5))
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            ax.bar([j + i * width for j in range(len(levels))],
+                   [100 * arms[n]["by_level"].get(lv, {}).get("mean", math.nan) for lv in levels], width, label=n)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], levels)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("Accuracy by difficulty level")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(str(run_dir / "results_difficulty.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_report(run_dir: str | Path, arms: list[str], seeds: list[int], *, eval_split: str = "test") -> dict:
+    run_dir = Path(run_dir)
+    rows = collect(run_dir, arms, seeds)
+    summaries = {arm: summarize_arm(rows, arm, seeds) for arm in arms}
+    if "base" in summaries:
+        base = summaries["base"]["accuracy"]["mean"]
+        for arm, s in summaries.items():
+            s["relative_gain_vs_base"] = None if arm == "base" or base == 0 else s["accuracy"]["mean"] / base - 1
+    controls = [a for a in ("base", "random", "easy", "base-long", "sam") if a in summaries]
+    comparisons = {f"hard - {c}": paired(rows, "hard", c, seeds) for c in controls if "hard" in summaries}
+    results = {"seeds": seeds, "eval_split": eval_split, "n_test": summaries[arms[0]]["n_test"],
+               "arms": summaries, "paired": comparisons, "proxy_compute": proxy_compute(run_dir)}
+    results["plots"] = plot(results, run_dir)
+    results["markdown"] = markdown(results)
+    rundir.write_json(run_dir / "results.json", results)
+    rundir.atomic_write_text(run_dir / "results.md", "# Results\n\n" + results["markdown"] + "\n")
+    return results

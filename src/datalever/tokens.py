@@ -1,0 +1,87 @@
+"""From examples to token ids: the prompt/response boundary, truncation, padding and batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from datalever.examples import Example
+
+IGNORE = -100  # label of a position that carries no loss (prompt and padding)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example as token ids: `input_ids[:n_prompt]` is the prompt, the rest the response."""
+
+    id: str
+    input_ids: list[int]
+    n_prompt: int
+    n_response_full: int  # response tokens before truncation
+
+    @property
+    def n_response(self) -> int:
+        """Response tokens that carry loss (the first token needs a prompt token before it)."""
+        return len(self.input_ids) - max(self.n_prompt, 1)
+
+    @property
+    def fully_truncated(self) -> bool:
+        """The maximum length cut the whole response away: no loss can be computed."""
+        return self.n_response <= 0
+
+
+def encode_example(tokenizer, ex: Example, max_length: int) -> Encoded:
+    """Tokenize prompt and response separately (so the boundary is exact), add EOS, cut from the right.
+
+    The prompt keeps the tokenizer's own special tokens (e.g. a BOS); the response ends with EOS so
+    the model learns to stop.
+    """
+    prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    return Encoded(ex.id, ids, len(prompt_ids), len(response_ids))
+
+
+def encode_prompt(tokenizer, ex: Example) -> list[int]:
+    return tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; labels are the input ids on response positions and IGNORE elsewhere."""
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        attention_mask[row, :n] = 1
+        start = max(e.n_prompt, 1)
+        labels[row, start:n] = input_ids[row, start:n]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def token_budget_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int | None = None) -> list[list[int]]:
+    """Group indices into batches whose padded size (rows x longest row) stays within `token_budget`.
+
+    Indices are sorted by length (longest first, so an out-of-memory shows up at once), which is
+    the length bucketing: rows in a batch have similar lengths, so little compute goes to padding.
+    A single row longer than the budget still gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i in order:
+        new_width = max(width, lengths[i])
+        full = max_batch_size is not None and len(current) >= max_batch_size
+        if current and (new_width * (len(current) + 1) > token_budget or full):
+            batches.append(current)
+            current, new_width = [], lengths[i]
+        current.append(i)
+        width = new_width
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,18 @@
+import os
+
+import pytest
+import torch
+
+# Two cores on CI: keep each test single-threaded so xdist workers do not fight over them.
+torch.set_num_threads(1)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Tiny presets of each architecture, built once per test session (HF checkpoint dirs)."""
+    from datalever.models import build_preset
+
+    root = tmp_path_factory.mktemp("models")
+    return {name: str(build_preset(name, root / name, seed=0)) for name in ("tiny", "tiny-neox", "tiny-qwen3")}
