@@ -1,0 +1,476 @@
+"""Evaluate a causal LM on math word problems: greedy generation, answer extraction, accuracy.
+
+The pipeline, one function each:
+
+- `generate`: batched greedy decoding of each example's prompt (tokenized exactly as in training),
+  prompts left-padded, rows of similar length batched together, each row stopped at EOS.
+- `extract_answer`: the final answer in a text — after the first `####`, else after the first
+  "the answer is", else the content of the last `\\boxed{...}`, else the last number in the text.
+  The gold answer comes from the example's response through the same function.
+- `answers_match`: plain numbers are compared after normalization (`1,234` = `1234`, `7.0` = `7`,
+  `$5` = `5`, `50%` = `50`, `.5` = `0.5`); anything else (fractions, roots, LaTeX) goes to
+  math-verify, whose errors and timeouts count as "not equal".
+- `evaluate_examples` / `compute_metrics`: accuracy overall, per source and per difficulty
+  attribute found in each example's meta, plus one record per prediction.
+
+Model output is only ever parsed: no eval/exec/sympify of generated text, except through
+math-verify's own LaTeX/expression parser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from datalever import rundir
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- answer extraction
+
+# A number as written in text: optional sign and currency sign, digits with proper thousands
+# groups ("1,234", not "3,4"), an optional decimal part; ".5" too. ASCII digits only.
+_NUM_BODY = r"(?:[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
+# At the start of an answer segment: "$-3", "-$3", "42", "1,234.50" followed by a unit, a space,
+# punctuation or the end (not by "/", "^", "\" ...: "1/2" is an expression, not the number 1).
+_LEAD_NUM = re.compile(
+    rf"^\s*(?:\\?\$\s*)?([-−+]?\s*(?:\\?\$\s*)?{_NUM_BODY})\s*(?:\\?%)?(?=$|[\s.,;:!?)\]$])")
+# Anywhere in a text (the last-number fallback): a minus sign only when it is not a subtraction
+# ("5-3" gives 5 and 3), no match inside a word ("x2") or after a decimal point.
+_ANY_NUM = re.compile(rf"(?<![\w.])(?:(?<![\w)\]}}])[-−])?(?:\\?\$)?{_NUM_BODY}", re.ASCII)
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+_HASH_MARK = re.compile(r"####")
+_ANSWER_IS = re.compile(r"\banswer\s+is\b\s*:?", re.IGNORECASE)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_MATH_DELIMS = [("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$")]
+
+
+def normalize_number(s: str) -> str | None:
+    """The canonical form of a plain number, or None if `s` is not one.
+
+    Commas, spaces, `$`/`\\$`, `%`/`\\%` and a trailing period are dropped; the value is printed
+    without trailing zeros or exponent: `"1,234"` -> `"1234"`, `"7.0"` -> `"7"`, `".5"` -> `"0.5"`,
+    `"$-3"` -> `"-3"`, `"-0"` -> `"0"`. Words, fractions and expressions give None.
+    """
+    if s is None:
+        return None
+    t = s.strip()
+    for old, new in (("\\!", ""), ("{,}", ","), ("\\,", ""), ("\\$", "$"), ("\\%", "%"), ("−", "-")):
+        t = t.replace(old, new)
+    t = re.sub(r"[\s,$%]", "", t).rstrip(".")
+    if not _PLAIN_NUMBER.fullmatch(t):
+        return None
+    try:
+        d = Decimal(t)
+    except InvalidOperation:  # pragma: no cover - the regex admits only valid decimals
+        return None
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """The contents of every `\\boxed{...}` (and `\\fbox{...}`) in `text`, braces balanced."""
+    out = []
+    for m in _BOXED.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            out.append(text[m.end():i - 1])
+    return out
+
+
+def _strip_math_delims(s: str) -> str:
+    for left, right in _MATH_DELIMS:
+        if s.startswith(left):
+            end = s.find(right, len(left))
+            if end > 0:
+                return s[len(left):end].strip()
+    return s
+
+
+def _candidate(segment: str) -> str | None:
+    """The answer at the start of a segment of text (the rest of a line after a marker)."""
+    s = segment.strip().lstrip(":").strip()
+    if not s:
+        return None
+    boxed = _boxed_contents(s)
+    if boxed:
+        return _candidate(boxed[0]) if boxed[0].strip() else None
+    m = _LEAD_NUM.match(s)
+    if m:
+        return normalize_number(m.group(1))
+    s = _strip_math_delims(s)
+    s = re.split(r"\.(?=\s|$)", s, maxsplit=1)[0]  # cut at the end of the sentence
+    s = s.strip().rstrip(".,;:!?").strip()
+    if not s:
+        return None
+    return normalize_number(s) or s
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer stated in `text`, or None.
+
+    Order: the first `#### ...`, the first "the answer is ...", the last `\\boxed{...}` (balanced
+    braces), the last number. A plain number comes back normalized (`normalize_number`); anything
+    else (a fraction, a LaTeX expression) comes back as written, math delimiters removed.
+    The first `####` and "answer is" win because an untrained model tends to ramble on after its
+    answer (a new question with its own `####`); the last `\\boxed` wins by MATH convention.
+    """
+    if not text:
+        return None
+    for pattern in (_HASH_MARK, _ANSWER_IS):
+        for m in pattern.finditer(text):
+            line = text[m.end():].split("\n", 1)[0]
+            found = _candidate(line)
+            if found is not None:
+                return found
+    boxed = [b for b in _boxed_contents(text) if b.strip()]
+    if boxed:
+        found = _candidate(boxed[-1])
+        if found is not None:
+            return found
+    numbers = _ANY_NUM.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+# ----------------------------------------------------------------------------- answer comparison
+
+_MATH_VERIFY_MAX_CHARS = 500  # longer "answers" are rambling, not expressions: not parsed
+
+
+def _math_verify_equal(pred: str, gold: str, timeout_s: int = 5) -> bool:
+    try:
+        from math_verify import parse, verify
+        from math_verify.errors import TimeoutException
+    except ImportError:  # pragma: no cover - math-verify is a dependency
+        log.warning("math-verify is not installed: LaTeX answers compare as strings")
+        return False
+    if len(pred) > _MATH_VERIFY_MAX_CHARS or len(gold) > _MATH_VERIFY_MAX_CHARS:
+        return False
+    # math-verify's timeouts use SIGALRM, which only the main thread may set.
+    timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
+    try:
+        # Wrapped in $...$ so that its LaTeX extractor reads bare expressions ("\sqrt{4}", "x+1").
+        g = parse(f"${gold}$", parsing_timeout=timeout)
+        p = parse(f"${pred}$", parsing_timeout=timeout)
+        if not g or not p:
+            return False
+        return bool(verify(g, p, timeout_seconds=timeout))
+    except (Exception, TimeoutException):  # TimeoutException is a BaseException
+        return False
+
+
+def answers_match(pred: str | None, gold: str | None) -> bool:
+    """Whether a predicted answer equals the gold answer.
+
+    Two plain numbers: equal values after normalization. Otherwise: equal strings (whitespace
+    ignored), else math-verify's verdict (`\\frac{1}{2}` = `0.5`, `\\sqrt{4}` = `2`); a parse
+    failure, an error or a timeout there means "not equal". No answer never matches.
+    """
+    if pred is None or gold is None:
+        return False
+    np_, ng = normalize_number(pred), normalize_number(gold)
+    if np_ is not None and ng is not None:
+        return np_ == ng
+    if re.sub(r"\s+", "", pred) == re.sub(r"\s+", "", gold):
+        return True
+    return _math_verify_equal(pred, gold)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _generating_model(model):
+    """The object with `.generate`: a DDP wrapper hides it under `.module`; peft models have it."""
+    while not hasattr(model, "generate") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token_id: generation could not stop")
+    return sorted(ids)
+
+
+def _max_positions(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None) -> list[list[int]]:
+    """Token ids of each prompt, special tokens as in training; cut from the left if too long.
+
+    A leading BOS survives the cut (the model always saw one there).
+    """
+    if not prompts:
+        return []
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if max_prompt_length is None:
+        return [list(ids) for ids in encoded]
+    if max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1, got {max_prompt_length}")
+    bos = tokenizer.bos_token_id
+    out = []
+    for ids in encoded:
+        ids = list(ids)
+        if len(ids) > max_prompt_length:
+            keep_bos = bos is not None and ids[0] == bos and max_prompt_length > 1
+            ids = ([bos] if keep_bos else []) + ids[len(ids) - (max_prompt_length - keep_bos):]
+        out.append(ids)
+    return out
+
+
+def _left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, width - len(r):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256, batch_size: int = 32,
+                 max_prompt_length: int | None = None, progress: bool = True) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt (EOS and what follows it removed), in order.
+
+    Prompts are sorted by length and cut into batches of `batch_size`, longest first (an
+    out-of-memory shows at once); each batch is left-padded with an attention mask. Without
+    `max_prompt_length`, prompts are cut to what the model's positions allow with
+    `max_new_tokens` more.
+    """
+    from tqdm.auto import tqdm
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    gen_model = _generating_model(model)
+    if max_prompt_length is None:
+        positions = _max_positions(gen_model)
+        if positions is not None:
+            max_prompt_length = positions - max_new_tokens
+            if max_prompt_length < 1:
+                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt "
+                                 f"in {positions} positions")
+    encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
+    if any(not ids for ids in encoded):
+        raise ValueError("a prompt encodes to no tokens and the tokenizer adds no BOS: nothing to condition on")
+    eos = _eos_ids(gen_model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    device = next(gen_model.parameters()).device
+
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    results: list[list[int]] = [[] for _ in encoded]
+    was_training = gen_model.training
+    gen_model.eval()
+    try:
+        with tqdm(total=len(order), desc="generate", unit="ex", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad, device)
+                out = gen_model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                         num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                         eos_token_id=eos, temperature=None, top_p=None, top_k=None)
+                new = out[:, input_ids.shape[1]:].tolist()
+                for i, row in zip(idx, new):
+                    stop = next((j for j, t in enumerate(row) if t in eos), len(row))
+                    results[i] = row[:stop]
+                bar.update(len(idx))
+    finally:
+        gen_model.train(was_training)
+    return results
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256, batch_size: int = 32,
+             progress: bool = True, max_prompt_length: int | None = None) -> list[str]:
+    """Greedy continuation of each prompt, decoded without special tokens (only the new text)."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                       max_prompt_length=max_prompt_length, progress=progress)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+
+
+# ----------------------------------------------------------------------------- metrics
+
+NO_SOURCE = "<none>"  # the per_source key of examples without a source
+
+
+def _group(correct: list[bool]) -> dict[str, Any]:
+    n = len(correct)
+    k = sum(correct)
+    return {"accuracy": k / n if n else None, "n": n, "n_correct": k}
+
+
+def _value_key(v: Any) -> tuple:
+    # Numbers in numeric order (steps 2 < 10), then everything else as text.
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not (isinstance(v, float) and math.isnan(v)):
+        return (0, v, "")
+    return (1, 0, str(v))
+
+
+def compute_metrics(records: Sequence[dict], difficulty_keys: Sequence[str] = ("level", "steps")) -> dict:
+    """Accuracy overall, per source and per value of each difficulty key present in `meta`.
+
+    metrics = {accuracy, n, n_correct, n_no_answer, n_no_gold,
+               per_source: {source: {accuracy, n, n_correct}},
+               per_difficulty: {key: {str(value): {accuracy, n, n_correct}}}}
+    An example without a gold answer counts as wrong (and in n_no_gold): that is a data problem
+    to see, not to hide. Keys absent from every example are left out of per_difficulty.
+    """
+    overall = _group([bool(r["correct"]) for r in records])
+    by_source: dict[str, list[bool]] = {}
+    for r in records:
+        src = r.get("source")
+        by_source.setdefault(NO_SOURCE if src is None else str(src), []).append(bool(r["correct"]))
+    per_difficulty: dict[str, dict[str, dict]] = {}
+    for key in difficulty_keys:
+        values: dict[Any, list[bool]] = {}
+        labels: dict[Any, Any] = {}
+        for r in records:
+            meta = r.get("meta") or {}
+            if key in meta and meta[key] is not None:
+                v = meta[key]
+                h = json.dumps(v, sort_keys=True, default=str)  # hashable and type-aware
+                labels[h] = v
+                values.setdefault(h, []).append(bool(r["correct"]))
+        if values:
+            ordered = sorted(values, key=lambda h: _value_key(labels[h]))
+            per_difficulty[key] = {str(labels[h]): _group(values[h]) for h in ordered}
+    return {**overall,
+            "n_no_answer": sum(r["extracted"] is None for r in records),
+            "n_no_gold": sum(r["gold"] is None for r in records),
+            "per_source": {s: _group(c) for s, c in sorted(by_source.items())},
+            "per_difficulty": per_difficulty}
+
+
+def evaluate_examples(model, tokenizer, examples: Sequence, *, max_new_tokens: int = 256, batch_size: int = 32,
+                      difficulty_keys: Sequence[str] = ("level", "steps"), accelerator=None,
+                      max_prompt_length: int | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Generate, extract and score every example; return (metrics, one record per example, in order).
+
+    With an `accelerator` (an `Accelerator` or accelerate's `PartialState`) of several processes,
+    each process generates for its shard (examples[rank::world]) and the records are gathered,
+    so every process returns the full result. Records: id, source, meta, prompt, generation, extracted, gold, correct.
+    """
+    examples = list(examples)
+    world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
+    rank = accelerator.process_index if world > 1 else 0
+    positions = list(range(rank, len(examples), world))
+    shard = [examples[i] for i in positions]
+    generations = generate(model, tokenizer, [ex.prompt for ex in shard], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, max_prompt_length=max_prompt_length,
+                           progress=progress and (accelerator is None or accelerator.is_local_main_process))
+    records = []
+    for pos, ex, text in zip(positions, shard, generations):
+        pred, gold = extract_answer(text), extract_answer(ex.response)
+        records.append({"_pos": pos, "id": ex.id, "source": ex.source, "meta": dict(ex.meta or {}),
+                        "prompt": ex.prompt, "generation": text, "extracted": pred, "gold": gold,
+                        "correct": answers_match(pred, gold)})
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        records = gather_object(records)
+    records.sort(key=lambda r: r["_pos"])
+    for r in records:
+        del r["_pos"]
+    n_gold_missing = sum(r["gold"] is None for r in records)
+    if n_gold_missing:
+        log.warning("%d of %d examples have no extractable gold answer (counted as wrong)",
+                    n_gold_missing, len(records))
+    return compute_metrics(records, difficulty_keys), records
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a causal LM on math problems: greedy decoding, answer extraction, accuracy."""
+
+    model: str = "runs/train/model"
+    """Path of an HF checkpoint directory (or a hub id) holding the model and its tokenizer."""
+    data: str = "runs/demo/data/test.jsonl"
+    """Evaluation examples (any file `load_examples` reads); the gold answer is extracted from each response."""
+    out: str = "runs/eval"
+    """Output directory: predictions.jsonl (one row per example) and metrics.json."""
+    max_new_tokens: int = 256
+    """Most tokens generated per example (generation stops earlier at EOS)."""
+    batch_size: int = 32
+    """Prompts per generation batch (prompts of similar length are batched together)."""
+    limit: int | None = None
+    """Evaluate only the first N examples."""
+    difficulty_keys: list[str] = field(default_factory=lambda: ["level", "steps"])
+    """Meta keys to break accuracy down by (e.g. level, steps), where examples have them."""
+    max_prompt_length: int | None = None
+    """Cut longer prompts from the left to this many tokens; default: what the model's positions allow."""
+    dtype: str | None = None
+    """Weights dtype: float32, bfloat16, float16, auto; default: the loader's default."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+def _records_jsonl(records: Sequence[dict]) -> str:
+    return "".join(json.dumps(rundir.to_jsonable(r), ensure_ascii=False) + "\n" for r in records)
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Load the model and the data, evaluate, write out/predictions.jsonl and out/metrics.json."""
+    import os
+
+    from datalever.examples import load_examples
+    from datalever.models import load_model, load_tokenizer
+
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Launched with torchrun/accelerate: the process state already set up (e.g. by training in
+        # this process, CPU or GPU) is reused as it is; PartialState() does not reconfigure it.
+        from accelerate import PartialState
+
+        accelerator = PartialState()
+        device = accelerator.device
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    examples = list(load_examples(cfg.data))
+    if cfg.limit is not None:
+        examples = examples[:cfg.limit]
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, dtype=cfg.dtype).to(device)
+    metrics, records = evaluate_examples(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
+                                         batch_size=cfg.batch_size, difficulty_keys=cfg.difficulty_keys,
+                                         accelerator=accelerator, max_prompt_length=cfg.max_prompt_length,
+                                         progress=cfg.progress)
+    if accelerator is None or accelerator.is_main_process:
+        out = Path(cfg.out)
+        rundir.atomic_write_text(out / "predictions.jsonl", _records_jsonl(records))
+        rundir.write_json(out / "metrics.json", metrics)
+        rundir.record_provenance(out, "evaluate", cfg, data_fingerprint=rundir.fingerprint(examples),
+                                 n_examples=len(examples))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    log.info("accuracy %.4f on %d examples (%d without an answer)", metrics["accuracy"] or 0.0,
+             metrics["n"], metrics["n_no_answer"])
+    return metrics

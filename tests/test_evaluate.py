@@ -1,0 +1,349 @@
+"""Tests of the evaluation stage: answer extraction, comparison, batched greedy generation, metrics."""
+
+import copy
+import json
+import threading
+
+import pytest
+import torch
+
+from datalever import evaluate as ev
+from datalever.evaluate import (EvalConfig, answers_match, compute_metrics, encode_prompts, evaluate_examples,
+                                extract_answer, generate, generate_ids, normalize_number)
+from datalever.examples import Example
+
+torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize("text, expected", [
+    # GSM8K style: the answer after ####, commas dropped, the reasoning's numbers ignored
+    ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 1,234", "1234"),
+    ("#### 72", "72"),
+    ("#### $1,234.50.", "1234.5"),
+    ("#### -$3", "-3"),
+    ("#### 18 dollars", "18"),
+    ("#### 5/6", "5/6"),  # a fraction is an expression, not the number 5
+    # the first #### wins over a rambling continuation
+    ("#### 18\n\nQuestion: Tom has 5 apples.\n#### 9", "18"),
+    ("####\nso 12", "12"),  # an empty #### falls through to the last number
+    # "The answer is"
+    ("The answer is $42.", "42"),
+    ("So the answer is: 50%", "50"),
+    ("The final answer is 7.0", "7"),
+    ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
+    ("The answer is \\boxed{12}.", "12"),
+    ("The answer is x = 5.", "x = 5"),
+    # \boxed, braces balanced, the last one wins
+    ("so we get \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}} is it", "\\frac{\\sqrt{2}}{2}"),
+    ("first \\boxed{3}, then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+    ("\\boxed{1,000}", "1000"),
+    ("\\boxed{a{b}", None),  # unbalanced: no box, and no number either
+    # the last number
+    ("I have 3 apples and 4 pears, so 7", "7"),
+    ("It is -3 degrees outside.", "-3"),
+    ("10 - 13 = -3", "-3"),
+    ("5-3 = 2", "2"),
+    ("It costs 0.5 dollars", "0.5"),
+    ("about .5 of it", "0.5"),
+    ("in total 1,234,567.", "1234567"),
+    ("it is 7.0", "7"),
+    ("point (3,4)", "4"),  # "3,4" is not a thousands group
+    ("x2 and y", None),  # digits inside a word are not a number
+    ("no answer here", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("s, expected", [
+    ("1,234", "1234"), ("7.0", "7"), ("7.", "7"), ("$5", "5"), ("\\$5", "5"), ("-$3", "-3"), ("$-3", "-3"),
+    ("50%", "50"), ("50\\%", "50"), (".5", "0.5"), ("0.50", "0.5"), ("-0", "0"), ("700", "700"),
+    ("−2", "-2"), ("+4", "4"), (" 12 ", "12"),
+    ("1e3", None), ("nan", None), ("Infinity", None), ("abc", None), ("1/2", None), ("", None),
+])
+def test_normalize_number(s, expected):
+    assert normalize_number(s) == expected
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("7", "7", True), ("7.0", "7", True), ("1,234", "1234", True), ("0.5", ".5", True), ("-3", "-3", True),
+    ("3", "-3", False), ("7", "8", False), ("0.33", "1/3", False),
+    (None, "3", False), ("3", None, False), (None, None, False),
+    # not plain numbers: math-verify decides (its verdicts checked by hand, math-verify 0.9)
+    ("\\frac{1}{2}", "0.5", True), ("0.5", "\\frac{1}{2}", True), ("1/2", "0.5", True),
+    ("\\sqrt{4}", "2", True), ("2\\sqrt{2}", "\\sqrt{8}", True), ("\\dfrac{3}{4}", "0.75", True),
+    ("x = 5", "5", True), ("\\text{Monday}", "Monday", True),
+    ("\\frac{1}{3}", "0.33", False), ("\\sqrt{3}", "2", False), ("\\pi", "3.14159", False),
+    ("A", "A", True), ("A", "B", False),
+])
+def test_answers_match(pred, gold, expected):
+    assert answers_match(pred, gold) is expected
+
+
+def test_math_verify_failures_are_not_equal(monkeypatch):
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    def timeout(*a, **k):
+        raise TimeoutException("Operation timed out!")  # a BaseException in math-verify
+
+    monkeypatch.setattr(math_verify, "parse", timeout)
+    assert answers_match("\\frac{1}{2}", "0.5") is False
+
+    def broken(*a, **k):
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(math_verify, "parse", broken)
+    assert answers_match("\\frac{1}{2}", "0.5") is False
+    assert answers_match("2", "2.0") is True  # plain numbers never reach math-verify
+
+
+def test_math_verify_outside_the_main_thread():
+    # math-verify's timeout uses SIGALRM, which only the main thread may set.
+    result = []
+    t = threading.Thread(target=lambda: result.append(answers_match("\\frac{1}{2}", "0.5")))
+    t.start()
+    t.join()
+    assert result == [True]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from datalever.models import build_preset, load_model, load_tokenizer
+
+    path = build_preset("tiny", tmp_path_factory.mktemp("eval") / "m", seed=0)
+    return load_model(str(path)), load_tokenizer(str(path)), path
+
+
+PROMPTS = [
+    "Question: What is 2+2?\nAnswer:\n",
+    "x",
+    "Question: Tom has 3 apples and buys 4 more at the store, then gives half of them to his sister. "
+    "How many apples does he have now?\nAnswer:\n",
+    "Question: 17 birds sit on a wire.\nAnswer:\n",
+    "Question: A train leaves at 3 pm.\nAnswer:\n",
+]
+
+
+def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
+    model, tok, _ = tiny
+    lengths = {len(ids) for ids in encode_prompts(tok, PROMPTS)}
+    assert len(lengths) >= 4  # really different lengths, so really padded
+    batched = generate_ids(model, tok, PROMPTS, max_new_tokens=10, batch_size=3, progress=False)
+    single = [generate_ids(model, tok, [p], max_new_tokens=10, batch_size=1, progress=False)[0] for p in PROMPTS]
+    assert batched == single
+    assert sum(map(len, batched)) > 0
+    assert all(len(ids) <= 10 for ids in batched)
+    texts = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=4, progress=False)
+    assert texts == tok.batch_decode(batched, skip_special_tokens=True)
+    model.train()
+    generate_ids(model, tok, PROMPTS[:1], max_new_tokens=2, progress=False)
+    assert model.training  # the mode is restored after generation
+    model.eval()
+
+
+def test_each_row_stops_at_its_own_eos(tiny):
+    model, tok, _ = tiny
+    free = generate_ids(model, tok, PROMPTS, max_new_tokens=10, batch_size=8, progress=False)
+    row = max(range(len(free)), key=lambda i: len(free[i]))
+    stop_token = free[row][3]  # pretend this token is an EOS
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop_token]
+    try:
+        stopped = generate_ids(model, tok, PROMPTS, max_new_tokens=10, batch_size=8, progress=False)
+    finally:
+        model.generation_config.eos_token_id = old
+    for before, after in zip(free, stopped):
+        cut = before.index(stop_token) if stop_token in before else len(before)
+        assert after == before[:cut]  # rows that did not stop continue unchanged
+    assert len(stopped[row]) <= 3
+
+
+def test_long_prompts_are_cut_from_the_left(tiny):
+    model, tok, _ = tiny
+    long_prompt = "Tom has 3 apples. " * 200
+    n = len(encode_prompts(tok, [long_prompt])[0])
+    positions = model.config.max_position_embeddings
+    assert n > positions
+    out = generate_ids(model, tok, [long_prompt], max_new_tokens=4, progress=False)  # does not overflow
+    assert out == generate_ids(model, tok, [long_prompt], max_new_tokens=4, max_prompt_length=positions - 4,
+                               progress=False)
+    with pytest.raises(ValueError):
+        generate_ids(model, tok, ["x"], max_new_tokens=positions, progress=False)
+
+
+class _BosTokenizer:
+    bos_token_id = 1
+
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [[1] + [ord(c) for c in t] for t in texts]}
+
+
+def test_encode_prompts_keeps_bos_when_cutting():
+    tok = _BosTokenizer()
+    assert encode_prompts(tok, ["abcdef"], max_prompt_length=4) == [[1, ord("d"), ord("e"), ord("f")]]
+    assert encode_prompts(tok, ["ab"], max_prompt_length=4) == [[1, ord("a"), ord("b")]]
+    assert encode_prompts(tok, ["ab"]) == [[1, ord("a"), ord("b")]]
+
+
+# ----------------------------------------------------------------------------- metrics and the stage
+
+EXAMPLES = [
+    Example("e1", "p1", "48/2 = 24\n#### 5", "gsm8k", {"level": 1, "steps": 2}),
+    Example("e2", "p2", "#### 10", "gsm8k", {"level": 2, "steps": 3}),
+    Example("e3", "p3", "so \\boxed{\\frac{1}{2}}", "math", {"level": 1}),
+    Example("e4", "p4", "#### 7", "math", {"level": 2}),
+    Example("e5", "p5", "the answer is 3", None, {"steps": 2}),
+    Example("e6", "p6", "#### 1,000", "gsm8k", {"steps": 10}),
+]
+GENERATIONS = {
+    "p1": "24 + 5 = 29? No. #### 5",  # right
+    "p2": "The answer is 11.",  # wrong
+    "p3": "we get \\boxed{0.5}",  # right (math-verify)
+    "p4": "no idea",  # no answer
+    "p5": "It is 3.0",  # right (last number)
+    "p6": "#### 1000",  # right
+}
+
+
+@pytest.fixture
+def fake_generate(monkeypatch):
+    calls = []
+
+    def fake(model, tokenizer, prompts, **kwargs):
+        calls.append(list(prompts))
+        return [GENERATIONS[p] for p in prompts]
+
+    monkeypatch.setattr(ev, "generate", fake)
+    return calls
+
+
+def test_metrics_by_hand(fake_generate):
+    metrics, records = evaluate_examples(None, None, EXAMPLES, max_new_tokens=8, batch_size=2,
+                                         difficulty_keys=["level", "steps", "absent"])
+    assert fake_generate == [[ex.prompt for ex in EXAMPLES]]
+    assert [r["id"] for r in records] == [ex.id for ex in EXAMPLES]
+    assert [r["correct"] for r in records] == [True, False, True, False, True, True]
+    assert [r["extracted"] for r in records] == ["5", "11", "0.5", None, "3", "1000"]
+    assert [r["gold"] for r in records] == ["5", "10", "\\frac{1}{2}", "7", "3", "1000"]
+    assert set(records[0]) == {"id", "source", "meta", "prompt", "generation", "extracted", "gold", "correct"}
+    assert metrics["n"] == 6 and metrics["n_correct"] == 4 and metrics["accuracy"] == pytest.approx(4 / 6)
+    assert metrics["n_no_answer"] == 1 and metrics["n_no_gold"] == 0
+    assert metrics["per_source"] == {
+        "<none>": {"accuracy": 1.0, "n": 1, "n_correct": 1},
+        "gsm8k": {"accuracy": pytest.approx(2 / 3), "n": 3, "n_correct": 2},
+        "math": {"accuracy": 0.5, "n": 2, "n_correct": 1},
+    }
+    assert metrics["per_difficulty"] == {
+        "level": {"1": {"accuracy": 1.0, "n": 2, "n_correct": 2}, "2": {"accuracy": 0.0, "n": 2, "n_correct": 0}},
+        "steps": {"2": {"accuracy": 1.0, "n": 2, "n_correct": 2}, "3": {"accuracy": 0.0, "n": 1, "n_correct": 0},
+                  "10": {"accuracy": 1.0, "n": 1, "n_correct": 1}},
+    }
+    assert list(metrics["per_difficulty"]["steps"]) == ["2", "3", "10"]  # numeric order
+
+
+def test_metrics_of_nothing():
+    m = compute_metrics([])
+    assert m["n"] == 0 and m["accuracy"] is None and m["per_source"] == {} and m["per_difficulty"] == {}
+
+
+class _FakeAccelerator:
+    def __init__(self, rank, world):
+        self.process_index, self.num_processes = rank, world
+        self.is_local_main_process = rank == 0
+
+
+def test_sharded_evaluation_gathers_every_record_in_order(fake_generate, monkeypatch):
+    import accelerate.utils
+
+    single_metrics, single = evaluate_examples(None, None, EXAMPLES, difficulty_keys=["level"])
+    from_rank1 = []
+    monkeypatch.setattr(accelerate.utils, "gather_object",
+                        lambda objs: from_rank1.extend(copy.deepcopy(objs)) or objs)
+    evaluate_examples(None, None, EXAMPLES, difficulty_keys=["level"], accelerator=_FakeAccelerator(1, 2))
+    assert [r["id"] for r in from_rank1] == ["e2", "e4", "e6"]  # rank 1's shard: examples[1::2]
+    # rank 0: the gather returns both shards, rank 1's first
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: from_rank1 + objs)
+    metrics, records = evaluate_examples(None, None, EXAMPLES, difficulty_keys=["level"],
+                                         accelerator=_FakeAccelerator(0, 2))
+    assert fake_generate[-1] == ["p1", "p3", "p5"]
+    assert records == single and metrics == single_metrics
+
+
+def test_run_writes_predictions_and_metrics(tiny, tmp_path, monkeypatch):
+    from datalever.examples import save_examples
+
+    data = tmp_path / "test.jsonl"
+    save_examples(str(data), EXAMPLES)
+    model_dir = tiny[2]
+    cfg = EvalConfig(model=str(model_dir), data=str(data), out=str(tmp_path / "out"), max_new_tokens=4,
+                     batch_size=4, limit=5, progress=False)
+    metrics = ev.run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [ex.id for ex in EXAMPLES[:5]]
+    assert rows[0]["meta"] == {"level": 1, "steps": 2} and rows[2]["gold"] == "\\frac{1}{2}"
+    on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert on_disk == metrics and metrics["n"] == 5
+    assert metrics["n_correct"] == sum(r["correct"] for r in rows)
+    assert set(metrics) >= {"accuracy", "n", "n_correct", "per_source", "per_difficulty", "n_no_answer"}
+
+
+def test_config_fields_have_docstrings():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(EvalConfig))
+    body = tree.body[0].body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign):
+            nxt = body[i + 1]
+            assert isinstance(nxt, ast.Expr) and isinstance(nxt.value.value, str), node.target.id
+
+
+EVAL_WORKER = '''
+import json, sys
+import torch
+torch.set_num_threads(1)
+from accelerate import PartialState
+state = PartialState(cpu=True)  # run() reuses the state it finds
+from datalever.evaluate import EvalConfig, run
+metrics = run(EvalConfig(model=sys.argv[1], data=sys.argv[2], out=sys.argv[3], max_new_tokens=6, batch_size=2,
+                         progress=False))
+print("EVAL_OK", state.process_index, json.dumps(metrics, sort_keys=True), flush=True)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_run_with_two_cpu_processes_matches_one(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from datalever.examples import save_examples
+
+    data = tmp_path / "test.jsonl"
+    save_examples(str(data), EXAMPLES)
+    script = tmp_path / "worker.py"
+    script.write_text(EVAL_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tiny[2]), str(data), str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    reported = [line.split(" ", 2)[2] for line in out.stdout.splitlines() if line.startswith("EVAL_OK")]
+    single = ev.run(EvalConfig(model=str(tiny[2]), data=str(data), out=str(tmp_path / "one"), max_new_tokens=6,
+                               batch_size=3, progress=False))
+    assert [json.loads(r) for r in reported] == [single, single]
+    assert ((tmp_path / "two" / "predictions.jsonl").read_text()
+            == (tmp_path / "one" / "predictions.jsonl").read_text())
