@@ -1,0 +1,449 @@
+"""Split: turn loss trajectories into an easy/hard split by k-means.
+
+Input (written by the profile stage): ``RUN/trajectories.parquet`` with columns ``id``, ``source``,
+``n_tokens``, ``flag`` ("" or e.g. "truncated") and one float column ``loss_step{step:06d}`` per
+checkpoint, in increasing step order; plus ``RUN/trajectories.meta.json`` with ``steps`` and
+``loss_columns``. Row i's trajectory is ``loss[i, t]``, t = 0..K-1 over the K checkpoints.
+
+Features (what k-means sees; the choice is ``SplitConfig.features``):
+
+- ``trajectory`` (default): the raw trajectory, ``x_i = (loss[i,0], ..., loss[i,K-1])`` (K values).
+- ``final``: the final loss only, ``x_i = (loss[i,K-1],)`` (1 value; the paper's ablation).
+- ``relative``: the step-to-step ratios, ``x_i = (loss[i,1]/loss[i,0], ..., loss[i,K-1]/loss[i,K-2])``
+  (K-1 values; needs K >= 2 and strictly positive losses). It describes the *shape* of the curve
+  (how fast the loss falls), not its level.
+
+Features are clustered as they are (no rescaling). Whatever the feature, the "hard" cluster is the
+one whose members have the highest mean loss over their raw trajectories (mean over all members and
+all checkpoints). Cluster labels are then renumbered by that mean, so cluster 0 is the easiest and
+cluster k-1 the hardest: with stratification, label j means "the j-th easiest within its source".
+
+Stratification (``stratify=True``) clusters each source separately. A source with fewer than
+``max(min_source_size, k)`` usable examples is not clustered: all of it is labelled hard (so it is
+upsampled whole), with ``cluster = -1`` and ``assigned = "small_source"``; it is reported in the
+summary. Rows whose ``source`` is null form one stratum of their own.
+
+Flagged rows (non-empty ``flag``; their losses are NaN) are excluded from clustering: they get
+``cluster = -1``, ``hard = False``, ``assigned = "flagged"`` and are counted in the summary. NaN is
+never replaced by a number; a NaN in an unflagged row is an error.
+
+Outputs in the run directory: ``split.parquet`` (one row per input row: id, source, flag, cluster,
+hard, assigned, mean_loss, loss_drop, then the feature columns ``feat_*``), ``split_summary.json``,
+``split_trajectories.png`` (mean ± std trajectory per cluster) and ``split_datamap.png`` (mean loss
+against loss drop = first - last loss, coloured by cluster).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from datalever import rundir
+
+FEATURES = ("trajectory", "final", "relative")
+LOSS_COLUMN = re.compile(r"^loss_step(\d{6})$")
+NO_SOURCE = "(none)"  # how a null source is named in the summary
+# Meta keys read as a difficulty attribute of an example, when present (numeric or categorical).
+DIFFICULTY_KEYS = ("difficulty", "level", "steps", "n_steps", "num_steps", "digits", "hops")
+
+
+class SplitError(ValueError):
+    """The trajectories cannot be split as asked (the message says why)."""
+
+
+@dataclass
+class SplitConfig:
+    run_dir: str = "runs/demo"
+    """Run directory: reads trajectories.parquet (+ .meta.json), writes split.parquet, split_summary.json and plots."""
+    features: str = "trajectory"
+    """What k-means clusters: 'trajectory' (raw losses per checkpoint), 'final' (last loss only) or 'relative' (ratios loss[t+1]/loss[t])."""
+    k: int = 2
+    """Number of k-means clusters; the one with the highest mean loss is 'hard'."""
+    seed: int = 0
+    """Seed of k-means (scikit-learn KMeans, n_init=10)."""
+    stratify: bool = False
+    """Cluster each data source separately (sources too small to cluster are labelled hard as a whole)."""
+    min_source_size: int = 10
+    """With stratify: a source with fewer usable examples than this is not clustered but labelled hard whole."""
+    train_file: str | None = None
+    """Examples file (JSONL) to read difficulty attributes from (meta keys such as level/steps/digits); default RUN/data/train.jsonl if it exists."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the trajectory store
+
+
+def read_trajectories(path: str | Path):
+    """Read and validate the trajectory store.
+
+    `path` is ``trajectories.parquet`` or the run directory holding it. Returns
+    ``(ids, sources, losses, flags, meta)``: lists of str / str|None / str, a float64 array [n, K]
+    and the meta dict. Raises SplitError on anything inconsistent.
+    """
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "trajectories.parquet"
+    if not path.exists():
+        raise SplitError(f"no trajectory store at {path} (run the profile stage first)")
+    meta_path = path.with_name(path.name.removesuffix(".parquet") + ".meta.json")
+    if not meta_path.exists():
+        raise SplitError(f"{path} has no meta file {meta_path.name}")
+    meta = rundir.read_json(meta_path)
+    table = pq.read_table(path)
+    cols = table.column_names
+    for required in ("id", "source", "flag"):
+        if required not in cols:
+            raise SplitError(f"{path}: missing column {required!r} (has {cols})")
+    loss_cols = [c for c in cols if LOSS_COLUMN.match(c)]
+    if not loss_cols:
+        raise SplitError(f"{path}: no loss_stepNNNNNN columns")
+    steps = [int(LOSS_COLUMN.match(c).group(1)) for c in loss_cols]
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise SplitError(f"{path}: loss columns are not in strictly increasing step order: {loss_cols}")
+    if "loss_columns" in meta and list(meta["loss_columns"]) != loss_cols:
+        raise SplitError(f"{path}: meta loss_columns {meta['loss_columns']} != parquet columns {loss_cols}")
+    if "steps" in meta and [int(s) for s in meta["steps"]] != steps:
+        raise SplitError(f"{path}: meta steps {meta['steps']} do not match the loss columns {loss_cols}")
+    meta = {**meta, "steps": steps, "loss_columns": loss_cols}
+
+    ids = [str(i) for i in table.column("id").to_pylist()]
+    if len(set(ids)) != len(ids):
+        raise SplitError(f"{path}: duplicate ids")
+    sources = table.column("source").to_pylist()
+    flags = [f or "" for f in table.column("flag").to_pylist()]
+    losses = np.column_stack(
+        [table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in loss_cols]
+    ) if len(ids) else np.zeros((0, len(loss_cols)))
+    bad = [ids[i] for i in np.flatnonzero(np.isnan(losses).any(axis=1)) if not flags[i]]
+    if bad:
+        raise SplitError(f"{path}: {len(bad)} unflagged row(s) have NaN losses, e.g. {bad[:3]}")
+    return ids, sources, losses, flags, meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Features and clustering (pure)
+
+
+def compute_features(losses: np.ndarray, features: str) -> np.ndarray:
+    """The feature matrix for `losses` [n, K] (see the module docstring). NaN rows stay NaN."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 2:
+        raise SplitError(f"losses must be 2-D [n, K], got shape {losses.shape}")
+    if features == "trajectory":
+        return losses.copy()
+    if features == "final":
+        return losses[:, -1:].copy()
+    if features == "relative":
+        if losses.shape[1] < 2:
+            raise SplitError("features='relative' needs at least 2 checkpoints")
+        prev = losses[:, :-1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return losses[:, 1:] / prev
+    raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+
+
+def feature_names(features: str, steps: Sequence[int]) -> list[str]:
+    steps = list(steps)
+    if features == "trajectory":
+        return [f"feat_loss_step{s:06d}" for s in steps]
+    if features == "final":
+        return [f"feat_loss_step{steps[-1]:06d}"]
+    if features == "relative":
+        return [f"feat_ratio_step{b:06d}_{a:06d}" for a, b in zip(steps, steps[1:])]
+    raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+
+
+def _kmeans_ranked(x: np.ndarray, raw: np.ndarray, k: int, seed: int, what: str) -> np.ndarray:
+    """k-means labels for rows of `x`, renumbered so label order = order of mean raw loss (k-1 = hardest)."""
+    from sklearn.cluster import KMeans
+
+    n = x.shape[0]
+    if n < k:
+        raise SplitError(f"{what}: {n} example(s) cannot form k={k} clusters")
+    if not np.isfinite(x).all():
+        raise SplitError(f"{what}: features are not finite (e.g. a zero loss with features='relative')")
+    n_distinct = np.unique(x, axis=0).shape[0]
+    if n_distinct < k:
+        raise SplitError(f"{what}: only {n_distinct} distinct feature vector(s) among {n} examples "
+                         f"(identical trajectories?); cannot form k={k} clusters")
+    labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+    means = np.array([raw[labels == c].mean() for c in range(k)])
+    order = np.argsort(means, kind="stable")  # order[r] = original label with rank r
+    rank = np.empty(k, dtype=np.int64)
+    rank[order] = np.arange(k)
+    return rank[labels]
+
+
+def split_trajectories(ids: Sequence[str], sources: Sequence[str | None], losses: np.ndarray, *,
+                       features: str = "trajectory", k: int = 2, seed: int = 0, stratify: bool = False,
+                       min_source_size: int = 10, flags: Sequence[str] | None = None,
+                       steps: Sequence[int] | None = None) -> pd.DataFrame:
+    """Cluster the trajectories; the core of the split stage, pure.
+
+    Returns a frame with one row per input row, in input order: ``id, source, flag, cluster, hard,
+    assigned, mean_loss, loss_drop`` and the feature columns. Rows with a non-empty flag are excluded
+    from clustering. Without `flags`, every row must be NaN-free. `steps` only names the feature
+    columns (default 0..K-1).
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    n = len(ids)
+    if losses.ndim != 2 or losses.shape[0] != n or len(sources) != n:
+        raise SplitError(f"ids ({n}), sources ({len(sources)}) and losses {losses.shape} disagree")
+    if n == 0:
+        raise SplitError("no examples to split")
+    if losses.shape[1] == 0:
+        raise SplitError("losses have no checkpoints")
+    if features not in FEATURES:
+        raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+    if k < 2:
+        raise SplitError(f"k must be >= 2, got {k}")
+    flags = [""] * n if flags is None else [f or "" for f in flags]
+    if len(flags) != n:
+        raise SplitError(f"flags ({len(flags)}) and ids ({n}) disagree")
+    steps = list(range(losses.shape[1])) if steps is None else list(steps)
+    if len(steps) != losses.shape[1]:
+        raise SplitError(f"{len(steps)} steps for {losses.shape[1]} loss columns")
+
+    feats = compute_features(losses, features)
+    fnames = feature_names(features, steps)
+    frame = pd.DataFrame({
+        "id": [str(i) for i in ids],
+        "source": pd.array(list(sources), dtype="string"),
+        "flag": flags,
+    })
+    if frame["id"].duplicated().any():
+        raise SplitError(f"duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
+    frame = frame.set_index("id", drop=False)
+    input_order = frame.index.copy()
+    raw_cols = [f"_raw{t}" for t in range(losses.shape[1])]
+    frame[raw_cols] = losses  # positional assignment once, while the frame is still in input order
+    frame[fnames] = feats
+    frame["mean_loss"] = losses.mean(axis=1)  # NaN stays NaN for flagged rows
+    frame["loss_drop"] = losses[:, 0] - losses[:, -1]
+    frame["cluster"] = -1
+    frame["hard"] = False
+    frame["assigned"] = "flagged"
+
+    flagged = frame["flag"] != ""
+    nan_rows = frame[raw_cols].isna().any(axis=1)
+    if (nan_rows & ~flagged).any():
+        bad = frame.index[nan_rows & ~flagged].tolist()
+        if nan_rows.all():
+            raise SplitError("all trajectories are NaN: nothing to cluster")
+        raise SplitError(f"{len(bad)} unflagged row(s) have NaN losses (NaN is never treated as 0), e.g. {bad[:3]}")
+    usable = ~flagged
+    if not usable.any():
+        raise SplitError(f"all {n} examples are flagged: nothing to cluster")
+
+    if stratify:
+        strata = frame["source"].fillna(NO_SOURCE)
+        groups = [(s, usable & (strata == s)) for s in sorted(strata[usable].unique())]
+        threshold = max(int(min_source_size), k)
+    else:
+        groups = [(None, usable)]
+        threshold = k
+
+    for name, mask in groups:
+        member_ids = frame.index[mask]
+        what = "all examples" if name is None else f"source {name!r}"
+        if stratify and len(member_ids) < threshold:
+            frame.loc[mask, ["cluster", "hard", "assigned"]] = [-1, True, "small_source"]
+            continue
+        sub = frame.loc[member_ids]
+        assert list(sub.index) == list(member_ids)
+        labels = _kmeans_ranked(sub[fnames].to_numpy(), sub[raw_cols].to_numpy(), k, seed, what)
+        result = pd.Series(labels, index=member_ids)  # labels keyed by id: no positions leave this block
+        frame.loc[member_ids, "cluster"] = result
+        frame.loc[member_ids, "hard"] = result == k - 1
+        frame.loc[member_ids, "assigned"] = "kmeans"
+        assert (frame.loc[member_ids, "cluster"].to_numpy() == result.loc[member_ids].to_numpy()).all()
+
+    assert frame.index.equals(input_order)
+    out = frame.drop(columns=raw_cols).reset_index(drop=True)
+    out["cluster"] = out["cluster"].astype("int64")
+    out["hard"] = out["hard"].astype(bool)
+    return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *fnames]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+
+
+def _difficulty(df: pd.DataFrame, metas: dict[str, dict]) -> dict[str, Any]:
+    """Per difficulty attribute: its mean (numeric) or value counts (categorical) per cluster."""
+    out: dict[str, Any] = {}
+    groups = _summary_groups(df)
+    for key in DIFFICULTY_KEYS:
+        values = {i: metas[i][key] for i in df["id"] if i in metas and key in metas[i]
+                  and metas[i][key] is not None}
+        if not values:
+            continue
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
+        per: dict[str, Any] = {}
+        for gname, mask in groups:
+            vs = [values[i] for i in df.loc[mask, "id"] if i in values]
+            if numeric:
+                per[gname] = {"n": len(vs), "mean": float(np.mean(vs)) if vs else None}
+            else:
+                counts: dict[str, int] = {}
+                for v in vs:
+                    counts[str(v)] = counts.get(str(v), 0) + 1
+                per[gname] = dict(sorted(counts.items()))
+        out[key] = {"kind": "numeric" if numeric else "categorical", "per_cluster": per}
+    return out
+
+
+def _summary_groups(df: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """Named row groups of the summary: each k-means cluster, then small sources and flagged rows."""
+    groups = [(str(c), (df["assigned"] == "kmeans") & (df["cluster"] == c))
+              for c in sorted(df.loc[df["assigned"] == "kmeans", "cluster"].unique())]
+    for special in ("small_source", "flagged"):
+        mask = df["assigned"] == special
+        if mask.any():
+            groups.append((special, mask))
+    return groups
+
+
+def summarize(df: pd.DataFrame, losses_by_id: pd.DataFrame, *, k: int, features: str, stratify: bool,
+              min_source_size: int, seed: int, steps: Sequence[int],
+              metas: dict[str, dict] | None = None) -> dict[str, Any]:
+    """The split summary (sizes, per-source sizes, mean trajectories, difficulty per cluster)."""
+    clusters = {}
+    for gname, mask in _summary_groups(df):
+        if gname == "flagged":
+            continue
+        traj = losses_by_id.loc[df.loc[mask, "id"]].to_numpy()
+        clusters[gname] = {
+            "size": int(mask.sum()),
+            "hard": bool(df.loc[mask, "hard"].all()),
+            "mean_loss": float(traj.mean()),
+            "mean_trajectory": [float(v) for v in traj.mean(axis=0)],
+            "std_trajectory": [float(v) for v in traj.std(axis=0)],
+        }
+    summary: dict[str, Any] = {
+        "features": features, "k": k, "seed": seed, "stratify": stratify,
+        "min_source_size": min_source_size if stratify else None,
+        "steps": [int(s) for s in steps],
+        "n_examples": int(len(df)),
+        "n_clustered": int((df["assigned"] == "kmeans").sum()),
+        "n_hard": int(df["hard"].sum()),
+        "n_easy": int(((df["assigned"] == "kmeans") & ~df["hard"]).sum()),
+        "n_flagged_excluded": int((df["assigned"] == "flagged").sum()),
+        "flag_counts": {str(f): int(c) for f, c in df.loc[df["flag"] != "", "flag"].value_counts().items()},
+        "clusters": clusters,
+    }
+    if stratify:
+        strata = df["source"].fillna(NO_SOURCE)
+        per_source = {}
+        for s in sorted(strata.unique()):
+            m = strata == s
+            per_source[s] = {
+                "n": int(m.sum()),
+                "n_flagged": int((m & (df["assigned"] == "flagged")).sum()),
+                "small_source": bool((m & (df["assigned"] == "small_source")).any()),
+                "n_hard": int((m & df["hard"]).sum()),
+                "sizes": {str(c): int(v) for c, v in
+                          df.loc[m & (df["assigned"] == "kmeans"), "cluster"].value_counts().sort_index().items()},
+            }
+        summary["per_source"] = per_source
+        summary["small_sources"] = [s for s, v in per_source.items() if v["small_source"]]
+    if metas:
+        diff = _difficulty(df, metas)
+        if diff:
+            summary["difficulty"] = diff
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(g, m) for g, m in _summary_groups(df) if g != "flagged"]
+    colors = plt.get_cmap("tab10")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j, (gname, mask) in enumerate(groups):
+        traj = losses_by_id.loc[df.loc[mask, "id"]].to_numpy()
+        mu, sd = traj.mean(axis=0), traj.std(axis=0)
+        hard = " (hard)" if df.loc[mask, "hard"].all() else ""
+        label = f"cluster {gname}{hard}, n={int(mask.sum())}" if gname.isdigit() else f"{gname}{hard}, n={int(mask.sum())}"
+        ax.plot(steps, mu, marker="o", color=colors(j), label=label)
+        ax.fill_between(steps, mu - sd, mu + sd, color=colors(j), alpha=0.2)
+    ax.set_xlabel("proxy training step")
+    ax.set_ylabel("response loss (mean ± std)")
+    ax.set_title("Loss trajectory per cluster")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "split_trajectories.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j, (gname, mask) in enumerate(groups):
+        sub = df.loc[mask]
+        ax.scatter(sub["loss_drop"], sub["mean_loss"], s=10, alpha=0.6, color=colors(j),
+                   label=f"cluster {gname}" if gname.isdigit() else gname)
+    ax.set_xlabel("loss drop (first - last checkpoint)")
+    ax.set_ylabel("mean loss over checkpoints")
+    ax.set_title("Data map")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "split_datamap.png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def _read_metas(path: Path) -> dict[str, dict]:
+    from datalever.examples import load_examples
+
+    return {ex.id: dict(ex.meta or {}) for ex in load_examples(path)}
+
+
+def run(cfg: SplitConfig) -> dict:
+    """Run the split stage on `cfg.run_dir`; returns the summary (also written to split_summary.json)."""
+    import pyarrow as pa
+
+    run_dir = Path(cfg.run_dir)
+    ids, sources, losses, flags, meta = read_trajectories(run_dir / "trajectories.parquet")
+    steps = meta["steps"]
+    df = split_trajectories(ids, sources, losses, features=cfg.features, k=cfg.k, seed=cfg.seed,
+                            stratify=cfg.stratify, min_source_size=cfg.min_source_size,
+                            flags=flags, steps=steps)
+    losses_by_id = pd.DataFrame(losses, index=pd.Index(ids, name="id"))
+
+    train_file = Path(cfg.train_file) if cfg.train_file else run_dir / "data" / "train.jsonl"
+    metas = None
+    if train_file.exists():
+        metas = _read_metas(train_file)
+    elif cfg.train_file:
+        raise SplitError(f"train_file {train_file} does not exist")
+
+    summary = summarize(df, losses_by_id, k=cfg.k, features=cfg.features, stratify=cfg.stratify,
+                        min_source_size=cfg.min_source_size, seed=cfg.seed, steps=steps, metas=metas)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    rundir.write_parquet(run_dir / "split.parquet", table)
+    rundir.write_json(run_dir / "split_summary.json", summary)
+    plot_split(df, losses_by_id, steps, run_dir)
+    rundir.record_provenance(
+        run_dir, "split", cfg,
+        trajectories=rundir.fingerprint(types.SimpleNamespace(id=i) for i in ids),
+        train_file=str(train_file) if metas is not None else None,
+    )
+    return summary

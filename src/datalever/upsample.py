@@ -1,0 +1,287 @@
+"""Upsample: build the training set of one arm from the split.
+
+Arms (m = ``UpsampleConfig.m``, the number of *extra* uses of a selected example):
+
+- ``hard``: every hard example is used 1 + m times, every other example once.
+- ``easy``: the control: every easy example (clustered, not hard) is used 1 + m times.
+- ``random``: the control with the same budget as ``hard``: n_hard examples drawn uniformly
+  without replacement from all non-flagged examples (seeded; drawn from the ids in sorted order, so
+  the draw does not depend on row order) are used 1 + m times. It adds exactly m * n_hard copies,
+  as the hard arm does, with the same multiplicity histogram.
+- ``base``: every example once.
+
+Flagged examples (excluded from clustering) stay in the data once in every arm.
+
+Synthesis (optional, ``synth_fn="module:function"``): the function is imported with importlib and
+called on each *selected* example of the arm (the hard ones for ``hard``; for the controls, their
+own selection) to make ``synth_per_hard`` new examples each, used once. If the function accepts
+``n`` / ``seed`` keyword arguments they are passed (seed derived from the run seed and the parent
+id); otherwise it is called with the example alone and its list cut to ``synth_per_hard``.
+
+A variant whose id is already taken (the same content as an original or as an earlier variant) is
+dropped and counted (``n_synth_dropped_duplicates``), never added twice.
+
+Outputs in ``RUN/arms/<arm>/`` (or ``out``): ``train.jsonl`` (materialized: each example repeated multiplicity
+times, in a seeded shuffled order; it holds duplicate ids by design), ``examples.jsonl`` (each
+example once: with the manifest, the input for a ``MultiplicitySampler`` that repeats indices
+without copying data), ``manifest.parquet`` (id, source, multiplicity, origin "original"|"synth",
+parent_id for synth) and ``manifest.json`` (counts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from datalever import rundir
+from datalever.examples import Example
+
+ARMS = ("hard", "easy", "random", "base")
+
+
+class UpsampleError(ValueError):
+    """The arm cannot be built as asked (the message says why)."""
+
+
+@dataclass
+class UpsampleConfig:
+    run_dir: str = "runs/demo"
+    """Run directory: reads split.parquet and the training examples, writes arms/<arm>/."""
+    arm: str = "hard"
+    """Which examples get extra copies: 'hard', 'easy' (control), 'random' (control, same number of extra copies as 'hard') or 'base' (none)."""
+    m: int = 1
+    """Extra uses of each selected example: 1 = used twice (2x), 2 = three times (3x)."""
+    seed: int = 0
+    """Seed of the random arm's draw, of synthesis and of the shuffled order of train.jsonl."""
+    synth_fn: str | None = None
+    """Optional generator of variants, 'module:function' taking an Example and returning new Examples (e.g. 'datalever.synth:variants' for the embedded dataset)."""
+    synth_per_hard: int = 1
+    """With synth_fn: synthesized variants added per selected example (each used once)."""
+    train_file: str | None = None
+    """Training examples (JSONL) the split was made from; default RUN/data/train.jsonl."""
+    out: str | None = None
+    """Output directory of the arm; default RUN/arms/<arm>."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Multiplicities (pure)
+
+
+def _check_split(split_df: pd.DataFrame) -> None:
+    for col in ("id", "hard"):
+        if col not in split_df.columns:
+            raise UpsampleError(f"split table lacks column {col!r} (has {list(split_df.columns)})")
+    if split_df["id"].duplicated().any():
+        raise UpsampleError("split table has duplicate ids")
+
+
+def _flagged(split_df: pd.DataFrame) -> pd.Series:
+    if "flag" in split_df.columns:
+        return split_df["flag"].fillna("").astype(str) != ""
+    if "assigned" in split_df.columns:
+        return split_df["assigned"] == "flagged"
+    return pd.Series(False, index=split_df.index)
+
+
+def selected_ids(split_df: pd.DataFrame, arm: str, seed: int) -> list[str]:
+    """The ids that get extra copies in `arm`, in split-table order."""
+    _check_split(split_df)
+    if arm not in ARMS:
+        raise UpsampleError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    flagged = _flagged(split_df)
+    hard = split_df["hard"].astype(bool) & ~flagged
+    if arm == "base":
+        return []
+    if arm == "hard":
+        return split_df.loc[hard, "id"].astype(str).tolist()
+    if arm == "easy":
+        easy = ~hard & ~flagged
+        if "assigned" in split_df.columns:  # small sources are hard whole; only clustered rows are "easy"
+            easy &= split_df["assigned"] == "kmeans"
+        return split_df.loc[easy, "id"].astype(str).tolist()
+    # random: as many examples as the hard arm selects, uniformly without replacement
+    pool = sorted(split_df.loc[~flagged, "id"].astype(str))
+    n = int(hard.sum())
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(len(pool), size=n, replace=False).tolist()) if n else set()
+    picked = {pool[i] for i in chosen}
+    return [i for i in split_df["id"].astype(str) if i in picked]
+
+
+def multiplicities(split_df: pd.DataFrame, arm: str, m: int = 1, seed: int = 0) -> dict[str, int]:
+    """id -> number of uses in `arm` (see the module docstring), in split-table order."""
+    if int(m) != m or m < 0:
+        raise UpsampleError(f"m must be a non-negative integer, got {m!r}")
+    sel = set(selected_ids(split_df, arm, seed))
+    return {i: 1 + int(m) if i in sel else 1 for i in split_df["id"].astype(str)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthesis
+
+
+def load_callable(spec: str) -> Callable:
+    """Import 'package.module:function' (dotted attribute paths allowed after the colon)."""
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise UpsampleError(f"synth_fn must look like 'module:function', got {spec!r}")
+    mod_name, attr = spec.split(":")
+    if not mod_name or not attr:
+        raise UpsampleError(f"synth_fn must look like 'module:function', got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UpsampleError(f"synth_fn {spec!r}: cannot import module {mod_name!r} ({e})") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UpsampleError(f"synth_fn {spec!r}: {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UpsampleError(f"synth_fn {spec!r} is not callable")
+    return obj
+
+
+def _seed_for(seed: int, example_id: str) -> int:
+    """A per-parent seed: stable whatever the order in which parents are visited."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:4], "little")
+
+
+def synthesize(fn: Callable, parents: list[Example], n: int, seed: int,
+               taken_ids: set[str]) -> tuple[list[tuple[Example, str]], int]:
+    """Call `fn` on each parent; returns (new example, parent id) pairs and the number of variants
+    dropped because their id was taken (an original, or a variant made from an earlier parent)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out: list[tuple[Example, str]] = []
+    seen = set(taken_ids)
+    dropped = 0
+    for parent in parents:
+        kwargs = {}
+        if var_kw or "n" in params:
+            kwargs["n"] = n
+        if var_kw or "seed" in params:
+            kwargs["seed"] = _seed_for(seed, parent.id)
+        made = list(fn(parent, **kwargs))[:n]
+        for ex in made:
+            if not isinstance(ex, Example):
+                raise UpsampleError(f"synth_fn returned {type(ex).__name__}, not an Example (parent {parent.id})")
+            if ex.id in seen:  # same content as an existing example: adding it would duplicate it
+                dropped += 1
+                continue
+            seen.add(ex.id)
+            out.append((ex, parent.id))
+    return out, dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def read_arm(arm_dir: str | Path) -> tuple[list[Example], list[int]]:
+    """An arm's unique examples and their multiplicities (for a MultiplicitySampler)."""
+    import pyarrow.parquet as pq
+
+    from datalever.examples import load_examples
+
+    arm_dir = Path(arm_dir)
+    examples = load_examples(str(arm_dir / "examples.jsonl"))
+    mult = dict(zip(*pq.read_table(arm_dir / "manifest.parquet", columns=["id", "multiplicity"])
+                    .to_pydict().values()))
+    missing = [ex.id for ex in examples if ex.id not in mult]
+    if missing:
+        raise UpsampleError(f"{arm_dir}: {len(missing)} examples missing from the manifest, e.g. {missing[0]}")
+    return examples, [int(mult[ex.id]) for ex in examples]
+
+
+def run(cfg: UpsampleConfig) -> dict:
+    """Build `RUN/arms/<arm>/`; returns the counts written to manifest.json."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from datalever.examples import load_examples, save_examples
+
+    if cfg.arm not in ARMS:
+        raise UpsampleError(f"unknown arm {cfg.arm!r}; choose one of {ARMS}")
+    if cfg.synth_fn and cfg.arm == "base":
+        raise UpsampleError("synth_fn with arm 'base': the base arm selects no examples to synthesize from")
+    if cfg.synth_per_hard < 0:
+        raise UpsampleError(f"synth_per_hard must be >= 0, got {cfg.synth_per_hard}")
+    run_dir = Path(cfg.run_dir)
+    split_path = run_dir / "split.parquet"
+    if not split_path.exists():
+        raise UpsampleError(f"no split at {split_path} (run the split stage first)")
+    split_df = pq.read_table(split_path).to_pandas()
+    train_file = Path(cfg.train_file) if cfg.train_file else run_dir / "data" / "train.jsonl"
+    if not train_file.exists():
+        raise UpsampleError(f"training examples not found at {train_file} (set train_file)")
+    examples = load_examples(str(train_file))
+    by_id = {ex.id: ex for ex in examples}
+    split_ids = set(split_df["id"].astype(str))
+    not_in_split = [ex.id for ex in examples if ex.id not in split_ids]
+    not_in_train = sorted(split_ids - set(by_id))
+    if not_in_split or not_in_train:
+        raise UpsampleError(
+            f"{train_file} and {split_path} disagree: {len(not_in_split)} example(s) not in the split "
+            f"(e.g. {not_in_split[:2]}), {len(not_in_train)} split id(s) not in the examples "
+            f"(e.g. {not_in_train[:2]}); was the split made from another training set?")
+
+    mult = multiplicities(split_df, cfg.arm, cfg.m, cfg.seed)
+    selected = selected_ids(split_df, cfg.arm, cfg.seed)
+    rows = [{"id": ex.id, "source": ex.source, "multiplicity": mult[ex.id], "origin": "original",
+             "parent_id": None} for ex in examples]
+    unique = list(examples)
+
+    synth: list[tuple[Example, str]] = []
+    n_dropped = 0
+    if cfg.synth_fn and cfg.synth_per_hard > 0:
+        fn = load_callable(cfg.synth_fn)
+        synth, n_dropped = synthesize(fn, [by_id[i] for i in selected], cfg.synth_per_hard, cfg.seed, set(by_id))
+        for ex, parent in synth:
+            rows.append({"id": ex.id, "source": ex.source, "multiplicity": 1, "origin": "synth",
+                         "parent_id": parent})
+            unique.append(ex)
+
+    manifest = pd.DataFrame(rows, columns=["id", "source", "multiplicity", "origin", "parent_id"])
+    order = [i for i, r in enumerate(rows) for _ in range(r["multiplicity"])]
+    rng = np.random.default_rng(cfg.seed)
+    order = [order[j] for j in rng.permutation(len(order))]
+
+    arm_dir = Path(cfg.out) if cfg.out else run_dir / "arms" / cfg.arm
+    arm_dir.mkdir(parents=True, exist_ok=True)
+    save_examples(str(arm_dir / "train.jsonl"), [unique[j] for j in order])
+    save_examples(str(arm_dir / "examples.jsonl"), unique)
+    table = pa.Table.from_pandas(manifest, preserve_index=False, schema=pa.schema([
+        ("id", pa.string()), ("source", pa.string()), ("multiplicity", pa.int64()),
+        ("origin", pa.string()), ("parent_id", pa.string())]))
+    rundir.write_parquet(arm_dir / "manifest.parquet", table)
+
+    flagged = _flagged(split_df)
+    counts = {
+        "arm": cfg.arm, "m": cfg.m, "seed": cfg.seed,
+        "n_examples": len(examples),
+        "n_flagged": int(flagged.sum()),
+        "n_hard": int((split_df["hard"].astype(bool) & ~flagged).sum()),
+        "n_selected": len(selected),
+        "n_extra_copies": int(sum(mult.values()) - len(mult)),
+        "n_synth": len(synth),
+        "n_synth_dropped_duplicates": n_dropped,
+        "n_unique": len(unique),
+        "n_rows": len(order),
+        "multiplicity_histogram": {str(k): int(v) for k, v in
+                                   sorted(manifest["multiplicity"].value_counts().items())},
+        "synth_fn": cfg.synth_fn,
+        "train_file": str(train_file),
+        "train_fingerprint": rundir.fingerprint(examples),
+    }
+    rundir.record_provenance(arm_dir, "upsample", cfg, counts=counts)
+    rundir.write_json(arm_dir / "manifest.json", counts)  # last: its presence marks a finished arm
+    return counts

@@ -1,0 +1,293 @@
+"""The split stage: features, k-means easy/hard, per-source stratification, errors, outputs.
+
+References are built by hand: groups whose hard members are known by construction, a hand-worked
+feature table, and a brute-force optimal 1-D 2-means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from datalever import rundir
+from datalever.examples import Example, save_examples
+from datalever.split import (SplitConfig, SplitError, compute_features, read_trajectories, run,
+                             split_trajectories)
+
+STEPS = [10, 20, 30, 40]
+
+
+@pytest.fixture(autouse=True)
+def _fast_provenance(monkeypatch):
+    """rundir.versions() imports transformers/peft/datasets (seconds); provenance is not under test here."""
+    monkeypatch.setattr(rundir, "versions", lambda: {"python": "test"})
+
+
+def two_groups(n_easy, n_hard, low=1.0, high=3.0, K=4, seed=0, noise=0.05):
+    """Easy rows fall from `low`, hard rows stay near `high`; returns losses, is_hard."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(K)
+    easy = low * (1.0 - 0.1 * t) + rng.normal(0, noise, (n_easy, K))
+    hard = high * (1.0 - 0.02 * t) + rng.normal(0, noise, (n_hard, K))
+    return np.vstack([easy, hard]), np.array([False] * n_easy + [True] * n_hard)
+
+
+def hard_ids(df):
+    return set(df.loc[df["hard"], "id"])
+
+
+# ------------------------------------------------------------------------------ features
+
+
+def test_features_hand_worked():
+    L = np.array([[4.0, 2.0, 1.0, 0.5],
+                  [2.0, 2.0, 2.0, 2.0],
+                  [1.0, 3.0, 6.0, 3.0]])
+    np.testing.assert_array_equal(compute_features(L, "trajectory"), L)
+    np.testing.assert_array_equal(compute_features(L, "final"), [[0.5], [2.0], [3.0]])
+    np.testing.assert_allclose(compute_features(L, "relative"),
+                               [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [3.0, 2.0, 0.5]])
+    df = split_trajectories(["a", "b", "c"], [None] * 3, L, features="relative", k=2, steps=[1, 2, 3, 4])
+    assert [c for c in df.columns if c.startswith("feat_")] == [
+        "feat_ratio_step000002_000001", "feat_ratio_step000003_000002", "feat_ratio_step000004_000003"]
+    np.testing.assert_allclose(df.loc[df["id"] == "c", ["feat_ratio_step000002_000001",
+                                                        "feat_ratio_step000004_000003"]].to_numpy(), [[3.0, 0.5]])
+    np.testing.assert_allclose(df["mean_loss"], [1.875, 2.0, 3.25])
+    np.testing.assert_allclose(df["loss_drop"], [3.5, 0.0, -2.0])
+
+
+@pytest.mark.parametrize("features", ["trajectory", "final", "relative"])
+def test_hard_is_higher_loss_cluster(features):
+    L, is_hard = two_groups(12, 8)
+    if features == "relative":  # the shapes must differ too: hard curves flat, easy curves falling
+        L[~is_hard] = np.array([1.0, 0.6, 0.36, 0.216]) * (1 + 0.01 * np.arange((~is_hard).sum()))[:, None]
+    ids = [f"e{i}" for i in range(len(L))]
+    perm = np.random.default_rng(1).permutation(len(L))  # hard rows not all at the end
+    ids, L, is_hard = [ids[i] for i in perm], L[perm], is_hard[perm]
+    df = split_trajectories(ids, [None] * len(ids), L, features=features, k=2, seed=0)
+    assert hard_ids(df) == {i for i, h in zip(ids, is_hard) if h}
+    assert set(df.loc[df["hard"], "cluster"]) == {1} and set(df.loc[~df["hard"], "cluster"]) == {0}
+    assert list(df["id"]) == ids  # output in input order
+    assert (df["assigned"] == "kmeans").all()
+
+
+def test_k3_hardest_is_highest():
+    rng = np.random.default_rng(0)
+    L = np.vstack([lvl + rng.normal(0, 0.05, (6, 4)) for lvl in (5.0, 1.0, 3.0)])
+    ids = [f"x{i}" for i in range(18)]
+    df = split_trajectories(ids, [None] * 18, L, k=3)
+    assert hard_ids(df) == set(ids[:6])
+    assert set(df.loc[[6, 7, 8, 9, 10, 11], "cluster"]) == {0}
+    assert set(df.loc[[12, 13, 14, 15, 16, 17], "cluster"]) == {1}
+
+
+def test_final_feature_matches_brute_force_two_means():
+    rng = np.random.default_rng(3)
+    final = np.concatenate([rng.normal(1, 0.3, 15), rng.normal(2.5, 0.3, 10)])
+    L = np.column_stack([final + 1.0, final + 0.5, final])
+    ids = [f"r{i}" for i in range(len(final))]
+    # brute force: the optimal 1-D 2-means is a threshold on the sorted values
+    order = np.argsort(final)
+    best = min(range(1, len(final)), key=lambda c: final[order[:c]].var() * c + final[order[c:]].var() * (len(final) - c))
+    expected_hard = {ids[i] for i in order[best:]}
+    df = split_trajectories(ids, [None] * len(ids), L, features="final", k=2)
+    assert hard_ids(df) == expected_hard
+
+
+# ------------------------------------------------------------------------------ stratification
+
+
+def interleaved_sources():
+    """Source A at even rows, B at odd rows; B's *easy* rows have higher loss than A's *hard* rows,
+    so clustering globally would call all of B hard. Hard members known by construction."""
+    rng = np.random.default_rng(7)
+    ids, sources, rows, expected = [], [], [], set()
+    for j in range(40):
+        src = "A" if j % 2 == 0 else "B"
+        k = j // 2
+        hard = (k % 3 == 0)  # 7 hard out of 20 per source
+        level = {("A", False): 1.0, ("A", True): 2.0, ("B", False): 5.0, ("B", True): 8.0}[(src, hard)]
+        ids.append(f"{src}{k:02d}")
+        sources.append(src)
+        rows.append(level + rng.normal(0, 0.05, 4))
+        if hard:
+            expected.add(ids[-1])
+    return ids, sources, np.array(rows), expected
+
+
+def test_stratified_labels_right_global_examples():
+    ids, sources, L, expected = interleaved_sources()
+    df = split_trajectories(ids, sources, L, stratify=True, min_source_size=5)
+    assert hard_ids(df) == expected
+    assert list(df["id"]) == ids and list(df["source"]) == sources
+    # without stratification all of B is "hard": the stratification changes the answer
+    flat = split_trajectories(ids, sources, L, stratify=False)
+    assert hard_ids(flat) == {i for i, s in zip(ids, sources) if s == "B"}
+
+    # shuffled row order: the same label for every id
+    perm = np.random.default_rng(0).permutation(len(ids))
+    df2 = split_trajectories([ids[i] for i in perm], [sources[i] for i in perm], L[perm],
+                             stratify=True, min_source_size=5)
+    a = df.set_index("id")[["cluster", "hard"]]
+    b = df2.set_index("id")[["cluster", "hard"]].loc[a.index]
+    assert (a.to_numpy() == b.to_numpy()).all()
+
+
+def test_small_source_is_hard_whole_and_null_source_is_a_stratum():
+    ids, sources, L, expected = interleaved_sources()
+    ids += ["C0", "C1", "C2", "N0", "N1", "N2", "N3", "N4", "N5"]
+    sources += ["C", "C", "C", None, None, None, None, None, None]
+    L = np.vstack([L, np.full((3, 4), 0.1) + np.arange(3)[:, None] * 0.01,  # C: low loss, yet hard whole
+                   np.array([[1, 1, 1, 1]] * 3 + [[9, 9, 9, 9]] * 3, float) + np.arange(6)[:, None] * 0.01])
+    df = split_trajectories(ids, sources, L, stratify=True, min_source_size=4)
+    assert hard_ids(df) == expected | {"C0", "C1", "C2", "N3", "N4", "N5"}
+    c = df[df["source"] == "C"]
+    assert (c["assigned"] == "small_source").all() and (c["cluster"] == -1).all()
+
+
+def test_stratified_split_in_summary(tmp_path):
+    ids, sources, L, expected = interleaved_sources()
+    ids += ["C0", "C1"]
+    sources += ["C", "C"]
+    L = np.vstack([L, [[1, 1, 1, 1], [2, 2, 2, 2]]])
+    write_store(tmp_path, ids, sources, L)
+    s = run(SplitConfig(run_dir=str(tmp_path), stratify=True, min_source_size=5))
+    assert s["small_sources"] == ["C"]
+    assert s["per_source"]["A"] == {"n": 20, "n_flagged": 0, "small_source": False, "n_hard": 7,
+                                    "sizes": {"0": 13, "1": 7}}
+    assert s["per_source"]["C"]["n_hard"] == 2 and s["n_hard"] == 16
+    assert s["clusters"]["small_source"]["size"] == 2
+
+
+# ------------------------------------------------------------------------------ flags and errors
+
+
+def test_flagged_rows_excluded_and_counted():
+    L, is_hard = two_groups(6, 4)
+    ids = [f"e{i}" for i in range(10)] + ["t0", "t1"]
+    L = np.vstack([L, np.full((2, 4), np.nan)])
+    flags = [""] * 10 + ["truncated", "truncated"]
+    df = split_trajectories(ids, [None] * 12, L, flags=flags)
+    assert hard_ids(df) == {f"e{i}" for i in range(6, 10)}
+    t = df[df["id"].isin(["t0", "t1"])]
+    assert (t["cluster"] == -1).all() and not t["hard"].any() and (t["assigned"] == "flagged").all()
+    feats = [c for c in df.columns if c.startswith("feat_")]
+    assert t[feats].isna().all().all() and t["mean_loss"].isna().all()  # NaN never becomes 0
+
+
+@pytest.mark.parametrize("case, match", [
+    ("identical", "identical"),
+    ("too_few", "cannot form k=2"),
+    ("all_nan", "all trajectories are NaN"),
+    ("unflagged_nan", "NaN"),
+    ("all_flagged", "flagged"),
+    ("zero_relative", "not finite"),
+    ("k1", "k must be"),
+    ("bad_feature", "unknown features"),
+])
+def test_split_errors(case, match):
+    ids = [f"e{i}" for i in range(6)]
+    L = np.arange(24, dtype=float).reshape(6, 4) + 1
+    kw = {}
+    if case == "identical":
+        L = np.ones((6, 4))
+    elif case == "too_few":
+        ids, L = ids[:1], L[:1]
+    elif case == "all_nan":
+        L = np.full((6, 4), np.nan)
+    elif case == "unflagged_nan":
+        L[2, 1] = np.nan
+    elif case == "all_flagged":
+        kw["flags"] = ["truncated"] * 6
+    elif case == "zero_relative":
+        L[0, 0] = 0.0
+        kw["features"] = "relative"
+    elif case == "k1":
+        kw["k"] = 1
+    elif case == "bad_feature":
+        kw["features"] = "entropy"
+    with pytest.raises(SplitError, match=match):
+        split_trajectories(ids, [None] * len(ids), L, **kw)
+    assert issubclass(SplitError, ValueError)
+
+
+def test_stratified_identical_source_is_an_error():
+    ids, sources, L, _ = interleaved_sources()
+    L[1::2] = 3.0  # every B row the same
+    with pytest.raises(SplitError, match="source 'B'"):
+        split_trajectories(ids, sources, L, stratify=True, min_source_size=5)
+
+
+# ------------------------------------------------------------------------------ the store and the stage
+
+
+def write_store(run_dir, ids, sources, L, flags=None, steps=STEPS, meta_steps=None):
+    cols = [f"loss_step{s:06d}" for s in steps]
+    data = {"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string()),
+            "n_tokens": pa.array([10] * len(ids), pa.int64()),
+            "flag": pa.array(flags or [""] * len(ids), pa.string())}
+    for j, c in enumerate(cols):
+        data[c] = pa.array(L[:, j], pa.float64())
+    pq.write_table(pa.table(data), run_dir / "trajectories.parquet")
+    (run_dir / "trajectories.meta.json").write_text(json.dumps(
+        {"steps": meta_steps or list(steps), "loss_columns": cols}))
+
+
+def test_read_trajectories_round_trip_and_validation(tmp_path):
+    L = np.arange(12, dtype=float).reshape(3, 4) + 1
+    L[2] = np.nan
+    write_store(tmp_path, ["a", "b", "c"], ["s", None, "s"], L, flags=["", "", "truncated"])
+    ids, sources, losses, flags, meta = read_trajectories(tmp_path / "trajectories.parquet")
+    assert ids == ["a", "b", "c"] and sources == ["s", None, "s"] and flags == ["", "", "truncated"]
+    np.testing.assert_array_equal(losses[:2], L[:2])
+    assert np.isnan(losses[2]).all() and meta["steps"] == STEPS
+
+    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L, flags=["", "", ""])
+    with pytest.raises(SplitError, match="unflagged row"):
+        read_trajectories(tmp_path)
+    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L[[0, 1, 1]], steps=[10, 30, 20, 40])
+    with pytest.raises(SplitError, match="increasing step order"):
+        read_trajectories(tmp_path)
+    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L[[0, 1, 1]], meta_steps=[1, 2, 3, 4])
+    with pytest.raises(SplitError, match="meta steps"):
+        read_trajectories(tmp_path)
+
+
+def test_run_writes_outputs_and_difficulty(tmp_path):
+    L, is_hard = two_groups(6, 4)
+    ids = [f"e{i}" for i in range(10)] + ["t0"]
+    L = np.vstack([L, np.full((1, 4), np.nan)])
+    write_store(tmp_path, ids, ["gsm"] * 11, L, flags=[""] * 10 + ["truncated"])
+    levels = ["easy"] * 5 + ["hard"] * 5 + ["hard"]
+    steps = [1, 2, 1, 2, 1, 4, 5, 6, 3, 4, 9]
+    save_examples(str(tmp_path / "data" / "train.jsonl"),
+                  [Example(id=i, prompt=f"q{i}\n", response=f"a{i}", source="gsm",
+                           meta={"level": lv, "steps": st}) for i, lv, st in zip(ids, levels, steps)])
+    s = run(SplitConfig(run_dir=str(tmp_path)))
+
+    df = pq.read_table(tmp_path / "split.parquet").to_pandas()
+    assert list(df["id"]) == ids
+    assert set(df.loc[df["hard"], "id"]) == {"e6", "e7", "e8", "e9"}
+    assert {"id", "source", "cluster", "hard", "feat_loss_step000040"} <= set(df.columns)
+    assert s["n_flagged_excluded"] == 1 and s["flag_counts"] == {"truncated": 1}
+    assert s["n_hard"] == 4 and s["n_easy"] == 6 and s["n_clustered"] == 10
+    assert s["clusters"]["1"]["size"] == 4 and s["clusters"]["1"]["hard"]
+    np.testing.assert_allclose(s["clusters"]["1"]["mean_trajectory"], L[6:10].mean(axis=0))
+    np.testing.assert_allclose(s["clusters"]["0"]["mean_trajectory"], L[:6].mean(axis=0))
+    d = s["difficulty"]
+    assert d["level"]["kind"] == "categorical"
+    assert d["level"]["per_cluster"]["0"] == {"easy": 5, "hard": 1}
+    assert d["level"]["per_cluster"]["1"] == {"hard": 4}
+    assert d["level"]["per_cluster"]["flagged"] == {"hard": 1}
+    assert d["steps"]["kind"] == "numeric"
+    assert math.isclose(d["steps"]["per_cluster"]["0"]["mean"], (1 + 2 + 1 + 2 + 1 + 4) / 6)
+    assert math.isclose(d["steps"]["per_cluster"]["1"]["mean"], (5 + 6 + 3 + 4) / 4)
+    assert json.loads((tmp_path / "split_summary.json").read_text()) == s
+    for png in ("split_trajectories.png", "split_datamap.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "split.config.yaml").exists()
