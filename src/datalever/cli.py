@@ -47,7 +47,7 @@ def _subparser(config_cls, help_text: str) -> ArgumentParser:
 
 
 def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
-    """The full parser; with `only`, import just that command's module (fast start-up for one command)."""
+    """The parser; only the chosen command's module is imported (the others get a help line), so start-up is fast."""
     parser = ArgumentParser(prog="datalever",
                             description="datalever: the training-data distribution as a lever on LLM fine-tuning.")
     top = parser.add_subcommands(dest="command")
@@ -55,7 +55,7 @@ def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
     # Level order: first all top-level names, then the second level (jsonargparse requires it).
     for path, (_, _, _, help_text) in COMMANDS.items():
         if len(path) == 1:
-            sub = _subparser(_load(path)[0], help_text) if only in (None, path) else ArgumentParser(description=help_text)
+            sub = _subparser(_load(path)[0], help_text) if only == path else ArgumentParser(description=help_text)
             top.add_subcommand(path[0], sub, help=help_text)
         elif path[0] not in groups:
             group = ArgumentParser(description=f"`{path[0]}` commands.")
@@ -65,7 +65,7 @@ def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
         subs = group.add_subcommands(dest="command")
         for path, (_, _, _, help_text) in COMMANDS.items():
             if len(path) == 2 and path[0] == name:
-                sub = _subparser(_load(path)[0], help_text) if only in (None, path) else ArgumentParser(description=help_text)
+                sub = _subparser(_load(path)[0], help_text) if only == path else ArgumentParser(description=help_text)
                 subs.add_subcommand(path[1], sub, help=help_text)
     return parser
 
@@ -93,8 +93,20 @@ def _command_path(argv: list[str]) -> tuple[str, ...] | None:
     return None
 
 
+def _quiet_libraries() -> None:
+    """Keep the console for our own progress bars: no per-shard bars or hub chatter from HF libraries."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
     path = _command_path(argv)
     parser = build_parser(only=path)
     ns = parser.parse_args(argv)

@@ -78,13 +78,15 @@ def to_jsonable(obj: Any) -> Any:
 
 def versions() -> dict[str, str]:
     """Versions of Python, the platform and the libraries that decide the numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    # Read from package metadata: importing the libraries just for their versions costs seconds.
     for name in ("datalever", "torch", "transformers", "tokenizers", "accelerate", "peft",
-                 "datasets", "sklearn", "numpy", "pyarrow"):
+                 "datasets", "scikit-learn", "numpy", "pyarrow"):
         try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except ImportError:
+            out[name] = version(name)
+        except PackageNotFoundError:
             pass
     return out
 
