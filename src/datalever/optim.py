@@ -1,0 +1,511 @@
+"""Optimizers for fine-tuning causal LMs: AdamW, Muon (+AdamW), SAM; the LR schedule; one optimizer step.
+
+* ``adamw``: AdamW on every trainable parameter (weight decay on matrices only, not on norms/biases).
+* ``muon``: ``torch.optim.Muon`` on the 2-D hidden weight matrices (attention/MLP projections, LoRA A/B);
+  AdamW on embeddings, the output head (2-D or tied, found via ``get_input/output_embeddings``),
+  every ``nn.Embedding``, norms and biases. Muon uses ``adjust_lr_fn="match_rms_adamw"`` by default,
+  so one learning rate serves both halves.
+* ``sam``: sharpness-aware minimization around a base optimizer (adamw | muon | sgd): gradient g at w,
+  perturb w by rho*g/||g|| (norm over all trainable parameters), gradient g' there, restore w exactly,
+  base step with g'.
+
+Every optimizer sees trainable parameters only. All of them expose ``param_groups`` (each group holds
+its base lr as ``"initial_lr"``; ``set_lr`` scales it), ``step``, ``zero_grad``, ``state_dict`` and
+``load_state_dict`` (Muon momentum buffers, AdamW moments, pass counters), and ``is_sam``.
+
+``optimizer_step`` does one full update over a list of micro-batches: the loss is the token-weighted
+mean over all micro-batches (accumulation equals one big batch), backward without DDP gradient sync on all
+but the last micro-batch (and on all of SAM's first pass), clip, step, zero grads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "OptimConfig",
+    "MultiOptimizer",
+    "SAM",
+    "StepStats",
+    "build_optimizer",
+    "muon_param_split",
+    "lr_factor",
+    "set_lr",
+    "optimizer_step",
+]
+
+NAMES = ("adamw", "muon", "sam")
+SAM_BASES = ("adamw", "muon", "sgd")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: adamw | muon (Muon on hidden matrices, AdamW on the rest) | sam (two passes per step)."""
+    lr: float = 2e-5
+    """Peak learning rate (after warmup) of the AdamW groups, and of Muon unless muon_lr is set."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay, applied to matrices (AdamW and Muon), never to norms or biases."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    muon_lr: float | None = None
+    """Peak learning rate of the Muon group; None = same as lr (muon_adjust_lr matches AdamW's update RMS)."""
+    muon_momentum: float = 0.95
+    """Muon momentum."""
+    muon_nesterov: bool = True
+    """Nesterov momentum in Muon."""
+    muon_adjust_lr: str | None = "match_rms_adamw"
+    """Muon per-matrix lr adjustment: match_rms_adamw (lr * 0.2 * sqrt(max(A, B))) | original (Keller Jordan's) | None."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations in Muon."""
+    sam_rho: float = 0.05
+    """SAM perturbation radius rho (0 = base optimizer at twice the cost)."""
+    sam_base: str = "adamw"
+    """Base optimizer under SAM: adamw | muon | sgd (plain SGD, for closed-form checks)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in NAMES:
+            raise ValueError(f"OptimConfig.name must be one of {NAMES}, got {self.name!r}")
+        if self.sam_base not in SAM_BASES:
+            raise ValueError(f"OptimConfig.sam_base must be one of {SAM_BASES}, got {self.sam_base!r}")
+        if self.muon_adjust_lr not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"OptimConfig.muon_adjust_lr: unknown {self.muon_adjust_lr!r}")
+        if self.sam_rho < 0:
+            raise ValueError("OptimConfig.sam_rho must be >= 0")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+
+# --------------------------------------------------------------------------- parameter split
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / torch.compile wrappers (peft models forward the embedding getters)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _embedding_module(model: nn.Module, getter: str) -> nn.Module | None:
+    fn = getattr(model, getter, None)
+    if fn is None:
+        return None
+    try:
+        mod = fn()
+    except (AttributeError, NotImplementedError):
+        return None
+    return mod if isinstance(mod, nn.Module) else None
+
+
+def _embedding_and_head_param_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of the input embedding, the output head and every nn.Embedding."""
+    inner = _unwrap(model)
+    ids: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        mod = _embedding_module(inner, getter)
+        if mod is not None:
+            ids.update(id(p) for p in mod.parameters())
+    for mod in inner.modules():
+        if isinstance(mod, nn.Embedding):
+            ids.update(id(p) for p in mod.parameters())
+    return ids
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    # named_parameters() deduplicates tied weights; order is the model's own, hence deterministic.
+    return [p for _, p in model.named_parameters() if p.requires_grad]
+
+
+def muon_param_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split the trainable parameters into (muon_params, adamw_params).
+
+    Muon: 2-D matrices that are not part of the input embedding, the output head (tied or not), or any
+    nn.Embedding: the attention/MLP projections of the blocks, and LoRA's lora_A/lora_B.
+    AdamW: everything else (embeddings, head, norms, biases, any non-2-D tensor).
+    """
+    excluded = _embedding_and_head_param_ids(model)
+    muon, adamw = [], []
+    for p in _trainable(model):
+        (muon if p.ndim == 2 and id(p) not in excluded else adamw).append(p)
+    return muon, adamw
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+def _decay_groups(params: list[nn.Parameter], cfg: OptimConfig, label: str) -> list[dict]:
+    """Weight decay on matrices only; norms and biases (ndim < 2) get none."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": cfg.weight_decay, "group": label})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "group": f"{label}_no_decay"})
+    return groups
+
+
+class MultiOptimizer:
+    """Several torch optimizers over disjoint parameters, stepped together (e.g. Muon + AdamW).
+
+    ``param_groups`` lists the groups of all of them (the very dicts, so setting ``lr`` works).
+    Also counts forward/backward passes and steps (saved in ``state_dict``).
+    """
+
+    is_sam = False
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
+        if not optimizers:
+            raise ValueError("MultiOptimizer needs at least one optimizer")
+        self.optimizers = dict(optimizers)
+        for opt in self.optimizers.values():
+            for g in opt.param_groups:
+                g.setdefault("initial_lr", g["lr"])
+        self.n_steps = 0
+        self.n_forwards = 0
+        self.n_backwards = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+
+    @property
+    def defaults(self) -> dict:
+        return {}
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> Any:
+        if closure is not None:
+            raise NotImplementedError("closures are not supported; use optimizer_step")
+        for opt in self.optimizers.values():
+            opt.step()
+        self.n_steps += 1
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def _counters(self) -> dict:
+        return {"n_steps": self.n_steps, "n_forwards": self.n_forwards, "n_backwards": self.n_backwards}
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": "multi",
+            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            "counters": self._counters(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("kind") != "multi":
+            raise ValueError(f"not a MultiOptimizer state dict (kind={state_dict.get('kind')!r})")
+        saved = state_dict["optimizers"]
+        if list(saved) != list(self.optimizers):
+            raise ValueError(f"optimizer mismatch: saved {list(saved)}, have {list(self.optimizers)}")
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(saved[k])
+        for k, v in state_dict["counters"].items():
+            setattr(self, k, int(v))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}: {type(o).__name__}({sum(len(g['params']) for g in o.param_groups)} tensors)"
+                          for k, o in self.optimizers.items())
+        return f"MultiOptimizer({inner})"
+
+
+class SAM:
+    """Sharpness-aware minimization around a base optimizer.
+
+    Use: gradients g at w -> ``perturb()`` (w += rho * g / ||g||, norm over all parameters of the base
+    optimizer, which are the trainable ones) -> zero grads -> gradients g' at the perturbed point ->
+    ``restore()`` (w copied back exactly) -> ``step()`` (base step with g'). ``optimizer_step`` does this.
+    Under DDP the first pass runs without gradient sync, so each rank perturbs with its local gradient.
+    """
+
+    is_sam = True
+
+    def __init__(self, base: MultiOptimizer, rho: float = 0.05):
+        if rho < 0:
+            raise ValueError("rho must be >= 0")
+        self.base = base
+        self.rho = float(rho)
+        self._backup: list[tuple[nn.Parameter, torch.Tensor]] | None = None
+
+    # counters live on the base so that one state dict holds them
+    n_steps = property(lambda self: self.base.n_steps, lambda self, v: setattr(self.base, "n_steps", v))
+    n_forwards = property(lambda self: self.base.n_forwards, lambda self, v: setattr(self.base, "n_forwards", v))
+    n_backwards = property(lambda self: self.base.n_backwards, lambda self, v: setattr(self.base, "n_backwards", v))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.base.param_groups
+
+    @property
+    def state(self) -> dict:
+        return self.base.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.base.defaults
+
+    def params(self) -> list[nn.Parameter]:
+        return self.base.params()
+
+    @torch.no_grad()
+    def perturb(self) -> float:
+        """w += rho * g / ||g|| using the current .grad; returns ||g||."""
+        if self._backup is not None:
+            raise RuntimeError("SAM.perturb called twice without restore")
+        ps = [p for p in self.params() if p.grad is not None]
+        if not ps:
+            self._backup = []
+            return 0.0
+        dev = ps[0].grad.device
+        acc = torch.float64 if any(p.grad.dtype == torch.float64 for p in ps) else torch.float32
+        norm = torch.linalg.vector_norm(torch.stack([
+            torch.linalg.vector_norm(p.grad.detach(), dtype=acc).to(dev) for p in ps]))
+        self._backup = [(p, p.detach().clone()) for p in ps]
+        if self.rho > 0:
+            scale = self.rho / norm.clamp_min(1e-12)
+            for p in ps:
+                p.add_(p.grad * scale.to(device=p.device, dtype=p.dtype))
+        return float(norm)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the unperturbed weights back (exact, not a subtraction)."""
+        if self._backup is None:
+            raise RuntimeError("SAM.restore called without perturb")
+        for p, w in self._backup:
+            p.copy_(w)
+        self._backup = None
+
+    def step(self, closure: Callable | None = None) -> Any:
+        if self._backup is not None:
+            raise RuntimeError("SAM.step called while perturbed; call restore() first")
+        return self.base.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"kind": "sam", "rho": self.rho, "base": self.base.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("kind") != "sam":
+            raise ValueError(f"not a SAM state dict (kind={state_dict.get('kind')!r})")
+        self.base.load_state_dict(state_dict["base"])
+        self.rho = float(state_dict["rho"])
+
+    def __repr__(self) -> str:
+        return f"SAM(rho={self.rho}, base={self.base!r})"
+
+
+def _build_base(model: nn.Module, cfg: OptimConfig, name: str) -> MultiOptimizer:
+    if name == "adamw":
+        params = _trainable(model)
+        if not params:
+            raise ValueError("model has no trainable parameters")
+        return MultiOptimizer({"adamw": torch.optim.AdamW(
+            _decay_groups(params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)})
+    if name == "sgd":
+        params = _trainable(model)
+        if not params:
+            raise ValueError("model has no trainable parameters")
+        return MultiOptimizer({"sgd": torch.optim.SGD(_decay_groups(params, cfg, "sgd"), lr=cfg.lr)})
+    if name == "muon":
+        muon_params, adamw_params = muon_param_split(model)
+        if not muon_params and not adamw_params:
+            raise ValueError("model has no trainable parameters")
+        opts: dict[str, torch.optim.Optimizer] = {}
+        if muon_params:
+            opts["muon"] = torch.optim.Muon(
+                [{"params": muon_params, "group": "muon"}],
+                lr=cfg.lr if cfg.muon_lr is None else cfg.muon_lr,
+                weight_decay=cfg.weight_decay,
+                momentum=cfg.muon_momentum,
+                nesterov=cfg.muon_nesterov,
+                ns_steps=cfg.muon_ns_steps,
+                adjust_lr_fn=cfg.muon_adjust_lr,
+            )
+        if adamw_params:
+            opts["adamw"] = torch.optim.AdamW(
+                _decay_groups(adamw_params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        return MultiOptimizer(opts)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MultiOptimizer | SAM:
+    """The optimizer named by ``cfg.name`` over the trainable parameters of ``model``.
+
+    Build it on the model after ``accelerator.prepare(model)`` (DDP wrappers are unwrapped for the split)
+    or before; the parameter objects are the same. There is no need to ``prepare`` the optimizer itself.
+    """
+    if cfg.name == "sam":
+        return SAM(_build_base(model, cfg, cfg.sam_base), rho=cfg.sam_rho)
+    return _build_base(model, cfg, cfg.name)
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Cosine schedule with linear warmup, as a factor of the peak lr, for the update with index ``step``.
+
+    step < warmup: step / warmup (0 at step 0); then min_ratio + (1 - min_ratio) * (1 + cos(pi * t)) / 2
+    with t = (step - warmup) / (total - warmup), reaching min_ratio at step == total_steps (and beyond).
+    Same values as transformers' get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=min_ratio).
+    """
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError("min_ratio must be in [0, 1]")
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_lr(opt: Any, factor: float) -> None:
+    """Set every param group's lr to its base lr ("initial_lr", stored on first use) times ``factor``."""
+    for g in opt.param_groups:
+        if "initial_lr" not in g:
+            g["initial_lr"] = g["lr"]
+        g["lr"] = g["initial_lr"] * factor
+
+
+# --------------------------------------------------------------------------- one optimizer step
+
+
+@dataclass
+class StepStats:
+    loss: float
+    """Token-weighted mean loss over the micro-batches at the current weights (SAM: the first pass)."""
+    n_tokens: int
+    """Tokens in the step (this rank)."""
+    forwards: int
+    """Forward passes (micro-batches) run in this step; SAM runs twice as many."""
+    backwards: int
+    """Backward passes run in this step."""
+    grad_norm: float
+    """Norm of the gradient used for the step, before clipping (SAM: at the perturbed point)."""
+    sam_loss: float | None = None
+    """SAM only: mean loss at the perturbed weights."""
+
+
+def _inner(opt: Any) -> Any:
+    """Our optimizer, also when wrapped by accelerate's AcceleratedOptimizer."""
+    while not hasattr(opt, "is_sam") and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _no_sync(model: nn.Module, accelerator: Any):
+    if accelerator is not None:
+        return accelerator.no_sync(model)
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if callable(no_sync) else contextlib.nullcontext()
+
+
+def _grad_pass(model: nn.Module, micro_batches: Sequence, loss_fn: Callable, params: list[nn.Parameter],
+               accelerator: Any, sync: bool) -> tuple[float, int]:
+    """Forward+backward over all micro-batches, leaving d(sum of token losses / total tokens)/dw in .grad.
+
+    The total token count is known only after the last forward, so the earlier micro-batches are
+    back-propagated unnormalized and their accumulated gradients are rescaled in place before the last
+    backward. Under DDP that last backward is the one that syncs: each rank contributes its gradient
+    normalized by its own token count, and all ranks end with the same averaged gradient.
+    """
+    total_loss = None
+    total_n = 0
+    last = len(micro_batches) - 1
+    for i, mb in enumerate(micro_batches):
+        ctx = contextlib.nullcontext() if (sync and i == last) else _no_sync(model, accelerator)
+        with ctx:
+            loss_sum, n = loss_fn(model, mb)
+            total_n += int(n)
+            total_loss = loss_sum.detach().double() if total_loss is None else total_loss + loss_sum.detach().double()
+            if i == last:
+                inv = 1.0 / max(total_n, 1)
+                if last > 0:
+                    with torch.no_grad():
+                        for p in params:
+                            if p.grad is not None:
+                                p.grad.mul_(inv)
+                loss = loss_sum * inv
+            else:
+                loss = loss_sum
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+    mean = float(total_loss) / total_n if total_n > 0 else float("nan")
+    return mean, total_n
+
+
+def _set_grads_none(params: Iterable[nn.Parameter]) -> None:
+    for p in params:
+        p.grad = None
+
+
+def optimizer_step(model: nn.Module, opt: Any, micro_batches: list, loss_fn: Callable, *,
+                   accelerator: Any = None, max_grad_norm: float | None = 1.0) -> StepStats:
+    """One update from ``micro_batches``; ``loss_fn(model, mb) -> (sum of token losses, n_tokens)``.
+
+    The loss is normalized by the total token count of all micro-batches (this rank's), so accumulation
+    equals one big batch. All but the last backward run under no_sync (DDP); SAM's whole first pass does.
+    The gradient is clipped to ``max_grad_norm`` (None: no clipping, the norm is still reported), the
+    optimizer steps, and the gradients are set to None.
+    """
+    if not micro_batches:
+        raise ValueError("optimizer_step needs at least one micro-batch")
+    if accelerator is not None:
+        if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
+            raise ValueError("optimizer_step accumulates itself: create the Accelerator with gradient_accumulation_steps=1")
+        if getattr(accelerator, "scaler", None) is not None:
+            raise ValueError("fp16 loss scaling (GradScaler) is not supported; use bf16 or fp32")
+    inner = _inner(opt)
+    params = [p for p in model.parameters() if p.requires_grad]
+    k = len(micro_batches)
+    _set_grads_none(params)
+
+    sam_loss = None
+    if inner.is_sam:
+        loss, n_tokens = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=False)
+        inner.perturb()
+        _set_grads_none(params)
+        try:
+            sam_loss, _ = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=True)
+        finally:
+            inner.restore()
+        forwards = backwards = 2 * k
+    else:
+        loss, n_tokens = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=True)
+        forwards = backwards = k
+
+    clip = float("inf") if max_grad_norm is None else float(max_grad_norm)
+    if accelerator is not None:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    inner.step()
+    _set_grads_none(params)
+    inner.n_forwards += forwards
+    inner.n_backwards += backwards
+    return StepStats(loss=loss, n_tokens=n_tokens, forwards=forwards, backwards=backwards,
+                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), sam_loss=sam_loss)
