@@ -6,12 +6,21 @@ many times per epoch as its multiplicity, reshuffled each epoch), splits them ov
 micro-batches, and calls `optim.optimizer_step`. The stream position, optimizer state, RNG and
 weights are checkpointed together, so a killed run resumes where it stopped and ends where an
 uninterrupted run ends.
+
+Launch: `python -m datalever train ...` (one process: CPU or one GPU), `torchrun --nproc_per_node N
+-m datalever train ...` (DDP; on a machine without GPUs the processes talk over gloo), or
+`accelerate launch --config_file fsdp.yaml -m datalever train ...` (FSDP: training and the final
+save; resuming under FSDP is not supported yet). With N processes each step's batch is split evenly
+(batch_size must be a multiple of N) and the loss is weighted so that the gradient equals the one a
+single process computes on the whole batch (SAM excepted: each process perturbs with its own gradient).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,7 +49,7 @@ class LoraConfig:
     dropout: float = 0.05
     """Dropout on the LoRA input."""
     target_modules: list[str] | None = None
-    """Module names to adapt, e.g. [q_proj, v_proj]; None picks peft's default for the architecture."""
+    """Module names to adapt, e.g. [q_proj, v_proj], or [all-linear]; None picks peft's default for the architecture."""
 
 
 @dataclass
@@ -88,7 +97,9 @@ class TrainConfig:
     keep_checkpoints: int = 1
     """How many resumable checkpoints to keep."""
     mixed_precision: str = "auto"
-    """no | bf16 | auto (bf16 on a GPU that supports it, else float32)."""
+    """no | bf16 | auto (bf16 autocast on a GPU that supports it, else float32)."""
+    dtype: str = "float32"
+    """Dtype of the trained weights: float32 (master weights; autocast does the bf16 math) | bfloat16 | auto (the checkpoint's)."""
     log_with: list[str] | None = None
     """Accelerate trackers, e.g. [tensorboard] or [wandb]; the JSONL log is always written."""
     progress: bool = True
@@ -118,12 +129,13 @@ class ExampleStream:
     def __init__(self, multiplicities: Sequence[int], seed: int):
         self.sampler = MultiplicitySampler(list(multiplicities), seed=seed)
         self.epoch_len = sum(multiplicities)
+        if self.epoch_len <= 0:
+            raise ValueError("every multiplicity is 0: an epoch would draw no example")
         self._cache: tuple[int, list[int]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
         if self._cache is None or self._cache[0] != epoch:
-            self.sampler.set_epoch(epoch)
-            self._cache = (epoch, list(self.sampler))
+            self._cache = (epoch, self.sampler.epoch_indices(epoch))
         return self._cache[1]
 
     def take(self, position: int, n: int) -> list[int]:
@@ -151,6 +163,11 @@ def total_steps(cfg: TrainConfig, epoch_len: int) -> int:
     return max(1, math.ceil(cfg.epochs * epoch_len / cfg.batch_size))
 
 
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    """Warmup length: ceil(warmup_ratio * steps), as transformers' TrainingArguments counts it."""
+    return math.ceil(cfg.warmup_ratio * steps)
+
+
 def micro_batches(encoded: Sequence[Encoded], size: int, pad_id: int, device) -> list[dict]:
     # Sorting by length inside a step changes nothing in the gradient (it is a sum) but pads less.
     rows = sorted(encoded, key=lambda e: len(e.input_ids))
@@ -163,49 +180,130 @@ def response_loss_fn(model, batch) -> tuple[torch.Tensor, int]:
     return sums.sum(), int(counts.sum())
 
 
+def scaled_loss_fn(scale: float) -> Callable:
+    """`response_loss_fn` with the loss sum multiplied by `scale` (1: unchanged, bit for bit)."""
+    if scale == 1.0:
+        return response_loss_fn
+
+    def fn(model, batch):
+        sums, counts = model(**batch)
+        return sums.sum() * scale, int(counts.sum())
+    return fn
+
+
 # ----------------------------------------------------------------------------- model set-up
 
 
 def apply_lora(model, lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+    targets = lora.target_modules
+    if targets is not None and list(targets) == ["all-linear"]:
+        targets = "all-linear"  # peft's shorthand: every linear layer but the output head
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=lora.target_modules, task_type="CAUSAL_LM")
+                              target_modules=targets, task_type="CAUSAL_LM")
     return get_peft_model(model, peft_cfg)
 
 
+def _no_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return False
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return False
+    try:
+        from accelerate.utils import is_mlu_available, is_npu_available
+        return not (is_npu_available() or is_mlu_available())
+    except ImportError:
+        return True
+
+
 def make_accelerator(cfg: TrainConfig, project_dir: str):
+    """An Accelerator set up from the environment (torchrun / accelerate launch / plain python).
+
+    Accelerate only treats a torchrun launch as multi-process CPU (gloo) when asked with `cpu=True`;
+    without it, N processes on a machine without GPUs each train alone. So `cpu=True` is passed
+    exactly when several processes were launched and there is no accelerator device.
+    """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(mixed_precision=mp, log_with=cfg.log_with, project_dir=project_dir)
-    set_seed(cfg.seed)
-    return acc
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and _no_accelerator_device()
+    return Accelerator(mixed_precision=mp, log_with=cfg.log_with, project_dir=project_dir, cpu=cpu)
+
+
+def _load_dtype(cfg: TrainConfig):
+    # transformers >= 5 loads a checkpoint in its stored dtype by default: a bf16 checkpoint would be
+    # trained in pure bf16. Training keeps float32 master weights unless asked otherwise.
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[cfg.dtype]
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# Settings that decide the trajectory: a checkpoint made with other values is not resumed.
+_RESUME_KEYS = ("model", "data", "manifest", "epochs", "max_steps", "batch_size", "max_length",
+                "optim", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "lora", "seed", "dtype")
 
-def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: int, compute: Compute) -> None:
-    """Weights (safetensors), optimizer state, RNG and stream position; written to a temp dir, then renamed."""
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    inner = accelerator.unwrap_model(model).model
-    inner.save_pretrained(tmp / "model", safe_serialization=True)
-    state = {"step": step, "position": position, "optimizer": opt.state_dict(),
-             "torch_rng": torch.get_rng_state(), "compute": compute.__dict__}
+
+def _resume_identity(cfg: TrainConfig) -> str:
+    full = rundir.to_jsonable(cfg)
+    return json.dumps({k: full[k] for k in _RESUME_KEYS}, sort_keys=True)
+
+
+def _rng_state() -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: int, compute: Compute,
+                    identity: str = "", keep: int = 1, tokenizer=None) -> None:
+    """Weights (safetensors), optimizer state, stream position; RNG per process; written to a temp dir, then renamed.
+
+    Every process must call this: the weights are gathered with `accelerator.get_state_dict` (a collective
+    under FSDP) and each process writes its own RNG state (a shared file system is assumed).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    state_dict = _strip_prefix(accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        inner = accelerator.unwrap_model(model).model
+        inner.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "model")  # so a full fine-tune's checkpoint loads as it is
+        state = {"step": step, "position": position, "optimizer": opt.state_dict(), "compute": dict(compute.__dict__),
+                 "identity": identity, "world_size": accelerator.num_processes}
+        torch.save(state, tmp / "trainer_state.pt")
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        prune_checkpoints(path.parent, keep)
     accelerator.wait_for_everyone()
 
 
@@ -214,21 +312,35 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def load_checkpoint(path: Path, model, opt) -> tuple[int, int, Compute]:
+def load_checkpoint(path: Path, model, opt, rank: int = 0, identity: str | None = None) -> tuple[int, int, Compute]:
+    """Restore weights, optimizer, RNG (this process's), and return (step, stream position, compute)."""
     from safetensors.torch import load_file
 
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    if identity is not None and state.get("identity") and state["identity"] != identity:
+        raise RuntimeError(f"{path} was saved by a run with other settings; use a new output directory "
+                           f"(saved: {state['identity']}; now: {identity})")
     inner = model.model
     weights_file = path / "model" / "model.safetensors"
     if weights_file.exists():
-        inner.load_state_dict(load_file(weights_file), strict=False)
+        result = inner.load_state_dict(load_file(weights_file), strict=False)
+        # save_pretrained leaves out tied copies (e.g. the output head of a tied model): those may be missing.
+        tied = set(getattr(inner, "all_tied_weights_keys", None) or getattr(inner, "_tied_weights_keys", None) or ())
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"{weights_file} does not match the model: missing {missing[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}")
     else:  # a peft adapter directory
         from peft import set_peft_model_state_dict
-        set_peft_model_state_dict(inner, load_file(path / "model" / "adapter_model.safetensors"))
-    state = torch.load(path / "trainer_state.pt", weights_only=True)
+        result = set_peft_model_state_dict(inner, load_file(path / "model" / "adapter_model.safetensors"))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{path}: adapter weights do not match the model: {result.unexpected_keys[:5]}")
     opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    rng_file = path / f"rng-{rank}.pt"
+    if not rng_file.exists():
+        rng_file = path / "rng-0.pt"
+    if rng_file.exists():
+        _set_rng_state(torch.load(rng_file, weights_only=True))
     return state["step"], state["position"], Compute(**state["compute"])
 
 
@@ -239,34 +351,74 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log lines of steps after `step` (written before a kill, redone after the resume)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rundir.atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
-def validation_loss(model, val_encoded, pad_id, accelerator) -> float | None:
-    if not val_encoded:
+@torch.no_grad()
+def validation_loss(model, val_encoded: Sequence[Encoded], pad_id: int, accelerator, batch_size: int = 8) -> float | None:
+    """Token-weighted mean response loss over the validation examples, through the prepared model.
+
+    Each process scores every world_size-th example; all processes run the same number of forward
+    passes (a short one pads with a repeated batch whose result is dropped), as DDP and FSDP need.
+    """
+    scorable = [e for e in val_encoded if not e.fully_truncated]
+    if not scorable:
         return None
-    scores = score_encoded(accelerator.unwrap_model(model), val_encoded, pad_id=pad_id, accelerator=accelerator)
-    total = sum(s.loss * s.n_tokens for s in scores.values() if not s.flag)
-    count = sum(s.n_tokens for s in scores.values() if not s.flag)
-    return total / count if count else None
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = scorable[rank::world]
+    n_batches = math.ceil(math.ceil(len(scorable) / world) / batch_size)
+    batches = micro_batches(mine, batch_size, pad_id, accelerator.device) if mine else []
+    filler = micro_batches(scorable[:1], 1, pad_id, accelerator.device)[0]
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    was_training = model.training
+    model.eval()
+    for i in range(n_batches):
+        sums, counts = model(**(batches[i] if i < len(batches) else filler))
+        if i < len(batches):
+            total += torch.stack([sums.sum().double(), counts.sum().double()])
+    model.train(was_training)
+    if world > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1]) if total[1] > 0 else None
 
 
 def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set[int] | None = None) -> dict:
     """Train, checkpoint, resume if a checkpoint exists; returns the summary (also written to out).
 
-    `on_step(step, record, model, accelerator)` runs after every optimizer step (the profile stage
-    records losses there); `checkpoint_steps` adds steps at which a resumable checkpoint is saved.
+    `on_step(step, record, model, accelerator)` runs after every optimizer step, before that step's
+    checkpoint (the profile stage records losses there); `checkpoint_steps` adds steps at which a
+    resumable checkpoint is saved.
     """
+    from accelerate.utils import set_seed
+
     out = Path(cfg.out)
     if (out / "train_summary.json").exists():
         return rundir.read_json(out / "train_summary.json")  # finished before: nothing to do
     accelerator = make_accelerator(cfg, str(out))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
+    if accelerator.is_main_process:
+        model_path = resolve_model(cfg.model, cfg.models_dir or out.parent / "models", seed=cfg.seed)
+    accelerator.wait_for_everyone()  # a preset is built once, by the main process
     model_path = resolve_model(cfg.model, cfg.models_dir or out.parent / "models", seed=cfg.seed)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    hf_model = load_model(model_path, trust_remote_code=cfg.trust_remote_code)
+    hf_model = load_model(model_path, dtype=_load_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    # Seeded after loading, so the LoRA init and dropout do not depend on whether a preset was just built.
+    set_seed(cfg.seed)
     if cfg.lora.enabled:
         hf_model = apply_lora(hf_model, cfg.lora)
+    hf_model.train()  # from_pretrained returns a model in eval mode (dropout off)
     n_params = count_parameters(hf_model)
+    trainable = count_parameters(hf_model, trainable_only=True)
     model = accelerator.prepare(ResponseLoss(hf_model))
     opt = build_optimizer(accelerator.unwrap_model(model).model, cfg.optim)
 
@@ -276,21 +428,25 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
                    if cfg.val_data else [])
     stream = ExampleStream(mult, seed=cfg.seed)
     steps = total_steps(cfg, stream.epoch_len)
-    warmup = int(cfg.warmup_ratio * steps)
+    warmup = warmup_steps(cfg, steps)
+    identity = _resume_identity(cfg)
 
     step, position, compute = 0, 0, Compute()
     ckpt_dir = out / "checkpoints"
+    log_path = out / "train_log.jsonl"
     last = latest_checkpoint(ckpt_dir)
     if last is not None:
-        step, position, compute = load_checkpoint(last, accelerator.unwrap_model(model), opt)
+        if accelerator.distributed_type.value == "FSDP":
+            raise NotImplementedError("resuming under FSDP is not supported yet (weights are loaded unsharded)")
+        step, position, compute = load_checkpoint(last, accelerator.unwrap_model(model), opt, rank, identity)
         accelerator.print(f"resuming from {last} (step {step})")
     if accelerator.is_main_process:
+        _truncate_log(log_path, step)  # lines after the checkpoint are redone
         rundir.record_provenance(out, "train", cfg, data_fingerprint=rundir.fingerprint(examples),
-                                 model_path=model_path, n_params=n_params, total_steps=steps)
-    accelerator.init_trackers("datalever", config={"lr": cfg.optim.lr, "optimizer": cfg.optim.name})
-    log_path = out / "train_log.jsonl"
-    rank, world = accelerator.process_index, accelerator.num_processes
-    trainable = count_parameters(hf_model, trainable_only=True)
+                                 model_path=model_path, n_params=n_params, total_steps=steps, world_size=world)
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers("datalever", config={"lr": cfg.optim.lr, "optimizer": cfg.optim.name,
+                                                   "batch_size": cfg.batch_size, "lora": cfg.lora.enabled})
 
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=step, desc=f"train {cfg.optim.name}",
@@ -302,12 +458,25 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
         position += cfg.batch_size
         set_lr(opt, lr_factor(step, steps, warmup, cfg.min_lr_ratio))
         mine = [encoded[i] for i in idx[rank::world]]
+        # Every process knows the whole batch, hence the global response-token count: scaling this process's
+        # loss sum by world * n_mine / n_all makes DDP's gradient mean equal the token-weighted mean of the
+        # whole batch, i.e. exactly what one process computes with the same batch.
+        n_resp = [max(encoded[i].n_response, 0) for i in idx]
+        n_all, n_mine = sum(n_resp), sum(n_resp[rank::world])
+        scale = world * n_mine / n_all if world > 1 and n_all > 0 else 1.0
         batches = micro_batches(mine, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device)
-        stats = optimizer_step(model, opt, batches, response_loss_fn, accelerator=accelerator,
+        stats = optimizer_step(model, opt, batches, scaled_loss_fn(scale), accelerator=accelerator,
                                max_grad_norm=cfg.max_grad_norm)
+        loss, sam_loss = stats.loss, stats.sam_loss
+        if world > 1:  # stats are this process's loss * world * n_mine / n_all: their mean is the batch loss
+            both = torch.tensor([loss, sam_loss if sam_loss is not None else 0.0], dtype=torch.float64,
+                                device=accelerator.device)
+            both = accelerator.reduce(both, reduction="mean")
+            loss = float(both[0])
+            sam_loss = float(both[1]) if sam_loss is not None else None
         step += 1
-        n_tok = sum(len(e.input_ids) for e in mine) * world
-        passes_tok = n_tok * stats.forwards // max(len(batches), 1)
+        n_tok = sum(len(encoded[i].input_ids) for i in idx)  # all processes, padding excluded
+        passes_tok = n_tok * stats.forwards // len(batches)  # SAM: two passes over each token
         compute.optimizer_steps = step
         compute.forwards += stats.forwards * world
         compute.backwards += stats.backwards * world
@@ -315,47 +484,60 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
         # Backward through frozen weights still costs activation gradients: ~2*params, plus 2*trainable for weight grads.
         compute.flops += 2 * n_params * passes_tok + (2 * n_params + 2 * trainable) * passes_tok
         compute.wall_s = time.perf_counter() - start
-        record = {"step": step, "loss": stats.loss, "lr": opt.param_groups[0]["lr"], "grad_norm": stats.grad_norm,
-                  "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9), **{f"compute_{k}": v for k, v in compute.__dict__.items()}}
+        record = {"step": step, "epoch": position / stream.epoch_len, "loss": loss, "lr": opt.param_groups[0]["lr"],
+                  "grad_norm": stats.grad_norm, "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9),
+                  **{f"compute_{k}": v for k, v in compute.__dict__.items()}}
+        if sam_loss is not None:
+            record["sam_loss"] = sam_loss
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-            record["val_loss"] = validation_loss(model, val_encoded, tokenizer.pad_token_id, accelerator)
+            record["val_loss"] = validation_loss(model, val_encoded, tokenizer.pad_token_id, accelerator,
+                                                 cfg.micro_batch_size)
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=step)
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
         bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if on_step is not None:
             on_step(step, record, model, accelerator)
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps or step in (checkpoint_steps or ()):
-            save_checkpoint(ckpt_dir / f"step-{step}", accelerator, model, opt, step, position, compute)
-            prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            save_checkpoint(ckpt_dir / f"step-{step}", accelerator, model, opt, step, position, compute,
+                            identity, cfg.keep_checkpoints, tokenizer)
     bar.close()
-    accelerator.end_training()
-    return finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult)
+    summary = finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult)
+    # Not accelerator.end_training(): it also destroys the process group, which a caller running several
+    # stages in one torchrun (profile, then every arm) still needs.
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    return summary
 
 
 def finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult) -> dict:
     """Save the final model as a plain HF directory (LoRA merged) and the summary, written last."""
     out = Path(cfg.out)
-    last_val = None
+    last_val = last_loss = None
     log_path = out / "train_log.jsonl"
     if log_path.exists():
         for line in log_path.read_text().splitlines():
             rec = json.loads(line)
             last_val = rec.get("val_loss", last_val)
+            last_loss = rec.get("loss", last_loss)
     summary = {"steps": steps, "n_params": n_params, "trainable_params": trainable, "examples": len(examples),
-               "epoch_len": sum(mult), "compute": compute.__dict__, "final_val_loss": last_val,
-               "optimizer": cfg.optim.name, "lora": cfg.lora.enabled, "world_size": accelerator.num_processes}
+               "epoch_len": sum(mult), "compute": compute.__dict__, "final_train_loss": last_loss,
+               "final_val_loss": last_val, "optimizer": cfg.optim.name, "lora": cfg.lora.enabled,
+               "world_size": accelerator.num_processes}
+    state_dict = _strip_prefix(accelerator.get_state_dict(model))  # all processes (a collective under FSDP)
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).model
         final = out / "model"
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.lora.enabled:
-            inner.save_pretrained(out / "adapter", safe_serialization=True)
+            inner.save_pretrained(out / "adapter", state_dict=state_dict, safe_serialization=True)
             inner = inner.merge_and_unload()
-        inner.save_pretrained(tmp, safe_serialization=True)
+            inner.save_pretrained(tmp, safe_serialization=True)
+        else:
+            inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -1,0 +1,35 @@
+"""Run `datalever.train.run` from a JSON config; started by tests with torchrun (one copy per process).
+
+    torchrun --nproc_per_node 2 tests/multiproc/train_run.py CONFIG.json
+
+The config holds TrainConfig fields; `optim` and `lora` are nested dicts. Each process writes
+`CONFIG.json.rank<R>.json` = {"rank", "world_size", "summary"} at the end (a file, not stdout: the
+processes share one stdout and their lines may interleave).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+
+def main(path: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from datalever.optim import OptimConfig
+    from datalever.train import LoraConfig, TrainConfig, run
+
+    values = json.loads(open(path).read())
+    values["optim"] = OptimConfig(**values.get("optim", {}))
+    values["lora"] = LoraConfig(**values.get("lora", {}))
+    summary = run(TrainConfig(**values))
+    rank = int(os.environ.get("RANK", "0"))
+    with open(f"{path}.rank{rank}.json", "w") as f:
+        json.dump({"rank": rank, "world_size": summary["world_size"], "summary": summary}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,308 @@
+"""`datalever train` end to end on a tiny preset: optimizers, LoRA, kill-and-resume, logs, manifests, DDP.
+
+Every check uses its own reference: the training loss is measured with the loss engine
+(`score_examples`) on the saved models, not read from the run's log; resumed weights are compared
+with an uninterrupted run's weights bit for bit; the learning rates with values computed by hand.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from datalever import synth, train
+from datalever.examples import load_examples
+from datalever.losses import score_examples
+from datalever.models import load_model, load_tokenizer
+from datalever.optim import OptimConfig
+from datalever.train import LoraConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth.write_splits(str(tmp_path_factory.mktemp("data")), n_train=64, n_val=16, n_test=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("models"))  # presets are built once here and shared by all runs
+
+
+def config(data, models_dir, out, **kw) -> TrainConfig:
+    base = dict(model="preset:tiny", data=data["train"], val_data=data["validation"], out=str(out),
+                models_dir=models_dir, max_steps=8, batch_size=8, micro_batch_size=4, warmup_ratio=0.0,
+                optim=OptimConfig(name="adamw", lr=3e-3), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def mean_loss(model_dir: str, examples) -> float:
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    scores = score_examples(model, tok, examples, max_length=512)
+    return sum(s.loss for s in scores.values()) / len(scores)
+
+
+def read_log(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+
+
+def weights(model_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "sam"])
+def test_each_optimizer_lowers_training_loss(data, models_dir, tmp_path, name):
+    cfg = config(data, models_dir, tmp_path / name, optim=OptimConfig(name=name, lr=3e-3, sam_rho=0.05))
+    summary = train.run(cfg)
+    examples = load_examples(data["train"])
+    before = mean_loss(str(Path(models_dir) / "tiny-seed0"), examples)
+    after = mean_loss(str(tmp_path / name / "model"), examples)
+    assert before > math.log(512) - 0.5  # an untrained model: near uniform over the vocabulary
+    assert after < before - 0.3, (name, before, after)
+    assert (tmp_path / name / "train_summary.json").exists()
+    passes = 2 if name == "sam" else 1
+    assert summary["compute"]["forwards"] == summary["compute"]["backwards"] == 8 * 2 * passes  # 2 micro-batches
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def test_lora_changes_only_adapters_and_final_model_is_merged(data, models_dir, tmp_path):
+    out = tmp_path / "lora"
+    cfg = config(data, models_dir, out, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.05,
+                                                         target_modules=["q_proj", "v_proj"]))
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(step, record, model, accelerator):  # the PEFT model before merging, after the last step
+        if step == cfg.max_steps:
+            seen.update({k: v.detach().clone() for k, v in accelerator.unwrap_model(model).model.state_dict().items()})
+
+    summary = train.run(cfg, on_step=grab)
+    initial = weights(Path(models_dir) / "tiny-seed0")
+    assert summary["trainable_params"] < summary["n_params"] / 5
+
+    base = {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
+            for k, v in seen.items() if "lora_" not in k}
+    assert set(base) == set(initial)
+    for k, v in initial.items():
+        assert torch.equal(base[k], v), f"base weight {k} changed under LoRA"
+    lora_b = [v for k, v in seen.items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 2 and all(v.abs().max() > 0 for v in lora_b)  # 2 layers x (q, v); B starts at 0
+
+    final = weights(out / "model")
+    assert set(final) == set(initial)  # a plain HF model: no adapter keys left
+    for k, v in initial.items():
+        if ".q_proj." in k or ".v_proj." in k:
+            assert not torch.equal(final[k], v), f"{k}: the merged adapter should change it"
+        else:
+            assert torch.equal(final[k], v), f"{k} is not adapted and must be unchanged"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- kill and resume
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name,lora", [("adamw", False), ("sam", False), ("muon", False), ("adamw", True)])
+def test_kill_and_resume_ends_with_the_same_weights(data, models_dir, tmp_path, name, lora):
+    """Checkpoints every 2 steps; killed at step 5 (after step 4's checkpoint), resumed, compared exactly.
+
+    The LoRA case has dropout on the adapters, so it also checks that the RNG state is restored.
+    """
+    kw = dict(max_steps=6, save_every=2, optim=OptimConfig(name=name, lr=3e-3),
+              lora=LoraConfig(enabled=lora, dropout=0.1))
+    ref = config(data, models_dir, tmp_path / "ref", **kw)
+    train.run(ref)
+
+    cfg = config(data, models_dir, tmp_path / "killed", **kw)
+
+    def kill(step, *_):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.run(cfg, on_step=kill)
+    assert not (tmp_path / "killed" / "train_summary.json").exists()
+    assert [r["step"] for r in read_log(cfg.out)] == [1, 2, 3, 4, 5]
+
+    resumed_steps = []
+    train.run(cfg, on_step=lambda step, *_: resumed_steps.append(step))
+    assert resumed_steps == [5, 6]  # resumed from step 4, not restarted
+
+    a, b = weights(tmp_path / "ref" / "model"), weights(tmp_path / "killed" / "model")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ref_log, log = read_log(ref.out), read_log(cfg.out)
+    assert [r["step"] for r in log] == list(range(1, 7))  # the lines written after the checkpoint are redone once
+    assert [r["loss"] for r in log] == [r["loss"] for r in ref_log]
+    assert log[-1]["compute_forwards"] == ref_log[-1]["compute_forwards"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(data, models_dir, tmp_path):
+    cfg = config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2)
+
+    def kill(step, *_):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.run(cfg, on_step=kill)
+    with pytest.raises(RuntimeError, match="other settings"):
+        train.run(config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2,
+                         optim=OptimConfig(name="adamw", lr=1e-3)))
+
+
+# ----------------------------------------------------------------------------- logs and schedule
+
+
+def test_log_has_loss_lr_throughput_compute_and_follows_warmup_cosine(data, models_dir, tmp_path):
+    cfg = config(data, models_dir, tmp_path / "log", max_steps=10, warmup_ratio=0.2,
+                 optim=OptimConfig(name="adamw", lr=1e-3), eval_every=5)
+    train.run(cfg)
+    log = read_log(cfg.out)
+    assert [r["step"] for r in log] == list(range(1, 11))
+    for r in log:
+        for key in ("loss", "lr", "tokens_per_s", "grad_norm", "compute_optimizer_steps", "compute_forwards",
+                    "compute_backwards", "compute_tokens", "compute_flops", "compute_wall_s"):
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (r["step"], key)
+        assert r["tokens_per_s"] > 0 and r["compute_optimizer_steps"] == r["step"]
+        assert r["compute_forwards"] == 2 * r["step"]  # 8 examples in micro-batches of 4
+    assert all(b["compute_flops"] > a["compute_flops"] for a, b in zip(log, log[1:]))
+    assert [("val_loss" in r) for r in log] == [s in (5, 10) for s in range(1, 11)]
+    # Warmup = ceil(0.2 * 10) = 2 updates (lr 0, then half), then cosine over the 8 remaining ones:
+    # lr_k = 1e-3 * (1 + cos(pi * (k - 3) / 8)) / 2 for the k-th update, k = 3..10.
+    expected = [0.0, 0.5e-3, 1e-3, 0.9619397662556434e-3, 0.8535533905932737e-3, 0.6913417161825449e-3,
+                0.5e-3, 0.3086582838174551e-3, 0.1464466094067262e-3, 0.0380602337443566e-3]
+    assert [r["lr"] for r in log] == pytest.approx(expected, abs=1e-12)
+    summary = json.loads((Path(cfg.out) / "train_summary.json").read_text())
+    assert summary["final_val_loss"] == log[-1]["val_loss"]
+    assert summary["compute"]["flops"] == log[-1]["compute_flops"]
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def test_manifest_multiplicities_are_what_the_loop_trains_on(data, models_dir, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    examples = load_examples(data["train"])
+    mult = {ex.id: [1, 2, 0, 3][i % 4] for i, ex in enumerate(examples)}  # 96 draws per epoch
+    manifest = tmp_path / "manifest.parquet"
+    pq.write_table(pa.table({"id": list(mult), "multiplicity": list(mult.values())}), manifest)
+
+    trained = collections.Counter()
+    real = train.micro_batches
+
+    def spy(encoded, *args, **kwargs):
+        if len(encoded) == 8:  # the training batches (validation uses other calls)
+            trained.update(e.id for e in encoded)
+        return real(encoded, *args, **kwargs)
+
+    monkeypatch.setattr(train, "micro_batches", spy)
+    cfg = config(data, models_dir, tmp_path / "run", manifest=str(manifest), max_steps=None, epochs=1.0,
+                 val_data=None)
+    summary = train.run(cfg)
+    assert summary["steps"] == 96 // 8 and summary["epoch_len"] == 96
+    assert trained == collections.Counter({k: v for k, v in mult.items() if v})
+
+    # The stream alone, over the next epochs: exactly the multiplicities again, in a new order.
+    ex_list, m = train.load_training_data(cfg)
+    stream = train.ExampleStream(m, seed=0)
+    e1, e2 = stream.take(96, 96), stream.take(192, 96)
+    for epoch in (e1, e2):
+        assert collections.Counter(ex_list[i].id for i in epoch) == collections.Counter(
+            {k: v for k, v in mult.items() if v})
+    assert e1 != e2
+
+
+# ----------------------------------------------------------------------------- dtype
+
+
+def test_bf16_checkpoint_is_trained_with_float32_weights(data, models_dir, tmp_path):
+    src = load_model(train.resolve_model("preset:tiny", models_dir, seed=0))
+    src.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    load_tokenizer(str(Path(models_dir) / "tiny-seed0")).save_pretrained(tmp_path / "bf16")
+    cfg = config(data, models_dir, tmp_path / "run", model=str(tmp_path / "bf16"), max_steps=1, val_data=None)
+    train.run(cfg)
+    assert {v.dtype for v in weights(tmp_path / "run" / "model").values()} == {torch.float32}
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(cfg: TrainConfig, nproc: int, tmp_path: Path) -> list[dict]:
+    from datalever.rundir import to_jsonable
+
+    path = tmp_path / f"config-{nproc}.json"
+    path.write_text(json.dumps(to_jsonable(cfg)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(ROOT / "tests" / "multiproc" / "train_run.py"), str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return [json.loads(f.read_text()) for f in sorted(tmp_path.glob(f"{path.name}.rank*.json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["adamw", "sam"])
+def test_two_cpu_processes_match_one(data, models_dir, tmp_path, name):
+    """torchrun --nproc_per_node 2 (gloo) against one process with the same global batch of 8, 10 steps.
+
+    Each process gets 4 of the 8 examples and scales its loss so that DDP's gradient mean is the
+    batch's token-weighted mean, i.e. the gradient one process computes. For AdamW what remains is
+    float rounding (other summation orders: the all-reduce, micro-batches padded to other widths),
+    about 1e-7 relative per step: tolerance 1e-4 absolute on every logged step loss and on the final
+    validation loss (losses are ~6 nats; a real mismatch, such as each process training alone or a
+    per-process normalization, shows up at 1e-3 or more), 1e-3 on the final weights.
+    SAM under DDP perturbs each process's weights with that process's own gradient (optim.py's design,
+    "m-sharpness" with m = 4 examples), which one process with 8 examples does not do, so only the first
+    step (before any update) must agree to 1e-4; later losses within 2e-2 (observed: ~2e-3).
+    """
+    kw = dict(max_steps=10, optim=OptimConfig(name=name, lr=3e-3))
+    one = config(data, models_dir, tmp_path / "one", **kw)
+    two = config(data, models_dir, tmp_path / "two", **kw)
+    train.run(one)
+    results = _torchrun(two, 2, tmp_path)
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world_size"] == 2 for r in results)
+
+    log1, log2 = read_log(one.out), read_log(two.out)
+    assert [r["step"] for r in log2] == list(range(1, 11))
+    assert log2[-1]["compute_forwards"] == log1[-1]["compute_forwards"]
+    assert log2[0]["loss"] == pytest.approx(log1[0]["loss"], abs=1e-4)
+    tol = 1e-4 if name == "adamw" else 2e-2
+    assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], abs=tol)
+    assert log2[-1]["val_loss"] == pytest.approx(log1[-1]["val_loss"], abs=tol)
+    assert log2[-1]["loss"] < log2[0]["loss"] - 0.3
+    if name == "adamw":
+        w1, w2 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-3, rtol=0)
