@@ -5,17 +5,23 @@ that run the loss engine scores every training example in the same process (no c
 saved and reloaded to record). The trajectory store, `RUN/trajectories.parquet`, gets one column
 per recorded step, appended as each is recorded; a resumable proxy checkpoint is saved at the same
 steps, so a run killed at any moment continues from the last recorded step and ends with the same
-table as an uninterrupted run.
+table as an uninterrupted run. Under several processes (torchrun / accelerate) each process scores
+its share of the batches; the main process writes.
 
 Store columns: id, source, n_tokens, flag ("" or "truncated"), loss_stepNNNNNN (one per
 checkpoint, increasing step order; NaN only where flag is set).
+
+`RUN/trajectories.meta.json` is the commit record: it is written before training starts (settings,
+data fingerprint, planned steps, proxy), and after each column (the parquet first, then the meta).
+A column is part of the store only once the meta lists it in `steps`; `complete` turns true only
+after the proxy run has finished (its final model and `RUN/profile/train_summary.json` written).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,13 +30,18 @@ import pyarrow.parquet as pq
 from datalever import rundir
 from datalever.examples import load_examples
 from datalever.losses import score_encoded
-from datalever.models import load_tokenizer, resolve_model
+from datalever.models import load_tokenizer, model_config_summary, resolve_model
 from datalever.optim import OptimConfig
 from datalever.tokens import encode_example
 from datalever.train import TrainConfig, run as train_run, total_steps
 
 STORE = "trajectories.parquet"
 STORE_META = "trajectories.meta.json"
+PROXY_DIR = "profile"  # RUN/profile: the proxy's checkpoints, final model, train log and summary
+BASE_COLUMNS = ["id", "source", "n_tokens", "flag"]
+
+# Settings that do not change a single number of the store (where it lives, how it is shown).
+_NOT_IDENTITY = ("run_dir", "train_file", "progress")
 
 
 @dataclass
@@ -65,6 +76,10 @@ class ProfileConfig:
     """Show progress bars."""
 
 
+class ProfileError(RuntimeError):
+    """A run directory whose store cannot be continued with these settings."""
+
+
 def record_steps(n_steps: int, k: int) -> list[int]:
     """K evenly spaced steps of an n-step run, the last one being n (distinct, increasing)."""
     if k < 1:
@@ -72,7 +87,8 @@ def record_steps(n_steps: int, k: int) -> list[int]:
     if k > n_steps:
         raise ValueError(f"{k} checkpoints do not fit in a proxy run of {n_steps} steps: lower `checkpoints` "
                          f"or raise `fraction`")
-    return [round(n_steps * (i + 1) / k) for i in range(k)]
+    # n*(i+1)/k rounded half up, in exact integer arithmetic; n/k >= 1 keeps the steps distinct.
+    return [(2 * n_steps * (i + 1) + k) // (2 * k) for i in range(k)]
 
 
 def loss_column(step: int) -> str:
@@ -80,32 +96,74 @@ def loss_column(step: int) -> str:
 
 
 def _identity(cfg: ProfileConfig, examples) -> dict:
-    """What must match for an existing store to be continued rather than overwritten."""
-    settings = {k: v for k, v in rundir.to_jsonable(cfg).items() if k != "progress"}
-    return {"config": settings, "data_fingerprint": rundir.fingerprint(examples)}
+    """What must match for an existing store to be continued rather than refused."""
+    settings = {k: v for k, v in rundir.to_jsonable(cfg).items() if k not in _NOT_IDENTITY}
+    return {"config": settings, "data_fingerprint": _data_fingerprint(examples)}
+
+
+def _data_fingerprint(examples) -> str:
+    """Ids in order (rundir.fingerprint) plus a hash of the text and sources, so edited content under kept ids differs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ex in examples:
+        for part in (ex.id, ex.prompt, ex.response, ex.source or ""):
+            h.update(part.encode("utf-8"))
+            h.update(b"\x1f")
+    return f"{rundir.fingerprint(examples)}-{h.hexdigest()[:16]}"
+
+
+def _check_identity(meta_path: Path, meta: dict, identity: dict) -> None:
+    diffs = [f"{k}: store has {meta.get('config', {}).get(k)!r}, asked {v!r}"
+             for k, v in identity["config"].items() if meta.get("config", {}).get(k) != v]
+    if meta.get("data_fingerprint") != identity["data_fingerprint"]:
+        diffs.append("training data: the examples differ from those the store was recorded on")
+    if diffs:
+        raise ProfileError(f"{meta_path} was made with other settings or data ({'; '.join(diffs)}); "
+                           f"use a new run directory, or rerun with the store's settings to continue it")
 
 
 def run(cfg: ProfileConfig) -> dict:
+    """Profile (or continue profiling) into cfg.run_dir; returns the store's meta."""
+    from accelerate import PartialState
+
     run_dir = Path(cfg.run_dir)
     train_file = cfg.train_file or str(run_dir / "data" / "train.jsonl")
     examples = load_examples(train_file)
     identity = _identity(cfg, examples)
     meta_path = run_dir / STORE_META
-    if meta_path.exists():
+    if meta_path.exists():  # every process checks (read-only) so that all raise or return together
         meta = rundir.read_json(meta_path)
-        if {k: meta.get(k) for k in identity} != identity:
-            raise RuntimeError(f"{meta_path} was made with other settings or data; use a new run directory")
+        _check_identity(meta_path, meta, identity)
         if meta.get("complete"):
             return meta
+    elif (run_dir / STORE).exists() or (run_dir / PROXY_DIR).exists():
+        raise ProfileError(f"{run_dir} holds {STORE} or {PROXY_DIR}/ but no {STORE_META}: not a profile run "
+                           f"that can be continued; remove them or use a new run directory")
 
-    train_cfg = TrainConfig(model=cfg.proxy, data=train_file, out=str(run_dir / "profile"), epochs=cfg.fraction,
+    train_cfg = TrainConfig(model=cfg.proxy, data=train_file, out=str(run_dir / PROXY_DIR), epochs=cfg.fraction,
                             batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                             max_length=cfg.max_length, optim=OptimConfig(name="adamw", lr=cfg.lr),
                             warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, progress=cfg.progress,
                             models_dir=str(run_dir / "models"))
-    steps = record_steps(total_steps(train_cfg, len(examples)), cfg.checkpoints)
-    tokenizer = load_tokenizer(resolve_model(cfg.proxy, run_dir / "models", seed=cfg.seed))
+    n_steps = total_steps(train_cfg, len(examples))
+    steps = record_steps(n_steps, cfg.checkpoints)
+    state = PartialState()
+    with state.main_process_first():  # one process builds a preset; the others then find it built
+        model_path = resolve_model(cfg.proxy, run_dir / "models", seed=cfg.seed)
+    tokenizer = load_tokenizer(model_path)
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
+    if state.is_main_process and not meta_path.exists():
+        rundir.write_json(meta_path, {
+            **identity, "seed": cfg.seed, "steps": [], "loss_columns": [], "planned_steps": steps,
+            "proxy_steps": n_steps, "complete": False, "n_examples": len(examples),
+            "proxy": {"spec": cfg.proxy, "path": str(model_path), **model_config_summary(str(model_path))},
+            "proxy_dir": PROXY_DIR, "versions": rundir.versions()})
+    state.wait_for_everyone()
+    planned = rundir.read_json(meta_path)["planned_steps"]
+    if planned != steps:
+        raise ProfileError(f"{meta_path} plans steps {planned}, these settings give {steps}")
+    n_record_tokens = sum(len(e.input_ids) for e in encoded if not e.fully_truncated)
 
     def record(step, _log_record, model, accelerator):
         if step not in steps:
@@ -114,40 +172,65 @@ def run(cfg: ProfileConfig) -> dict:
         scores = score_encoded(accelerator.unwrap_model(model), encoded, pad_id=tokenizer.pad_token_id,
                                token_budget=cfg.token_budget, accelerator=accelerator,
                                progress=cfg.progress, desc=f"record step {step}")
+        score_s = time.perf_counter() - t0
         if accelerator.is_main_process:
-            append_column(run_dir, examples, scores, step, steps, identity, time.perf_counter() - t0)
+            append_column(run_dir, examples, scores, step, steps, identity, time.perf_counter() - t0,
+                          score_wall_s=score_s, record_tokens=n_record_tokens)
         accelerator.wait_for_everyone()
 
-    train_run(train_cfg, on_step=record, checkpoint_steps=set(steps))
+    summary = train_run(train_cfg, on_step=record, checkpoint_steps=set(steps))
+    if state.is_main_process:
+        meta = rundir.read_json(meta_path)
+        if meta["steps"] != steps:  # the proxy finished, but some column was never committed
+            raise ProfileError(f"{meta_path}: the proxy run in {run_dir / PROXY_DIR} is finished but the store "
+                               f"has steps {meta['steps']} of {steps}; remove {run_dir / PROXY_DIR} to record again")
+        rundir.write_json(meta_path, {**meta, "complete": True,
+                                      "proxy_train_wall_s": summary.get("compute", {}).get("wall_s")})
+    state.wait_for_everyone()
     return rundir.read_json(meta_path)
 
 
 def append_column(run_dir: Path, examples, scores: dict, step: int, steps: list[int], identity: dict,
-                  wall_s: float = 0.0) -> None:
-    """Add (or replace) the column of `step` in the store, keeping columns in step order; meta written last."""
+                  wall_s: float = 0.0, *, score_wall_s: float | None = None, record_tokens: int | None = None) -> None:
+    """Add (or replace) the column of `step` in the store, keeping columns in step order.
+
+    The parquet is written first, the meta last: only columns the meta lists are kept from an
+    existing store, so a column written by a run killed before its meta is simply recorded again.
+    """
+    run_dir = Path(run_dir)
     store = run_dir / STORE
     meta_path = run_dir / STORE_META
-    timings = rundir.read_json(meta_path).get("record_wall_s_by_step", {}) if meta_path.exists() else {}
-    timings[str(step)] = wall_s
-    if store.exists():
+    meta = rundir.read_json(meta_path) if meta_path.exists() else {}
+    committed = [s for s in meta.get("steps", []) if s != step]
+    ids = [ex.id for ex in examples]
+    if store.exists() and committed:
         table = pq.read_table(store)
-        cols = {name: table.column(name) for name in table.column_names}
+        if table.column("id").to_pylist() != ids:
+            raise ProfileError(f"{store}: its rows are not the training examples being profiled")
+        cols = {name: table.column(name) for name in BASE_COLUMNS + [loss_column(s) for s in committed]}
     else:
-        cols = {"id": pa.array([ex.id for ex in examples], pa.string()),
+        cols = {"id": pa.array(ids, pa.string()),
                 "source": pa.array([ex.source for ex in examples], pa.string()),
                 "n_tokens": pa.array([scores[ex.id].n_tokens for ex in examples], pa.int32()),
                 "flag": pa.array([scores[ex.id].flag for ex in examples], pa.string())}
-    cols[loss_column(step)] = pa.array([scores[ex.id].loss for ex in examples], pa.float64())
-    recorded = sorted(int(c[len("loss_step"):]) for c in cols if c.startswith("loss_step"))
-    ordered = ["id", "source", "n_tokens", "flag"] + [loss_column(s) for s in recorded]
-    rundir.write_parquet(store, pa.table({name: cols[name] for name in ordered}))
-    n_flagged = sum(1 for ex in examples if scores[ex.id].flag)
-    rundir.write_json(run_dir / STORE_META, {
-        **identity, "steps": recorded, "loss_columns": [loss_column(s) for s in recorded],
-        "planned_steps": steps, "complete": recorded == steps, "n_examples": len(examples),
-        "n_flagged": n_flagged, "versions": rundir.versions(),
+    losses = [scores[ex.id].loss for ex in examples]
+    if any(math.isnan(v) != bool(scores[ex.id].flag) for v, ex in zip(losses, examples)):
+        raise ProfileError(f"step {step}: a loss is NaN without a flag (or a flagged example has a loss)")
+    cols[loss_column(step)] = pa.array(losses, pa.float64())
+    recorded = sorted(committed + [step])
+    rundir.write_parquet(store, pa.table({name: cols[name] for name in BASE_COLUMNS + [loss_column(s) for s in recorded]}))
+
+    timings = dict(meta.get("record_wall_s_by_step", {}), **{str(step): wall_s})
+    score_timings = dict(meta.get("score_wall_s_by_step", {}), **{str(step): score_wall_s if score_wall_s is not None else wall_s})
+    flags = [scores[ex.id].flag for ex in examples]
+    rundir.write_json(meta_path, {
+        **meta, **identity, "steps": recorded, "loss_columns": [loss_column(s) for s in recorded],
+        "planned_steps": steps, "complete": False, "n_examples": len(examples),
+        "n_flagged": sum(1 for f in flags if f), "flag_counts": {f: flags.count(f) for f in sorted(set(flags) - {""})},
         "mean_loss": [_mean(cols[loss_column(s)].to_pylist()) for s in recorded],
-        "record_wall_s_by_step": timings, "record_wall_s": [timings.get(str(s), 0.0) for s in recorded]})
+        "record_tokens": record_tokens if record_tokens is not None else meta.get("record_tokens"),
+        "record_wall_s_by_step": timings, "record_wall_s": [timings.get(str(s), 0.0) for s in recorded],
+        "score_wall_s_by_step": score_timings, "score_wall_s": [score_timings.get(str(s), 0.0) for s in recorded]})
 
 
 def _mean(values) -> float:

@@ -1,0 +1,20 @@
+"""torchrun helper: `torchrun --nproc_per_node N tests/multiproc/profile_run.py '{"run_dir": ..., ...}'`.
+
+Runs `datalever.profile.run` on CPU (gloo) with the ProfileConfig fields given as JSON.
+"""
+
+import json
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from accelerate import PartialState  # noqa: E402
+
+from datalever.profile import ProfileConfig, run  # noqa: E402
+
+PartialState(cpu=True)  # multi-process CPU: gloo; Accelerator() in the proxy's train loop reuses this state
+meta = run(ProfileConfig(**json.loads(sys.argv[1])))
+if PartialState().is_main_process:
+    print(json.dumps({"steps": meta["steps"], "complete": meta["complete"]}))
