@@ -291,3 +291,13 @@ def test_run_writes_outputs_and_difficulty(tmp_path):
     for png in ("split_trajectories.png", "split_datamap.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "split.config.yaml").exists()
+
+
+def test_run_refuses_an_unfinished_profile(tmp_path):
+    L, _ = two_groups(6, 4)
+    ids = [f"e{i}" for i in range(len(L))]
+    write_store(tmp_path, ids, [None] * len(ids), L)
+    meta = json.loads((tmp_path / "trajectories.meta.json").read_text())
+    (tmp_path / "trajectories.meta.json").write_text(json.dumps({**meta, "complete": False}))
+    with pytest.raises(SplitError, match="not finished"):
+        run(SplitConfig(run_dir=str(tmp_path)))

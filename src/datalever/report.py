@@ -98,7 +98,7 @@ def markdown(results: dict) -> str:
     p = results.get("proxy_compute") or {}
     if p:
         lines += ["", f"Proxy (shared by all arms): {p.get('optimizer_steps', 0):.0f} optimizer steps, "
-                      f"{p.get('wall_s', 0):.0f} s training of which {p.get('record_wall_s', 0):.0f} s recording."]
+                      f"{p.get('wall_s', 0):.0f} s training plus {p.get('record_wall_s', 0):.0f} s recording."]
     if results["paired"]:
         lines += ["", "Paired differences over the same seeds (accuracy points, mean ± 95% CI; wins/ties/losses):", ""]
         for name, d in results["paired"].items():

@@ -422,6 +422,9 @@ def run(cfg: SplitConfig) -> dict:
 
     run_dir = Path(cfg.run_dir)
     ids, sources, losses, flags, meta = read_trajectories(run_dir / "trajectories.parquet")
+    if meta.get("complete") is False:
+        raise SplitError(f"{run_dir / 'trajectories.meta.json'}: the profile is not finished "
+                         f"(recorded steps {meta.get('steps')}); run `datalever profile` again to complete it")
     steps = meta["steps"]
     df = split_trajectories(ids, sources, losses, features=cfg.features, k=cfg.k, seed=cfg.seed,
                             stratify=cfg.stratify, min_source_size=cfg.min_source_size,

@@ -499,7 +499,9 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if on_step is not None:
+            hook_start = time.perf_counter()
             on_step(step, record, model, accelerator)
+            start += time.perf_counter() - hook_start  # compute.wall_s counts training, not the caller's hook
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps or step in (checkpoint_steps or ()):
             save_checkpoint(ckpt_dir / f"step-{step}", accelerator, model, opt, step, position, compute,
                             identity, cfg.keep_checkpoints, tokenizer)
