@@ -1,6 +1,6 @@
 """The profile stage's cost: recording versus training the proxy, and recording throughput versus the ceiling.
 
-    python benchmarks/profile.py [--n 500] [--preset demo] [--checkpoints 5]
+    python benchmarks/profile_cost.py [--n 500] [--preset demo] [--checkpoints 5]
 
 Runs `datalever profile` (the given preset as proxy, default settings otherwise: 1/3 epoch, AdamW,
 batch 32) on `--n` embedded synth training examples in a temporary run directory, then reads:
@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from datalever import rundir, synth
+from datalever.examples import load_examples
+from datalever.models import load_model, load_tokenizer
+from datalever.profile import PROXY_DIR, STORE_META, ProfileConfig, run as profile_run
+from datalever.tokens import encode_example
+
+# Not named profile.py: run as a script, a file of that name in this folder would shadow the
+# standard library's `profile` module, which cProfile (imported by torch.distributed) needs.
 _HERE = Path(__file__).resolve().parent
-# Run as a script, this file's folder is sys.path[0], and this file would shadow the standard
-# library's `profile` module (which cProfile imports): take the folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
-import torch  # noqa: E402
-
-from datalever import rundir, synth  # noqa: E402
-from datalever.examples import load_examples  # noqa: E402
-from datalever.models import load_model, load_tokenizer  # noqa: E402
-from datalever.profile import PROXY_DIR, STORE_META, ProfileConfig, run as profile_run  # noqa: E402
-from datalever.tokens import encode_example  # noqa: E402
 
 
 def _loss_engine_bench():
