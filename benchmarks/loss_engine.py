@@ -92,7 +92,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="examples per preset")
     ap.add_argument("--s2l-n", type=int, default=64, help="examples timed with the slow S2L loop")
-    ap.add_argument("--token-budget", type=int, default=8192)
+    ap.add_argument("--token-budget", type=int, default=2048, help="padded tokens per batch (the engine's CPU default)")
     ap.add_argument("--presets", nargs="+", default=["demo", "pythia-70m"])
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()

@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=500, help="training examples")
     ap.add_argument("--preset", default="demo", help="proxy preset")
     ap.add_argument("--checkpoints", type=int, default=5, help="K recorded steps")
-    ap.add_argument("--token-budget", type=int, default=16384, help="padded tokens per scoring batch (profile default)")
+    ap.add_argument("--token-budget", type=int, default=2048, help="padded tokens per scoring batch (the CPU default)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--keep", default=None, help="run directory to keep (default: a temporary one)")
     args = ap.parse_args()

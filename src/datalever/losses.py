@@ -53,16 +53,23 @@ class ResponseLoss(nn.Module):
     once, so memory stays flat for large vocabularies.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 8192):
+    def __init__(self, model: nn.Module, chunk: int = 8192, padding_mask: bool = False):
         super().__init__()
         self.model = model
         self.chunk = chunk
+        # Rows are right-padded: under causal attention a real token never sees the padding after
+        # it, so the padding mask changes nothing at the positions that carry loss. Leaving it out
+        # lets attention take its fast causal path. Set padding_mask=True for a model whose
+        # attention is not causal over the whole sequence.
+        self.padding_mask = padding_mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         targets = labels[:, 1:]
         keep = targets != IGNORE  # position t predicts token t+1
         rows = keep.nonzero(as_tuple=True)[0]
         hf = _unwrap(self.model)
+        if not self.padding_mask:
+            attention_mask = None
         if _needs_full_logits(hf):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
             token_nll = F.cross_entropy(logits[keep].float(), targets[keep], reduction="none")
@@ -94,7 +101,13 @@ def encode_all(tokenizer, examples: Sequence[Example], max_length: int) -> list[
 
 
 @torch.inference_mode()
-def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, pad_id: int, token_budget: int = 16384,
+def default_token_budget(device: torch.device) -> int:
+    """Padded tokens per scoring batch. On a CPU, bigger batches buy no speed, while the wider length
+    range they span costs padding; an accelerator wants big batches to be busy."""
+    return 2048 if device.type == "cpu" else 32768
+
+
+def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, pad_id: int, token_budget: int | None = None,
                   accelerator=None, progress: bool = False, desc: str = "scoring") -> dict[str, ExampleLoss]:
     """Per-example response losses for already-encoded examples, keyed by id.
 
@@ -109,7 +122,7 @@ def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, pad_id: int, 
     device = next(scorer.parameters()).device
     results = {e.id: ExampleLoss(e.id, math.nan, 0, FLAG_TRUNCATED) for e in encoded if e.fully_truncated}
     scorable = [e for e in encoded if not e.fully_truncated]
-    batches = token_budget_batches([len(e.input_ids) for e in scorable], token_budget)
+    batches = token_budget_batches([len(e.input_ids) for e in scorable], token_budget or default_token_budget(device))
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = batches[rank::world]
     local: list[tuple[str, float, int]] = []
@@ -129,7 +142,7 @@ def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, pad_id: int, 
 
 
 def score_examples(model: nn.Module, tokenizer, examples: Sequence[Example], *, max_length: int = 512,
-                   token_budget: int = 16384, accelerator=None, progress: bool = False) -> dict[str, ExampleLoss]:
+                   token_budget: int | None = None, accelerator=None, progress: bool = False) -> dict[str, ExampleLoss]:
     """Mean response NLL of every example given its prompt, plus token counts and truncation flags."""
     encoded = encode_all(tokenizer, examples, max_length)
     return score_encoded(model, encoded, pad_id=tokenizer.pad_token_id, token_budget=token_budget,
@@ -148,8 +161,8 @@ class ScoreConfig:
     """Output Parquet table: id, loss, n_tokens, flag."""
     max_length: int = 512
     """Maximum tokens per example; an example whose response is cut away entirely is flagged."""
-    token_budget: int = 16384
-    """Padded tokens per batch (length-bucketed)."""
+    token_budget: int | None = None
+    """Padded tokens per batch (length-bucketed); default 2048 on a CPU, 32768 on an accelerator."""
     dtype: str | None = None
     """float32 | bfloat16 | float16 | auto (default: the checkpoint's)."""
     seed: int = 0

@@ -68,8 +68,8 @@ class ProfileConfig:
     """Warmup fraction of the proxy's cosine schedule."""
     max_length: int = 512
     """Maximum tokens per example; an example whose response is cut away entirely is flagged."""
-    token_budget: int = 16384
-    """Padded tokens per scoring batch (length-bucketed)."""
+    token_budget: int | None = None
+    """Padded tokens per scoring batch (length-bucketed); default 2048 on a CPU, 32768 on an accelerator."""
     seed: int = 0
     """Seed of the proxy's initialization and data order."""
     progress: bool = True
