@@ -9,9 +9,11 @@ multi-head linear self-attention with a rank-one key k_h and query q_h per head,
 and the prediction is the y-entry of the query column of `out`. Only the y-row v_h of W_v,h reaches
 that entry, so a head is three vectors (v_h, k_h, q_h) in R^{d+1}. The training loss is half the
 mean squared error of the prediction. docs/theory.md derives the reduced ODEs and defines the
-measurements; `run` trains GD, SAM (per-head and global normalization) and GD on a reshaped pool
-(hard sequences picked by a proxy run's loss trajectories, then upsampled) over several seeds,
-vectorized across runs, and writes a table and plots.
+measurements; `run` trains, over several seeds and vectorized across all runs: GD, SAM (perturbation
+normalized by the global gradient norm, or per head), GD on reshaped pools (hard sequences picked by
+k-means on a short proxy run's per-sequence losses, then upsampled) and two control pools (easy or
+random sequences upsampled alike), from a small random init and from the aligned init of the ODE
+ansatz; it integrates the reduced ODEs and writes a table and plots.
 
 Speed: the prediction is linear in the per-sequence features Z_ij (x_q)_k, with Z = X X^T / N,
 and in the CP tensor A_ijk = sum_h v_hi k_hj q_hk. Full-batch GD on a fixed pool therefore needs
@@ -24,22 +26,42 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy >= 2 renamed trapz
+
 MODES = {"gd": 0, "sam_head": 1, "sam_global": 2}
-ARMS = ("gd", "sam_head", "sam_global", "reshaped", "easy", "random")
-POOL_ARMS = ("reshaped", "easy", "random")  # GD on a reweighted pool
-ARM_LABELS = {"gd": "GD", "sam_head": "SAM per-head", "sam_global": "SAM global", "reshaped": "reshaped GD (hard x up)",
-              "easy": "control: easy x up", "random": "control: random x up"}
+OPTIMIZER_ARMS = ("gd", "sam_head", "sam_global")
+CONTROL_ARMS = ("easy", "random")
+_LABELS = {"gd": "GD", "sam_head": "SAM per-head", "sam_global": "SAM global",
+           "easy": "control: easy x up", "random": "control: random x up"}
+
+
+def arm_label(arm: str) -> str:
+    if arm.startswith("reshaped:"):
+        return f"reshaped GD ({arm.split(':', 1)[1]})"
+    return _LABELS[arm]
+
+
+def is_pool_arm(arm: str) -> bool:
+    """Plain GD on a reweighted pool (reshaped or a control)."""
+    return arm.startswith("reshaped:") or arm in CONTROL_ARMS
+
+
+def arms_of(cfg: "TheoryConfig") -> list[str]:
+    return [*OPTIMIZER_ARMS, *(f"reshaped:{f}" for f in cfg.hard_features), *(CONTROL_ARMS if cfg.controls else ())]
 
 
 @dataclass
 class TheoryConfig:
+    """Simplicity bias of GD, SAM (global / per-head) and hard-example upsampling in multi-head linear
+    attention trained on in-context linear regression; see docs/theory.md."""
+
     out: str = "runs/theory"
     """Output directory for the table (results.md), the numbers (results.json) and the plots."""
     d: int = 8
@@ -65,7 +87,7 @@ class TheoryConfig:
     log_every: int = 10
     """Record the learned map, train and test loss every this many steps."""
     rho: float = 0.02
-    """SAM radius. Keep it below the init scale: with rho/sqrt(3) >= v0 an aligned head stalls (docs/theory.md)."""
+    """SAM radius (both normalizations). Keep it well below the stall radius sqrt(3) x init_scale, where an aligned head stalls at the saddle; per-head SAM from a random init stalls small heads earlier (docs/theory.md)."""
     seeds: int = 5
     """Number of seeds (each: its own pool, test set, proxy and random init, shared by all arms)."""
     seed: int = 0
@@ -74,20 +96,20 @@ class TheoryConfig:
     """Training pool size (sequences) per seed; GD is full-batch on it."""
     test: int = 16384
     """Fresh test sequences per seed."""
-    proxy_steps: int = 300
-    """Steps of the proxy GD run (own random init) whose per-sequence losses pick the hard sequences."""
+    proxy_steps: int = 600
+    """Steps of the proxy GD run (own random init) whose per-sequence losses pick the hard sequences (600 x lr 0.1: t=60, about the top half of the directions learned)."""
     proxy_checkpoints: int = 8
     """Number of evenly spaced checkpoints in the proxy run at which each sequence's loss is recorded."""
-    hard_features: str = "loss"
-    """Clustering features: 'loss' (raw loss trajectory, the practical method), 'log' (log loss), 'ratio' (log of loss[t+1]/loss[t]), 'final' (last checkpoint's loss only)."""
+    hard_features: list[str] = field(default_factory=lambda: ["loss", "final"])
+    """One reshaped arm per entry, each k-means (k=2) on: 'loss' (raw loss trajectory, the practical method), 'final' (last checkpoint's loss only, the paper's ablation), 'log' (log loss trajectory), 'ratio' (log of loss[t+1]/loss[t])."""
     upsample: float = 3.0
     """Each hard sequence counts this many times in the reshaped pool (3.0 = the paper's m=2)."""
     controls: bool = True
-    """Also train GD on two control pools: as many easy (lowest proxy loss) or random sequences, upsampled alike."""
+    """Also train GD on two control pools: as many easy (lowest mean proxy loss) or random sequences as the first hard cluster, upsampled alike."""
     aligned: bool = True
     """Also train every arm from the aligned init (the ODE ansatz) and compare with the reduced ODEs."""
     ode_dt: float = 0.05
-    """RK4 step of the reduced ODEs."""
+    """RK4 step of the plotted reduced-ODE curves (the ODE learning times use quadrature / an adaptive solver)."""
     final_window: float = 0.05
     """Fraction of the logged trajectory, at its end, averaged to give each direction's final value."""
     rho_sweep: Optional[list[float]] = None
@@ -300,7 +322,9 @@ def train(feat: Features, theta, groups, mode, rho, lr: float, steps: int, log_e
 
     mode (R,): 0 GD, 1 SAM with the perturbation normalized per head, 2 SAM normalized by the global
     gradient norm (all heads of that run). SAM step: e = rho g/|g|; theta -= lr grad L(theta + e).
-    Returns the final theta and logs {t, m (L, R, d), train (L, R), test (L, R)}."""
+    callback(step, theta) is called at every step before the update (theta is then updated in
+    place: copy what you keep). Returns the final theta and logs {t, m (L, R, d), train (L, R),
+    test (L, R)} with t = step * lr."""
     theta = theta.clone()
     mode = torch.as_tensor(mode, device=theta.device)
     rho = torch.as_tensor(rho, dtype=theta.dtype, device=theta.device)
@@ -323,10 +347,10 @@ def train(feat: Features, theta, groups, mode, rho, lr: float, steps: int, log_e
             logs["train"].append(loss_only(feat, theta, groups))
             if test_groups is not None:
                 logs["test"].append(loss_only(feat, theta, test_groups))
-            if callback is not None:
-                callback(step, theta)
             if pbar is not None and step:
                 pbar.update(log_every if step % log_every == 0 else step % log_every)
+        if callback is not None:
+            callback(step, theta)
         if step == steps:
             break
         _, g = loss_and_grad(feat, theta, groups, want_loss=False)
@@ -391,7 +415,9 @@ def ode_curves(lam, kap, v0: float, rho, mode: int, T: float, dt: float, record_
         v~_i = v_i (GD), v_i - rho/sqrt(3) sign(G_i(v)) (SAM per head),
         v~_i = v_i - rho/sqrt(3) G_i(v)/|G(v)| (SAM global).
 
-    rho may be an array (B,) for a batch of radii. RK4. Returns t (L,), m = lam v^3 (L, B, d)."""
+    rho may be an array (B,) for a batch of radii. Fixed-step RK4, used for the plotted curves
+    (ode_learning_times gives the learning times; it also handles stiff small-init cases).
+    Returns t (L,), m = lam v^3 (L, B, d)."""
     lam = np.asarray(lam, float)[None, :]
     kap = np.asarray(kap, float)[None, :]
     c = np.atleast_1d(np.asarray(rho, float))[:, None] / math.sqrt(3.0)
@@ -476,7 +502,7 @@ def ode_learning_times(lam, kap, v0: float, rho: float, mode: int, t_max: float 
     last.terminal = True
     if t_max is None:
         t_max = 100.0 * float(gd_blowup_time(lam, v0).max())
-    sol = solve_ivp(rhs, (0.0, t_max), np.full(len(lam), float(v0)), method="RK45", rtol=1e-9, atol=1e-12,
+    sol = solve_ivp(rhs, (0.0, t_max), np.full(len(lam), float(v0)), method="LSODA", rtol=1e-9, atol=1e-14,
                     events=events + [last])
     return np.array([e[0] if len(e) else np.nan for e in sol.t_events[: len(lam)]])
 
@@ -513,6 +539,17 @@ def select_hard(traj: np.ndarray, features: str, seed: int) -> np.ndarray:
     return lab == hard
 
 
+def _drive(tokens, target, U) -> np.ndarray:
+    """Per sequence and eigenvector, y_q (s.u_i)(x_q.u_i) with s = (1/N) sum_n x_n y_n. Its pool mean
+    is the linear (signal) term that drives direction i's growth from a small init (population
+    value lam_i^2). A reweighted pool multiplies it by the growth factor r_i = E_w[drive_i]/E[drive_i],
+    so that small-init learning times scale as 1/(lam_i^2 r_i) (docs/theory.md)."""
+    d = U.shape[0]
+    N = tokens.shape[1] - 1
+    s = torch.einsum("nti,nt->ni", tokens[:, :-1, :d], tokens[:, :-1, d]) / N
+    return (target[:, None] * (s @ U) * (tokens[:, -1, :d] @ U)).cpu().numpy()
+
+
 # ----------------------------------------------------------------------------- the experiment
 
 
@@ -538,20 +575,22 @@ def _fmt(mean: float, half: float, digits: int) -> str:
 
 def run(cfg: TheoryConfig) -> dict:
     """Train every arm over all seeds (vectorized), measure, integrate the ODEs, write
-    out/results.json, out/results.md and out/*.png; return the results dict."""
-    from datalever.rundir import atomic_write_text, write_json
-
+    out/results.json, out/results.md, out/*.png and out/theory.{config.yaml,meta.json}; return the
+    results dict (config, eigenvalues, kappa, m_star, summary, ode, ode_vs_aligned_sim,
+    ode_rho_sweep, hard, arms, runs, runtime_s)."""
     t_start = time.time()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, t_start, atomic_write_text, write_json)
+        return _run(cfg, t_start)
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
+def _run(cfg: TheoryConfig, t_start: float) -> dict:
     from tqdm.auto import tqdm
+
+    from datalever.rundir import atomic_write_text, record_provenance, write_json
 
     dev = torch.device(cfg.device)
     dt = torch.float64
@@ -566,8 +605,8 @@ def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     inits = ["random"] + (["aligned"] if cfg.aligned else [])
-    arms = ARMS if cfg.controls else ARMS[:4]
-    pool_arms = [a for a in POOL_ARMS if a in arms]
+    arms = arms_of(cfg)
+    pool_arms = [a for a in arms if is_pool_arm(a)]
     # seed-major order, the uniform-pool runs (GD first, then SAM) before the reweighted ones: every
     # group of runs sharing a pool is a contiguous slice, in the full batch and in the SAM sub-batch
     runs = [(init, arm, s) for s in range(cfg.seeds)
@@ -576,7 +615,7 @@ def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
     R = len(runs)
     groups_idx: dict[tuple[int, str], list[int]] = {}
     for r, (init, arm, s) in enumerate(runs):
-        groups_idx.setdefault((s, arm if arm in POOL_ARMS else "uniform"), []).append(r)
+        groups_idx.setdefault((s, arm if is_pool_arm(arm) else "uniform"), []).append(r)
 
     # ---- data, proxy runs and hard-example selection, one seed at a time
     groups, test_groups, hard_info = [], [], []
@@ -585,7 +624,7 @@ def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
     for s in bar:
         seed = cfg.seed + s
         gen = torch.Generator().manual_seed(1000003 * seed + 17)
-        tokens, y, w = sample_sequences(cfg.pool, N, lam.cpu(), U.cpu(), gen, dt)
+        tokens, y, _ = sample_sequences(cfg.pool, N, lam.cpu(), U.cpu(), gen, dt)
         F = feat.of_tokens(tokens.to(dev))
         y = y.to(dev)
         uniform = pool_stats(F, y)
@@ -602,9 +641,9 @@ def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
         train(feat, proxy_theta, [(slice(0, 1), uniform)], [0], [0.0], cfg.lr,
               cfg.proxy_steps, max(1, cfg.proxy_steps), lam, U, callback=record)
         traj = np.stack(traj, 1)
-        hard = select_hard(traj, cfg.hard_features, seed)
-        n_hard = int(hard.sum())
-        chosen = {"reshaped": hard}
+        assert traj.shape[1] == len(ck), "one proxy loss per checkpoint"
+        chosen = {f"reshaped:{f}": select_hard(traj, f, seed) for f in cfg.hard_features}
+        n_hard = int(chosen[f"reshaped:{cfg.hard_features[0]}"].sum()) if cfg.hard_features else cfg.pool // 10
         if "easy" in pool_arms:  # the n_hard sequences with the lowest mean proxy loss
             easy = np.zeros(cfg.pool, bool)
             easy[np.argsort(traj.mean(1), kind="stable")[:n_hard]] = True
@@ -613,15 +652,16 @@ def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
             rnd = np.zeros(cfg.pool, bool)
             rnd[np.random.default_rng(seed).choice(cfg.pool, n_hard, replace=False)] = True
             chosen["random"] = rnd
-        xq = (tokens[:, -1, :d] @ U.cpu()).numpy()
-        load = (w.numpy() @ U.cpu().numpy()) ** 2 * xq**2  # (w.u_i)^2 (x_q.u_i)^2: target energy per direction
-        info = {"fraction": float(hard.mean())}
+        drive = _drive(tokens, y.cpu(), U.cpu())
+        info = {"checkpoints": int(traj.shape[1]), "pool_drive_over_lam2": (drive.mean(0) / lam_np**2).tolist()}
         for arm in pool_arms:
             mask = chosen[arm]
             weights = torch.ones(cfg.pool, dtype=dt)
             weights[torch.from_numpy(mask)] = cfg.upsample
             groups.append((_index(groups_idx[(s, arm)]), pool_stats(F, y, weights.to(dev))))
-            info[f"{arm}_loading_ratio"] = (load[mask].mean(0) / load.mean(0)).tolist()
+            wn = weights.numpy()
+            info[arm] = {"fraction": float(mask.mean()),
+                         "growth_factor": ((drive * wn[:, None]).sum(0) / wn.sum() / drive.mean(0)).tolist()}
         hard_info.append(info)
         del F, tokens
         tt, yt, _ = sample_sequences(cfg.test, N, lam.cpu(), U.cpu(), gen, dt)
@@ -656,7 +696,7 @@ def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
             "learning_times": times.tolist(), "final_map": final.tolist(),
             "entropy": entropy(times), "learned": int(np.isfinite(times).sum()),
             "final_test_loss": float(test_log[-1, r]),
-            "mean_test_loss": float(np.trapezoid(test_log[:, r], t_log) / T),
+            "mean_test_loss": float(_trapezoid(test_log[:, r], t_log) / T),
         })
 
     # ---- reduced ODEs (aligned, balanced heads, population loss)
@@ -700,6 +740,7 @@ def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
         "ode_vs_aligned_sim": ode_cmp,
         "ode_rho_sweep": sweep_res,
         "hard": hard_info,
+        "arms": arms,
         "runs": per_run,
         "runtime_s": {"train": t_train},
     }
@@ -710,6 +751,7 @@ def _run(cfg, t_start, atomic_write_text, write_json) -> dict:
     table += f"\nRuntime: {results['runtime_s']['total']:.0f} s in total, {t_train:.0f} s training ({R} runs x {cfg.steps} steps, threads={cfg.threads}).\n"
     atomic_write_text(out / "results.md", table)
     write_json(out / "results.json", results)
+    record_provenance(out, "theory", cfg, runtime_s=results["runtime_s"])
     if cfg.progress:
         print(table)
     return results
@@ -742,7 +784,7 @@ def _markdown(cfg, res, inits, arms) -> str:
     lines = [
         f"d={d}, eigenvalues {', '.join(f'{x:.3g}' for x in res['eigenvalues'])}; N={cfg.context}, H={cfg.heads}, "
         f"init scale {cfg.init_scale}, lr {cfg.lr}, {cfg.steps} steps (T={cfg.steps * cfg.lr:g}), rho {cfg.rho}, "
-        f"pool {cfg.pool}, upsample x{cfg.upsample} ({cfg.hard_features} features, proxy {cfg.proxy_steps} steps), "
+        f"pool {cfg.pool}, upsample x{cfg.upsample} (proxy {cfg.proxy_steps} steps, {cfg.proxy_checkpoints} checkpoints), "
         f"{cfg.seeds} seeds; mean ± 95% CI over seeds. Max entropy ln d = {math.log(d):.3f}.",
         "",
     ]
@@ -754,27 +796,30 @@ def _markdown(cfg, res, inits, arms) -> str:
         for arm in arms:
             s = res["summary"][f"{init}/{arm}"]
             cells = [_fmt(m, h, 1) for m, h in s["learning_times"]]
-            lines.append(f"| {init} | {ARM_LABELS[arm]} | " + " | ".join(cells)
+            lines.append(f"| {init} | {arm_label(arm)} | " + " | ".join(cells)
                          + f" | {_fmt(*s['entropy'], 4)} | {_fmt(*s['delta_entropy_vs_gd'], 4)}"
                          + f" | {_fmt(*s['final_test_loss'], 4)} | {_fmt(*s['delta_test_loss_vs_gd'], 4)} | {s['learned']} |")
         if init == "aligned":
             for arm in ("gd", "sam_head", "sam_global"):
                 o = res["ode"][arm]
-                lines.append(f"| ODE | {ARM_LABELS[arm]} | " + " | ".join(
+                lines.append(f"| ODE | {arm_label(arm)} | " + " | ".join(
                     "n/a" if not np.isfinite(x) else f"{x:.1f}" for x in o["learning_times"])
                     + f" | {_fmt(o['entropy'], float('nan'), 4)} | {_fmt(o['entropy'] - res['ode']['gd']['entropy'], float('nan'), 4)} | | | |")
         lines.append("")
     if res["ode_vs_aligned_sim"]:
         lines.append("ODE vs aligned-init simulation, max over directions of |relative error| of the learning time "
                      "(seed mean; worst single run): " + ", ".join(
-                         f"{ARM_LABELS[a]} {v['max_abs_rel_err_of_mean']:.1%} ({v['max_abs_rel_err_per_run']:.1%})"
+                         f"{arm_label(a)} {v['max_abs_rel_err_of_mean']:.1%} ({v['max_abs_rel_err_per_run']:.1%})"
                          for a, v in res["ode_vs_aligned_sim"].items()) + ".")
-    frac = np.mean([h["fraction"] for h in res["hard"]])
-    lines.append(f"Hard cluster: {frac:.1%} of the pool on average. Mean target energy per direction "
-                 "(w.u_i)^2 (x_q.u_i)^2 of the upsampled sequences relative to the pool's (seed mean), i = 1..d:")
-    for arm in (a for a in POOL_ARMS if a in arms):
-        hr = np.array([h[f"{arm}_loading_ratio"] for h in res["hard"]]).mean(0)
-        lines.append(f"- {ARM_LABELS[arm]}: " + ", ".join(f"{x:.2f}" for x in hr))
+    lines.append("Reweighted pools: fraction of the pool upsampled, and the growth factor r_i = E_pool,w[y_q (s.u_i)(x_q.u_i)] "
+                 "/ E_pool[...] for i = 1..d (small-init learning times scale as 1/(lam_i^2 r_i)); seed means:")
+    for arm in (a for a in arms if is_pool_arm(a)):
+        frac = np.mean([h[arm]["fraction"] for h in res["hard"]])
+        hr = np.array([h[arm]["growth_factor"] for h in res["hard"]]).mean(0)
+        lines.append(f"- {arm_label(arm)}: {frac:.1%}; " + ", ".join(f"{x:.2f}" for x in hr))
+    pd = np.array([h["pool_drive_over_lam2"] for h in res["hard"]])
+    lines.append("Pool noise: the uniform pools' drive E_pool[y_q (s.u_i)(x_q.u_i)] / lam_i^2 (1 in the population) ranges "
+                 f"{pd.min():.3f}..{pd.max():.3f} over seeds and directions.")
     sw = res["ode_rho_sweep"]
     lines.append(f"ODE entropy against rho (GD: {res['ode']['gd']['entropy']:.4f}; per-head stall at rho = sqrt(3) v0 = "
                  f"{sw['stall_rho']:.4g}): " + "; ".join(
@@ -792,13 +837,20 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
     from datalever.rundir import atomic_write_bytes
     import io
 
+    from matplotlib.ticker import NullFormatter
+
     def save(fig, name):
+        for ax in fig.axes:
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         atomic_write_bytes(out / name, buf.getvalue())
 
-    colors = {"gd": "C0", "sam_head": "C1", "sam_global": "C2", "reshaped": "C3", "easy": "C4", "random": "C7"}
+    colors = {"gd": "C0", "sam_head": "C1", "sam_global": "C2", "easy": "C4", "random": "C7"}
+    for k, arm in enumerate(a for a in arms if a.startswith("reshaped:")):
+        colors[arm] = ("C3", "C5", "C6", "C8", "C9")[k % 5]
     dcol = plt.cm.viridis(np.linspace(0, 0.95, cfg.d))
     idx = {(i, a, s): r for r, (i, a, s) in enumerate(runs)}
 
@@ -806,7 +858,7 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
     fig, axes = plt.subplots(1, len(inits), figsize=(6 * len(inits), 4), squeeze=False)
     for ax, init in zip(axes[0], inits):
         for arm in arms:
-            ax.plot(t_log, test_log[:, idx[(init, arm, 0)]], color=colors[arm], label=ARM_LABELS[arm], lw=1.2)
+            ax.plot(t_log, test_log[:, idx[(init, arm, 0)]], color=colors[arm], label=arm_label(arm), lw=1.2)
         for tt in per_run[idx[(init, "gd", 0)]]["learning_times"]:
             if np.isfinite(tt):
                 ax.axvline(tt, color="C0", lw=0.5, ls=":")
@@ -816,15 +868,22 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
     save(fig, "loss.png")
 
     # each direction's learning curve (random init, seed 0)
-    fig, axes = plt.subplots(1, len(arms), figsize=(3.6 * len(arms), 3.4), sharey=True)
+    ncol = min(4, len(arms))
+    nrow = math.ceil(len(arms) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 3.2 * nrow), sharey=True, squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[len(arms):]:
+        ax.axis("off")
     for ax, arm in zip(axes, arms):
         r = idx[("random", arm, 0)]
         for i in range(cfg.d):
             ax.plot(t_log, m_log[:, r, i], color=dcol[i], label=f"λ={lam[i]:.2f}")
-        ax.set_title(ARM_LABELS[arm], fontsize=9)
+        ax.set_title(arm_label(arm), fontsize=9)
         ax.set(xlabel="time (log)", xscale="log")
-    axes[0].set_ylabel("learned map m_i = λ_i u_iᵀΓu_i (random init)")
-    axes[-1].legend(fontsize=6)
+    for r in range(nrow):
+        axes[r * ncol].set_ylabel("m_i = λ_i u_iᵀΓu_i")
+    fig.suptitle("learned map per direction (random init, seed 0)", fontsize=10)
+    axes[len(arms) - 1].legend(fontsize=6)
     save(fig, "directions.png")
 
     # learning times per optimizer and entropy change
@@ -835,7 +894,7 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
         mu = np.array([m for m, _ in s["learning_times"]])
         ci = np.nan_to_num(np.array([h for _, h in s["learning_times"]]))
         axes[0].errorbar(x + 0.08 * (k - len(arms) / 2), mu, yerr=ci, fmt="o-", color=colors[arm],
-                         label=ARM_LABELS[arm], ms=3, lw=1)
+                         label=arm_label(arm), ms=3, lw=1)
     axes[0].set(xlabel="eigenvector i (decreasing eigenvalue)", ylabel="learning time", yscale="log",
                 title="learning times (random init, mean ± 95% CI)")
     axes[0].legend(fontsize=7)
@@ -844,7 +903,7 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
         for k, arm in enumerate(arms[1:]):
             m, h = summary[f"{init}/{arm}"]["delta_entropy_vs_gd"]
             axes[1].bar(j * na + k, m, yerr=0 if not np.isfinite(h) else h, color=colors[arm],
-                        label=ARM_LABELS[arm] if j == 0 else None)
+                        label=arm_label(arm) if j == 0 else None)
         if init == "aligned":
             for k, arm in enumerate(("sam_head", "sam_global")):
                 axes[1].plot(j * na + k, ode_res[arm]["entropy"] - ode_res["gd"]["entropy"], "k*", ms=9,
@@ -863,14 +922,14 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
             for i in range(cfg.d):
                 ax.plot(t_log, m_log[:, r, i], color=dcol[i])
                 ax.plot(ode_res[arm]["t"], ode_res[arm]["m"][:, i], color=dcol[i], ls="--", lw=1)
-            ax.set(title=f"{ARM_LABELS[arm]} (aligned init)", xlabel="time", xscale="log")
-        axes[1].text(0.02, 0.95, "solid: simulation, dashed: reduced ODE", transform=axes[1].transAxes, fontsize=8, va="top")
+            ax.set(title=f"{arm_label(arm)} (aligned init)", xlabel="time", xscale="log")
+        fig.suptitle("learned map m_i per direction: simulation (solid, seed 0) and reduced ODE (dashed)", fontsize=10)
         axes[0].set_ylabel("m_i")
         save(fig, "ode.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for name, col in (("sam_head", colors["sam_head"]), ("sam_global", colors["sam_global"])):
-        ax.plot(sweep_res[name]["rho"], sweep_res[name]["entropy"], "o-", color=col, label=ARM_LABELS[name])
+        ax.plot(sweep_res[name]["rho"], sweep_res[name]["entropy"], "o-", color=col, label=arm_label(name))
     ax.axvline(sweep_res["stall_rho"], color="k", lw=0.5, ls=":", label="√3·v0 (per-head stall)")
     ax.axvline(cfg.rho, color="C7", lw=0.5, ls="--", label=f"rho of the runs ({cfg.rho:g})")
     ax.set(xlabel="rho", ylabel="entropy (ODE)", title="reduced ODE: entropy against rho")
