@@ -22,6 +22,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
     ("data", "synth"): ("datalever.data", "SynthConfig", "run_synth", "Generate the embedded math word-problem dataset (GSM8K format) with train/validation/test splits."),
     ("data", "check"): ("datalever.data", "CheckConfig", "run_check", "Load a dataset file, detect its schema and report counts, sources and problems."),
     ("model", "build"): ("datalever.data", "ModelBuildConfig", "run_model_build", "Build a model preset from scratch as an HF checkpoint directory."),
+    ("model", "pretrain"): ("datalever.pretrain", "PretrainConfig", "run", "Pretrain a preset on arithmetic and copy drills (how the embedded demo-base was made)."),
     ("score",): ("datalever.losses", "ScoreConfig", "run", "Score every example's response loss under a model (the loss engine)."),
     ("profile",): ("datalever.profile", "ProfileConfig", "run", "Train a proxy briefly and record every training example's loss trajectory."),
     ("split",): ("datalever.split", "SplitConfig", "run", "Cluster loss trajectories into easy and hard examples."),

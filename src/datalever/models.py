@@ -20,6 +20,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNe
 log = logging.getLogger(__name__)
 
 PRESET_PREFIX = "preset:"
+EMBEDDED_PREFIX = "embedded:"  # a checkpoint shipped inside the package (src/datalever/assets/NAME)
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
@@ -118,13 +119,25 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 def resolve_model(spec: str, cache_dir: str | Path, seed: int = 0) -> str:
     """Turn a model spec into something `from_pretrained` accepts.
 
-    `preset:NAME` builds the preset into `cache_dir/NAME-seedS`; anything else is a local path or a
-    hub id, returned unchanged.
+    `preset:NAME` builds the preset into `cache_dir/NAME-seedS`; `embedded:NAME` is a checkpoint that
+    ships with the package (`demo-base`: the demo preset pretrained on arithmetic and copy drills by
+    `datalever pretrain`); anything else is a local path or a hub id, returned unchanged.
     """
+    if spec.startswith(EMBEDDED_PREFIX):
+        return embedded_checkpoint(spec[len(EMBEDDED_PREFIX):])
     if is_preset(spec):
         name = spec[len(PRESET_PREFIX):]
         return str(build_preset(name, Path(cache_dir) / f"{name}-seed{seed}", seed=seed))
     return spec
+
+
+def embedded_checkpoint(name: str) -> str:
+    from importlib.resources import files
+
+    path = files("datalever") / "assets" / name
+    if not (path / "config.json").is_file():
+        raise ValueError(f"no embedded checkpoint {name!r} (have: demo-base)")
+    return str(path)
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):

@@ -52,18 +52,18 @@ class ProfileConfig:
     """Run directory; the trajectory store is written here."""
     train_file: str | None = None
     """Training examples to profile (default: RUN/data/train.jsonl)."""
-    proxy: str = "preset:demo"
-    """Proxy model: HF checkpoint directory or hub id, or `preset:NAME` (built from scratch)."""
+    proxy: str = "embedded:demo-base"
+    """Proxy model: HF checkpoint directory or hub id, `preset:NAME` (built from scratch) or `embedded:demo-base`."""
     fraction: float = 1 / 3
     """Fraction of an epoch the proxy trains for."""
     checkpoints: int = 5
     """K: how many evenly spaced steps of the proxy run record every example's loss (the last is the final step)."""
     batch_size: int = 32
     """Examples per proxy optimizer step."""
-    micro_batch_size: int = 16
+    micro_batch_size: int = 8
     """Examples per forward/backward pass."""
-    lr: float = 1e-3
-    """Proxy learning rate (1e-3 suits a preset trained from scratch; use ~2e-5 for a pretrained proxy such as Pythia-70M)."""
+    lr: float = 2e-3
+    """Proxy learning rate (2e-3 suits the ~1M-parameter demo models; use ~2e-5 for a pretrained proxy such as Pythia-70M)."""
     warmup_ratio: float = 0.03
     """Warmup fraction of the proxy's cosine schedule."""
     max_length: int = 512

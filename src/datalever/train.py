@@ -56,8 +56,8 @@ class LoraConfig:
 class TrainConfig:
     """Fine-tune a causal LM on prompt/response examples with the loss on response tokens only."""
 
-    model: str = "preset:demo"
-    """HF checkpoint directory or hub id, or `preset:NAME` to build a small model from scratch."""
+    model: str = "embedded:demo-base"
+    """HF checkpoint directory or hub id; `preset:NAME` builds a small model from scratch; `embedded:demo-base` is the pretrained demo model shipped with the package."""
     data: str = "runs/demo/data/train.jsonl"
     """Training examples (JSONL, JSON, Parquet, CSV or a datasets directory)."""
     out: str = "runs/train"
