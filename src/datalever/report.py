@@ -147,6 +147,34 @@ def plot(results: dict, run_dir: Path) -> list[str]:
     return paths
 
 
+def plot_loss_curves(run_dir: Path, arms: list[str], seed: int) -> str:
+    """Training loss per step (and the final validation loss) of each arm for one seed."""
+    import json
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for arm in arms:
+        log = _seed_dir(run_dir, arm, seed) / "train" / "train_log.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        line, = ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label=arm)
+        vals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+        if vals:
+            ax.scatter(*zip(*vals), color=line.get_color(), marker="o", s=18)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("response loss (nats/token)")
+    ax.set_yscale("log")
+    ax.set_title(f"Training loss per arm, seed {seed} (dots: validation loss)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = run_dir / "results_loss.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def write_report(run_dir: str | Path, arms: list[str], seeds: list[int], *, eval_split: str = "test") -> dict:
     run_dir = Path(run_dir)
     rows = collect(run_dir, arms, seeds)
@@ -159,7 +187,7 @@ def write_report(run_dir: str | Path, arms: list[str], seeds: list[int], *, eval
     comparisons = {f"hard - {c}": paired(rows, "hard", c, seeds) for c in controls if "hard" in summaries}
     results = {"seeds": seeds, "eval_split": eval_split, "n_test": summaries[arms[0]]["n_test"],
                "arms": summaries, "paired": comparisons, "proxy_compute": proxy_compute(run_dir)}
-    results["plots"] = plot(results, run_dir)
+    results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
     results["markdown"] = markdown(results)
     rundir.write_json(run_dir / "results.json", results)
     rundir.atomic_write_text(run_dir / "results.md", "# Results\n\n" + results["markdown"] + "\n")
