@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import sys
 import typing
 
@@ -96,8 +97,6 @@ def _command_path(argv: list[str]) -> tuple[str, ...] | None:
 
 def _quiet_libraries() -> None:
     """Keep the console for our own progress bars: no per-shard bars or hub chatter from HF libraries."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
@@ -119,7 +118,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     config_cls, run = _load(path)
     values = {k: v for k, v in node.as_dict().items() if k != "config"}
-    result = run(_to_dataclass(config_cls, values))
+    try:
+        result = run(_to_dataclass(config_cls, values))
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad input or a refused run: the message names the file, line and problem; a traceback
+        # would only bury it. DATALEVER_DEBUG=1 shows the traceback.
+        if os.environ.get("DATALEVER_DEBUG"):
+            raise
+        print(f"datalever {' '.join(path)}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     if isinstance(result, str):
         print(result)
 

@@ -1,0 +1,71 @@
+"""The command line: every command's --help documents every option; bad input is a clean error."""
+
+import dataclasses
+import typing
+
+import pytest
+
+from datalever import cli
+
+
+def _options(cls, prefix=""):
+    """(flag, docstring present) for every field of a config dataclass, nested ones included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _options(hints[f.name], prefix + f.name + ".")
+        else:
+            yield prefix + f.name
+
+
+@pytest.mark.parametrize("path", sorted(cli.COMMANDS), ids=lambda p: " ".join(p))
+def test_help_documents_every_option(path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*path, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    config_cls, _ = cli._load(path)
+    for option in _options(config_cls):
+        assert f"--{option} " in text or f"--{option}\n" in text, f"{option} missing from `{' '.join(path)} --help`"
+
+
+def test_every_field_has_a_docstring():
+    """jsonargparse reads attribute docstrings; a field without one shows up in --help undocumented."""
+    import ast
+    import inspect
+
+    for path in cli.COMMANDS:
+        config_cls, _ = cli._load(path)
+        seen = [config_cls]
+        while seen:
+            cls = seen.pop()
+            tree = ast.parse(inspect.getsource(cls))
+            body = tree.body[0].body
+            for i, node in enumerate(body):
+                if isinstance(node, ast.AnnAssign):
+                    nxt = body[i + 1] if i + 1 < len(body) else None
+                    assert isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant), \
+                        f"{cls.__name__}.{node.target.id} has no docstring"
+            hints = typing.get_type_hints(cls)
+            seen += [t for t in hints.values() if dataclasses.is_dataclass(t)]
+
+
+def test_bad_input_is_a_clean_error(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": "b?" "answer": "x"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["data", "check", "--path", str(bad)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl: line 2: malformed JSON" in err and "Traceback" not in err
+
+
+def test_config_file_then_override(tmp_path):
+    """--config loads values; options given after it override them."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("n_train: 7\nn_val: 3\nn_test: 2\nseed: 5\n")
+    out = tmp_path / "data"
+    cli.main(["data", "synth", "--config", str(cfg), "--n_train", "9", "--out", str(out)])
+    assert len((out / "train.jsonl").read_text().splitlines()) == 9
+    assert len((out / "validation.jsonl").read_text().splitlines()) == 3
+    assert "seed: 5" in (out / "synth.config.yaml").read_text()
