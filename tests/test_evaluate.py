@@ -320,6 +320,10 @@ from datalever.evaluate import EvalConfig, run
 metrics = run(EvalConfig(model=sys.argv[1], data=sys.argv[2], out=sys.argv[3], max_new_tokens=6, batch_size=2,
                          progress=False))
 print("EVAL_OK", state.process_index, json.dumps(metrics, sort_keys=True), flush=True)
+state.wait_for_everyone()
+torch.distributed.destroy_process_group()  # explicit: gloo torn down at interpreter exit can abort
+import os
+os._exit(0)  # and skip the interpreter's teardown, where gloo's threads can still abort on a loaded machine
 '''
 
 

@@ -129,6 +129,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if isinstance(result, str):
         print(result)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun, leave the process group explicitly: gloo torn down at interpreter exit can abort."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
