@@ -99,7 +99,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads")
-    print(f"| preset | examples | tokens | engine tok/s | S2L-style tok/s | ceiling tok/s | engine/S2L | engine/ceiling |")
+    print("| preset | examples | tokens | engine tok/s | S2L-style tok/s | ceiling tok/s | engine/S2L | engine/ceiling |")
     print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
         r = bench(preset, args.n, args.token_budget, args.s2l_n)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, PretrainedConfig,
                           LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config)
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def build_tokenizer(vocab_size: int = 512, corpus_seed: int = 12345, corpus_size
                                    model_max_length=1_000_000)
 
 
-def build_config(preset: Preset, tokenizer) -> "PretrainedConfig":
+def build_config(preset: Preset, tokenizer) -> PretrainedConfig:
     common = dict(vocab_size=max(preset.vocab, len(tokenizer)), hidden_size=preset.hidden,
                   num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
                   intermediate_size=preset.intermediate, max_position_embeddings=preset.max_positions,

@@ -35,7 +35,6 @@ against loss drop = first - last loss, coloured by cluster).
 
 from __future__ import annotations
 
-import math
 import re
 import types
 from dataclasses import dataclass

@@ -31,7 +31,7 @@ import torch
 
 from datalever import rundir
 from datalever.examples import Example, load_examples
-from datalever.losses import ResponseLoss, score_encoded
+from datalever.losses import ResponseLoss
 from datalever.models import count_parameters, load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig, build_optimizer, lr_factor, optimizer_step, set_lr
 from datalever.sampler import MultiplicitySampler
