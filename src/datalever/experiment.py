@@ -22,6 +22,7 @@ from datalever import rundir
 from datalever.data import SynthConfig, run_synth
 from datalever.evaluate import EvalConfig, run as eval_run
 from datalever.profile import ProfileConfig, run as profile_run
+from datalever.report import seed_dir, write_report
 from datalever.split import SplitConfig, run as split_run
 from datalever.train import TrainConfig, run as train_run, total_steps
 from datalever.upsample import UpsampleConfig, run as upsample_run
@@ -119,7 +120,7 @@ def data_files(cfg: ExperimentConfig) -> dict[str, str]:
 
 def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, train_file: str) -> Path:
     """Upsample for this arm and seed into arms/<arm>/seed<S>/ (examples.jsonl + manifest.parquet)."""
-    out = Path(cfg.run_dir) / "arms" / arm.name / f"seed{seed}"
+    out = seed_dir(cfg.run_dir, arm.name, seed)
     if not (out / "manifest.json").exists():
         upsample_run(UpsampleConfig(run_dir=cfg.run_dir, arm=arm.data, m=cfg.m, seed=seed, synth_fn=arm.synth_fn,
                                     train_file=train_file, out=str(out)))
@@ -167,8 +168,6 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
 
 
 def run(cfg: ExperimentConfig) -> str:
-    from datalever.report import write_report
-
     run_dir = Path(cfg.run_dir)
     rundir.record_provenance(run_dir, "experiment", cfg)
     files = data_files(cfg)

@@ -21,8 +21,9 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
     return m, stats.t.ppf(0.5 + level / 2, len(values) - 1) * stdev(values) / math.sqrt(len(values))
 
 
-def _seed_dir(run_dir: Path, arm: str, seed: int) -> Path:
-    return run_dir / "arms" / arm / f"seed{seed}"
+def seed_dir(run_dir: str | Path, arm: str, seed: int) -> Path:
+    """Where one arm's run for one seed lives: upsampled set, train/, eval/."""
+    return Path(run_dir) / "arms" / arm / f"seed{seed}"
 
 
 def collect(run_dir: Path, arms: list[str], seeds: list[int]) -> dict:
@@ -30,7 +31,7 @@ def collect(run_dir: Path, arms: list[str], seeds: list[int]) -> dict:
     rows = {}
     for arm in arms:
         for seed in seeds:
-            d = _seed_dir(run_dir, arm, seed)
+            d = seed_dir(run_dir, arm, seed)
             metrics = rundir.read_json(d / "eval" / "metrics.json")
             summary = rundir.read_json(d / "train" / "train_summary.json")
             rows[(arm, seed)] = {"metrics": metrics, "train": summary}
@@ -157,7 +158,7 @@ def plot_loss_curves(run_dir: Path, arms: list[str], seed: int) -> str:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for arm in arms:
-        log = _seed_dir(run_dir, arm, seed) / "train" / "train_log.jsonl"
+        log = seed_dir(run_dir, arm, seed) / "train" / "train_log.jsonl"
         records = [json.loads(line) for line in log.read_text().splitlines()]
         line, = ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label=arm)
         vals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]

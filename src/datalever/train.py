@@ -234,12 +234,6 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
     return Accelerator(mixed_precision=mp, log_with=cfg.log_with, project_dir=project_dir, cpu=cpu)
 
 
-def _load_dtype(cfg: TrainConfig):
-    # transformers >= 5 loads a checkpoint in its stored dtype by default: a bf16 checkpoint would be
-    # trained in pure bf16. Training keeps float32 master weights unless asked otherwise.
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": "auto"}[cfg.dtype]
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 # Settings that decide the trajectory: a checkpoint made with other values is not resumed.
@@ -411,7 +405,9 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     accelerator.wait_for_everyone()  # a preset is built once, by the main process
     model_path = resolve_model(cfg.model, cfg.models_dir or out.parent / "models", seed=cfg.seed)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    hf_model = load_model(model_path, dtype=_load_dtype(cfg), trust_remote_code=cfg.trust_remote_code)
+    # transformers >= 5 loads a checkpoint in its stored dtype by default: a bf16 checkpoint would be
+    # trained in pure bf16. cfg.dtype (float32 by default) keeps float32 master weights.
+    hf_model = load_model(model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     # Seeded after loading, so the LoRA init and dropout do not depend on whether a preset was just built.
     set_seed(cfg.seed)
     if cfg.lora.enabled:
