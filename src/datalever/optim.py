@@ -206,21 +206,29 @@ class MultiOptimizer:
     def _counters(self) -> dict:
         return {"n_steps": self.n_steps, "n_forwards": self.n_forwards, "n_backwards": self.n_backwards}
 
-    def state_dict(self) -> dict:
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self.optimizers.values())
+
+    def state_dict(self, get_state: Callable | None = None) -> dict:
+        """Counters plus each torch optimizer's state, taken by ``get_state(opt)`` (default ``opt.state_dict()``;
+        under FSDP the caller passes a function that gathers the sharded state)."""
+        get_state = get_state or (lambda opt: opt.state_dict())
         return {
             "kind": "multi",
-            "optimizers": {k: opt.state_dict() for k, opt in self.optimizers.items()},
+            "optimizers": {k: get_state(opt) for k, opt in self.optimizers.items()},
             "counters": self._counters(),
         }
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, set_state: Callable | None = None) -> None:
+        """Inverse of ``state_dict``; ``set_state(opt, saved)`` loads one torch optimizer (default ``opt.load_state_dict``)."""
         if state_dict.get("kind") != "multi":
             raise ValueError(f"not a MultiOptimizer state dict (kind={state_dict.get('kind')!r})")
         saved = state_dict["optimizers"]
         if list(saved) != list(self.optimizers):
             raise ValueError(f"optimizer mismatch: saved {list(saved)}, have {list(self.optimizers)}")
+        set_state = set_state or (lambda opt, sd: opt.load_state_dict(sd))
         for k, opt in self.optimizers.items():
-            opt.load_state_dict(saved[k])
+            set_state(opt, saved[k])
         for k, v in state_dict["counters"].items():
             setattr(self, k, int(v))
 
@@ -230,13 +238,33 @@ class MultiOptimizer:
         return f"MultiOptimizer({inner})"
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def global_grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all the gradients together, as one scalar tensor.
+
+    Under FSDP each gradient is a DTensor holding one shard: the per-tensor norms are reduced over the
+    shards (``full_tensor``), so every process gets the norm of the whole gradient, not of its shard.
+    """
+    grads = [p.grad.detach() for p in params]
+    if any(_is_dtensor(g) for g in grads):
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        return total.full_tensor() if _is_dtensor(total) else total
+    dev = grads[0].device
+    acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=acc).to(dev) for g in grads]))
+
+
 class SAM:
     """Sharpness-aware minimization around a base optimizer.
 
     Use: gradients g at w -> ``perturb()`` (w += rho * g / ||g||, norm over all parameters of the base
     optimizer, which are the trainable ones) -> zero grads -> gradients g' at the perturbed point ->
     ``restore()`` (w copied back exactly) -> ``step()`` (base step with g'). ``optimizer_step`` does this.
-    Under DDP the first pass runs without gradient sync, so each rank perturbs with its local gradient.
+    Under DDP the first pass runs without gradient sync, so each rank perturbs with its local gradient;
+    under FSDP it syncs (a rank holds only a shard), so the perturbation uses the whole batch's gradient.
     """
 
     is_sam = True
@@ -268,6 +296,9 @@ class SAM:
     def params(self) -> list[nn.Parameter]:
         return self.base.params()
 
+    def torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.base.torch_optimizers()
+
     @torch.no_grad()
     def perturb(self) -> float:
         """w += rho * g / ||g|| using the current .grad; returns ||g||."""
@@ -277,10 +308,7 @@ class SAM:
         if not ps:
             self._backup = []
             return 0.0
-        dev = ps[0].grad.device
-        acc = torch.float64 if any(p.grad.dtype == torch.float64 for p in ps) else torch.float32
-        norm = torch.linalg.vector_norm(torch.stack([
-            torch.linalg.vector_norm(p.grad.detach(), dtype=acc).to(dev) for p in ps]))
+        norm = global_grad_norm(ps)
         self._backup = [(p, p.detach().clone()) for p in ps]
         if self.rho > 0:
             scale = self.rho / norm.clamp_min(1e-12)
@@ -305,13 +333,13 @@ class SAM:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict:
-        return {"kind": "sam", "rho": self.rho, "base": self.base.state_dict()}
+    def state_dict(self, get_state: Callable | None = None) -> dict:
+        return {"kind": "sam", "rho": self.rho, "base": self.base.state_dict(get_state)}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, set_state: Callable | None = None) -> None:
         if state_dict.get("kind") != "sam":
             raise ValueError(f"not a SAM state dict (kind={state_dict.get('kind')!r})")
-        self.base.load_state_dict(state_dict["base"])
+        self.base.load_state_dict(state_dict["base"], set_state)
         self.rho = float(state_dict["rho"])
 
     def __repr__(self) -> str:
@@ -415,7 +443,19 @@ def _inner(opt: Any) -> Any:
     return opt
 
 
+def _is_fsdp(model: nn.Module, accelerator: Any) -> bool:
+    if accelerator is not None and getattr(accelerator, "is_fsdp2", False):
+        return True
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
 def _no_sync(model: nn.Module, accelerator: Any):
+    # Under FSDP every backward syncs (reduce-scatters): with sync off, FSDP2 accumulates the gradients
+    # unsharded, outside the parameters' .grad, where _grad_pass's in-place rescaling cannot reach them;
+    # and SAM's first pass needs the whole gradient, which no process holds locally (so under FSDP SAM
+    # perturbs with the global gradient, exactly as one process does with the whole batch).
+    if _is_fsdp(model, accelerator):
+        return contextlib.nullcontext()
     if accelerator is not None:
         return accelerator.no_sync(model)
     no_sync = getattr(model, "no_sync", None)

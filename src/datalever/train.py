@@ -9,8 +9,9 @@ uninterrupted run ends.
 
 Launch: `python -m datalever train ...` (one process: CPU or one GPU), `torchrun --nproc_per_node N
 -m datalever train ...` (DDP; on a machine without GPUs the processes talk over gloo), or
-`accelerate launch --config_file fsdp.yaml -m datalever train ...` (FSDP: training and the final
-save; resuming under FSDP is not supported yet). With N processes each step's batch is split evenly
+`accelerate launch --config_file configs/accelerate/fsdp2.yaml -m datalever train ...` (FSDP2: parameters,
+gradients and optimizer state sharded; checkpoints hold the full state, so a run resumes on any number
+of processes). With N processes each step's batch is split evenly
 (batch_size must be a multiple of N) and the loss is weighted so that the gradient equals the one a
 single process computes on the whole batch (SAM excepted: each process perturbs with its own gradient).
 """
@@ -218,20 +219,57 @@ def _no_accelerator_device() -> bool:
         return True
 
 
+def fsdp_requested() -> bool:
+    """An Accelerate FSDP config is in effect (`accelerate launch --config_file fsdp.yaml` sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def make_accelerator(cfg: TrainConfig, project_dir: str):
     """An Accelerator set up from the environment (torchrun / accelerate launch / plain python).
 
     Accelerate only treats a torchrun launch as multi-process CPU (gloo) when asked with `cpu=True`;
     without it, N processes on a machine without GPUs each train alone. So `cpu=True` is passed
     exactly when several processes were launched and there is no accelerator device.
+
+    FSDP: only Accelerate's FSDP2 (`fsdp_version: 2`) is supported; its sharded parameters are what
+    Muon, SAM and the sharded checkpoints here are written for. Accelerate turns FSDP on only for
+    accelerator devices, while torch's FSDP2 also shards over gloo on CPUs: on a machine without
+    GPUs the FSDP plugin is switched on by hand, so the same code path runs (and is tested) there.
     """
     from accelerate import Accelerator
 
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    fsdp = fsdp_requested()
+    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError("datalever supports FSDP through Accelerate's FSDP2 only: set `fsdp_version: 2` in the "
+                         "Accelerate config (FSDP_VERSION=2)")
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and _no_accelerator_device()
-    return Accelerator(mixed_precision=mp, log_with=cfg.log_with, project_dir=project_dir, cpu=cpu)
+    accelerator = Accelerator(mixed_precision=mp, log_with=cfg.log_with, project_dir=project_dir, cpu=cpu)
+    if fsdp and cpu and not accelerator.is_fsdp2:
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        # What Accelerate itself does on GPUs: the plugin on the accelerator state, the type in both shared states.
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the same environment
+        accelerator.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    return accelerator
+
+
+def prepare(accelerator, model: ResponseLoss, opt):
+    """Wrap the model for the launch (DDP, FSDP2 or nothing) and point the optimizer at the wrapped parameters.
+
+    Under FSDP2, Accelerate replaces every parameter by a sharded DTensor and re-points the torch
+    optimizers passed with the model at the new parameters, in place; our Multi/SAM wrappers hold those
+    same optimizer objects, so they follow. Elsewhere the parameters stay the same objects.
+    """
+    if accelerator.is_fsdp2:
+        # Accelerate's transformer-block wrap policy looks for the HF model's block classes on the root module.
+        model._no_split_modules = getattr(model.model, "_no_split_modules", None)
+        return accelerator.prepare(model, *opt.torch_optimizers())[0]
+    return accelerator.prepare(model)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -272,6 +310,23 @@ def _strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
+def full_state_dict(accelerator, model) -> dict:
+    """The model's whole state dict on the main process (others get an empty dict); all processes call it.
+
+    Under FSDP2 the shards are gathered one tensor at a time, so no process ever holds more than the
+    main process's copy plus one full tensor. (Accelerate's get_state_dict returned the DTensor shards
+    themselves on CPU processes, which safetensors cannot write.)
+    """
+    if not accelerator.is_fsdp2:
+        return accelerator.get_state_dict(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        full = value.full_tensor() if type(value).__name__ == "DTensor" else value
+        if accelerator.is_main_process:
+            out[key] = full.detach().to("cpu", copy=True)
+    return out
+
+
 def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: int, compute: Compute,
                     identity: str = "", keep: int = 1, tokenizer=None) -> None:
     """Weights (safetensors), optimizer state, stream position; RNG per process; written to a temp dir, then renamed.
@@ -280,7 +335,7 @@ def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: in
     under FSDP) and each process writes its own RNG state (a shared file system is assumed).
     """
     tmp = path.with_name(path.name + ".tmp")
-    state_dict = _strip_prefix(accelerator.get_state_dict(model))
+    state_dict = _strip_prefix(full_state_dict(accelerator, model))
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -288,7 +343,9 @@ def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: in
         inner.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "model")  # so a full fine-tune's checkpoint loads as it is
-        state = {"step": step, "position": position, "optimizer": opt.state_dict(), "compute": dict(compute.__dict__),
+    optimizer_state = opt_state_dict(accelerator, model, opt)  # all processes: a collective under FSDP
+    if accelerator.is_main_process:
+        state = {"step": step, "position": position, "optimizer": optimizer_state, "compute": dict(compute.__dict__),
                  "identity": identity, "world_size": accelerator.num_processes}
         torch.save(state, tmp / "trainer_state.pt")
     accelerator.wait_for_everyone()
@@ -306,36 +363,64 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def load_checkpoint(path: Path, model, opt, rank: int = 0, identity: str | None = None) -> tuple[int, int, Compute]:
-    """Restore weights, optimizer, RNG (this process's), and return (step, stream position, compute)."""
-    from safetensors.torch import load_file
+def opt_state_dict(accelerator, model, opt) -> dict:
+    """The optimizer state as one process could load it. Under FSDP2 each torch optimizer's sharded
+    state is gathered into a full, parameter-name-keyed state dict (torch.distributed.checkpoint), so
+    a checkpoint does not depend on how many processes share the model."""
+    if not accelerator.is_fsdp2:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return opt.state_dict(lambda o: get_optimizer_state_dict(model, o, options=options))
+
+
+def load_opt_state_dict(accelerator, model, opt, state: dict) -> None:
+    if not accelerator.is_fsdp2:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # Every process reads the same full state from the checkpoint and keeps its own shard of it.
+    options = StateDictOptions(full_state_dict=True)
+    opt.load_state_dict(state, lambda o, sd: set_optimizer_state_dict(model, o, sd, options=options))
+
+
+def read_trainer_state(path: Path, identity: str | None = None) -> dict:
+    """The checkpoint's step, stream position, optimizer state and compute; refuses other settings."""
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     if identity is not None and state.get("identity") and state["identity"] != identity:
         raise RuntimeError(f"{path} was saved by a run with other settings; use a new output directory "
                            f"(saved: {state['identity']}; now: {identity})")
-    inner = model.model
+    return state
+
+
+def load_checkpoint_weights(path: Path, hf_model) -> None:
+    """Load a checkpoint's weights (full model or LoRA adapter) into the unwrapped, unsharded model."""
+    from safetensors.torch import load_file
+
     weights_file = path / "model" / "model.safetensors"
     if weights_file.exists():
-        result = inner.load_state_dict(load_file(weights_file), strict=False)
+        result = hf_model.load_state_dict(load_file(weights_file), strict=False)
         # save_pretrained leaves out tied copies (e.g. the output head of a tied model): those may be missing.
-        tied = set(getattr(inner, "all_tied_weights_keys", None) or getattr(inner, "_tied_weights_keys", None) or ())
+        tied = set(getattr(hf_model, "all_tied_weights_keys", None) or getattr(hf_model, "_tied_weights_keys", None) or ())
         missing = [k for k in result.missing_keys if k not in tied]
         if missing or result.unexpected_keys:
             raise RuntimeError(f"{weights_file} does not match the model: missing {missing[:5]}, "
                                f"unexpected {result.unexpected_keys[:5]}")
     else:  # a peft adapter directory
         from peft import set_peft_model_state_dict
-        result = set_peft_model_state_dict(inner, load_file(path / "model" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(hf_model, load_file(path / "model" / "adapter_model.safetensors"))
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"{path}: adapter weights do not match the model: {result.unexpected_keys[:5]}")
-    opt.load_state_dict(state["optimizer"])
+
+
+def load_rng_state(path: Path, rank: int) -> None:
     rng_file = path / f"rng-{rank}.pt"
     if not rng_file.exists():
         rng_file = path / "rng-0.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=True))
-    return state["step"], state["position"], Compute(**state["compute"])
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
@@ -415,8 +500,14 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     hf_model.train()  # from_pretrained returns a model in eval mode (dropout off)
     n_params = count_parameters(hf_model)
     trainable = count_parameters(hf_model, trainable_only=True)
-    model = accelerator.prepare(ResponseLoss(hf_model))
-    opt = build_optimizer(accelerator.unwrap_model(model).model, cfg.optim)
+    identity = _resume_identity(cfg)
+    ckpt_dir = out / "checkpoints"
+    last = latest_checkpoint(ckpt_dir)
+    saved = read_trainer_state(last, identity) if last is not None else None
+    if last is not None:
+        load_checkpoint_weights(last, hf_model)  # before wrapping: FSDP shards what is loaded here
+    opt = build_optimizer(hf_model, cfg.optim)
+    model = prepare(accelerator, ResponseLoss(hf_model), opt)
 
     examples, mult = load_training_data(cfg)
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
@@ -425,16 +516,13 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     stream = ExampleStream(mult, seed=cfg.seed)
     steps = total_steps(cfg, stream.epoch_len)
     warmup = warmup_steps(cfg, steps)
-    identity = _resume_identity(cfg)
 
     step, position, compute = 0, 0, Compute()
-    ckpt_dir = out / "checkpoints"
     log_path = out / "train_log.jsonl"
-    last = latest_checkpoint(ckpt_dir)
-    if last is not None:
-        if accelerator.distributed_type.value == "FSDP":
-            raise NotImplementedError("resuming under FSDP is not supported yet (weights are loaded unsharded)")
-        step, position, compute = load_checkpoint(last, accelerator.unwrap_model(model), opt, rank, identity)
+    if saved is not None:
+        load_opt_state_dict(accelerator, model, opt, saved["optimizer"])
+        load_rng_state(last, rank)
+        step, position, compute = saved["step"], saved["position"], Compute(**saved["compute"])
         accelerator.print(f"resuming from {last} (step {step})")
     if accelerator.is_main_process:
         _truncate_log(log_path, step)  # lines after the checkpoint are redone
@@ -502,7 +590,8 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
             save_checkpoint(ckpt_dir / f"step-{step}", accelerator, model, opt, step, position, compute,
                             identity, cfg.keep_checkpoints, tokenizer)
     bar.close()
-    summary = finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult)
+    summary = finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult,
+                     model_path)
     # Not accelerator.end_training(): it also destroys the process group, which a caller running several
     # stages in one torchrun (profile, then every arm) still needs.
     for tracker in accelerator.trackers:
@@ -510,7 +599,7 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     return summary
 
 
-def finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult) -> dict:
+def finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult, model_path) -> dict:
     """Save the final model as a plain HF directory (LoRA merged) and the summary, written last."""
     out = Path(cfg.out)
     last_val = last_loss = None
@@ -523,8 +612,8 @@ def finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainab
     summary = {"steps": steps, "n_params": n_params, "trainable_params": trainable, "examples": len(examples),
                "epoch_len": sum(mult), "compute": compute.__dict__, "final_train_loss": last_loss,
                "final_val_loss": last_val, "optimizer": cfg.optim.name, "lora": cfg.lora.enabled,
-               "world_size": accelerator.num_processes}
-    state_dict = _strip_prefix(accelerator.get_state_dict(model))  # all processes (a collective under FSDP)
+               "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value}
+    state_dict = _strip_prefix(full_state_dict(accelerator, model))  # all processes (a collective under FSDP)
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).model
         final = out / "model"
@@ -532,6 +621,11 @@ def finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainab
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.lora.enabled:
             inner.save_pretrained(out / "adapter", state_dict=state_dict, safe_serialization=True)
+            if accelerator.is_fsdp2:  # the live weights are shards: merge into a fresh copy of the base model
+                from peft import PeftModel
+
+                base = load_model(model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+                inner = PeftModel.from_pretrained(base, out / "adapter")
             inner = inner.merge_and_unload()
             inner.save_pretrained(tmp, safe_serialization=True)
         else:

@@ -2,7 +2,9 @@
 
     torchrun --nproc_per_node 2 tests/multiproc/train_run.py CONFIG.json
 
-The config holds TrainConfig fields; `optim` and `lora` are nested dicts. Each process writes
+The config holds TrainConfig fields; `optim` and `lora` are nested dicts; an extra `kill_at_step: K`
+makes every process die abruptly (os._exit, no cleanup) right after step K, before that step's
+checkpoint, as a crashed job would. Each process writes
 `CONFIG.json.rank<R>.json` = {"rank", "world_size", "summary"} at the end (a file, not stdout: the
 processes share one stdout and their lines may interleave).
 """
@@ -25,7 +27,13 @@ def main(path: str) -> None:
     values = json.loads(open(path).read())
     values["optim"] = OptimConfig(**values.get("optim", {}))
     values["lora"] = LoraConfig(**values.get("lora", {}))
-    summary = run(TrainConfig(**values))
+    kill_at = values.pop("kill_at_step", None)
+
+    def on_step(step, *_):
+        if step == kill_at:
+            os._exit(17)
+
+    summary = run(TrainConfig(**values), on_step=on_step)
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{path}.rank{rank}.json", "w") as f:
         json.dump({"rank": rank, "world_size": summary["world_size"], "summary": summary}, f)
