@@ -301,3 +301,14 @@ def test_run_refuses_an_unfinished_profile(tmp_path):
     (tmp_path / "trajectories.meta.json").write_text(json.dumps({**meta, "complete": False}))
     with pytest.raises(SplitError, match="not finished"):
         run(SplitConfig(run_dir=str(tmp_path)))
+
+
+def test_plot_legends_mark_the_hard_cluster():
+    import pandas as pd
+
+    from datalever.split import _group_label
+
+    df = pd.DataFrame({"hard": [False, False, True, True, True]})
+    assert _group_label(df, "0", df["hard"] == False) == "cluster 0, n=2"  # noqa: E712
+    assert _group_label(df, "1", df["hard"]) == "cluster 1 (hard), n=3"
+    assert _group_label(df, "gsm8k", df["hard"]) == "gsm8k (hard), n=3"

@@ -366,6 +366,13 @@ def summarize(df: pd.DataFrame, losses_by_id: pd.DataFrame, *, k: int, features:
 # Plots
 
 
+def _group_label(df: pd.DataFrame, gname: str, mask) -> str:
+    """Legend text of a cluster (or small source): its name, whether it is the upsampled one, its size."""
+    hard = " (hard)" if df.loc[mask, "hard"].all() else ""
+    name = f"cluster {gname}" if gname.isdigit() else gname
+    return f"{name}{hard}, n={int(mask.sum())}"
+
+
 def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int], out_dir: Path) -> None:
     import matplotlib
 
@@ -379,9 +386,7 @@ def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int
     for j, (gname, mask) in enumerate(groups):
         traj = losses_by_id.loc[df.loc[mask, "id"]].to_numpy()
         mu, sd = traj.mean(axis=0), traj.std(axis=0)
-        hard = " (hard)" if df.loc[mask, "hard"].all() else ""
-        label = f"cluster {gname}{hard}, n={int(mask.sum())}" if gname.isdigit() else f"{gname}{hard}, n={int(mask.sum())}"
-        ax.plot(steps, mu, marker="o", color=colors(j), label=label)
+        ax.plot(steps, mu, marker="o", color=colors(j), label=_group_label(df, gname, mask))
         ax.fill_between(steps, mu - sd, mu + sd, color=colors(j), alpha=0.2)
     ax.set_xlabel("proxy training step")
     ax.set_ylabel("response loss (mean ± std)")
@@ -395,7 +400,7 @@ def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int
     for j, (gname, mask) in enumerate(groups):
         sub = df.loc[mask]
         ax.scatter(sub["loss_drop"], sub["mean_loss"], s=10, alpha=0.6, color=colors(j),
-                   label=f"cluster {gname}" if gname.isdigit() else gname)
+                   label=_group_label(df, gname, mask))
     ax.set_xlabel("loss drop (first - last checkpoint)")
     ax.set_ylabel("mean loss over checkpoints")
     ax.set_title("Data map")
