@@ -151,6 +151,14 @@ def one_arg(example):
 def clash(example, n, seed):  # one variant equal to an original, one shared by every parent
     return [Example(id="a", prompt="p", response="r"), Example(id="same", prompt="p", response="r")]
 
+def leaky(example, n, seed):  # a test problem verbatim (other spacing/case), the same reworded, a new one
+    return [Example(id=example.id + "~copy", prompt="  tom has 3 apples and buys 4 more.  How many?\\n",
+                    response="3 + 4 = 7\\n#### 7"),
+            Example(id=example.id + "~reworded", prompt="Ann had 4 pears; she got 3 more. Total?\\n",
+                    response="4 + 3 = 7\\n#### 7"),
+            Example(id=example.id + "~new", prompt=f"Ann had 4 pears; she got {len(example.id) + 10} more. Total?\\n",
+                    response=f"#### {len(example.id) + 14}")][:n]
+
 NOT_CALLABLE = 3
 '''
 
@@ -180,6 +188,27 @@ def test_synth_variants_added_and_marked(tmp_path, monkeypatch):
     run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:one_arg", synth_per_hard=1))
     man = pq.read_table(arm_dir / "manifest.parquet").to_pandas()
     assert set(man.loc[man["origin"] == "synth", "id"]) == {f"{p}~x" for p in ALL_HARD}
+
+
+def test_variants_reproducing_heldout_problems_are_dropped(tmp_path, monkeypatch):
+    (tmp_path / "mysynth.py").write_text(SYNTH_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    make_run(tmp_path)
+    held = Example(id="t1", prompt="Tom has 3 apples and buys 4 more. How many?\n", response="#### 7")
+    save_examples(str(tmp_path / "data" / "test.jsonl"), [held])
+    # default: the validation/test files beside the training file (here only test.jsonl exists)
+    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:leaky", synth_per_hard=3))
+    man = pq.read_table(tmp_path / "arms" / "hard" / "manifest.parquet").to_pandas()
+    assert set(man.loc[man["origin"] == "synth", "id"]) == {f"{p}~new" for p in ALL_HARD}
+    assert counts["n_synth_dropped_heldout"] == 2 * len(ALL_HARD)
+    assert counts["heldout_files"] == [str(tmp_path / "data" / "test.jsonl")]
+    # an explicit empty list checks nothing; a missing file is an error, not a silent skip
+    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:leaky", synth_per_hard=3,
+                                heldout=[], out=str(tmp_path / "unchecked")))
+    assert counts["n_synth"] == 3 * len(ALL_HARD) and counts["n_synth_dropped_heldout"] == 0
+    with pytest.raises(UpsampleError, match="not found"):
+        run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:leaky",
+                           heldout=[str(tmp_path / "nope.jsonl")], out=str(tmp_path / "x")))
 
 
 @pytest.mark.parametrize("spec, match", [

@@ -118,12 +118,13 @@ def data_files(cfg: ExperimentConfig) -> dict[str, str]:
     return {s: str(data_dir / f"{s}.jsonl") for s in ("train", "validation", "test")}
 
 
-def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, train_file: str) -> Path:
+def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> Path:
     """Upsample for this arm and seed into arms/<arm>/seed<S>/ (examples.jsonl + manifest.parquet)."""
     out = seed_dir(cfg.run_dir, arm.name, seed)
     if not (out / "manifest.json").exists():
+        heldout = [f for f in (files.get("validation"), files.get("test")) if f]
         upsample_run(UpsampleConfig(run_dir=cfg.run_dir, arm=arm.data, m=cfg.m, seed=seed, synth_fn=arm.synth_fn,
-                                    train_file=train_file, out=str(out)))
+                                    train_file=files["train"], heldout=heldout, out=str(out)))
     return out
 
 
@@ -140,7 +141,7 @@ def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: 
         tcfg.optim = dataclasses.replace(tcfg.optim, name=arm.optimizer)
     if arm.match_steps_of:
         other = arm_spec(cfg, arm.match_steps_of)
-        other_dir = prepare_arm_data(cfg, other, seed, files["train"])
+        other_dir = prepare_arm_data(cfg, other, seed, files)
         import pyarrow.parquet as pq
         epoch_len = sum(pq.read_table(other_dir / "manifest.parquet", columns=["multiplicity"]).column(0).to_pylist())
         tcfg.max_steps = total_steps(cfg.train, epoch_len)
@@ -148,7 +149,7 @@ def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: 
 
 
 def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> dict:
-    arm_dir = prepare_arm_data(cfg, arm, seed, files["train"])
+    arm_dir = prepare_arm_data(cfg, arm, seed, files)
     metrics_path = arm_dir / "eval" / "metrics.json"
     if metrics_path.exists():
         return rundir.read_json(metrics_path)

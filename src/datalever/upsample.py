@@ -19,7 +19,11 @@ own selection) to make ``synth_per_hard`` new examples each, used once. If the f
 id); otherwise it is called with the example alone and its list cut to ``synth_per_hard``.
 
 A variant whose id is already taken (the same content as an original or as an earlier variant) is
-dropped and counted (``n_synth_dropped_duplicates``), never added twice.
+dropped and counted (``n_synth_dropped_duplicates``), never added twice. A variant that reproduces a
+held-out problem (``heldout``: by default the validation and test files beside the training file)
+is dropped and counted too (``n_synth_dropped_heldout``): training on a test problem would inflate
+the very accuracy the experiment measures. "Reproduces" means the same prompt text (ignoring case
+and spacing), or the same numbers in the prompt with the same final answer (a reworded copy).
 
 Outputs in ``RUN/arms/<arm>/`` (or ``out``): ``train.jsonl`` (materialized: each example repeated multiplicity
 times, in a seeded shuffled order; it holds duplicate ids by design), ``examples.jsonl`` (each
@@ -33,9 +37,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -66,6 +71,8 @@ class UpsampleConfig:
     """With synth_fn: synthesized variants added per selected example (each used once)."""
     train_file: str | None = None
     """Training examples (JSONL) the split was made from; default RUN/data/train.jsonl."""
+    heldout: list[str] | None = None
+    """With synth_fn: held-out example files (validation, test) that variants must not reproduce; default: validation.jsonl and test.jsonl beside the training file, where they exist."""
     out: str | None = None
     """Output directory of the arm; default RUN/arms/<arm>."""
 
@@ -152,10 +159,26 @@ def _seed_for(seed: int, example_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:4], "little")
 
 
-def synthesize(fn: Callable, parents: list[Example], n: int, seed: int,
-               taken_ids: set[str]) -> tuple[list[tuple[Example, str]], int]:
-    """Call `fn` on each parent; returns (new example, parent id) pairs and the number of variants
-    dropped because their id was taken (an original, or a variant made from an earlier parent)."""
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def problem_keys(ex: Example) -> list:
+    """What identifies a problem up to rewording: its spacing- and case-normalized prompt, and (when it has
+    numbers and a final answer) the sorted numbers of the prompt with the answer."""
+    from datalever.evaluate import extract_answer
+
+    keys: list = [" ".join(ex.prompt.lower().split())]
+    numbers, answer = tuple(sorted(_NUMBER.findall(ex.prompt))), extract_answer(ex.response)
+    if numbers and answer is not None:
+        keys.append((numbers, answer))
+    return keys
+
+
+def synthesize(fn: Callable, parents: list[Example], n: int, seed: int, taken_ids: set[str],
+               heldout: Sequence[Example] = ()) -> tuple[list[tuple[Example, str]], int, int]:
+    """Call `fn` on each parent; returns (new example, parent id) pairs, the number of variants dropped
+    because their id was taken (an original, or a variant made from an earlier parent), and the number
+    dropped because they reproduce a held-out example (see `problem_keys`)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -163,7 +186,8 @@ def synthesize(fn: Callable, parents: list[Example], n: int, seed: int,
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     out: list[tuple[Example, str]] = []
     seen = set(taken_ids)
-    dropped = 0
+    heldout_keys = {k for ex in heldout for k in problem_keys(ex)}
+    dropped = dropped_heldout = 0
     for parent in parents:
         kwargs = {}
         if var_kw or "n" in params:
@@ -177,9 +201,12 @@ def synthesize(fn: Callable, parents: list[Example], n: int, seed: int,
             if ex.id in seen:  # same content as an existing example: adding it would duplicate it
                 dropped += 1
                 continue
+            if heldout_keys.intersection(problem_keys(ex)):
+                dropped_heldout += 1
+                continue
             seen.add(ex.id)
             out.append((ex, parent.id))
-    return out, dropped
+    return out, dropped, dropped_heldout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +227,15 @@ def read_arm(arm_dir: str | Path) -> tuple[list[Example], list[int]]:
     if missing:
         raise UpsampleError(f"{arm_dir}: {len(missing)} examples missing from the manifest, e.g. {missing[0]}")
     return examples, [int(mult[ex.id]) for ex in examples]
+
+
+def heldout_paths(cfg: UpsampleConfig, train_file: Path) -> list[str]:
+    if cfg.heldout is not None:
+        missing = [f for f in cfg.heldout if not Path(f).exists()]
+        if missing:
+            raise UpsampleError(f"held-out file(s) not found: {missing}")
+        return list(cfg.heldout)
+    return [str(p) for p in (train_file.parent / "validation.jsonl", train_file.parent / "test.jsonl") if p.exists()]
 
 
 def run(cfg: UpsampleConfig) -> dict:
@@ -241,10 +277,14 @@ def run(cfg: UpsampleConfig) -> dict:
     unique = list(examples)
 
     synth: list[tuple[Example, str]] = []
-    n_dropped = 0
+    n_dropped = n_dropped_heldout = 0
+    heldout_files: list[str] = []
     if cfg.synth_fn and cfg.synth_per_hard > 0:
         fn = load_callable(cfg.synth_fn)
-        synth, n_dropped = synthesize(fn, [by_id[i] for i in selected], cfg.synth_per_hard, cfg.seed, set(by_id))
+        heldout_files = heldout_paths(cfg, train_file)
+        heldout = [ex for f in heldout_files for ex in load_examples(f)]
+        synth, n_dropped, n_dropped_heldout = synthesize(fn, [by_id[i] for i in selected], cfg.synth_per_hard,
+                                                         cfg.seed, set(by_id), heldout)
         for ex, parent in synth:
             rows.append({"id": ex.id, "source": ex.source, "multiplicity": 1, "origin": "synth",
                          "parent_id": parent})
@@ -274,6 +314,8 @@ def run(cfg: UpsampleConfig) -> dict:
         "n_extra_copies": int(sum(mult.values()) - len(mult)),
         "n_synth": len(synth),
         "n_synth_dropped_duplicates": n_dropped,
+        "n_synth_dropped_heldout": n_dropped_heldout,
+        "heldout_files": heldout_files,
         "n_unique": len(unique),
         "n_rows": len(order),
         "multiplicity_histogram": {str(k): int(v) for k, v in
