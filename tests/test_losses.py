@@ -4,9 +4,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from datalever.examples import Example, content_id
-from datalever.losses import FLAG_TRUNCATED, ResponseLoss, score_examples
+from datalever.losses import FLAG_TRUNCATED, ResponseLoss, _sliced_token_nll, score_examples
 from datalever.models import load_model, load_tokenizer
 from datalever.tokens import IGNORE, collate, encode_example, token_budget_batches
 
@@ -48,6 +49,52 @@ def test_engine_matches_brute_force(tiny_checkpoints, arch):
         enc = encode_example(tok, ex, 256)
         assert got[ex.id].n_tokens == len(enc.input_ids) - enc.n_prompt
 
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-neox", "tiny-qwen3"])
+def test_engine_matches_brute_force_across_vocabulary_slices(tiny_checkpoints, arch):
+    """Scoring computes the logsumexp a vocabulary slice at a time: 512 rows in slices of 100
+    (the last one partial) must give the brute-force loss too."""
+    model = load_model(tiny_checkpoints[arch]).eval()
+    tok = load_tokenizer(tiny_checkpoints[arch])
+    examples = make_examples(7, seed=1)
+    got = score_examples(ResponseLoss(model, vocab_slice=100), tok, examples, max_length=256, token_budget=300)
+    for ex in examples:
+        assert got[ex.id].loss == pytest.approx(brute_force_loss(model, tok, ex, 256), abs=1e-5, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sliced_token_nll_matches_cross_entropy(dtype, tol):
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16).to(dtype)
+    weight = torch.randn(1000, 16).to(dtype)
+    bias = torch.randn(1000).to(dtype)
+    targets = torch.randint(0, 1000, (37,))
+    targets[:3] = torch.tensor([0, 999, 256])  # first row, last row, a slice boundary
+    for b in (None, bias):
+        ref = F.cross_entropy(F.linear(hidden, weight, b).float(), targets, reduction="none")
+        for width in (256, 1000, 4096):
+            got = _sliced_token_nll(hidden, weight, b, targets, width)
+            assert got.dtype == torch.float32
+            assert torch.allclose(got, ref, atol=tol, rtol=tol), (b is None, width)
+
+
+def test_scoring_runs_without_autograd_or_kv_cache(tiny_checkpoints):
+    """score_examples must not record an autograd graph (the parameters require grad) nor build a
+    KV cache (an HF model in eval mode defaults to use_cache=True): both only cost time."""
+    model = load_model(tiny_checkpoints["tiny"]).eval()
+    tok = load_tokenizer(tiny_checkpoints["tiny"])
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append((torch.is_grad_enabled(), kwargs.get("use_cache")))
+
+    handle = getattr(model, model.base_model_prefix).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        score_examples(model, tok, make_examples(3), max_length=128)
+    finally:
+        handle.remove()
+    assert seen and all(s == (False, False) for s in seen)
 
 def test_truncated_response_is_flagged_not_zero(tiny_checkpoints):
     model = load_model(tiny_checkpoints["tiny"]).eval()

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -340,13 +341,27 @@ def test_leftovers_without_meta_are_refused(prepared, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_two_processes_write_the_same_store_as_one(reference, prepared, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "fsdp"])
+def test_two_processes_write_the_same_store_as_one(reference, prepared, tmp_path, launcher):
+    """DDP through torchrun, and FSDP2 through `accelerate launch` with configs/accelerate/fsdp2.yaml
+    (the proxy sharded; every rank then runs as many scoring forwards as the others, or FSDP would hang)."""
     run_dir = new_run_dir(prepared, tmp_path / "run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "multiproc" / "profile_run.py"), json.dumps({"run_dir": str(run_dir), **SETTINGS})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    script = [str(REPO / "tests" / "multiproc" / "profile_run.py"), json.dumps({"run_dir": str(run_dir), **SETTINGS})]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
+               "--main_process_port", str(port), *script]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    summary = rundir.read_json(run_dir / "profile" / "train_summary.json")
+    assert summary["distributed_type"] == ("FSDP" if launcher == "fsdp" else "MULTI_CPU")
     table = pq.read_table(run_dir / STORE)
     meta = rundir.read_json(run_dir / STORE_META)
     assert meta["complete"] and meta["steps"] == STEPS and meta["n_flagged"] == 1
