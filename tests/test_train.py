@@ -381,3 +381,35 @@ def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tmp_path
     for k in w2:
         assert torch.equal(w3[k], w2[k]), k
     assert [r["loss"] for r in read_log(killed.out)] == [r["loss"] for r in log2]
+
+
+def _tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the TensorBoard event files under run_dir, read from the record format itself
+    (8-byte length, 4-byte CRC, an Event protobuf, 4-byte CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    for path in run_dir.rglob("events.out.tfevents.*"):
+        raw = path.read_bytes()
+        pos = 0
+        while pos < len(raw):
+            (length,) = struct.unpack("<Q", raw[pos:pos + 8])
+            event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars[value.tag][event.step] = value.simple_value
+    return scalars
+
+
+def test_tensorboard_tracker_receives_the_logged_scalars(data, models_dir, tmp_path):
+    """`log_with: [tensorboard]` goes through Accelerate's tracker (tensorboardX, a test dependency); the
+    event files hold the same per-step loss and learning rate as the JSONL log."""
+    cfg = config(data, models_dir, tmp_path / "tb", max_steps=3, log_with=["tensorboard"])
+    train.run(cfg)
+    scalars = _tensorboard_scalars(tmp_path / "tb")
+    log = read_log(cfg.out)
+    assert scalars["loss"] == pytest.approx({r["step"]: r["loss"] for r in log}, rel=1e-6)
+    assert scalars["lr"] == pytest.approx({r["step"]: r["lr"] for r in log}, rel=1e-6)
+    assert 3 in scalars["val_loss"]

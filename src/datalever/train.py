@@ -102,7 +102,7 @@ class TrainConfig:
     dtype: str = "float32"
     """Dtype of the trained weights: float32 (master weights; autocast does the bf16 math) | bfloat16 | auto (the checkpoint's)."""
     log_with: list[str] | None = None
-    """Accelerate trackers, e.g. [tensorboard] or [wandb]; the JSONL log is always written."""
+    """Accelerate trackers, e.g. [tensorboard] (pip install 'datalever[tensorboard]') or [wandb]; written under `out`; the JSONL log is always written."""
     progress: bool = True
     """Show progress bars."""
     trust_remote_code: bool = False
