@@ -91,3 +91,27 @@ def test_experiment_killed_mid_arm_resumes(tmp_path, monkeypatch):
     a = load_file(arm_train / "model" / "model.safetensors")
     b = load_file(clean / "arms" / "hard" / "seed0" / "train" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_an_arm_with_other_split_features_upsamples_that_split(tmp_path):
+    """`hard-final` (features: final) gets its own split of the same profile under splits/final/, and its
+    training set upsamples exactly the hard examples of a final-loss split computed here from the
+    trajectories, while `hard` keeps the experiment's trajectory split."""
+    from datalever.split import read_trajectories, split_trajectories
+
+    cfg = _config(tmp_path)
+    cfg.arms, cfg.seeds = ["hard", "hard-final"], [0]
+    experiment.run(cfg)
+    ids, sources, losses, flags, meta = read_trajectories(tmp_path / "trajectories.parquet")
+    for arm, features, split_file in [("hard", "trajectory", tmp_path / "split.parquet"),
+                                      ("hard-final", "final", tmp_path / "splits" / "final" / "split.parquet")]:
+        ref = split_trajectories(ids, sources, losses, features=features, k=2, seed=cfg.profile.seed,
+                                 flags=flags, steps=meta["steps"])
+        hard = set(ref.loc[ref["hard"] & (ref["flag"] == ""), "id"])
+        assert set(pq.read_table(split_file).to_pandas().query("hard and flag == ''")["id"]) == hard
+        man = pq.read_table(tmp_path / "arms" / arm / "seed0" / "manifest.parquet").to_pandas()
+        assert set(man.loc[man["multiplicity"] == 1 + cfg.m, "id"]) == hard, arm
+    final_split = pq.read_table(tmp_path / "splits" / "final" / "split.parquet").to_pandas()
+    traj_split = pq.read_table(tmp_path / "split.parquet").to_pandas()
+    assert not final_split["hard"].equals(traj_split["hard"])  # the two arms really differ
+    assert json.loads((tmp_path / "results.json").read_text())["arms"].keys() == {"hard", "hard-final"}

@@ -4,6 +4,7 @@ evaluation, and a report with confidence intervals and paired comparisons.
 Layout of the run directory:
     data/                      the embedded dataset (unless files are given)
     trajectories.parquet ...   profile stage;  split.parquet, split_summary.json, plots: split stage
+    splits/<features>/         a further split of the same profile, for arms with other split features
     arms/<arm>/seed<S>/        upsampled set (examples.jsonl + manifest.parquet), train/, eval/
     results.json, results.md, results_*.png
 An arm/seed whose eval/metrics.json exists is not run again; a killed arm resumes from its last
@@ -42,6 +43,8 @@ class ArmConfig:
     """Train as many optimizer steps as this arm does (e.g. base-long matches hard)."""
     synth_fn: str | None = None
     """Add synthesized variants of the selected examples, e.g. datalever.synth:variants."""
+    features: str | None = None
+    """Split features for this arm: trajectory | final | relative; None: the experiment's. The same profile is split again under splits/<features>/."""
 
 
 BUILTIN_ARMS: dict[str, ArmConfig] = {
@@ -53,6 +56,7 @@ BUILTIN_ARMS: dict[str, ArmConfig] = {
     "sam": ArmConfig("sam", "base", optimizer="sam"),
     "hard-muon": ArmConfig("hard-muon", "hard", optimizer="muon"),
     "hard-synth": ArmConfig("hard-synth", "hard", synth_fn="datalever.synth:variants"),
+    "hard-final": ArmConfig("hard-final", "hard", features="final"),
 }
 
 
@@ -79,9 +83,9 @@ class ExperimentConfig:
     m: int = 1
     """Extra uses of each selected example (1: twice, 2: three times)."""
     arms: list[str] = field(default_factory=lambda: ["base", "hard", "random", "easy", "base-long", "sam"])
-    """Arms to run, by name: base, hard, random, easy, base-long, sam, hard-muon, hard-synth, or one of extra_arms."""
+    """Arms to run, by name: base, hard, random, easy, base-long, sam, hard-muon, hard-synth, hard-final (hard by the final-loss split), or one of extra_arms."""
     extra_arms: list[ArmConfig] = field(default_factory=list)
-    """Arms defined here in full (name, data, optimizer, match_steps_of, synth_fn)."""
+    """Arms defined here in full (name, data, optimizer, match_steps_of, synth_fn, features)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Training seeds (model initialization of a preset, data order, the random arm's draw)."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -124,7 +128,8 @@ def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: di
     if not (out / "manifest.json").exists():
         heldout = [f for f in (files.get("validation"), files.get("test")) if f]
         upsample_run(UpsampleConfig(run_dir=cfg.run_dir, arm=arm.data, m=cfg.m, seed=seed, synth_fn=arm.synth_fn,
-                                    train_file=files["train"], heldout=heldout, out=str(out)))
+                                    train_file=files["train"], heldout=heldout,
+                                    split=str(split_dir(cfg, arm.features) / "split.parquet"), out=str(out)))
     return out
 
 
@@ -159,13 +164,23 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> di
                                batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, progress=cfg.progress))
 
 
+def split_dir(cfg: ExperimentConfig, features: str | None) -> Path:
+    """Where the split with these features lives: the run directory for the experiment's own features."""
+    if features is None or features == cfg.features:
+        return Path(cfg.run_dir)
+    return Path(cfg.run_dir) / "splits" / features
+
+
 def run_method(cfg: ExperimentConfig, files: dict) -> None:
-    """The shared front of every arm: one profile and one split."""
+    """The shared front of every arm: one profile, and one split per set of features the arms use."""
+    arms = [arm_spec(cfg, name) for name in cfg.arms]
     profile_run(dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"],
                                     progress=cfg.progress))
-    if not (Path(cfg.run_dir) / "split.parquet").exists():
-        split_run(SplitConfig(run_dir=cfg.run_dir, features=cfg.features, stratify=cfg.stratify,
-                              seed=cfg.profile.seed, train_file=files["train"]))
+    for features in dict.fromkeys([cfg.features] + [a.features or cfg.features for a in arms]):
+        out = split_dir(cfg, features)
+        if not (out / "split.parquet").exists():
+            split_run(SplitConfig(run_dir=cfg.run_dir, features=features, stratify=cfg.stratify,
+                                  seed=cfg.profile.seed, train_file=files["train"], out=str(out)))
 
 
 def run(cfg: ExperimentConfig) -> str:

@@ -73,6 +73,8 @@ class SplitConfig:
     """With stratify: a source with fewer usable examples than this is not clustered but labelled hard whole."""
     train_file: str | None = None
     """Examples file (JSONL) to read difficulty attributes from (meta keys such as level/steps/digits); default RUN/data/train.jsonl if it exists."""
+    out: str | None = None
+    """Directory for split.parquet, split_summary.json and the plots (default: the run directory; the experiment puts a split with other features under RUN/splits/<features>)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,11 +447,13 @@ def run(cfg: SplitConfig) -> dict:
     summary = summarize(df, losses_by_id, k=cfg.k, features=cfg.features, stratify=cfg.stratify,
                         min_source_size=cfg.min_source_size, seed=cfg.seed, steps=steps, metas=metas)
     table = pa.Table.from_pandas(df, preserve_index=False)
-    rundir.write_parquet(run_dir / "split.parquet", table)
-    rundir.write_json(run_dir / "split_summary.json", summary)
-    plot_split(df, losses_by_id, steps, run_dir)
+    out = Path(cfg.out) if cfg.out else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    rundir.write_parquet(out / "split.parquet", table)
+    rundir.write_json(out / "split_summary.json", summary)
+    plot_split(df, losses_by_id, steps, out)
     rundir.record_provenance(
-        run_dir, "split", cfg,
+        out, "split", cfg,
         trajectories=rundir.fingerprint(types.SimpleNamespace(id=i) for i in ids),
         train_file=str(train_file) if metas is not None else None,
     )

@@ -71,6 +71,8 @@ class UpsampleConfig:
     """With synth_fn: synthesized variants added per selected example (each used once)."""
     train_file: str | None = None
     """Training examples (JSONL) the split was made from; default RUN/data/train.jsonl."""
+    split: str | None = None
+    """The split to read (split.parquet); default RUN/split.parquet."""
     heldout: list[str] | None = None
     """With synth_fn: held-out example files (validation, test) that variants must not reproduce; default: validation.jsonl and test.jsonl beside the training file, where they exist."""
     out: str | None = None
@@ -252,7 +254,7 @@ def run(cfg: UpsampleConfig) -> dict:
     if cfg.synth_per_hard < 0:
         raise UpsampleError(f"synth_per_hard must be >= 0, got {cfg.synth_per_hard}")
     run_dir = Path(cfg.run_dir)
-    split_path = run_dir / "split.parquet"
+    split_path = Path(cfg.split) if cfg.split else run_dir / "split.parquet"
     if not split_path.exists():
         raise UpsampleError(f"no split at {split_path} (run the split stage first)")
     split_df = pq.read_table(split_path).to_pandas()
