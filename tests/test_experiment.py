@@ -115,3 +115,25 @@ def test_an_arm_with_other_split_features_upsamples_that_split(tmp_path):
     traj_split = pq.read_table(tmp_path / "split.parquet").to_pandas()
     assert not final_split["hard"].equals(traj_split["hard"])  # the two arms really differ
     assert json.loads((tmp_path / "results.json").read_text())["arms"].keys() == {"hard", "hard-final"}
+
+
+def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_path):
+    """Hand-made metrics: accuracies chosen so each paired difference is known exactly."""
+    from datalever import rundir
+    from datalever.report import seed_dir, write_report
+
+    acc = {"base": [0.50, 0.60], "random": [0.55, 0.55], "hard": [0.60, 0.58], "hard-final": [0.52, 0.70]}
+    for arm, values in acc.items():
+        for seed, a in zip([0, 1], values):
+            d = seed_dir(tmp_path, arm, seed)
+            rundir.write_json(d / "eval" / "metrics.json", {"accuracy": a, "n": 100, "per_difficulty": {}})
+            compute = {k: 1 for k in ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")}
+            rundir.write_json(d / "train" / "train_summary.json", {"compute": compute, "final_val_loss": 1.0})
+            (d / "train" / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    results = write_report(tmp_path, list(acc), [0, 1])
+    assert set(results["paired"]) == {"hard - base", "hard - random", "hard-final - base", "hard-final - random"}
+    got = results["paired"]["hard-final - base"]
+    assert got["per_seed"] == pytest.approx({"0": 0.02, "1": 0.10})
+    assert got["mean_diff"] == pytest.approx(0.06) and (got["wins"], got["ties"], got["losses"]) == (2, 0, 0)
+    got = results["paired"]["hard - random"]
+    assert got["per_seed"] == pytest.approx({"0": 0.05, "1": 0.03}) and got["mean_diff"] == pytest.approx(0.04)

@@ -184,8 +184,10 @@ def write_report(run_dir: str | Path, arms: list[str], seeds: list[int], *, eval
         base = summaries["base"]["accuracy"]["mean"]
         for arm, s in summaries.items():
             s["relative_gain_vs_base"] = None if arm == "base" or base == 0 else s["accuracy"]["mean"] / base - 1
+    # Every arm that is not a control (hard, hard-final, user arms, ...) against every control, seed by seed.
     controls = [a for a in ("base", "random", "easy", "base-long", "sam") if a in summaries]
-    comparisons = {f"hard - {c}": paired(rows, "hard", c, seeds) for c in controls if "hard" in summaries}
+    treated = [a for a in arms if a not in controls]
+    comparisons = {f"{t} - {c}": paired(rows, t, c, seeds) for t in treated for c in controls}
     results = {"seeds": seeds, "eval_split": eval_split, "n_test": summaries[arms[0]]["n_test"],
                "arms": summaries, "paired": comparisons, "proxy_compute": proxy_compute(run_dir)}
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
