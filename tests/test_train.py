@@ -336,22 +336,39 @@ def _accelerate_launch(cfg: TrainConfig, tmp_path: Path, name: str, kill_at_step
     return [json.loads(f.read_text()) for f in sorted(tmp_path.glob(f"{path.name}.rank*.json"))]
 
 
+@pytest.fixture(scope="module")
+def tied_model(models_dir, tmp_path_factory):
+    """The tiny preset with its output head tied to the input embedding (one parameter under two names)."""
+    path = tmp_path_factory.mktemp("tied") / "tiny-tied"
+    model = load_model(train.resolve_model("preset:tiny", models_dir, seed=0))
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    model.save_pretrained(path)
+    load_tokenizer(str(Path(models_dir) / "tiny-seed0")).save_pretrained(path)
+    return str(path)
+
+
 @pytest.mark.slow
 @pytest.mark.multiproc
-@pytest.mark.parametrize("name,lora", [("adamw", False), ("muon", False), ("sam", False), ("adamw", True)])
-def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tmp_path, name, lora):
+@pytest.mark.parametrize("name,lora,tied", [("adamw", False, False), ("muon", False, False), ("sam", False, False),
+                                            ("adamw", True, False), ("adamw", False, True)])
+def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tied_model, tmp_path, name, lora, tied):
     """FSDP2 over 2 processes (every parameter a shard) against one process with the same global batch.
 
     What sharding could break and this catches: Muon must orthogonalize whole matrices, not shards;
     SAM's perturbation norm must cover all shards (under FSDP the first pass syncs, so SAM perturbs with
     the whole batch's gradient, exactly as one process does: same tolerance as AdamW); gradient
-    accumulation must survive sharded gradients. Tolerances as in test_two_cpu_processes_match_one
+    accumulation must survive gradients that every backward already reduces over processes (two
+    micro-batches per process per step). Tolerances as in test_two_cpu_processes_match_one
     (float rounding of other summation orders): 1e-4 on every step loss, 1e-3 on the final weights.
     Then the FSDP run is killed after step 5 (checkpoints every 2 steps, full optimizer state gathered
     from the shards) and resumed: it must end with exactly the weights of the uninterrupted FSDP run.
     """
-    kw = dict(max_steps=6, save_every=2, optim=OptimConfig(name=name, lr=3e-3),
-              lora=LoraConfig(enabled=lora, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    # micro_batch_size 2: each process accumulates two micro-batches of unequal token counts per step.
+    kw = dict(max_steps=6, save_every=2, optim=OptimConfig(name=name, lr=3e-3), micro_batch_size=2,
+              lora=LoraConfig(enabled=lora, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+              **({"model": tied_model} if tied else {}))
     one = config(data, models_dir, tmp_path / "one", **kw)
     fsdp = config(data, models_dir, tmp_path / "fsdp", **kw)
     killed = config(data, models_dir, tmp_path / "killed", **kw)
@@ -368,6 +385,8 @@ def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tmp_path
     assert set(w1) == set(w2)  # a plain HF checkpoint (LoRA merged), not shards
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-3, rtol=0)
+    if tied:  # saved once, as save_pretrained saves a tied model (the head is the embedding)
+        assert "lm_head.weight" not in w2
     if lora:
         base = weights(Path(models_dir) / "tiny-seed0")
         assert any(not torch.equal(w2[k], base[k]) for k in w2 if ".q_proj." in k)
@@ -413,3 +432,19 @@ def test_tensorboard_tracker_receives_the_logged_scalars(data, models_dir, tmp_p
     assert scalars["loss"] == pytest.approx({r["step"]: r["loss"] for r in log}, rel=1e-6)
     assert scalars["lr"] == pytest.approx({r["step"]: r["lr"] for r in log}, rel=1e-6)
     assert 3 in scalars["val_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_fsdp_bf16_keeps_float32_master_weights_and_losses(data, models_dir, tmp_path):
+    """FSDP2 with --mixed_precision bf16 (here on CPUs, gloo carrying the bf16 all-gathers): bf16 compute
+    on float32 shards runs end to end, the logged losses stay within bf16 compute error of a float32
+    run (and differ from it), and the saved weights are float32."""
+    one = config(data, models_dir, tmp_path / "one", max_steps=4, micro_batch_size=2)
+    bf16 = config(data, models_dir, tmp_path / "bf16", max_steps=4, micro_batch_size=2, mixed_precision="bf16")
+    train.run(one)
+    _accelerate_launch(bf16, tmp_path, "bf16")
+    log1, log2 = read_log(one.out), read_log(bf16.out)
+    assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], abs=3e-2)
+    assert any(abs(a["loss"] - b["loss"]) > 1e-6 for a, b in zip(log1, log2))  # bf16 compute really ran
+    assert {v.dtype for v in weights(tmp_path / "bf16" / "model").values()} == {torch.float32}

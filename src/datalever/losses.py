@@ -91,7 +91,8 @@ class ResponseLoss(nn.Module):
 
     def _project_and_score(self, head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         chunks = zip(hidden.split(self.chunk), targets.split(self.chunk))
-        if not torch.is_grad_enabled() and type(head) is nn.Linear:  # scoring with a plain output layer
+        # Sliced on the CPU only: there it keeps the logits in cache; on a GPU it would only add kernel launches.
+        if not torch.is_grad_enabled() and type(head) is nn.Linear and hidden.device.type == "cpu":
             parts = [_sliced_token_nll(h, head.weight, head.bias, t, self.vocab_slice) for h, t in chunks]
         else:  # training (autograd needs the whole logits anyway), or a head of another kind (LoRA, ...)
             parts = [_token_nll(head(h), t) for h, t in chunks]

@@ -384,7 +384,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MultiOptimizer | SAM:
     """The optimizer named by ``cfg.name`` over the trainable parameters of ``model``.
 
     Build it on the model after ``accelerator.prepare(model)`` (DDP wrappers are unwrapped for the split)
-    or before; the parameter objects are the same. There is no need to ``prepare`` the optimizer itself.
+    or before; the parameter objects are the same. Under FSDP2 build it before and pass
+    ``opt.torch_optimizers()`` to ``accelerator.prepare`` with the model, which re-points them at the
+    sharded parameters (``train.prepare`` does this).
     """
     if cfg.name == "sam":
         return SAM(_build_base(model, cfg, cfg.sam_base), rho=cfg.sam_rho)
@@ -463,14 +465,20 @@ def _no_sync(model: nn.Module, accelerator: Any):
 
 
 def _grad_pass(model: nn.Module, micro_batches: Sequence, loss_fn: Callable, params: list[nn.Parameter],
-               accelerator: Any, sync: bool) -> tuple[float, int]:
+               accelerator: Any, sync: bool, n_tokens: int | None = None) -> tuple[float, int]:
     """Forward+backward over all micro-batches, leaving d(sum of token losses / total tokens)/dw in .grad.
 
-    The total token count is known only after the last forward, so the earlier micro-batches are
-    back-propagated unnormalized and their accumulated gradients are rescaled in place before the last
-    backward. Under DDP that last backward is the one that syncs: each rank contributes its gradient
-    normalized by its own token count, and all ranks end with the same averaged gradient.
+    With `n_tokens` (this rank's total, known before the first forward) every micro-batch's loss is
+    divided by it before its backward. Without it the total is known only after the last forward, so
+    the earlier micro-batches are back-propagated unnormalized and their accumulated gradients are
+    rescaled in place before the last backward. That in-place rescaling is only right where .grad
+    holds this rank's own unsynced gradient (one process, DDP under no_sync); under FSDP every
+    backward reduce-scatters, .grad mixes all ranks, and `n_tokens` is required.
+    Under DDP the last backward is the one that syncs: each rank contributes its gradient normalized by
+    its own token count, and all ranks end with the same averaged gradient.
     """
+    if n_tokens is None and len(micro_batches) > 1 and _is_fsdp(model, accelerator):
+        raise ValueError("under FSDP, optimizer_step needs n_tokens (the rank's token count) to accumulate micro-batches")
     total_loss = None
     total_n = 0
     last = len(micro_batches) - 1
@@ -480,7 +488,9 @@ def _grad_pass(model: nn.Module, micro_batches: Sequence, loss_fn: Callable, par
             loss_sum, n = loss_fn(model, mb)
             total_n += int(n)
             total_loss = loss_sum.detach().double() if total_loss is None else total_loss + loss_sum.detach().double()
-            if i == last:
+            if n_tokens is not None:
+                loss = loss_sum / max(n_tokens, 1)
+            elif i == last:
                 inv = 1.0 / max(total_n, 1)
                 if last > 0:
                     with torch.no_grad():
@@ -494,6 +504,8 @@ def _grad_pass(model: nn.Module, micro_batches: Sequence, loss_fn: Callable, par
                 accelerator.backward(loss)
             else:
                 loss.backward()
+    if n_tokens is not None and total_n != n_tokens:
+        raise ValueError(f"n_tokens={n_tokens} but the loss function counted {total_n} tokens")
     mean = float(total_loss) / total_n if total_n > 0 else float("nan")
     return mean, total_n
 
@@ -504,7 +516,7 @@ def _set_grads_none(params: Iterable[nn.Parameter]) -> None:
 
 
 def optimizer_step(model: nn.Module, opt: Any, micro_batches: list, loss_fn: Callable, *,
-                   accelerator: Any = None, max_grad_norm: float | None = 1.0) -> StepStats:
+                   accelerator: Any = None, max_grad_norm: float | None = 1.0, n_tokens: int | None = None) -> StepStats:
     """One update from ``micro_batches``; ``loss_fn(model, mb) -> (sum of token losses, n_tokens)``.
 
     The loss is normalized by the total token count of all micro-batches (this rank's), so accumulation
@@ -526,16 +538,16 @@ def optimizer_step(model: nn.Module, opt: Any, micro_batches: list, loss_fn: Cal
 
     sam_loss = None
     if inner.is_sam:
-        loss, n_tokens = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=False)
+        loss, n_seen = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=False, n_tokens=n_tokens)
         inner.perturb()
         _set_grads_none(params)
         try:
-            sam_loss, _ = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=True)
+            sam_loss, _ = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=True, n_tokens=n_tokens)
         finally:
             inner.restore()
         forwards = backwards = 2 * k
     else:
-        loss, n_tokens = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=True)
+        loss, n_seen = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=True, n_tokens=n_tokens)
         forwards = backwards = k
 
     clip = float("inf") if max_grad_norm is None else float(max_grad_norm)
@@ -547,5 +559,5 @@ def optimizer_step(model: nn.Module, opt: Any, micro_batches: list, loss_fn: Cal
     _set_grads_none(params)
     inner.n_forwards += forwards
     inner.n_backwards += backwards
-    return StepStats(loss=loss, n_tokens=n_tokens, forwards=forwards, backwards=backwards,
+    return StepStats(loss=loss, n_tokens=n_seen, forwards=forwards, backwards=backwards,
                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), sam_loss=sam_loss)

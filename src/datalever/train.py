@@ -13,7 +13,8 @@ Launch: `python -m datalever train ...` (one process: CPU or one GPU), `torchrun
 gradients and optimizer state sharded; checkpoints hold the full state, so a run resumes on any number
 of processes). With N processes each step's batch is split evenly
 (batch_size must be a multiple of N) and the loss is weighted so that the gradient equals the one a
-single process computes on the whole batch (SAM excepted: each process perturbs with its own gradient).
+single process computes on the whole batch (SAM under DDP excepted: each process perturbs with its own
+gradient; under FSDP SAM perturbs with the whole batch's gradient, as one process does).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from datalever.losses import ResponseLoss
 from datalever.models import count_parameters, load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig, build_optimizer, lr_factor, optimizer_step, set_lr
 from datalever.sampler import MultiplicitySampler
-from datalever.tokens import Encoded, collate, encode_example
+from datalever.tokens import IGNORE, Encoded, collate, encode_example
 
 
 @dataclass
@@ -255,6 +256,15 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the same environment
         accelerator.state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    if accelerator.is_fsdp2 and accelerator.mixed_precision == "bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # FSDP2 does mixed precision by casting the gathered weights, not by autocast. Accelerate's policy
+        # would also reduce gradients in bf16 and cast every unit's outputs, the root's float32 per-example
+        # loss sums included, to bf16. Here gradients are reduced in float32 (as under DDP) and outputs are
+        # left as computed: blocks hand on bf16 activations, the loss module its float32 sums.
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return accelerator
 
 
@@ -311,7 +321,8 @@ def _strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
 
 
 def full_state_dict(accelerator, model) -> dict:
-    """The model's whole state dict on the main process (others get an empty dict); all processes call it.
+    """The model's whole state dict for the main process to save; all processes call it (under FSDP2 the
+    other processes get an empty dict).
 
     Under FSDP2 the shards are gathered one tensor at a time, so no process ever holds more than the
     main process's copy plus one full tensor. (Accelerate's get_state_dict returned the DTensor shards
@@ -319,8 +330,19 @@ def full_state_dict(accelerator, model) -> dict:
     """
     if not accelerator.is_fsdp2:
         return accelerator.get_state_dict(model)
-    out = {}
+    # Tied weights (embedding = head) are one parameter under two names: gather it once and give both names
+    # the same tensor, so save_pretrained sees the shared storage and drops the copy. The names come from the
+    # module tree, the same on every process, so every process runs the same sequence of collectives.
+    first_name: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        alias[name] = first_name.setdefault(id(param), name)
+    out: dict = {}
     for key, value in model.state_dict().items():
+        if alias.get(key, key) != key:
+            if accelerator.is_main_process:
+                out[key] = out[alias[key]]
+            continue
         full = value.full_tensor() if type(value).__name__ == "DTensor" else value
         if accelerator.is_main_process:
             out[key] = full.detach().to("cpu", copy=True)
@@ -331,8 +353,8 @@ def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: in
                     identity: str = "", keep: int = 1, tokenizer=None) -> None:
     """Weights (safetensors), optimizer state, stream position; RNG per process; written to a temp dir, then renamed.
 
-    Every process must call this: the weights are gathered with `accelerator.get_state_dict` (a collective
-    under FSDP) and each process writes its own RNG state (a shared file system is assumed).
+    Every process must call this: the weights and the optimizer state are gathered (collectives under FSDP)
+    and each process writes its own RNG state (a shared file system is assumed).
     """
     tmp = path.with_name(path.name + ".tmp")
     state_dict = _strip_prefix(full_state_dict(accelerator, model))
@@ -346,7 +368,8 @@ def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: in
     optimizer_state = opt_state_dict(accelerator, model, opt)  # all processes: a collective under FSDP
     if accelerator.is_main_process:
         state = {"step": step, "position": position, "optimizer": optimizer_state, "compute": dict(compute.__dict__),
-                 "identity": identity, "world_size": accelerator.num_processes}
+                 "identity": identity, "world_size": accelerator.num_processes,
+                 "optimizer_format": optimizer_format(accelerator)}
         torch.save(state, tmp / "trainer_state.pt")
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
@@ -373,6 +396,12 @@ def opt_state_dict(accelerator, model, opt) -> dict:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return opt.state_dict(lambda o: get_optimizer_state_dict(model, o, options=options))
+
+
+def optimizer_format(accelerator) -> str:
+    """How a checkpoint's optimizer state is keyed: by parameter name (gathered from FSDP2 shards) or by
+    position (torch's own state_dict); a checkpoint is only resumed in the format it was saved in."""
+    return "fsdp2-full" if accelerator.is_fsdp2 else "torch"
 
 
 def load_opt_state_dict(accelerator, model, opt, state: dict) -> None:
@@ -520,7 +549,12 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     step, position, compute = 0, 0, Compute()
     log_path = out / "train_log.jsonl"
     if saved is not None:
-        load_opt_state_dict(accelerator, model, opt, saved["optimizer"])
+        saved_format = saved.get("optimizer_format", "torch")
+        if saved_format != optimizer_format(accelerator):
+            raise RuntimeError(f"{last} holds optimizer state saved {'under FSDP' if saved_format != 'torch' else 'without FSDP'}; "
+                               f"resume it {'under FSDP' if saved_format != 'torch' else 'without FSDP'} too, "
+                               f"or start in a new output directory")
+        load_opt_state_dict(accelerator, model, opt, saved.pop("optimizer"))  # popped: no second copy kept
         load_rng_state(last, rank)
         step, position, compute = saved["step"], saved["position"], Compute(**saved["compute"])
         accelerator.print(f"resuming from {last} (step {step})")
@@ -549,8 +583,11 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
         n_all, n_mine = sum(n_resp), sum(n_resp[rank::world])
         scale = world * n_mine / n_all if world > 1 and n_all > 0 else 1.0
         batches = micro_batches(mine, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device)
+        # This process's loss-carrying tokens, counted before the first forward: each micro-batch's loss is
+        # normalized before its backward (required under FSDP, where .grad already mixes all processes).
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
         stats = optimizer_step(model, opt, batches, scaled_loss_fn(scale), accelerator=accelerator,
-                               max_grad_norm=cfg.max_grad_norm)
+                               max_grad_norm=cfg.max_grad_norm, n_tokens=n_tokens)
         loss, sam_loss = stats.loss, stats.sam_loss
         if world > 1:  # stats are this process's loss * world * n_mine / n_all: their mean is the batch loss
             both = torch.tensor([loss, sam_loss if sam_loss is not None else 0.0], dtype=torch.float64,
