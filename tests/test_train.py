@@ -448,3 +448,22 @@ def test_fsdp_bf16_keeps_float32_master_weights_and_losses(data, models_dir, tmp
     assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], abs=3e-2)
     assert any(abs(a["loss"] - b["loss"]) > 1e-6 for a, b in zip(log1, log2))  # bf16 compute really ran
     assert {v.dtype for v in weights(tmp_path / "bf16" / "model").values()} == {torch.float32}
+
+
+def test_resume_refuses_optimizer_state_saved_in_the_other_mode(data, models_dir, tmp_path):
+    """An FSDP checkpoint keys optimizer state by parameter name, a plain one by position: never mixed."""
+    cfg = config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2)
+
+    def kill(step, *_):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.run(cfg, on_step=kill)
+    state_file = tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["optimizer_format"] == "torch"
+    state["optimizer_format"] = "fsdp2-full"
+    torch.save(state, state_file)
+    with pytest.raises(RuntimeError, match="under FSDP"):
+        train.run(cfg)
