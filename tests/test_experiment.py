@@ -137,3 +137,13 @@ def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_
     assert got["mean_diff"] == pytest.approx(0.06) and (got["wins"], got["ties"], got["losses"]) == (2, 0, 0)
     got = results["paired"]["hard - random"]
     assert got["per_seed"] == pytest.approx({"0": 0.05, "1": 0.03}) and got["mean_diff"] == pytest.approx(0.04)
+
+
+def test_a_split_made_with_other_features_is_not_reused(tmp_path):
+    cfg = _config(tmp_path)
+    cfg.arms, cfg.seeds = ["hard"], [0]
+    experiment.run_method(cfg, experiment.data_files(cfg))
+    experiment.run_method(cfg, experiment.data_files(cfg))  # same settings: reused
+    cfg.features = "final"
+    with pytest.raises(ValueError, match="features"):
+        experiment.run_method(cfg, experiment.data_files(cfg))

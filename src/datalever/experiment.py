@@ -178,9 +178,23 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
                                     progress=cfg.progress))
     for features in dict.fromkeys([cfg.features] + [a.features or cfg.features for a in arms]):
         out = split_dir(cfg, features)
-        if not (out / "split.parquet").exists():
+        if (out / "split.parquet").exists():
+            check_existing_split(out, features, cfg.stratify)
+        else:
             split_run(SplitConfig(run_dir=cfg.run_dir, features=features, stratify=cfg.stratify,
                                   seed=cfg.profile.seed, train_file=files["train"], out=str(out)))
+
+
+def check_existing_split(out: Path, features: str, stratify: bool) -> None:
+    """A split left by an earlier invocation is reused only if it was made with these settings."""
+    import yaml
+
+    recorded_file = out / "split.config.yaml"
+    recorded = yaml.safe_load(recorded_file.read_text()) if recorded_file.exists() else {}
+    made = {"features": recorded.get("features"), "stratify": recorded.get("stratify")}
+    if made != {"features": features, "stratify": stratify}:
+        raise ValueError(f"{out / 'split.parquet'} was made with {made}, not features={features!r}, "
+                         f"stratify={stratify}: use a new run_dir (arms already trained used that split)")
 
 
 def run(cfg: ExperimentConfig) -> str:
