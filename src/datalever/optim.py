@@ -34,6 +34,8 @@ __all__ = [
     "SAM",
     "StepStats",
     "build_optimizer",
+    "global_grad_norm",
+    "is_dtensor",
     "muon_param_split",
     "lr_factor",
     "set_lr",
@@ -238,7 +240,8 @@ class MultiOptimizer:
         return f"MultiOptimizer({inner})"
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
+    """A DTensor (an FSDP2 shard), told apart without importing torch.distributed.tensor."""
     return type(t).__name__ == "DTensor"
 
 
@@ -249,9 +252,9 @@ def global_grad_norm(params: Sequence[nn.Parameter]) -> torch.Tensor:
     shards (``full_tensor``), so every process gets the norm of the whole gradient, not of its shard.
     """
     grads = [p.grad.detach() for p in params]
-    if any(_is_dtensor(g) for g in grads):
+    if any(is_dtensor(g) for g in grads):
         total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        return total.full_tensor() if _is_dtensor(total) else total
+        return total.full_tensor() if is_dtensor(total) else total
     dev = grads[0].device
     acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=acc).to(dev) for g in grads]))

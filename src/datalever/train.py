@@ -35,7 +35,7 @@ from datalever import rundir
 from datalever.examples import Example, load_examples
 from datalever.losses import ResponseLoss
 from datalever.models import count_parameters, load_model, load_tokenizer, resolve_model
-from datalever.optim import OptimConfig, build_optimizer, lr_factor, optimizer_step, set_lr
+from datalever.optim import OptimConfig, build_optimizer, is_dtensor, lr_factor, optimizer_step, set_lr
 from datalever.sampler import MultiplicitySampler
 from datalever.tokens import IGNORE, Encoded, collate, encode_example
 
@@ -343,7 +343,7 @@ def full_state_dict(accelerator, model) -> dict:
             if accelerator.is_main_process:
                 out[key] = out[alias[key]]
             continue
-        full = value.full_tensor() if type(value).__name__ == "DTensor" else value
+        full = value.full_tensor() if is_dtensor(value) else value
         if accelerator.is_main_process:
             out[key] = full.detach().to("cpu", copy=True)
     return out
@@ -551,8 +551,8 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     if saved is not None:
         saved_format = saved.get("optimizer_format", "torch")
         if saved_format != optimizer_format(accelerator):
-            raise RuntimeError(f"{last} holds optimizer state saved {'under FSDP' if saved_format != 'torch' else 'without FSDP'}; "
-                               f"resume it {'under FSDP' if saved_format != 'torch' else 'without FSDP'} too, "
+            mode = "without FSDP" if saved_format == "torch" else "under FSDP"
+            raise RuntimeError(f"{last} holds optimizer state saved {mode}; resume it {mode} too, "
                                f"or start in a new output directory")
         load_opt_state_dict(accelerator, model, opt, saved.pop("optimizer"))  # popped: no second copy kept
         load_rng_state(last, rank)
