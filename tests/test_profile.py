@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from datalever.examples import load_examples
 from datalever.models import build_preset, load_model, load_tokenizer
 from datalever.profile import STORE, STORE_META, ProfileConfig, ProfileError, loss_column, record_steps
 from datalever.tokens import IGNORE, encode_example
+from launchers import fsdp_command
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 128
@@ -352,12 +352,7 @@ def test_two_processes_write_the_same_store_as_one(reference, prepared, tmp_path
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
     else:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
-               "--main_process_port", str(port), *script]
+        cmd = fsdp_command(*script)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     summary = rundir.read_json(run_dir / "profile" / "train_summary.json")

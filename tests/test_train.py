@@ -11,7 +11,6 @@ import collections
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ from datalever.losses import score_examples
 from datalever.models import load_model, load_tokenizer
 from datalever.optim import OptimConfig
 from datalever.train import LoraConfig, TrainConfig
+from launchers import fsdp_command, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +121,16 @@ class Killed(Exception):
     pass
 
 
+def run_until_killed(cfg: TrainConfig, step: int) -> None:
+    """Train and die right after `step` (an exception from the step hook, before that step's checkpoint)."""
+    def kill(at, *_):
+        if at == step:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.run(cfg, on_step=kill)
+
+
 @pytest.mark.parametrize("name,lora", [("adamw", False), ("sam", False), ("muon", False), ("adamw", True)])
 def test_kill_and_resume_ends_with_the_same_weights(data, models_dir, tmp_path, name, lora):
     """Checkpoints every 2 steps; killed at step 5 (after step 4's checkpoint), resumed, compared exactly.
@@ -134,12 +144,7 @@ def test_kill_and_resume_ends_with_the_same_weights(data, models_dir, tmp_path, 
 
     cfg = config(data, models_dir, tmp_path / "killed", **kw)
 
-    def kill(step, *_):
-        if step == 5:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train.run(cfg, on_step=kill)
+    run_until_killed(cfg, 5)
     assert not (tmp_path / "killed" / "train_summary.json").exists()
     assert [r["step"] for r in read_log(cfg.out)] == [1, 2, 3, 4, 5]
 
@@ -160,12 +165,7 @@ def test_kill_and_resume_ends_with_the_same_weights(data, models_dir, tmp_path, 
 def test_resume_refuses_a_checkpoint_of_other_settings(data, models_dir, tmp_path):
     cfg = config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2)
 
-    def kill(step, *_):
-        if step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train.run(cfg, on_step=kill)
+    run_until_killed(cfg, 3)
     with pytest.raises(RuntimeError, match="other settings"):
         train.run(config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2,
                          optim=OptimConfig(name="adamw", lr=1e-3)))
@@ -250,12 +250,6 @@ def test_bf16_checkpoint_is_trained_with_float32_weights(data, models_dir, tmp_p
 # ----------------------------------------------------------------------------- several processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(cfg: TrainConfig, nproc: int, tmp_path: Path) -> list[dict]:
     from datalever.rundir import to_jsonable
 
@@ -263,7 +257,7 @@ def _torchrun(cfg: TrainConfig, nproc: int, tmp_path: Path) -> list[dict]:
     path.write_text(json.dumps(to_jsonable(cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(ROOT / "tests" / "multiproc" / "train_run.py"), str(path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -312,11 +306,7 @@ def test_two_cpu_processes_match_one(data, models_dir, tmp_path, name):
 
 
 def _accelerate_launch(cfg: TrainConfig, tmp_path: Path, name: str, kill_at_step: int | None = None) -> list[dict]:
-    """`accelerate launch --config_file configs/accelerate/fsdp2.yaml` (2 processes), as a user launches FSDP.
-
-    There is no GPU here: datalever switches Accelerate's FSDP plugin on for the CPU processes (gloo),
-    so this runs the same FSDP2 code path as a GPU launch.
-    """
+    """Run train_run.py under FSDP2 on 2 processes (`launchers.fsdp_command`); the per-rank results."""
     from datalever.rundir import to_jsonable
 
     path = tmp_path / f"{name}.json"
@@ -325,9 +315,7 @@ def _accelerate_launch(cfg: TrainConfig, tmp_path: Path, name: str, kill_at_step
         values["kill_at_step"] = kill_at_step
     path.write_text(json.dumps(values))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
-           "--main_process_port", str(_free_port()), str(ROOT / "tests" / "multiproc" / "train_run.py"), str(path)]
+    cmd = fsdp_command(str(ROOT / "tests" / "multiproc" / "train_run.py"), str(path))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if kill_at_step is not None:
         assert proc.returncode != 0, "the run should have been killed"
@@ -454,12 +442,7 @@ def test_resume_refuses_optimizer_state_saved_in_the_other_mode(data, models_dir
     """An FSDP checkpoint keys optimizer state by parameter name, a plain one by position: never mixed."""
     cfg = config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2)
 
-    def kill(step, *_):
-        if step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train.run(cfg, on_step=kill)
+    run_until_killed(cfg, 3)
     state_file = tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.pt"
     state = torch.load(state_file, weights_only=True)
     assert state["optimizer_format"] == "torch"
