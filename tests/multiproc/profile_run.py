@@ -4,6 +4,7 @@ Runs `datalever.profile.run` on CPU (gloo) with the ProfileConfig fields given a
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -18,3 +19,7 @@ PartialState(cpu=True)  # multi-process CPU: gloo; Accelerator() in the proxy's 
 meta = run(ProfileConfig(**json.loads(sys.argv[1])))
 if PartialState().is_main_process:
     print(json.dumps({"steps": meta["steps"], "complete": meta["complete"]}))
+PartialState().wait_for_everyone()
+torch.distributed.destroy_process_group()  # explicit: gloo torn down at interpreter exit can abort
+sys.stdout.flush()
+os._exit(0)  # and skip the interpreter's teardown, where gloo's threads can still abort on a loaded machine

@@ -37,6 +37,11 @@ def main(path: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{path}.rank{rank}.json", "w") as f:
         json.dump({"rank": rank, "world_size": summary["world_size"], "summary": summary}, f)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # explicit: gloo torn down at interpreter exit can abort
+    sys.stdout.flush()
+    os._exit(0)  # and skip the interpreter's teardown, where gloo's threads can still abort on a loaded machine
 
 
 if __name__ == "__main__":
