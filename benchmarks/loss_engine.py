@@ -49,8 +49,10 @@ from datalever.tokens import IGNORE, encode_example, token_budget_batches
 
 def examples(n: int) -> list[Example]:
     recs = synth.generate(n, seed=7)
-    return [Example(content_id(r["question"], r["answer"]), f"Question: {r['question']}\nAnswer: ", r["answer"])
-            for r in recs]
+    return [
+        Example(content_id(r["question"], r["answer"]), f"Question: {r['question']}\nAnswer: ", r["answer"])
+        for r in recs
+    ]
 
 
 def timed(fn, repeats: int = 2) -> float:
@@ -101,8 +103,9 @@ def s2l_body(model, encoded):
     body = getattr(model, model.base_model_prefix)
     with torch.inference_mode():
         for e in encoded:
-            body(input_ids=torch.tensor([e.input_ids], device=_device(model)),
-                 use_cache=False).last_hidden_state.sum().item()
+            body(
+                input_ids=torch.tensor([e.input_ids], device=_device(model)), use_cache=False
+            ).last_hidden_state.sum().item()
 
 
 def ceiling_batches(encoded, token_budget, device="cpu") -> list[torch.Tensor]:
@@ -129,8 +132,9 @@ def body_only(model, batches):
             body(input_ids=ids, use_cache=False).last_hidden_state.sum().item()
 
 
-def bench(preset: str, n: int, token_budget: int | None, s2l_n: int, rounds: int,
-          device: str = "cpu", dtype: str = "float32") -> dict:
+def bench(
+    preset: str, n: int, token_budget: int | None, s2l_n: int, rounds: int, device: str = "cpu", dtype: str = "float32"
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(build_preset(preset, f"{tmp}/m", seed=0))
         model = load_model(path, dtype=dtype).eval().to(device)
@@ -150,32 +154,53 @@ def bench(preset: str, n: int, token_budget: int | None, s2l_n: int, rounds: int
     tolerance = 1e-4 if dtype == "float32" else 5e-2  # bf16: other rounding of the same sums
     assert worst < tolerance, f"{preset}: engine and S2L losses differ by {worst}"
 
-    times = timed_rounds({
-        "engine": lambda: score_encoded(model, encoded, pad_id=tok.pad_token_id, token_budget=token_budget),
-        "ceiling": lambda: ceiling(model, batches),
-        "body": lambda: body_only(model, batches),
-        "s2l": lambda: s2l_loop(model, sub),
-        "s2l_body": lambda: s2l_body(model, sub),
-    }, rounds)
+    times = timed_rounds(
+        {
+            "engine": lambda: score_encoded(model, encoded, pad_id=tok.pad_token_id, token_budget=token_budget),
+            "ceiling": lambda: ceiling(model, batches),
+            "body": lambda: body_only(model, batches),
+            "s2l": lambda: s2l_loop(model, sub),
+            "s2l_body": lambda: s2l_body(model, sub),
+        },
+        rounds,
+    )
     best = {k: min(v) for k, v in times.items()}
-    rates = {"engine": tokens / best["engine"], "ceiling": ceiling_tokens / best["ceiling"],
-             "body": ceiling_tokens / best["body"], "s2l": sub_tokens / best["s2l"]}
+    rates = {
+        "engine": tokens / best["engine"],
+        "ceiling": ceiling_tokens / best["ceiling"],
+        "body": ceiling_tokens / best["body"],
+        "s2l": sub_tokens / best["s2l"],
+    }
     # The body's share of the S2L loop, from each round's pair of timings (median over rounds).
     s2l_body_share = statistics.median(b / s for b, s in zip(times["s2l_body"], times["s2l"]))
-    return {"preset": preset, "examples": n, "tokens": tokens, **rates,
-            "engine/s2l": rates["engine"] / rates["s2l"], "engine/ceiling": rates["engine"] / rates["ceiling"],
-            "ceiling/s2l": rates["ceiling"] / rates["s2l"], "body/s2l": rates["body"] / rates["s2l"],
-            "s2l_body_share": s2l_body_share}
+    return {
+        "preset": preset,
+        "examples": n,
+        "tokens": tokens,
+        **rates,
+        "engine/s2l": rates["engine"] / rates["s2l"],
+        "engine/ceiling": rates["engine"] / rates["ceiling"],
+        "ceiling/s2l": rates["ceiling"] / rates["s2l"],
+        "body/s2l": rates["body"] / rates["s2l"],
+        "s2l_body_share": s2l_body_share,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=256, help="examples per preset")
     ap.add_argument("--s2l-n", type=int, default=64, help="examples timed with the slow S2L loop")
-    ap.add_argument("--token-budget", type=int, default=None,
-                    help="padded tokens per batch (default: the engine's: 2048 on a CPU, 32768 on a GPU)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="cpu or cuda (default: cuda when a GPU is visible)")
+    ap.add_argument(
+        "--token-budget",
+        type=int,
+        default=None,
+        help="padded tokens per batch (default: the engine's: 2048 on a CPU, 32768 on a GPU)",
+    )
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when a GPU is visible)",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and compute dtype")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up; each rate is the best round")
     ap.add_argument("--presets", nargs="+", default=["demo", "pythia-70m"])
@@ -185,16 +210,21 @@ def main() -> None:
     torch.manual_seed(0)
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{args.threads} threads"
     print(f"torch {torch.__version__}, {args.device} ({where}), {args.dtype}, best of {args.rounds} interleaved rounds")
-    print("| preset | examples | tokens | engine tok/s | S2L-style tok/s | ceiling tok/s | engine/S2L (goal >= 10x) "
-          "| engine/ceiling (goal >= 0.85x) | bound: ceiling/S2L | bound: body-only/S2L "
-          "| S2L time: body / logits+loss |")
+    print(
+        "| preset | examples | tokens | engine tok/s | S2L-style tok/s | ceiling tok/s | engine/S2L (goal >= 10x) "
+        "| engine/ceiling (goal >= 0.85x) | bound: ceiling/S2L | bound: body-only/S2L "
+        "| S2L time: body / logits+loss |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
         r = bench(preset, args.n, args.token_budget, args.s2l_n, args.rounds, args.device, args.dtype)
         share = r["s2l_body_share"]
-        print(f"| {r['preset']} | {r['examples']} | {r['tokens']} | {r['engine']:,.0f} | {r['s2l']:,.0f} | "
-              f"{r['ceiling']:,.0f} | {r['engine/s2l']:.1f}x | {r['engine/ceiling']:.2f}x | {r['ceiling/s2l']:.1f}x | "
-              f"{r['body/s2l']:.1f}x | {share:.0%} / {1 - share:.0%} |", flush=True)
+        print(
+            f"| {r['preset']} | {r['examples']} | {r['tokens']} | {r['engine']:,.0f} | {r['s2l']:,.0f} | "
+            f"{r['ceiling']:,.0f} | {r['engine/s2l']:.1f}x | {r['engine/ceiling']:.2f}x | {r['ceiling/s2l']:.1f}x | "
+            f"{r['body/s2l']:.1f}x | {share:.0%} / {1 - share:.0%} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import torch
 from datalever import rundir, synth
 from datalever.examples import load_examples
 from datalever.models import load_model, load_tokenizer
-from datalever.profile import PROXY_DIR, STORE_META, ProfileConfig, run as profile_run
+from datalever.profile import PROXY_DIR, STORE_META, ProfileConfig
+from datalever.profile import run as profile_run
 from datalever.tokens import encode_example
 
 # Not named profile.py: run as a script, a file of that name in this folder would shadow the
@@ -45,8 +46,14 @@ def _loss_engine_bench():
 def bench(n: int, preset: str, checkpoints: int, token_budget: int, run_dir: Path) -> dict:
     le = _loss_engine_bench()
     files = synth.write_splits(str(run_dir / "data"), n_train=n, n_val=8, n_test=8, seed=0)
-    cfg = ProfileConfig(run_dir=str(run_dir), train_file=files["train"], proxy=f"preset:{preset}",
-                        checkpoints=checkpoints, token_budget=token_budget, progress=False)
+    cfg = ProfileConfig(
+        run_dir=str(run_dir),
+        train_file=files["train"],
+        proxy=f"preset:{preset}",
+        checkpoints=checkpoints,
+        token_budget=token_budget,
+        progress=False,
+    )
     t0 = time.perf_counter()
     profile_run(cfg)
     total_s = time.perf_counter() - t0
@@ -61,18 +68,30 @@ def bench(n: int, preset: str, checkpoints: int, token_budget: int, run_dir: Pat
     final = str(run_dir / PROXY_DIR / "model")
     model = load_model(final).eval()
     tok = load_tokenizer(final)
-    encoded = [e for e in (encode_example(tok, ex, cfg.max_length) for ex in load_examples(files["train"]))
-               if not e.fully_truncated]
+    encoded = [
+        e
+        for e in (encode_example(tok, ex, cfg.max_length) for ex in load_examples(files["train"]))
+        if not e.fully_truncated
+    ]
     assert sum(len(e.input_ids) for e in encoded) == tokens
     ceiling_batches = le.ceiling_batches(encoded, token_budget)
     ceiling_tokens = sum(b.numel() for b in ceiling_batches)
     t_ceiling = le.timed(lambda: le.ceiling(model, ceiling_batches))
     t_engine = le.timed(lambda: le.score_encoded(model, encoded, pad_id=tok.pad_token_id, token_budget=token_budget))
-    return {"preset": preset, "examples": n, "steps": summary["steps"], "recorded": meta["steps"],
-            "tokens": tokens, "total_s": total_s, "train_s": train_s,
-            "record_s": record_s, "record_rate": tokens * len(score_s) / sum(score_s),
-            "record_rate_best": tokens / min(score_s), "engine_rate": tokens / t_engine,
-            "ceiling_rate": ceiling_tokens / t_ceiling}
+    return {
+        "preset": preset,
+        "examples": n,
+        "steps": summary["steps"],
+        "recorded": meta["steps"],
+        "tokens": tokens,
+        "total_s": total_s,
+        "train_s": train_s,
+        "record_s": record_s,
+        "record_rate": tokens * len(score_s) / sum(score_s),
+        "record_rate_best": tokens / min(score_s),
+        "engine_rate": tokens / t_engine,
+        "ceiling_rate": ceiling_tokens / t_ceiling,
+    }
 
 
 def main() -> None:
@@ -87,20 +106,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         r = bench(args.n, args.preset, args.checkpoints, args.token_budget, Path(args.keep or tmp))
-    print(f"torch {torch.__version__}, {args.threads} threads; preset {r['preset']}, {r['examples']} examples, "
-          f"{r['steps']} proxy steps, recorded at {r['recorded']}, {r['tokens']} tokens per recording pass; "
-          f"profile wall {r['total_s']:.1f} s")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; preset {r['preset']}, {r['examples']} examples, "
+        f"{r['steps']} proxy steps, recorded at {r['recorded']}, {r['tokens']} tokens per recording pass; "
+        f"profile wall {r['total_s']:.1f} s"
+    )
     print()
     print("| what | seconds | share |")
     print("|---|---|---|")
     print(f"| proxy training (optimizer steps + checkpoints) | {r['train_s']:.2f} | 1.00 |")
-    print(f"| recording ({len(r['recorded'])} passes, scoring + writing) | {r['record_s']:.2f} | "
-          f"{r['record_s'] / r['train_s']:.2f} x training |")
+    print(
+        f"| recording ({len(r['recorded'])} passes, scoring + writing) | {r['record_s']:.2f} | "
+        f"{r['record_s'] / r['train_s']:.2f} x training |"
+    )
     print()
     print("| recording throughput | tokens/s | vs ceiling |")
     print("|---|---|---|")
-    print(f"| recording passes in the profile (mean) | {r['record_rate']:,.0f} | {r['record_rate'] / r['ceiling_rate']:.2f}x |")
-    print(f"| recording passes in the profile (best) | {r['record_rate_best']:,.0f} | {r['record_rate_best'] / r['ceiling_rate']:.2f}x |")
+    print(
+        f"| recording passes in the profile (mean) | {r['record_rate']:,.0f} "
+        f"| {r['record_rate'] / r['ceiling_rate']:.2f}x |"
+    )
+    print(
+        f"| recording passes in the profile (best) | {r['record_rate_best']:,.0f} "
+        f"| {r['record_rate_best'] / r['ceiling_rate']:.2f}x |"
+    )
     print(f"| loss engine alone, final proxy | {r['engine_rate']:,.0f} | {r['engine_rate'] / r['ceiling_rate']:.2f}x |")
     print(f"| ceiling: plain forward, no padding, no loss | {r['ceiling_rate']:,.0f} | 1.00x |")
 

@@ -34,7 +34,7 @@ from datalever.tokens import encode_example
 
 
 def step_time(ends: list[float], skip: int) -> float:
-    gaps = [b - a for a, b in zip(ends, ends[1:])][max(skip - 1, 0):]
+    gaps = [b - a for a, b in zip(ends, ends[1:])][max(skip - 1, 0) :]
     return statistics.median(gaps)
 
 
@@ -89,8 +89,12 @@ def main() -> None:
     ap.add_argument("--micro", nargs="+", type=int, default=[4, 2], help="micro-batch size, per preset")
     ap.add_argument("--skip", type=int, default=2, help="steps left out of the timing (warm-up)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each variant (interleaved); the fastest is kept")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: steadier on a small shared machine; 0: torch's choice)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: steadier on a small shared machine; 0: torch's choice)",
+    )
     ap.add_argument("--workdir", default=None, help="where presets, data and runs go (default: a temp dir)")
     args = ap.parse_args()
     if args.threads:
@@ -107,9 +111,18 @@ def main() -> None:
         steps, batch, micro = per(args.steps, i), per(args.batch, i), per(args.micro, i)
 
         def cfg(opt: str) -> train.TrainConfig:
-            return train.TrainConfig(model=model_path, data=data["train"], out=str(work / "runs" / f"{name}-{opt}"),
-                                     max_steps=steps, batch_size=batch, micro_batch_size=micro, max_length=512,
-                                     optim=OptimConfig(name=opt, lr=1e-3), warmup_ratio=0.1, progress=False)
+            return train.TrainConfig(
+                model=model_path,
+                data=data["train"],
+                out=str(work / "runs" / f"{name}-{opt}"),
+                max_steps=steps,
+                batch_size=batch,
+                micro_batch_size=micro,
+                max_length=512,
+                optim=OptimConfig(name=opt, lr=1e-3),
+                warmup_ratio=0.1,
+                progress=False,
+            )
 
         best = {k: float("inf") for k in ("run", "run-sam", "bare-resp", "bare-hf")}
         for _ in range(args.repeats):
@@ -121,16 +134,22 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.0f} ms/step" for k, v in best.items()), flush=True)
 
     print()
-    print(f"threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.2f}, "
-          f"timed steps per run: steps - {args.skip}, best of {args.repeats}")
+    print(
+        f"threads: {torch.get_num_threads()}, load average: {os.getloadavg()[0]:.2f}, "
+        f"timed steps per run: steps - {args.skip}, best of {args.repeats}"
+    )
     print()
-    print("| preset | params | batch / micro | run steps/s | bare-resp steps/s | bare-hf steps/s "
-          "| run / bare-resp | run / bare-hf | SAM / AdamW time per step |")
+    print(
+        "| preset | params | batch / micro | run steps/s | bare-resp steps/s | bare-hf steps/s "
+        "| run / bare-resp | run / bare-hf | SAM / AdamW time per step |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, n_params, batch, micro, steps, b in rows:
-        print(f"| {name} | {n_params / 1e6:.1f}M | {batch} / {micro} | {1 / b['run']:.2f} | {1 / b['bare-resp']:.2f} "
-              f"| {1 / b['bare-hf']:.2f} | {b['bare-resp'] / b['run']:.2f}x | {b['bare-hf'] / b['run']:.2f}x "
-              f"| {b['run-sam'] / b['run']:.2f}x |")
+        print(
+            f"| {name} | {n_params / 1e6:.1f}M | {batch} / {micro} | {1 / b['run']:.2f} | {1 / b['bare-resp']:.2f} "
+            f"| {1 / b['bare-hf']:.2f} | {b['bare-resp'] / b['run']:.2f}x | {b['bare-hf'] / b['run']:.2f}x "
+            f"| {b['run-sam'] / b['run']:.2f}x |"
+        )
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -21,6 +21,15 @@ def fsdp_command(*script_and_args: str) -> list[str]:
     There is no GPU on CI machines: datalever switches Accelerate's FSDP plugin on for the CPU
     processes (gloo), so this runs the same FSDP2 code path as a GPU launch.
     """
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2",
-            "--main_process_port", str(free_port()), *script_and_args]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        *script_and_args,
+    ]

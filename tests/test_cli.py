@@ -44,8 +44,9 @@ def test_every_field_has_a_docstring():
             for i, node in enumerate(body):
                 if isinstance(node, ast.AnnAssign):
                     nxt = body[i + 1] if i + 1 < len(body) else None
-                    assert isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant), \
+                    assert isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant), (
                         f"{cls.__name__}.{node.target.id} has no docstring"
+                    )
             hints = typing.get_type_hints(cls)
             seen += [t for t in hints.values() if dataclasses.is_dataclass(t)]
 

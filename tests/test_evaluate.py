@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from datalever import evaluate as ev
-from datalever.evaluate import (EvalConfig, answers_match, compute_metrics, encode_prompts, evaluate_examples,
-                                extract_answer, generate, generate_ids, normalize_number)
+from datalever.evaluate import (
+    EvalConfig,
+    answers_match,
+    compute_metrics,
+    encode_prompts,
+    evaluate_examples,
+    extract_answer,
+    generate,
+    generate_ids,
+    normalize_number,
+)
 from datalever.examples import Example
 
 torch.set_num_threads(1)
@@ -17,54 +26,78 @@ torch.set_num_threads(1)
 # ----------------------------------------------------------------------------- extraction
 
 
-@pytest.mark.parametrize("text, expected", [
-    # GSM8K style: the answer after ####, commas dropped, the reasoning's numbers ignored
-    ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 1,234", "1234"),
-    ("#### 72", "72"),
-    ("#### $1,234.50.", "1234.5"),
-    ("#### -$3", "-3"),
-    ("#### 18 dollars", "18"),
-    ("#### 5/6", "5/6"),  # a fraction is an expression, not the number 5
-    # the first #### wins over a rambling continuation
-    ("#### 18\n\nQuestion: Tom has 5 apples.\n#### 9", "18"),
-    ("####\nso 12", "12"),  # an empty #### falls through to the last number
-    # "The answer is"
-    ("The answer is $42.", "42"),
-    ("So the answer is: 50%", "50"),
-    ("The final answer is 7.0", "7"),
-    ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
-    ("The answer is \\boxed{12}.", "12"),
-    ("The answer is x = 5.", "x = 5"),
-    # \boxed, braces balanced, the last one wins
-    ("so we get \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{\\frac{\\sqrt{2}}{2}} is it", "\\frac{\\sqrt{2}}{2}"),
-    ("first \\boxed{3}, then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
-    ("\\boxed{1,000}", "1000"),
-    ("\\boxed{a{b}", None),  # unbalanced: no box, and no number either
-    # the last number
-    ("I have 3 apples and 4 pears, so 7", "7"),
-    ("It is -3 degrees outside.", "-3"),
-    ("10 - 13 = -3", "-3"),
-    ("5-3 = 2", "2"),
-    ("It costs 0.5 dollars", "0.5"),
-    ("about .5 of it", "0.5"),
-    ("in total 1,234,567.", "1234567"),
-    ("it is 7.0", "7"),
-    ("point (3,4)", "4"),  # "3,4" is not a thousands group
-    ("x2 and y", None),  # digits inside a word are not a number
-    ("no answer here", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # GSM8K style: the answer after ####, commas dropped, the reasoning's numbers ignored
+        ("Natalia sold 48/2 = 24 clips in May.\nShe sold 48+24 = 72 clips.\n#### 1,234", "1234"),
+        ("#### 72", "72"),
+        ("#### $1,234.50.", "1234.5"),
+        ("#### -$3", "-3"),
+        ("#### 18 dollars", "18"),
+        ("#### 5/6", "5/6"),  # a fraction is an expression, not the number 5
+        # the first #### wins over a rambling continuation
+        ("#### 18\n\nQuestion: Tom has 5 apples.\n#### 9", "18"),
+        ("####\nso 12", "12"),  # an empty #### falls through to the last number
+        # "The answer is"
+        ("The answer is $42.", "42"),
+        ("So the answer is: 50%", "50"),
+        ("The final answer is 7.0", "7"),
+        ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
+        ("The answer is \\boxed{12}.", "12"),
+        ("The answer is x = 5.", "x = 5"),
+        # \boxed, braces balanced, the last one wins
+        ("so we get \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("\\boxed{\\frac{\\sqrt{2}}{2}} is it", "\\frac{\\sqrt{2}}{2}"),
+        ("first \\boxed{3}, then \\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("\\boxed{1,000}", "1000"),
+        ("\\boxed{a{b}", None),  # unbalanced: no box, and no number either
+        # the last number
+        ("I have 3 apples and 4 pears, so 7", "7"),
+        ("It is -3 degrees outside.", "-3"),
+        ("10 - 13 = -3", "-3"),
+        ("5-3 = 2", "2"),
+        ("It costs 0.5 dollars", "0.5"),
+        ("about .5 of it", "0.5"),
+        ("in total 1,234,567.", "1234567"),
+        ("it is 7.0", "7"),
+        ("point (3,4)", "4"),  # "3,4" is not a thousands group
+        ("x2 and y", None),  # digits inside a word are not a number
+        ("no answer here", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
 
-@pytest.mark.parametrize("s, expected", [
-    ("1,234", "1234"), ("7.0", "7"), ("7.", "7"), ("$5", "5"), ("\\$5", "5"), ("-$3", "-3"), ("$-3", "-3"),
-    ("50%", "50"), ("50\\%", "50"), (".5", "0.5"), ("0.50", "0.5"), ("-0", "0"), ("700", "700"),
-    ("−2", "-2"), ("+4", "4"), (" 12 ", "12"),
-    ("1e3", None), ("nan", None), ("Infinity", None), ("abc", None), ("1/2", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "s, expected",
+    [
+        ("1,234", "1234"),
+        ("7.0", "7"),
+        ("7.", "7"),
+        ("$5", "5"),
+        ("\\$5", "5"),
+        ("-$3", "-3"),
+        ("$-3", "-3"),
+        ("50%", "50"),
+        ("50\\%", "50"),
+        (".5", "0.5"),
+        ("0.50", "0.5"),
+        ("-0", "0"),
+        ("700", "700"),
+        ("−2", "-2"),
+        ("+4", "4"),
+        (" 12 ", "12"),
+        ("1e3", None),
+        ("nan", None),
+        ("Infinity", None),
+        ("abc", None),
+        ("1/2", None),
+        ("", None),
+    ],
+)
 def test_normalize_number(s, expected):
     assert normalize_number(s) == expected
 
@@ -72,17 +105,36 @@ def test_normalize_number(s, expected):
 # ----------------------------------------------------------------------------- comparison
 
 
-@pytest.mark.parametrize("pred, gold, expected", [
-    ("7", "7", True), ("7.0", "7", True), ("1,234", "1234", True), ("0.5", ".5", True), ("-3", "-3", True),
-    ("3", "-3", False), ("7", "8", False), ("0.33", "1/3", False),
-    (None, "3", False), ("3", None, False), (None, None, False),
-    # not plain numbers: math-verify decides (its verdicts checked by hand, math-verify 0.9)
-    ("\\frac{1}{2}", "0.5", True), ("0.5", "\\frac{1}{2}", True), ("1/2", "0.5", True),
-    ("\\sqrt{4}", "2", True), ("2\\sqrt{2}", "\\sqrt{8}", True), ("\\dfrac{3}{4}", "0.75", True),
-    ("x = 5", "5", True), ("\\text{Monday}", "Monday", True),
-    ("\\frac{1}{3}", "0.33", False), ("\\sqrt{3}", "2", False), ("\\pi", "3.14159", False),
-    ("A", "A", True), ("A", "B", False),
-])
+@pytest.mark.parametrize(
+    "pred, gold, expected",
+    [
+        ("7", "7", True),
+        ("7.0", "7", True),
+        ("1,234", "1234", True),
+        ("0.5", ".5", True),
+        ("-3", "-3", True),
+        ("3", "-3", False),
+        ("7", "8", False),
+        ("0.33", "1/3", False),
+        (None, "3", False),
+        ("3", None, False),
+        (None, None, False),
+        # not plain numbers: math-verify decides (its verdicts checked by hand, math-verify 0.9)
+        ("\\frac{1}{2}", "0.5", True),
+        ("0.5", "\\frac{1}{2}", True),
+        ("1/2", "0.5", True),
+        ("\\sqrt{4}", "2", True),
+        ("2\\sqrt{2}", "\\sqrt{8}", True),
+        ("\\dfrac{3}{4}", "0.75", True),
+        ("x = 5", "5", True),
+        ("\\text{Monday}", "Monday", True),
+        ("\\frac{1}{3}", "0.33", False),
+        ("\\sqrt{3}", "2", False),
+        ("\\pi", "3.14159", False),
+        ("A", "A", True),
+        ("A", "B", False),
+    ],
+)
 def test_answers_match(pred, gold, expected):
     assert answers_match(pred, gold) is expected
 
@@ -176,8 +228,9 @@ def test_long_prompts_are_cut_from_the_left(tiny):
     positions = model.config.max_position_embeddings
     assert n > positions
     out = generate_ids(model, tok, [long_prompt], max_new_tokens=4, progress=False)  # does not overflow
-    assert out == generate_ids(model, tok, [long_prompt], max_new_tokens=4, max_prompt_length=positions - 4,
-                               progress=False)
+    assert out == generate_ids(
+        model, tok, [long_prompt], max_new_tokens=4, max_prompt_length=positions - 4, progress=False
+    )
     with pytest.raises(ValueError):
         generate_ids(model, tok, ["x"], max_new_tokens=positions, progress=False)
 
@@ -229,8 +282,9 @@ def fake_generate(monkeypatch):
 
 
 def test_metrics_by_hand(fake_generate):
-    metrics, records = evaluate_examples(None, None, EXAMPLES, max_new_tokens=8, batch_size=2,
-                                         difficulty_keys=["level", "steps", "absent"])
+    metrics, records = evaluate_examples(
+        None, None, EXAMPLES, max_new_tokens=8, batch_size=2, difficulty_keys=["level", "steps", "absent"]
+    )
     assert fake_generate == [[ex.prompt for ex in EXAMPLES]]
     assert [r["id"] for r in records] == [ex.id for ex in EXAMPLES]
     assert [r["correct"] for r in records] == [True, False, True, False, True, True]
@@ -246,8 +300,11 @@ def test_metrics_by_hand(fake_generate):
     }
     assert metrics["per_difficulty"] == {
         "level": {"1": {"accuracy": 1.0, "n": 2, "n_correct": 2}, "2": {"accuracy": 0.0, "n": 2, "n_correct": 0}},
-        "steps": {"2": {"accuracy": 1.0, "n": 2, "n_correct": 2}, "3": {"accuracy": 0.0, "n": 1, "n_correct": 0},
-                  "10": {"accuracy": 1.0, "n": 1, "n_correct": 1}},
+        "steps": {
+            "2": {"accuracy": 1.0, "n": 2, "n_correct": 2},
+            "3": {"accuracy": 0.0, "n": 1, "n_correct": 0},
+            "10": {"accuracy": 1.0, "n": 1, "n_correct": 1},
+        },
     }
     assert list(metrics["per_difficulty"]["steps"]) == ["2", "3", "10"]  # numeric order
 
@@ -268,14 +325,14 @@ def test_sharded_evaluation_gathers_every_record_in_order(fake_generate, monkeyp
 
     single_metrics, single = evaluate_examples(None, None, EXAMPLES, difficulty_keys=["level"])
     from_rank1 = []
-    monkeypatch.setattr(accelerate.utils, "gather_object",
-                        lambda objs: from_rank1.extend(copy.deepcopy(objs)) or objs)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: from_rank1.extend(copy.deepcopy(objs)) or objs)
     evaluate_examples(None, None, EXAMPLES, difficulty_keys=["level"], accelerator=_FakeAccelerator(1, 2))
     assert [r["id"] for r in from_rank1] == ["e2", "e4", "e6"]  # rank 1's shard: examples[1::2]
     # rank 0: the gather returns both shards, rank 1's first
     monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: from_rank1 + objs)
-    metrics, records = evaluate_examples(None, None, EXAMPLES, difficulty_keys=["level"],
-                                         accelerator=_FakeAccelerator(0, 2))
+    metrics, records = evaluate_examples(
+        None, None, EXAMPLES, difficulty_keys=["level"], accelerator=_FakeAccelerator(0, 2)
+    )
     assert fake_generate[-1] == ["p1", "p3", "p5"]
     assert records == single and metrics == single_metrics
 
@@ -286,8 +343,15 @@ def test_run_writes_predictions_and_metrics(tiny, tmp_path, monkeypatch):
     data = tmp_path / "test.jsonl"
     save_examples(str(data), EXAMPLES)
     model_dir = tiny[2]
-    cfg = EvalConfig(model=str(model_dir), data=str(data), out=str(tmp_path / "out"), max_new_tokens=4,
-                     batch_size=4, limit=5, progress=False)
+    cfg = EvalConfig(
+        model=str(model_dir),
+        data=str(data),
+        out=str(tmp_path / "out"),
+        max_new_tokens=4,
+        batch_size=4,
+        limit=5,
+        progress=False,
+    )
     metrics = ev.run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [ex.id for ex in EXAMPLES[:5]]
@@ -310,7 +374,7 @@ def test_config_fields_have_docstrings():
             assert isinstance(nxt, ast.Expr) and isinstance(nxt.value.value, str), node.target.id
 
 
-EVAL_WORKER = '''
+EVAL_WORKER = """
 import json, sys
 import torch
 torch.set_num_threads(1)
@@ -324,7 +388,7 @@ state.wait_for_everyone()
 torch.distributed.destroy_process_group()  # explicit: gloo torn down at interpreter exit can abort
 import os
 os._exit(0)  # and skip the interpreter's teardown, where gloo's threads can still abort on a loaded machine
-'''
+"""
 
 
 @pytest.mark.slow
@@ -341,13 +405,35 @@ def test_run_with_two_cpu_processes_matches_one(tiny, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(EVAL_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tiny[2]), str(data), str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tiny[2]),
+            str(data),
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     reported = [line.split(" ", 2)[2] for line in out.stdout.splitlines() if line.startswith("EVAL_OK")]
-    single = ev.run(EvalConfig(model=str(tiny[2]), data=str(data), out=str(tmp_path / "one"), max_new_tokens=6,
-                               batch_size=3, progress=False))
+    single = ev.run(
+        EvalConfig(
+            model=str(tiny[2]),
+            data=str(data),
+            out=str(tmp_path / "one"),
+            max_new_tokens=6,
+            batch_size=3,
+            progress=False,
+        )
+    )
     assert [json.loads(r) for r in reported] == [single, single]
-    assert ((tmp_path / "two" / "predictions.jsonl").read_text()
-            == (tmp_path / "one" / "predictions.jsonl").read_text())
+    assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()

@@ -13,16 +13,25 @@ import re
 
 import pytest
 
-from datalever.examples import (DEFAULT_TEMPLATES, DataError, Example, detect_schema,
-                                load_examples, save_examples)
+from datalever.examples import DEFAULT_TEMPLATES, DataError, Example, detect_schema, load_examples, save_examples
 
-GSM = [{"question": "Tom has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7\n#### 7",
-        "difficulty": "easy"},
-       {"question": "Ann has 10 pens and loses 2. How many are left?", "answer": "10 - 2 = 8\n#### 8",
-        "difficulty": "easy"},
-       {"question": "What is 6 times 7?", "answer": "6 * 7 = 42\n#### 42", "difficulty": "medium"}]
-ALPACA = [{"instruction": "Add the numbers.", "input": "2 and 5", "output": "7", "source": "mathinstruct/add"},
-          {"instruction": "Name a prime number.", "input": "", "output": "13", "source": "mathinstruct/prime"}]
+GSM = [
+    {
+        "question": "Tom has 3 apples and buys 4 more. How many apples?",
+        "answer": "3 + 4 = 7\n#### 7",
+        "difficulty": "easy",
+    },
+    {
+        "question": "Ann has 10 pens and loses 2. How many are left?",
+        "answer": "10 - 2 = 8\n#### 8",
+        "difficulty": "easy",
+    },
+    {"question": "What is 6 times 7?", "answer": "6 * 7 = 42\n#### 42", "difficulty": "medium"},
+]
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 and 5", "output": "7", "source": "mathinstruct/add"},
+    {"instruction": "Name a prime number.", "input": "", "output": "13", "source": "mathinstruct/prime"},
+]
 PLAIN = [{"prompt": "2+2=", "response": "4"}, {"prompt": "3+3=", "response": "6"}]
 
 
@@ -32,6 +41,7 @@ def sha_id(*parts: str) -> str:
 
 
 # ---- writers for every format -------------------------------------------------------------
+
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -71,9 +81,14 @@ def write_dataset(path, rows):
     return str(path)
 
 
-WRITERS = {"jsonl": (write_jsonl, "d.jsonl"), "json": (write_json, "d.json"),
-           "json_data": (write_json_data, "d.json"), "parquet": (write_parquet, "d.parquet"),
-           "csv": (write_csv, "d.csv"), "save_to_disk": (write_dataset, "ds")}
+WRITERS = {
+    "jsonl": (write_jsonl, "d.jsonl"),
+    "json": (write_json, "d.json"),
+    "json_data": (write_json_data, "d.json"),
+    "parquet": (write_parquet, "d.parquet"),
+    "csv": (write_csv, "d.csv"),
+    "save_to_disk": (write_dataset, "ds"),
+}
 
 
 @pytest.mark.parametrize("fmt", list(WRITERS))
@@ -83,7 +98,8 @@ def test_gsm8k_loads_from_every_format(tmp_path, fmt):
     assert [e.prompt for e in exs] == [
         "Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:\n",
         "Question: Ann has 10 pens and loses 2. How many are left?\nAnswer:\n",
-        "Question: What is 6 times 7?\nAnswer:\n"]
+        "Question: What is 6 times 7?\nAnswer:\n",
+    ]
     assert [e.response for e in exs] == ["3 + 4 = 7\n#### 7", "10 - 2 = 8\n#### 8", "6 * 7 = 42\n#### 42"]
     assert exs[0].id == sha_id(GSM[0]["question"], GSM[0]["answer"])
     assert [e.meta for e in exs] == [{"difficulty": "easy"}, {"difficulty": "easy"}, {"difficulty": "medium"}]
@@ -120,8 +136,9 @@ def test_prompt_response_loads_as_is(tmp_path, fmt):
 def test_dataset_dict_split_is_chosen_by_name(tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(GSM[:2]),
-                               "test": datasets.Dataset.from_list(GSM[2:])})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(GSM[:2]), "test": datasets.Dataset.from_list(GSM[2:])}
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     (ex,) = load_examples(str(tmp_path / "dd"), split="test")
     assert ex.prompt == "Question: What is 6 times 7?\nAnswer:\n"
@@ -156,8 +173,9 @@ def test_custom_templates_may_use_extra_columns(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", GSM[:1])
     (ex,) = load_examples(path, template="[{difficulty}] {question}\n")
     assert ex.prompt == "[easy] Tom has 3 apples and buys 4 more. How many apples?\n"
-    assert ex.prompt + ex.response == ("[easy] Tom has 3 apples and buys 4 more. How many apples?\n"
-                                       "3 + 4 = 7\n#### 7")  # the boundary is len(prompt)
+    assert ex.prompt + ex.response == (
+        "[easy] Tom has 3 apples and buys 4 more. How many apples?\n3 + 4 = 7\n#### 7"
+    )  # the boundary is len(prompt)
 
 
 def test_default_templates_are_the_documented_ones():
@@ -190,8 +208,10 @@ def test_detect_schema():
 
 
 def test_save_examples_round_trips(tmp_path):
-    exs = [Example("custom-1", "P1\n", "R1", "s", {"steps": 2, "level": "easy"}),
-           Example("custom-2", "P2\n", "R2", None, {})]
+    exs = [
+        Example("custom-1", "P1\n", "R1", "s", {"steps": 2, "level": "easy"}),
+        Example("custom-2", "P2\n", "R2", None, {}),
+    ]
     save_examples(str(tmp_path / "out.jsonl"), exs)
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert list(rows[0]) == ["id", "prompt", "response", "source", "meta"]
@@ -209,6 +229,7 @@ def test_loaded_then_saved_examples_keep_their_ids(tmp_path):
 
 
 # ---- bad input: file, line/row and the reason, always -----------------------------------------
+
 
 def bad(path, **kw) -> str:
     with pytest.raises(DataError) as err:
@@ -249,8 +270,10 @@ def test_non_text_value(tmp_path, value, shown):
 
 
 def test_non_text_value_in_parquet_names_the_row(tmp_path):
-    p = write_parquet(tmp_path / "bad.parquet", [{"prompt": "a", "response": "b", "source": None},
-                                                 {"prompt": "c", "response": "d", "source": 3}])
+    p = write_parquet(
+        tmp_path / "bad.parquet",
+        [{"prompt": "a", "response": "b", "source": None}, {"prompt": "c", "response": "d", "source": 3}],
+    )
     p2 = write_parquet(tmp_path / "bad2.parquet", [{"prompt": "a", "response": 1}])
     assert re.search(r"bad\.parquet: row 2: field 'source' must be text, got int 3", bad(p))
     assert re.search(r"bad2\.parquet: row 1: field 'response' must be text, got int", bad(p2))
@@ -261,8 +284,10 @@ def test_empty_text_is_an_error(tmp_path):
     assert re.search(r"bad\.jsonl: line 2: field 'answer' is empty", bad(p))
 
 
-@pytest.mark.parametrize("name, text", [("e.jsonl", ""), ("e2.jsonl", "\n\n"), ("e.json", "[]"),
-                                        ("e.csv", "question,answer\n"), ("e2.csv", "")])
+@pytest.mark.parametrize(
+    "name, text",
+    [("e.jsonl", ""), ("e2.jsonl", "\n\n"), ("e.json", "[]"), ("e.csv", "question,answer\n"), ("e2.csv", "")],
+)
 def test_empty_file(tmp_path, name, text):
     p = tmp_path / name
     p.write_text(text)

@@ -88,6 +88,7 @@ def test_experiment_killed_mid_arm_resumes(tmp_path, monkeypatch):
     cfg2.arms, cfg2.seeds = ["hard"], [0]
     experiment.run(cfg2)
     from safetensors.torch import load_file
+
     a = load_file(arm_train / "model" / "model.safetensors")
     b = load_file(clean / "arms" / "hard" / "seed0" / "train" / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
@@ -103,10 +104,13 @@ def test_an_arm_with_other_split_features_upsamples_that_split(tmp_path):
     cfg.arms, cfg.seeds = ["hard", "hard-final"], [0]
     experiment.run(cfg)
     ids, sources, losses, flags, meta = read_trajectories(tmp_path / "trajectories.parquet")
-    for arm, features, split_file in [("hard", "trajectory", tmp_path / "split.parquet"),
-                                      ("hard-final", "final", tmp_path / "splits" / "final" / "split.parquet")]:
-        ref = split_trajectories(ids, sources, losses, features=features, k=2, seed=cfg.profile.seed,
-                                 flags=flags, steps=meta["steps"])
+    for arm, features, split_file in [
+        ("hard", "trajectory", tmp_path / "split.parquet"),
+        ("hard-final", "final", tmp_path / "splits" / "final" / "split.parquet"),
+    ]:
+        ref = split_trajectories(
+            ids, sources, losses, features=features, k=2, seed=cfg.profile.seed, flags=flags, steps=meta["steps"]
+        )
         hard = set(ref.loc[ref["hard"] & (ref["flag"] == ""), "id"])
         assert set(pq.read_table(split_file).to_pandas().query("hard and flag == ''")["id"]) == hard
         man = pq.read_table(tmp_path / "arms" / arm / "seed0" / "manifest.parquet").to_pandas()

@@ -50,7 +50,6 @@ def test_engine_matches_brute_force(tiny_checkpoints, arch):
         assert got[ex.id].n_tokens == len(enc.input_ids) - enc.n_prompt
 
 
-
 @pytest.mark.parametrize("arch", ["tiny", "tiny-neox", "tiny-qwen3"])
 def test_engine_matches_brute_force_across_vocabulary_slices(tiny_checkpoints, arch):
     """Scoring computes the logsumexp a vocabulary slice at a time: 512 rows in slices of 100
@@ -95,6 +94,7 @@ def test_scoring_runs_without_autograd_or_kv_cache(tiny_checkpoints):
     finally:
         handle.remove()
     assert seen and all(s == (False, False) for s in seen)
+
 
 def test_truncated_response_is_flagged_not_zero(tiny_checkpoints):
     model = load_model(tiny_checkpoints["tiny"]).eval()

@@ -40,9 +40,16 @@ HIDDEN_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def tiny_llama(tied: bool = False, seed: int = 0, dtype=torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                      tie_word_embeddings=tied)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).to(dtype)
 
@@ -84,14 +91,13 @@ def token_batch(n: int = 8, length: int = 16, seed: int = 1, ragged: bool = Fals
 def split(batch: dict, k: int) -> list[dict]:
     n = batch["input_ids"].shape[0]
     step = n // k
-    return [{key: v[i * step:(i + 1) * step] for key, v in batch.items()} for i in range(k)]
+    return [{key: v[i * step : (i + 1) * step] for key, v in batch.items()} for i in range(k)]
 
 
 def lm_loss_fn(model, mb):
     logits = model(input_ids=mb["input_ids"]).logits[:, :-1]
     labels = mb["labels"][:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
     return loss, int((labels != -100).sum())
 
 
@@ -135,7 +141,8 @@ def test_muon_split_llama_by_hand(tied):
     assert "model.embed_tokens.weight" in expect_adamw
     assert ("lm_head.weight" in named) == (not tied)  # tied head is the same tensor as the embedding
     expect_adamw_hand = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{ln}.weight" for i in range(2) for ln in ("input_layernorm", "post_attention_layernorm")}
+        f"model.layers.{i}.{ln}.weight" for i in range(2) for ln in ("input_layernorm", "post_attention_layernorm")
+    }
     if not tied:
         expect_adamw_hand.add("lm_head.weight")
     assert expect_adamw == expect_adamw_hand
@@ -156,12 +163,23 @@ def test_muon_split_llama_by_hand(tied):
 def test_muon_split_gpt_neox_with_biases():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = GPTNeoXConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = GPTNeoXForCausalLM(cfg)
     named = dict(model.named_parameters())
-    hidden = ("attention.query_key_value.weight", "attention.dense.weight", "mlp.dense_h_to_4h.weight",
-              "mlp.dense_4h_to_h.weight")
+    hidden = (
+        "attention.query_key_value.weight",
+        "attention.dense.weight",
+        "mlp.dense_h_to_4h.weight",
+        "mlp.dense_4h_to_h.weight",
+    )
     expect_muon = {n for n in named if n.endswith(hidden)}
     assert len(expect_muon) == 8
     assert sum(n.endswith(".bias") for n in named) > 8
@@ -205,9 +223,12 @@ def test_split_unwraps_data_parallel_wrapper():
 def test_lora_only_trainable_params(modules_to_save):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                    target_modules=["q_proj", "v_proj"],
-                                                    modules_to_save=modules_to_save))
+    model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], modules_to_save=modules_to_save
+        ),
+    )
     named = dict(model.named_parameters())
     lora = {n for n in named if ".lora_A." in n or ".lora_B." in n}
     head = {n for n in named if "modules_to_save" in n and n.endswith("lm_head.modules_to_save.default.weight")}
@@ -237,10 +258,12 @@ def test_frozen_params_untouched():
         optimizer_step(model, opt, [batch], lm_loss_fn)
     after = dict(model.named_parameters())
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
-    assert torch.equal(before["model.layers.0.self_attn.q_proj.weight"],
-                       after["model.layers.0.self_attn.q_proj.weight"])
-    assert not torch.equal(before["model.layers.0.self_attn.k_proj.weight"],
-                           after["model.layers.0.self_attn.k_proj.weight"])
+    assert torch.equal(
+        before["model.layers.0.self_attn.q_proj.weight"], after["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert not torch.equal(
+        before["model.layers.0.self_attn.k_proj.weight"], after["model.layers.0.self_attn.k_proj.weight"]
+    )
 
 
 # --------------------------------------------------------------------------- training works
@@ -278,10 +301,12 @@ def test_muon_equals_hand_built_muon_plus_adamw():
     matrices = [named["model.embed_tokens.weight"], named["lm_head.weight"]]
     norms = [p for n, p in named.items() if "norm" in n]
     assert len(hidden) + len(matrices) + len(norms) == len(named)
-    ref_muon = torch.optim.Muon(hidden, lr=3e-3, weight_decay=0.1, momentum=0.9, nesterov=True,
-                                adjust_lr_fn="match_rms_adamw")
-    ref_adamw = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
-                                   {"params": norms, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95))
+    ref_muon = torch.optim.Muon(
+        hidden, lr=3e-3, weight_decay=0.1, momentum=0.9, nesterov=True, adjust_lr_fn="match_rms_adamw"
+    )
+    ref_adamw = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.1}, {"params": norms, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95)
+    )
     for step in range(3):
         optimizer_step(model, opt, [batch], lm_loss_fn, max_grad_norm=None)
         ref_muon.zero_grad()
@@ -320,7 +345,7 @@ def toy_loss_fn(model, mb):
 def toy_grad(w, x, y):
     """d/dw mean (tanh(x.w) - y)^2, by hand."""
     t = torch.tanh(x @ w)
-    return (2 * (t - y) * (1 - t ** 2)) @ x / len(y)
+    return (2 * (t - y) * (1 - t**2)) @ x / len(y)
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 0.05])
@@ -348,13 +373,15 @@ def test_sam_step_equals_hand_computed_adamw_first_step():
     x, y = toy_data(seed=3)
     lr, rho, wd, eps = 0.01, 0.1, 0.0, 1e-8
     model = Toy(w0.tolist())
-    opt = build_optimizer(model, OptimConfig(name="sam", sam_base="adamw", lr=lr, sam_rho=rho,
-                                             weight_decay=wd, eps=eps, betas=(0.9, 0.99)))
+    opt = build_optimizer(
+        model,
+        OptimConfig(name="sam", sam_base="adamw", lr=lr, sam_rho=rho, weight_decay=wd, eps=eps, betas=(0.9, 0.99)),
+    )
     optimizer_step(model, opt, [(x, y)], toy_loss_fn, max_grad_norm=None)
     g = toy_grad(w0, x, y)
     g2 = toy_grad(w0 + rho * g / g.norm(), x, y)
     m_hat = (1 - 0.9) * g2 / (1 - 0.9)  # bias-corrected first moment after one step
-    v_hat = (1 - 0.99) * g2 ** 2 / (1 - 0.99)
+    v_hat = (1 - 0.99) * g2**2 / (1 - 0.99)
     torch.testing.assert_close(model.w.detach(), w0 - lr * m_hat / (v_hat.sqrt() + eps), rtol=1e-12, atol=1e-12)
 
 
@@ -451,8 +478,7 @@ def test_lr_factor_matches_transformers_schedule():
 
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=7, num_training_steps=40,
-                                                        min_lr_rate=0.2)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=7, num_training_steps=40, min_lr_rate=0.2)
     for step in range(40):
         assert lr_factor(step, 40, 7, min_ratio=0.2) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
         opt.step()
@@ -562,7 +588,7 @@ def test_accelerator_path_equals_plain_path(cpu_accelerator):
 
 # --------------------------------------------------------------------------- DDP (2 CPU processes)
 
-DDP_WORKER = textwrap.dedent(r'''
+DDP_WORKER = textwrap.dedent(r"""
     import os, sys, torch
     from torch import nn
     from accelerate import Accelerator
@@ -628,7 +654,7 @@ DDP_WORKER = textwrap.dedent(r'''
     # Even so, gloo's threads sometimes abort the interpreter's teardown on a loaded machine
     # ("terminate called without an active exception") after the work is done: skip the teardown.
     os._exit(0)
-''')
+""")
 
 
 @pytest.mark.slow
@@ -638,7 +664,12 @@ def test_ddp_two_cpu_processes_match_reference(tmp_path, name):
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), name], capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), name],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("DDP_OK") == 2

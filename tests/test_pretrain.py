@@ -18,8 +18,7 @@ def _evaluate(expr: str) -> Fraction:
     tokens = expr.split()
     value = Fraction(int(tokens[0]))
     for op, b in zip(tokens[1::2], map(int, tokens[2::2])):
-        value = {"+": lambda: value + b, "-": lambda: value - b,
-                 "*": lambda: value * b, "/": lambda: value / b}[op]()
+        value = {"+": lambda: value + b, "-": lambda: value - b, "*": lambda: value * b, "/": lambda: value / b}[op]()
     return value
 
 
@@ -85,8 +84,9 @@ def test_packed_batches_are_full_rows_joined_by_eos():
 def test_run_writes_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = pretrain.PretrainConfig(out=str(tmp_path / "base"), preset="tiny", steps=3, batch_size=2,
-                                  seq_len=32, warmup_steps=1, log_every=0)
+    cfg = pretrain.PretrainConfig(
+        out=str(tmp_path / "base"), preset="tiny", steps=3, batch_size=2, seq_len=32, warmup_steps=1, log_every=0
+    )
     path = pretrain.run(cfg)
     assert path == cfg.out and not (tmp_path / "base.tmp").exists()
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -32,8 +32,18 @@ from launchers import fsdp_command
 REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 128
 # 49 examples (48 + 1 long), batch 8, a whole epoch: 7 proxy steps, recorded at steps 2, 5, 7.
-SETTINGS = dict(proxy="preset:tiny", fraction=1.0, checkpoints=3, batch_size=8, micro_batch_size=4,
-                max_length=MAX_LENGTH, token_budget=1024, lr=3e-3, seed=0, progress=False)
+SETTINGS = dict(
+    proxy="preset:tiny",
+    fraction=1.0,
+    checkpoints=3,
+    batch_size=8,
+    micro_batch_size=4,
+    max_length=MAX_LENGTH,
+    token_budget=1024,
+    lr=3e-3,
+    seed=0,
+    progress=False,
+)
 STEPS = [2, 5, 7]
 LONG_QUESTION = "How many apples are left after " + "and then Tom gives some away " * 150 + "?"
 
@@ -72,6 +82,7 @@ def wrap_train(monkeypatch, before=None, after=None):
             on_step(step, record, model, accelerator)
             if after:
                 after(step, model, accelerator)
+
         return real(cfg, on_step=hook, checkpoint_steps=checkpoint_steps)
 
     monkeypatch.setattr(profile, "train_run", train_run)
@@ -120,8 +131,11 @@ def assert_same_table(got, want):
     assert got.schema.equals(want.schema), (got.schema, want.schema)
     for name in want.column_names:
         g, w = got.column(name).to_pylist(), want.column(name).to_pylist()
-        diffs = [(i, a, b) for i, (a, b) in enumerate(zip(g, w))
-                 if a != b and not (isinstance(a, float) and math.isnan(a) and math.isnan(b))]
+        diffs = [
+            (i, a, b)
+            for i, (a, b) in enumerate(zip(g, w))
+            if a != b and not (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+        ]
         assert not diffs and len(g) == len(w), (name, diffs[:3])
     # (Table.equals alone cannot be used: Arrow compares NaN unequal to itself, and flagged rows hold NaN.)
 
@@ -207,7 +221,9 @@ def test_killed_after_the_parquet_before_the_meta_resumes_to_the_same_table(refe
     run_dir = new_run_dir(prepared, tmp_path / "run")
     real_write_json = rundir.write_json
     parquet_writes = []
-    monkeypatch.setattr(rundir, "write_parquet", lambda p, t, real=rundir.write_parquet: (parquet_writes.append(p), real(p, t)))
+    monkeypatch.setattr(
+        rundir, "write_parquet", lambda p, t, real=rundir.write_parquet: (parquet_writes.append(p), real(p, t))
+    )
 
     def write_json(path, obj):
         if Path(path).name == STORE_META and len(parquet_writes) == 2:  # the second column's parquet is written
@@ -233,6 +249,7 @@ def test_killed_in_the_train_loop_resumes_to_the_same_table(reference, prepared,
         def after(step, model, accelerator):
             if step == step_to_kill:
                 raise Killed()
+
         return after
 
     # Between checkpoints (after step 2's checkpoint, before step 5), then right after step 5 was
@@ -276,8 +293,9 @@ def cli_args(run_dir: Path) -> list[str]:
 def test_sigkilled_cli_run_resumes_to_the_same_table(reference, prepared, tmp_path):
     run_dir = new_run_dir(prepared, tmp_path / "run")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLABLE, *cli_args(run_dir)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE, *cli_args(run_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     meta_path = run_dir / STORE_META
     try:
         # Generous: on a loaded 2-core machine the first column can take minutes to appear.
@@ -346,8 +364,13 @@ def test_two_processes_write_the_same_store_as_one(reference, prepared, tmp_path
     """DDP through torchrun, and FSDP2 through `accelerate launch` with configs/accelerate/fsdp2.yaml
     (the proxy sharded; every rank then runs as many scoring forwards as the others, or FSDP would hang)."""
     run_dir = new_run_dir(prepared, tmp_path / "run")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     script = [str(REPO / "tests" / "multiproc" / "profile_run.py"), json.dumps({"run_dir": str(run_dir), **SETTINGS})]
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]

@@ -16,8 +16,7 @@ import pytest
 
 from datalever import rundir
 from datalever.examples import Example, save_examples
-from datalever.split import (SplitConfig, SplitError, compute_features, read_trajectories, run,
-                             split_trajectories)
+from datalever.split import SplitConfig, SplitError, compute_features, read_trajectories, run, split_trajectories
 
 STEPS = [10, 20, 30, 40]
 
@@ -45,18 +44,20 @@ def hard_ids(df):
 
 
 def test_features_hand_worked():
-    L = np.array([[4.0, 2.0, 1.0, 0.5],
-                  [2.0, 2.0, 2.0, 2.0],
-                  [1.0, 3.0, 6.0, 3.0]])
+    L = np.array([[4.0, 2.0, 1.0, 0.5], [2.0, 2.0, 2.0, 2.0], [1.0, 3.0, 6.0, 3.0]])
     np.testing.assert_array_equal(compute_features(L, "trajectory"), L)
     np.testing.assert_array_equal(compute_features(L, "final"), [[0.5], [2.0], [3.0]])
-    np.testing.assert_allclose(compute_features(L, "relative"),
-                               [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [3.0, 2.0, 0.5]])
+    np.testing.assert_allclose(compute_features(L, "relative"), [[0.5, 0.5, 0.5], [1.0, 1.0, 1.0], [3.0, 2.0, 0.5]])
     df = split_trajectories(["a", "b", "c"], [None] * 3, L, features="relative", k=2, steps=[1, 2, 3, 4])
     assert [c for c in df.columns if c.startswith("feat_")] == [
-        "feat_ratio_step000002_000001", "feat_ratio_step000003_000002", "feat_ratio_step000004_000003"]
-    np.testing.assert_allclose(df.loc[df["id"] == "c", ["feat_ratio_step000002_000001",
-                                                        "feat_ratio_step000004_000003"]].to_numpy(), [[3.0, 0.5]])
+        "feat_ratio_step000002_000001",
+        "feat_ratio_step000003_000002",
+        "feat_ratio_step000004_000003",
+    ]
+    np.testing.assert_allclose(
+        df.loc[df["id"] == "c", ["feat_ratio_step000002_000001", "feat_ratio_step000004_000003"]].to_numpy(),
+        [[3.0, 0.5]],
+    )
     np.testing.assert_allclose(df["mean_loss"], [1.875, 2.0, 3.25])
     np.testing.assert_allclose(df["loss_drop"], [3.5, 0.0, -2.0])
 
@@ -93,7 +94,9 @@ def test_final_feature_matches_brute_force_two_means():
     ids = [f"r{i}" for i in range(len(final))]
     # brute force: the optimal 1-D 2-means is a threshold on the sorted values
     order = np.argsort(final)
-    best = min(range(1, len(final)), key=lambda c: final[order[:c]].var() * c + final[order[c:]].var() * (len(final) - c))
+    best = min(
+        range(1, len(final)), key=lambda c: final[order[:c]].var() * c + final[order[c:]].var() * (len(final) - c)
+    )
     expected_hard = {ids[i] for i in order[best:]}
     df = split_trajectories(ids, [None] * len(ids), L, features="final", k=2)
     assert hard_ids(df) == expected_hard
@@ -110,7 +113,7 @@ def interleaved_sources():
     for j in range(40):
         src = "A" if j % 2 == 0 else "B"
         k = j // 2
-        hard = (k % 3 == 0)  # 7 hard out of 20 per source
+        hard = k % 3 == 0  # 7 hard out of 20 per source
         level = {("A", False): 1.0, ("A", True): 2.0, ("B", False): 5.0, ("B", True): 8.0}[(src, hard)]
         ids.append(f"{src}{k:02d}")
         sources.append(src)
@@ -131,8 +134,9 @@ def test_stratified_labels_right_global_examples():
 
     # shuffled row order: the same label for every id
     perm = np.random.default_rng(0).permutation(len(ids))
-    df2 = split_trajectories([ids[i] for i in perm], [sources[i] for i in perm], L[perm],
-                             stratify=True, min_source_size=5)
+    df2 = split_trajectories(
+        [ids[i] for i in perm], [sources[i] for i in perm], L[perm], stratify=True, min_source_size=5
+    )
     a = df.set_index("id")[["cluster", "hard"]]
     b = df2.set_index("id")[["cluster", "hard"]].loc[a.index]
     assert (a.to_numpy() == b.to_numpy()).all()
@@ -142,8 +146,13 @@ def test_small_source_is_hard_whole_and_null_source_is_a_stratum():
     ids, sources, L, expected = interleaved_sources()
     ids += ["C0", "C1", "C2", "N0", "N1", "N2", "N3", "N4", "N5"]
     sources += ["C", "C", "C", None, None, None, None, None, None]
-    L = np.vstack([L, np.full((3, 4), 0.1) + np.arange(3)[:, None] * 0.01,  # C: low loss, yet hard whole
-                   np.array([[1, 1, 1, 1]] * 3 + [[9, 9, 9, 9]] * 3, float) + np.arange(6)[:, None] * 0.01])
+    L = np.vstack(
+        [
+            L,
+            np.full((3, 4), 0.1) + np.arange(3)[:, None] * 0.01,  # C: low loss, yet hard whole
+            np.array([[1, 1, 1, 1]] * 3 + [[9, 9, 9, 9]] * 3, float) + np.arange(6)[:, None] * 0.01,
+        ]
+    )
     df = split_trajectories(ids, sources, L, stratify=True, min_source_size=4)
     assert hard_ids(df) == expected | {"C0", "C1", "C2", "N3", "N4", "N5"}
     c = df[df["source"] == "C"]
@@ -158,8 +167,13 @@ def test_stratified_split_in_summary(tmp_path):
     write_store(tmp_path, ids, sources, L)
     s = run(SplitConfig(run_dir=str(tmp_path), stratify=True, min_source_size=5))
     assert s["small_sources"] == ["C"]
-    assert s["per_source"]["A"] == {"n": 20, "n_flagged": 0, "small_source": False, "n_hard": 7,
-                                    "sizes": {"0": 13, "1": 7}}
+    assert s["per_source"]["A"] == {
+        "n": 20,
+        "n_flagged": 0,
+        "small_source": False,
+        "n_hard": 7,
+        "sizes": {"0": 13, "1": 7},
+    }
     assert s["per_source"]["C"]["n_hard"] == 2 and s["n_hard"] == 16
     assert s["clusters"]["small_source"]["size"] == 2
 
@@ -180,16 +194,19 @@ def test_flagged_rows_excluded_and_counted():
     assert t[feats].isna().all().all() and t["mean_loss"].isna().all()  # NaN never becomes 0
 
 
-@pytest.mark.parametrize("case, match", [
-    ("identical", "identical"),
-    ("too_few", "cannot form k=2"),
-    ("all_nan", "all trajectories are NaN"),
-    ("unflagged_nan", "NaN"),
-    ("all_flagged", "flagged"),
-    ("zero_relative", "not finite"),
-    ("k1", "k must be"),
-    ("bad_feature", "unknown features"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("identical", "identical"),
+        ("too_few", "cannot form k=2"),
+        ("all_nan", "all trajectories are NaN"),
+        ("unflagged_nan", "NaN"),
+        ("all_flagged", "flagged"),
+        ("zero_relative", "not finite"),
+        ("k1", "k must be"),
+        ("bad_feature", "unknown features"),
+    ],
+)
 def test_split_errors(case, match):
     ids = [f"e{i}" for i in range(6)]
     L = np.arange(24, dtype=float).reshape(6, 4) + 1
@@ -228,14 +245,18 @@ def test_stratified_identical_source_is_an_error():
 
 def write_store(run_dir, ids, sources, L, flags=None, steps=STEPS, meta_steps=None):
     cols = [f"loss_step{s:06d}" for s in steps]
-    data = {"id": pa.array(ids, pa.string()), "source": pa.array(sources, pa.string()),
-            "n_tokens": pa.array([10] * len(ids), pa.int64()),
-            "flag": pa.array(flags or [""] * len(ids), pa.string())}
+    data = {
+        "id": pa.array(ids, pa.string()),
+        "source": pa.array(sources, pa.string()),
+        "n_tokens": pa.array([10] * len(ids), pa.int64()),
+        "flag": pa.array(flags or [""] * len(ids), pa.string()),
+    }
     for j, c in enumerate(cols):
         data[c] = pa.array(L[:, j], pa.float64())
     pq.write_table(pa.table(data), run_dir / "trajectories.parquet")
-    (run_dir / "trajectories.meta.json").write_text(json.dumps(
-        {"steps": meta_steps or list(steps), "loss_columns": cols}))
+    (run_dir / "trajectories.meta.json").write_text(
+        json.dumps({"steps": meta_steps or list(steps), "loss_columns": cols})
+    )
 
 
 def test_read_trajectories_round_trip_and_validation(tmp_path):
@@ -265,9 +286,13 @@ def test_run_writes_outputs_and_difficulty(tmp_path):
     write_store(tmp_path, ids, ["gsm"] * 11, L, flags=[""] * 10 + ["truncated"])
     levels = ["easy"] * 5 + ["hard"] * 5 + ["hard"]
     steps = [1, 2, 1, 2, 1, 4, 5, 6, 3, 4, 9]
-    save_examples(str(tmp_path / "data" / "train.jsonl"),
-                  [Example(id=i, prompt=f"q{i}\n", response=f"a{i}", source="gsm",
-                           meta={"level": lv, "steps": st}) for i, lv, st in zip(ids, levels, steps)])
+    save_examples(
+        str(tmp_path / "data" / "train.jsonl"),
+        [
+            Example(id=i, prompt=f"q{i}\n", response=f"a{i}", source="gsm", meta={"level": lv, "steps": st})
+            for i, lv, st in zip(ids, levels, steps)
+        ],
+    )
     s = run(SplitConfig(run_dir=str(tmp_path)))
 
     df = pq.read_table(tmp_path / "split.parquet").to_pandas()

@@ -105,8 +105,11 @@ def test_texts_are_short(records):
 def test_wording_varies_within_each_kind(records):
     names = set(synth._FEMALE + synth._MALE)
     for kind in {r["kind"] for r in records}:
-        openings = {" ".join("NAME" if w.strip("'s,") in names else w for w in r["question"].split()[:2])
-                    for r in records if r["kind"] == kind}
+        openings = {
+            " ".join("NAME" if w.strip("'s,") in names else w for w in r["question"].split()[:2])
+            for r in records
+            if r["kind"] == kind
+        }
         assert len(openings) >= 2, (kind, openings)
     assert len({r["kind"] for r in records}) == 15
 
@@ -172,7 +175,10 @@ def test_variants_keep_kind_level_and_steps_and_change_the_numbers(loaded):
         parent_numbers = sorted(int(x) for x in re.findall(r"\d+", parent.prompt))
         for v in vs:
             assert (v.meta["kind"], v.meta["level"], v.meta["steps"]) == (
-                parent.meta["kind"], parent.meta["level"], parent.meta["steps"])
+                parent.meta["kind"],
+                parent.meta["level"],
+                parent.meta["steps"],
+            )
             assert v.meta["origin"] == "synth" and v.meta["parent"] == parent.id
             assert sorted(int(x) for x in re.findall(r"\d+", v.prompt)) != parent_numbers
             question = v.prompt.removeprefix("Question: ").removesuffix("\nAnswer:\n")
@@ -184,8 +190,9 @@ def test_variants_are_deterministic_and_round_trip_through_the_gsm8k_loader(load
     a, b = synth.variants(parent, n=2, seed=5), synth.variants(parent, n=2, seed=5)
     assert [v.to_record() for v in a] == [v.to_record() for v in b]
     assert [v.id for v in synth.variants(parent, n=2, seed=6)] != [v.id for v in a]
-    rows = [{"question": v.prompt.removeprefix("Question: ").removesuffix("\nAnswer:\n"),
-             "answer": v.response} for v in a]
+    rows = [
+        {"question": v.prompt.removeprefix("Question: ").removesuffix("\nAnswer:\n"), "answer": v.response} for v in a
+    ]
     path = tmp_path / "v.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [e.id for e in load_examples(str(path))] == [v.id for v in a]

@@ -268,8 +268,20 @@ def test_ode_matches_simulation_small_init():
 
 
 def test_run_writes_table_and_plots(tmp_path):
-    cfg = th.TheoryConfig(out=str(tmp_path / "theory"), d=3, eigenvalues=[1.0, 0.5, 0.25], context=8, heads=4,
-                          steps=300, lr=0.2, seeds=2, pool=512, test=256, proxy_steps=40, progress=False)
+    cfg = th.TheoryConfig(
+        out=str(tmp_path / "theory"),
+        d=3,
+        eigenvalues=[1.0, 0.5, 0.25],
+        context=8,
+        heads=4,
+        steps=300,
+        lr=0.2,
+        seeds=2,
+        pool=512,
+        test=256,
+        proxy_steps=40,
+        progress=False,
+    )
     res = th.run(cfg)
     out = tmp_path / "theory"
     saved = json.loads((out / "results.json").read_text())

@@ -25,7 +25,7 @@ from datalever.losses import score_examples
 from datalever.models import load_model, load_tokenizer
 from datalever.optim import OptimConfig
 from datalever.train import LoraConfig, TrainConfig
-from launchers import fsdp_command, free_port
+from launchers import free_port, fsdp_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,19 @@ def models_dir(tmp_path_factory):
 
 
 def config(data, models_dir, out, **kw) -> TrainConfig:
-    base = dict(model="preset:tiny", data=data["train"], val_data=data["validation"], out=str(out),
-                models_dir=models_dir, max_steps=8, batch_size=8, micro_batch_size=4, warmup_ratio=0.0,
-                optim=OptimConfig(name="adamw", lr=3e-3), progress=False)
+    base = dict(
+        model="preset:tiny",
+        data=data["train"],
+        val_data=data["validation"],
+        out=str(out),
+        models_dir=models_dir,
+        max_steps=8,
+        batch_size=8,
+        micro_batch_size=4,
+        warmup_ratio=0.0,
+        optim=OptimConfig(name="adamw", lr=3e-3),
+        progress=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -84,8 +94,12 @@ def test_each_optimizer_lowers_training_loss(data, models_dir, tmp_path, name):
 
 def test_lora_changes_only_adapters_and_final_model_is_merged(data, models_dir, tmp_path):
     out = tmp_path / "lora"
-    cfg = config(data, models_dir, out, lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.05,
-                                                         target_modules=["q_proj", "v_proj"]))
+    cfg = config(
+        data,
+        models_dir,
+        out,
+        lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"]),
+    )
     seen: dict[str, torch.Tensor] = {}
 
     def grab(step, record, model, accelerator):  # the PEFT model before merging, after the last step
@@ -96,8 +110,9 @@ def test_lora_changes_only_adapters_and_final_model_is_merged(data, models_dir, 
     initial = weights(Path(models_dir) / "tiny-seed0")
     assert summary["trainable_params"] < summary["n_params"] / 5
 
-    base = {k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v
-            for k, v in seen.items() if "lora_" not in k}
+    base = {
+        k.replace("base_model.model.", "", 1).replace(".base_layer", ""): v for k, v in seen.items() if "lora_" not in k
+    }
     assert set(base) == set(initial)
     for k, v in initial.items():
         assert torch.equal(base[k], v), f"base weight {k} changed under LoRA"
@@ -123,6 +138,7 @@ class Killed(Exception):
 
 def run_until_killed(cfg: TrainConfig, step: int) -> None:
     """Train and die right after `step` (an exception from the step hook, before that step's checkpoint)."""
+
     def kill(at, *_):
         if at == step:
             raise Killed
@@ -137,8 +153,9 @@ def test_kill_and_resume_ends_with_the_same_weights(data, models_dir, tmp_path, 
 
     The LoRA case has dropout on the adapters, so it also checks that the RNG state is restored.
     """
-    kw = dict(max_steps=6, save_every=2, optim=OptimConfig(name=name, lr=3e-3),
-              lora=LoraConfig(enabled=lora, dropout=0.1))
+    kw = dict(
+        max_steps=6, save_every=2, optim=OptimConfig(name=name, lr=3e-3), lora=LoraConfig(enabled=lora, dropout=0.1)
+    )
     ref = config(data, models_dir, tmp_path / "ref", **kw)
     train.run(ref)
 
@@ -167,22 +184,42 @@ def test_resume_refuses_a_checkpoint_of_other_settings(data, models_dir, tmp_pat
 
     run_until_killed(cfg, 3)
     with pytest.raises(RuntimeError, match="other settings"):
-        train.run(config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2,
-                         optim=OptimConfig(name="adamw", lr=1e-3)))
+        train.run(
+            config(
+                data, models_dir, tmp_path / "run", max_steps=4, save_every=2, optim=OptimConfig(name="adamw", lr=1e-3)
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- logs and schedule
 
 
 def test_log_has_loss_lr_throughput_compute_and_follows_warmup_cosine(data, models_dir, tmp_path):
-    cfg = config(data, models_dir, tmp_path / "log", max_steps=10, warmup_ratio=0.2,
-                 optim=OptimConfig(name="adamw", lr=1e-3), eval_every=5)
+    cfg = config(
+        data,
+        models_dir,
+        tmp_path / "log",
+        max_steps=10,
+        warmup_ratio=0.2,
+        optim=OptimConfig(name="adamw", lr=1e-3),
+        eval_every=5,
+    )
     train.run(cfg)
     log = read_log(cfg.out)
     assert [r["step"] for r in log] == list(range(1, 11))
     for r in log:
-        for key in ("loss", "lr", "tokens_per_s", "grad_norm", "compute_optimizer_steps", "compute_forwards",
-                    "compute_backwards", "compute_tokens", "compute_flops", "compute_wall_s"):
+        for key in (
+            "loss",
+            "lr",
+            "tokens_per_s",
+            "grad_norm",
+            "compute_optimizer_steps",
+            "compute_forwards",
+            "compute_backwards",
+            "compute_tokens",
+            "compute_flops",
+            "compute_wall_s",
+        ):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (r["step"], key)
         assert r["tokens_per_s"] > 0 and r["compute_optimizer_steps"] == r["step"]
         assert r["compute_forwards"] == 2 * r["step"]  # 8 examples in micro-batches of 4
@@ -190,8 +227,18 @@ def test_log_has_loss_lr_throughput_compute_and_follows_warmup_cosine(data, mode
     assert [("val_loss" in r) for r in log] == [s in (5, 10) for s in range(1, 11)]
     # Warmup = ceil(0.2 * 10) = 2 updates (lr 0, then half), then cosine over the 8 remaining ones:
     # lr_k = 1e-3 * (1 + cos(pi * (k - 3) / 8)) / 2 for the k-th update, k = 3..10.
-    expected = [0.0, 0.5e-3, 1e-3, 0.9619397662556434e-3, 0.8535533905932737e-3, 0.6913417161825449e-3,
-                0.5e-3, 0.3086582838174551e-3, 0.1464466094067262e-3, 0.0380602337443566e-3]
+    expected = [
+        0.0,
+        0.5e-3,
+        1e-3,
+        0.9619397662556434e-3,
+        0.8535533905932737e-3,
+        0.6913417161825449e-3,
+        0.5e-3,
+        0.3086582838174551e-3,
+        0.1464466094067262e-3,
+        0.0380602337443566e-3,
+    ]
     assert [r["lr"] for r in log] == pytest.approx(expected, abs=1e-12)
     summary = json.loads((Path(cfg.out) / "train_summary.json").read_text())
     assert summary["final_val_loss"] == log[-1]["val_loss"]
@@ -219,8 +266,7 @@ def test_manifest_multiplicities_are_what_the_loop_trains_on(data, models_dir, t
         return real(encoded, *args, **kwargs)
 
     monkeypatch.setattr(train, "micro_batches", spy)
-    cfg = config(data, models_dir, tmp_path / "run", manifest=str(manifest), max_steps=None, epochs=1.0,
-                 val_data=None)
+    cfg = config(data, models_dir, tmp_path / "run", manifest=str(manifest), max_steps=None, epochs=1.0, val_data=None)
     summary = train.run(cfg)
     assert summary["steps"] == 96 // 8 and summary["epoch_len"] == 96
     assert trained == collections.Counter({k: v for k, v in mult.items() if v})
@@ -231,7 +277,8 @@ def test_manifest_multiplicities_are_what_the_loop_trains_on(data, models_dir, t
     e1, e2 = stream.take(96, 96), stream.take(192, 96)
     for epoch in (e1, e2):
         assert collections.Counter(ex_list[i].id for i in epoch) == collections.Counter(
-            {k: v for k, v in mult.items() if v})
+            {k: v for k, v in mult.items() if v}
+        )
     assert e1 != e2
 
 
@@ -256,9 +303,21 @@ def _torchrun(cfg: TrainConfig, nproc: int, tmp_path: Path) -> list[dict]:
     path = tmp_path / f"config-{nproc}.json"
     path.write_text(json.dumps(to_jsonable(cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "multiproc" / "train_run.py"), str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "tests" / "multiproc" / "train_run.py"),
+        str(path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(f.read_text()) for f in sorted(tmp_path.glob(f"{path.name}.rank*.json"))]
@@ -339,8 +398,16 @@ def tied_model(models_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-@pytest.mark.parametrize("name,lora,tied", [("adamw", False, False), ("muon", False, False), ("sam", False, False),
-                                            ("adamw", True, False), ("adamw", False, True)])
+@pytest.mark.parametrize(
+    "name,lora,tied",
+    [
+        ("adamw", False, False),
+        ("muon", False, False),
+        ("sam", False, False),
+        ("adamw", True, False),
+        ("adamw", False, True),
+    ],
+)
 def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tied_model, tmp_path, name, lora, tied):
     """FSDP2 over 2 processes (every parameter a shard) against one process with the same global batch.
 
@@ -354,9 +421,14 @@ def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tied_mod
     from the shards) and resumed: it must end with exactly the weights of the uninterrupted FSDP run.
     """
     # micro_batch_size 2: each process accumulates two micro-batches of unequal token counts per step.
-    kw = dict(max_steps=6, save_every=2, optim=OptimConfig(name=name, lr=3e-3), micro_batch_size=2,
-              lora=LoraConfig(enabled=lora, dropout=0.0, target_modules=["q_proj", "v_proj"]),
-              **({"model": tied_model} if tied else {}))
+    kw = dict(
+        max_steps=6,
+        save_every=2,
+        optim=OptimConfig(name=name, lr=3e-3),
+        micro_batch_size=2,
+        lora=LoraConfig(enabled=lora, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        **({"model": tied_model} if tied else {}),
+    )
     one = config(data, models_dir, tmp_path / "one", **kw)
     fsdp = config(data, models_dir, tmp_path / "fsdp", **kw)
     killed = config(data, models_dir, tmp_path / "killed", **kw)
@@ -378,7 +450,9 @@ def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tied_mod
     if lora:
         base = weights(Path(models_dir) / "tiny-seed0")
         assert any(not torch.equal(w2[k], base[k]) for k in w2 if ".q_proj." in k)
-        assert all(torch.equal(w2[k], base[k]) for k in w2 if "_proj." in k and ".q_proj." not in k and ".v_proj." not in k)
+        assert all(
+            torch.equal(w2[k], base[k]) for k in w2 if "_proj." in k and ".q_proj." not in k and ".v_proj." not in k
+        )
 
     _accelerate_launch(killed, tmp_path, "killed", kill_at_step=5)
     assert not (tmp_path / "killed" / "train_summary.json").exists()
@@ -402,8 +476,8 @@ def _tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
         raw = path.read_bytes()
         pos = 0
         while pos < len(raw):
-            (length,) = struct.unpack("<Q", raw[pos:pos + 8])
-            event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+            (length,) = struct.unpack("<Q", raw[pos : pos + 8])
+            event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             for value in event.summary.value:
                 scalars[value.tag][event.step] = value.simple_value

@@ -13,11 +13,10 @@ import pytest
 
 from datalever import rundir
 from datalever.examples import Example, save_examples
-from datalever.upsample import (UpsampleConfig, UpsampleError, load_callable, multiplicities,
-                                read_arm, run)
+from datalever.upsample import UpsampleConfig, UpsampleError, load_callable, multiplicities, read_arm, run
 
 HARD = {"b", "d", "f"}
-SMALL = {"k"}          # a small source, hard as a whole
+SMALL = {"k"}  # a small source, hard as a whole
 FLAGGED = {"j"}
 IDS = list("abcdefghijk")
 
@@ -65,8 +64,7 @@ def test_random_arm_is_seeded_uniform_and_order_free():
     assert a == multiplicities(df, "random", 1, seed=5)
     shuffled = df.sample(frac=1.0, random_state=0)
     assert multiplicities(shuffled, "random", 1, seed=5) == a  # the draw does not depend on row order
-    draws = [frozenset(i for i, v in multiplicities(df, "random", 1, seed=s).items() if v > 1)
-             for s in range(1000)]
+    draws = [frozenset(i for i, v in multiplicities(df, "random", 1, seed=s).items() if v > 1) for s in range(1000)]
     assert len(set(draws)) > 20
     counts = Counter(i for d in draws for i in d)
     assert "j" not in counts and set(counts) == set(IDS) - FLAGGED
@@ -86,8 +84,10 @@ def test_multiplicities_bad_input():
 
 
 def make_run(tmp_path):
-    examples = [Example(id=i, prompt=f"Question {i}?\n", response=f"Answer {i}", source=s,
-                        meta={"n": k}) for k, (i, s) in enumerate(zip(IDS, split_table()["source"]))]
+    examples = [
+        Example(id=i, prompt=f"Question {i}?\n", response=f"Answer {i}", source=s, meta={"n": k})
+        for k, (i, s) in enumerate(zip(IDS, split_table()["source"]))
+    ]
     save_examples(str(tmp_path / "data" / "train.jsonl"), examples)
     pq.write_table(pa.Table.from_pandas(split_table(), preserve_index=False), tmp_path / "split.parquet")
     return examples
@@ -104,9 +104,11 @@ def test_run_materializes_each_id_multiplicity_times(tmp_path, arm):
     arm_dir = tmp_path / "arms" / arm
     lines = read_lines(arm_dir / "train.jsonl")
     got = Counter(r["id"] for r in lines)
-    expected = {"hard": {i: 3 if i in ALL_HARD else 1 for i in IDS},
-                "easy": {i: 3 if i in EASY else 1 for i in IDS},
-                "base": {i: 1 for i in IDS}}
+    expected = {
+        "hard": {i: 3 if i in ALL_HARD else 1 for i in IDS},
+        "easy": {i: 3 if i in EASY else 1 for i in IDS},
+        "base": {i: 1 for i in IDS},
+    }
     if arm == "random":
         assert sum(got.values()) == len(IDS) + 2 * len(ALL_HARD) and got["j"] == 1
         assert sorted(got.values()) == sorted(expected["hard"].values())
@@ -136,7 +138,7 @@ def test_materialized_order_is_shuffled_and_seeded(tmp_path):
     assert first != grouped
 
 
-SYNTH_MODULE = '''
+SYNTH_MODULE = """
 from datalever.examples import Example
 
 def twins(example, n, seed):
@@ -160,15 +162,14 @@ def leaky(example, n, seed):  # a test problem verbatim (other spacing/case), th
                     response=f"#### {len(example.id) + 14}")][:n]
 
 NOT_CALLABLE = 3
-'''
+"""
 
 
 def test_synth_variants_added_and_marked(tmp_path, monkeypatch):
     (tmp_path / "mysynth.py").write_text(SYNTH_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     make_run(tmp_path)
-    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=1, synth_fn="mysynth:twins",
-                                synth_per_hard=2))
+    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=1, synth_fn="mysynth:twins", synth_per_hard=2))
     arm_dir = tmp_path / "arms" / "hard"
     got = Counter(r["id"] for r in read_lines(arm_dir / "train.jsonl"))
     synth_ids = {f"{p}~v{j}" for p in ALL_HARD for j in range(2)}
@@ -179,8 +180,15 @@ def test_synth_variants_added_and_marked(tmp_path, monkeypatch):
     assert all(man.loc[i, "parent_id"] == i.split("~")[0] for i in synth_ids)
     assert counts["n_synth"] == 8 and counts["n_unique"] == len(IDS) + 8
     # variants whose id is taken are dropped and counted, never duplicated
-    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:clash",
-                                synth_per_hard=2, out=str(tmp_path / "elsewhere")))
+    counts = run(
+        UpsampleConfig(
+            run_dir=str(tmp_path),
+            arm="hard",
+            synth_fn="mysynth:clash",
+            synth_per_hard=2,
+            out=str(tmp_path / "elsewhere"),
+        )
+    )
     man = pq.read_table(tmp_path / "elsewhere" / "manifest.parquet").to_pandas()
     assert man["id"].is_unique and list(man.loc[man["origin"] == "synth", "id"]) == ["same"]
     assert counts["n_synth"] == 1 and counts["n_synth_dropped_duplicates"] == 2 * len(ALL_HARD) - 1
@@ -203,20 +211,38 @@ def test_variants_reproducing_heldout_problems_are_dropped(tmp_path, monkeypatch
     assert counts["n_synth_dropped_heldout"] == 2 * len(ALL_HARD)
     assert counts["heldout_files"] == [str(tmp_path / "data" / "test.jsonl")]
     # an explicit empty list checks nothing; a missing file is an error, not a silent skip
-    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:leaky", synth_per_hard=3,
-                                heldout=[], out=str(tmp_path / "unchecked")))
+    counts = run(
+        UpsampleConfig(
+            run_dir=str(tmp_path),
+            arm="hard",
+            synth_fn="mysynth:leaky",
+            synth_per_hard=3,
+            heldout=[],
+            out=str(tmp_path / "unchecked"),
+        )
+    )
     assert counts["n_synth"] == 3 * len(ALL_HARD) and counts["n_synth_dropped_heldout"] == 0
     with pytest.raises(UpsampleError, match="not found"):
-        run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:leaky",
-                           heldout=[str(tmp_path / "nope.jsonl")], out=str(tmp_path / "x")))
+        run(
+            UpsampleConfig(
+                run_dir=str(tmp_path),
+                arm="hard",
+                synth_fn="mysynth:leaky",
+                heldout=[str(tmp_path / "nope.jsonl")],
+                out=str(tmp_path / "x"),
+            )
+        )
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("mysynth.twins", "module:function"),
-    ("no_such_module_xyz:f", "cannot import"),
-    ("mysynth:missing", "no attribute"),
-    ("mysynth:NOT_CALLABLE", "not callable"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("mysynth.twins", "module:function"),
+        ("no_such_module_xyz:f", "cannot import"),
+        ("mysynth:missing", "no attribute"),
+        ("mysynth:NOT_CALLABLE", "not callable"),
+    ],
+)
 def test_load_callable_errors(tmp_path, monkeypatch, spec, match):
     (tmp_path / "mysynth.py").write_text(SYNTH_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -246,16 +272,25 @@ def test_default_generator_on_embedded_data(tmp_path):
     examples = load_examples(str(tmp_path / "raw.jsonl"))
     save_examples(str(tmp_path / "data" / "train.jsonl"), examples)
     hard = {ex.id for ex in examples if ex.meta["level"] != "easy"}
-    split = pd.DataFrame({"id": [ex.id for ex in examples], "source": None, "flag": "",
-                          "hard": [ex.id in hard for ex in examples], "assigned": "kmeans"})
+    split = pd.DataFrame(
+        {
+            "id": [ex.id for ex in examples],
+            "source": None,
+            "flag": "",
+            "hard": [ex.id in hard for ex in examples],
+            "assigned": "kmeans",
+        }
+    )
     pq.write_table(pa.Table.from_pandas(split, preserve_index=False), tmp_path / "split.parquet")
-    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="datalever.synth:variants",
-                                synth_per_hard=2))
+    counts = run(
+        UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="datalever.synth:variants", synth_per_hard=2)
+    )
     assert counts["n_synth"] + counts["n_synth_dropped_duplicates"] == 2 * len(hard)
     examples_out, mult = read_arm(tmp_path / "arms" / "hard")
     man = pq.read_table(tmp_path / "arms" / "hard" / "manifest.parquet").to_pandas()
     synth_rows = man[man["origin"] == "synth"]
     assert set(synth_rows["parent_id"]) <= hard and len(synth_rows) == counts["n_synth"]
     by_id = {ex.id: ex for ex in examples_out}
-    assert all(by_id[i].meta["kind"] == by_id[p].meta["kind"]
-               for i, p in zip(synth_rows["id"], synth_rows["parent_id"]))
+    assert all(
+        by_id[i].meta["kind"] == by_id[p].meta["kind"] for i, p in zip(synth_rows["id"], synth_rows["parent_id"])
+    )

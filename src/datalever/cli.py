@@ -19,19 +19,79 @@ jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # command path -> (module, config class, run function, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
-    ("demo",): ("datalever.demo", "DemoConfig", "run", "Run the whole method on the embedded default data (the first thing to try)."),
-    ("data", "synth"): ("datalever.data", "SynthConfig", "run_synth", "Generate the embedded math word-problem dataset (GSM8K format) with train/validation/test splits."),
-    ("data", "check"): ("datalever.data", "CheckConfig", "run_check", "Load a dataset file, detect its schema and report counts, sources and problems."),
-    ("model", "build"): ("datalever.data", "ModelBuildConfig", "run_model_build", "Build a model preset from scratch as an HF checkpoint directory."),
-    ("model", "pretrain"): ("datalever.pretrain", "PretrainConfig", "run", "Pretrain a preset on arithmetic and copy drills (how the embedded demo-base was made)."),
-    ("score",): ("datalever.losses", "ScoreConfig", "run", "Score every example's response loss under a model (the loss engine)."),
-    ("profile",): ("datalever.profile", "ProfileConfig", "run", "Train a proxy briefly and record every training example's loss trajectory."),
+    ("demo",): (
+        "datalever.demo",
+        "DemoConfig",
+        "run",
+        "Run the whole method on the embedded default data (the first thing to try).",
+    ),
+    ("data", "synth"): (
+        "datalever.data",
+        "SynthConfig",
+        "run_synth",
+        "Generate the embedded math word-problem dataset (GSM8K format) with train/validation/test splits.",
+    ),
+    ("data", "check"): (
+        "datalever.data",
+        "CheckConfig",
+        "run_check",
+        "Load a dataset file, detect its schema and report counts, sources and problems.",
+    ),
+    ("model", "build"): (
+        "datalever.data",
+        "ModelBuildConfig",
+        "run_model_build",
+        "Build a model preset from scratch as an HF checkpoint directory.",
+    ),
+    ("model", "pretrain"): (
+        "datalever.pretrain",
+        "PretrainConfig",
+        "run",
+        "Pretrain a preset on arithmetic and copy drills (how the embedded demo-base was made).",
+    ),
+    ("score",): (
+        "datalever.losses",
+        "ScoreConfig",
+        "run",
+        "Score every example's response loss under a model (the loss engine).",
+    ),
+    ("profile",): (
+        "datalever.profile",
+        "ProfileConfig",
+        "run",
+        "Train a proxy briefly and record every training example's loss trajectory.",
+    ),
     ("split",): ("datalever.split", "SplitConfig", "run", "Cluster loss trajectories into easy and hard examples."),
-    ("upsample",): ("datalever.upsample", "UpsampleConfig", "run", "Build one arm's training set (hard, easy, random or base) from the split."),
-    ("train",): ("datalever.train", "TrainConfig", "run", "Fine-tune a causal LM (AdamW, Muon or SAM; full or LoRA) with the response-only loss."),
-    ("eval",): ("datalever.evaluate", "EvalConfig", "run", "Greedy-decode answers and report exact-match accuracy overall, per source and per difficulty."),
-    ("experiment",): ("datalever.experiment", "ExperimentConfig", "run", "Run every arm over every seed: profile, split, upsample, train, evaluate, report."),
-    ("theory",): ("datalever.theory", "TheoryConfig", "run", "Simplicity bias of GD, SAM and reshaped data in multi-head linear attention."),
+    ("upsample",): (
+        "datalever.upsample",
+        "UpsampleConfig",
+        "run",
+        "Build one arm's training set (hard, easy, random or base) from the split.",
+    ),
+    ("train",): (
+        "datalever.train",
+        "TrainConfig",
+        "run",
+        "Fine-tune a causal LM (AdamW, Muon or SAM; full or LoRA) with the response-only loss.",
+    ),
+    ("eval",): (
+        "datalever.evaluate",
+        "EvalConfig",
+        "run",
+        "Greedy-decode answers and report exact-match accuracy overall, per source and per difficulty.",
+    ),
+    ("experiment",): (
+        "datalever.experiment",
+        "ExperimentConfig",
+        "run",
+        "Run every arm over every seed: profile, split, upsample, train, evaluate, report.",
+    ),
+    ("theory",): (
+        "datalever.theory",
+        "TheoryConfig",
+        "run",
+        "Simplicity bias of GD, SAM and reshaped data in multi-head linear attention.",
+    ),
 }
 
 
@@ -43,15 +103,18 @@ def _load(command: tuple[str, ...]):
 
 def _subparser(config_cls, help_text: str) -> ArgumentParser:
     parser = ArgumentParser(description=(config_cls.__doc__ or help_text).strip())
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of option values; options after it override it.")
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="A YAML file of option values; options after it override it."
+    )
     parser.add_class_arguments(config_cls, nested_key=None, fail_untyped=True)
     return parser
 
 
 def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
     """The parser; only the chosen command's module is imported (the others get a help line), so start-up is fast."""
-    parser = ArgumentParser(prog="datalever",
-                            description="datalever: the training-data distribution as a lever on LLM fine-tuning.")
+    parser = ArgumentParser(
+        prog="datalever", description="datalever: the training-data distribution as a lever on LLM fine-tuning."
+    )
     top = parser.add_subcommands(dest="command")
     groups: dict[str, typing.Any] = {}
     # Level order: first all top-level names, then the second level (jsonargparse requires it).
@@ -61,7 +124,9 @@ def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
             top.add_subcommand(path[0], sub, help=help_text)
         elif path[0] not in groups:
             group = ArgumentParser(description=f"`{path[0]}` commands.")
-            top.add_subcommand(path[0], group, help=f"{path[0]} commands: " + ", ".join(p[1] for p in COMMANDS if p[0] == path[0]))
+            top.add_subcommand(
+                path[0], group, help=f"{path[0]} commands: " + ", ".join(p[1] for p in COMMANDS if p[0] == path[0])
+            )
             groups[path[0]] = group
     for name, group in groups.items():
         subs = group.add_subcommands(dest="command")

@@ -29,8 +29,9 @@ class SynthConfig:
 
 
 def run_synth(cfg: SynthConfig) -> str:
-    paths = synth.write_splits(cfg.out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                               seed=cfg.seed, mix=tuple(cfg.mix))
+    paths = synth.write_splits(
+        cfg.out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed, mix=tuple(cfg.mix)
+    )
     rundir.write_yaml(Path(cfg.out) / "synth.config.yaml", cfg)
     return "\n".join(f"{split}: {path}" for split, path in paths.items())
 
@@ -50,9 +51,11 @@ class CheckConfig:
 def run_check(cfg: CheckConfig) -> str:
     examples = load_examples(cfg.path, schema=cfg.schema, split=cfg.split)
     sources = Counter(ex.source or "(none)" for ex in examples)
-    lines = [f"{cfg.path}: {len(examples)} examples",
-             "sources: " + ", ".join(f"{k}={v}" for k, v in sources.most_common()),
-             f"fingerprint: {rundir.fingerprint(examples)}"]
+    lines = [
+        f"{cfg.path}: {len(examples)} examples",
+        "sources: " + ", ".join(f"{k}={v}" for k, v in sources.most_common()),
+        f"fingerprint: {rundir.fingerprint(examples)}",
+    ]
     if examples:
         ex = examples[0]
         lines += ["first example:", f"  id: {ex.id}", f"  prompt: {ex.prompt!r}", f"  response: {ex.response!r}"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from datalever.data import SynthConfig
-from datalever.experiment import ExperimentConfig, run as experiment_run
+from datalever.experiment import ExperimentConfig
+from datalever.experiment import run as experiment_run
 from datalever.optim import OptimConfig
 from datalever.profile import ProfileConfig
 from datalever.train import TrainConfig
@@ -44,24 +45,47 @@ def demo_experiment(run_dir: str, seeds: list[int], arms: list[str], progress: b
     return ExperimentConfig(
         run_dir=run_dir,
         synth=SynthConfig(n_train=2000, n_val=300, n_test=500, seed=0),
-        profile=ProfileConfig(proxy=DEMO_MODEL, fraction=1 / 3, checkpoints=5, batch_size=32, micro_batch_size=8,
-                              lr=2e-3),
-        arms=arms, seeds=seeds,
-        train=TrainConfig(model=DEMO_MODEL, epochs=6, batch_size=32, micro_batch_size=8, max_length=512,
-                          optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=0.0), warmup_ratio=0.03),
-        eval_max_new_tokens=200, eval_batch_size=100, progress=progress)
+        profile=ProfileConfig(
+            proxy=DEMO_MODEL, fraction=1 / 3, checkpoints=5, batch_size=32, micro_batch_size=8, lr=2e-3
+        ),
+        arms=arms,
+        seeds=seeds,
+        train=TrainConfig(
+            model=DEMO_MODEL,
+            epochs=6,
+            batch_size=32,
+            micro_batch_size=8,
+            max_length=512,
+            optim=OptimConfig(name="adamw", lr=2e-3, weight_decay=0.0),
+            warmup_ratio=0.03,
+        ),
+        eval_max_new_tokens=200,
+        eval_batch_size=100,
+        progress=progress,
+    )
 
 
 def quick_experiment(run_dir: str, seeds: list[int], arms: list[str], progress: bool = False) -> ExperimentConfig:
     return ExperimentConfig(
         run_dir=run_dir,
         synth=SynthConfig(n_train=96, n_val=16, n_test=16, seed=0),
-        profile=ProfileConfig(proxy="preset:tiny", fraction=1.0, checkpoints=3, batch_size=16, micro_batch_size=16,
-                              lr=1e-3),
-        arms=arms, seeds=seeds,
-        train=TrainConfig(model="preset:tiny", epochs=1, batch_size=16, micro_batch_size=16, max_length=256,
-                          optim=OptimConfig(name="adamw", lr=1e-3)),
-        eval_max_new_tokens=16, eval_batch_size=16, progress=progress)
+        profile=ProfileConfig(
+            proxy="preset:tiny", fraction=1.0, checkpoints=3, batch_size=16, micro_batch_size=16, lr=1e-3
+        ),
+        arms=arms,
+        seeds=seeds,
+        train=TrainConfig(
+            model="preset:tiny",
+            epochs=1,
+            batch_size=16,
+            micro_batch_size=16,
+            max_length=256,
+            optim=OptimConfig(name="adamw", lr=1e-3),
+        ),
+        eval_max_new_tokens=16,
+        eval_batch_size=16,
+        progress=progress,
+    )
 
 
 def run(cfg: DemoConfig) -> str:

@@ -42,8 +42,7 @@ log = logging.getLogger(__name__)
 _NUM_BODY = r"(?:[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?|\.[0-9]+)"
 # At the start of an answer segment: "$-3", "-$3", "42", "1,234.50" followed by a unit, a space,
 # punctuation or the end (not by "/", "^", "\" ...: "1/2" is an expression, not the number 1).
-_LEAD_NUM = re.compile(
-    rf"^\s*(?:\\?\$\s*)?([-−+]?\s*(?:\\?\$\s*)?{_NUM_BODY})\s*(?:\\?%)?(?=$|[\s.,;:!?)\]$])")
+_LEAD_NUM = re.compile(rf"^\s*(?:\\?\$\s*)?([-−+]?\s*(?:\\?\$\s*)?{_NUM_BODY})\s*(?:\\?%)?(?=$|[\s.,;:!?)\]$])")
 # Anywhere in a text (the last-number fallback): a minus sign only when it is not a subtraction
 # ("5-3" gives 5 and 3), no match inside a word ("x2") or after a decimal point.
 _ANY_NUM = re.compile(rf"(?<![\w.])(?:(?<![\w)\]}}])[-−])?(?:\\?\$)?{_NUM_BODY}", re.ASCII)
@@ -87,7 +86,7 @@ def _boxed_contents(text: str) -> list[str]:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
-            out.append(text[m.end():i - 1])
+            out.append(text[m.end() : i - 1])
     return out
 
 
@@ -96,7 +95,7 @@ def _strip_math_delims(s: str) -> str:
         if s.startswith(left):
             end = s.find(right, len(left))
             if end > 0:
-                return s[len(left):end].strip()
+                return s[len(left) : end].strip()
     return s
 
 
@@ -132,7 +131,7 @@ def extract_answer(text: str) -> str | None:
         return None
     for pattern in (_HASH_MARK, _ANSWER_IS):
         for m in pattern.finditer(text):
-            line = text[m.end():].split("\n", 1)[0]
+            line = text[m.end() :].split("\n", 1)[0]
             found = _candidate(line)
             if found is not None:
                 return found
@@ -238,7 +237,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | N
         ids = list(ids)
         if len(ids) > max_prompt_length:
             keep_bos = bos is not None and ids[0] == bos and max_prompt_length > 1
-            ids = ([bos] if keep_bos else []) + ids[len(ids) - (max_prompt_length - keep_bos):]
+            ids = ([bos] if keep_bos else []) + ids[len(ids) - (max_prompt_length - keep_bos) :]
         out.append(ids)
     return out
 
@@ -249,14 +248,22 @@ def _left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Ten
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, width - len(r):] = 1
+            input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, width - len(r) :] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 
 @torch.no_grad()
-def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256, batch_size: int = 32,
-                 max_prompt_length: int | None = None, progress: bool = True) -> list[list[int]]:
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    max_prompt_length: int | None = None,
+    progress: bool = True,
+) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (EOS and what follows it removed), in order.
 
     Prompts are sorted by length and cut into batches of `batch_size`, longest first (an
@@ -274,8 +281,9 @@ def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 
         if positions is not None:
             max_prompt_length = positions - max_new_tokens
             if max_prompt_length < 1:
-                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt "
-                                 f"in {positions} positions")
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {positions} positions"
+                )
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
     if any(not ids for ids in encoded):
         raise ValueError("a prompt encodes to no tokens and the tokenizer adds no BOS: nothing to condition on")
@@ -290,12 +298,21 @@ def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 
     try:
         with tqdm(total=len(order), desc="generate", unit="ex", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+                idx = order[start : start + batch_size]
                 input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad, device)
-                out = gen_model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                         num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                         eos_token_id=eos, temperature=None, top_p=None, top_k=None)
-                new = out[:, input_ids.shape[1]:].tolist()
+                out = gen_model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    do_sample=False,
+                    num_beams=1,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
+                new = out[:, input_ids.shape[1] :].tolist()
                 for i, row in zip(idx, new):
                     stop = next((j for j, t in enumerate(row) if t in eos), len(row))
                     results[i] = row[:stop]
@@ -305,11 +322,26 @@ def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 
     return results
 
 
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256, batch_size: int = 32,
-             progress: bool = True, max_prompt_length: int | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    progress: bool = True,
+    max_prompt_length: int | None = None,
+) -> list[str]:
     """Greedy continuation of each prompt, decoded without special tokens (only the new text)."""
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                       max_prompt_length=max_prompt_length, progress=progress)
+    ids = generate_ids(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_prompt_length=max_prompt_length,
+        progress=progress,
+    )
     return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
 
 
@@ -359,16 +391,27 @@ def compute_metrics(records: Sequence[dict], difficulty_keys: Sequence[str] = ("
         if values:
             ordered = sorted(values, key=lambda h: _value_key(labels[h]))
             per_difficulty[key] = {str(labels[h]): _group(values[h]) for h in ordered}
-    return {**overall,
-            "n_no_answer": sum(r["extracted"] is None for r in records),
-            "n_no_gold": sum(r["gold"] is None for r in records),
-            "per_source": {s: _group(c) for s, c in sorted(by_source.items())},
-            "per_difficulty": per_difficulty}
+    return {
+        **overall,
+        "n_no_answer": sum(r["extracted"] is None for r in records),
+        "n_no_gold": sum(r["gold"] is None for r in records),
+        "per_source": {s: _group(c) for s, c in sorted(by_source.items())},
+        "per_difficulty": per_difficulty,
+    }
 
 
-def evaluate_examples(model, tokenizer, examples: Sequence, *, max_new_tokens: int = 256, batch_size: int = 32,
-                      difficulty_keys: Sequence[str] = ("level", "steps"), accelerator=None,
-                      max_prompt_length: int | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+def evaluate_examples(
+    model,
+    tokenizer,
+    examples: Sequence,
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    difficulty_keys: Sequence[str] = ("level", "steps"),
+    accelerator=None,
+    max_prompt_length: int | None = None,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
     """Generate, extract and score every example; return (metrics, one record per example, in order).
 
     With an `accelerator` (an `Accelerator` or accelerate's `PartialState`) of several processes,
@@ -380,15 +423,31 @@ def evaluate_examples(model, tokenizer, examples: Sequence, *, max_new_tokens: i
     rank = accelerator.process_index if world > 1 else 0
     positions = list(range(rank, len(examples), world))
     shard = [examples[i] for i in positions]
-    generations = generate(model, tokenizer, [ex.prompt for ex in shard], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, max_prompt_length=max_prompt_length,
-                           progress=progress and (accelerator is None or accelerator.is_local_main_process))
+    generations = generate(
+        model,
+        tokenizer,
+        [ex.prompt for ex in shard],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_prompt_length=max_prompt_length,
+        progress=progress and (accelerator is None or accelerator.is_local_main_process),
+    )
     records = []
     for pos, ex, text in zip(positions, shard, generations):
         pred, gold = extract_answer(text), extract_answer(ex.response)
-        records.append({"_pos": pos, "id": ex.id, "source": ex.source, "meta": dict(ex.meta or {}),
-                        "prompt": ex.prompt, "generation": text, "extracted": pred, "gold": gold,
-                        "correct": answers_match(pred, gold)})
+        records.append(
+            {
+                "_pos": pos,
+                "id": ex.id,
+                "source": ex.source,
+                "meta": dict(ex.meta or {}),
+                "prompt": ex.prompt,
+                "generation": text,
+                "extracted": pred,
+                "gold": gold,
+                "correct": answers_match(pred, gold),
+            }
+        )
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -398,8 +457,9 @@ def evaluate_examples(model, tokenizer, examples: Sequence, *, max_new_tokens: i
         del r["_pos"]
     n_gold_missing = sum(r["gold"] is None for r in records)
     if n_gold_missing:
-        log.warning("%d of %d examples have no extractable gold answer (counted as wrong)",
-                    n_gold_missing, len(records))
+        log.warning(
+            "%d of %d examples have no extractable gold answer (counted as wrong)", n_gold_missing, len(records)
+        )
     return compute_metrics(records, difficulty_keys), records
 
 
@@ -456,21 +516,33 @@ def run(cfg: EvalConfig) -> dict:
 
     examples = list(load_examples(cfg.data))
     if cfg.limit is not None:
-        examples = examples[:cfg.limit]
+        examples = examples[: cfg.limit]
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype).to(device)
-    metrics, records = evaluate_examples(model, tokenizer, examples, max_new_tokens=cfg.max_new_tokens,
-                                         batch_size=cfg.batch_size, difficulty_keys=cfg.difficulty_keys,
-                                         accelerator=accelerator, max_prompt_length=cfg.max_prompt_length,
-                                         progress=cfg.progress)
+    metrics, records = evaluate_examples(
+        model,
+        tokenizer,
+        examples,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        difficulty_keys=cfg.difficulty_keys,
+        accelerator=accelerator,
+        max_prompt_length=cfg.max_prompt_length,
+        progress=cfg.progress,
+    )
     if accelerator is None or accelerator.is_main_process:
         out = Path(cfg.out)
         rundir.atomic_write_text(out / "predictions.jsonl", _records_jsonl(records))
         rundir.write_json(out / "metrics.json", metrics)
-        rundir.record_provenance(out, "evaluate", cfg, data_fingerprint=rundir.fingerprint(examples),
-                                 n_examples=len(examples))
+        rundir.record_provenance(
+            out, "evaluate", cfg, data_fingerprint=rundir.fingerprint(examples), n_examples=len(examples)
+        )
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    log.info("accuracy %.4f on %d examples (%d without an answer)", metrics["accuracy"] or 0.0,
-             metrics["n"], metrics["n_no_answer"])
+    log.info(
+        "accuracy %.4f on %d examples (%d without an answer)",
+        metrics["accuracy"] or 0.0,
+        metrics["n"],
+        metrics["n_no_answer"],
+    )
     return metrics

@@ -50,8 +50,13 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def to_record(self) -> dict[str, Any]:
-        return {"id": self.id, "prompt": self.prompt, "response": self.response,
-                "source": self.source, "meta": json.dumps(self.meta, sort_keys=True)}
+        return {
+            "id": self.id,
+            "prompt": self.prompt,
+            "response": self.response,
+            "source": self.source,
+            "meta": json.dumps(self.meta, sort_keys=True),
+        }
 
 
 class DataError(ValueError):
@@ -78,7 +83,7 @@ class Schema:
     name: str
     required: tuple[str, ...]  # roles that must hold non-empty text
     optional: tuple[str, ...]  # roles that may be missing or null
-    response: str              # the role whose text the model must produce
+    response: str  # the role whose text the model must produce
     id_parts: tuple[str, ...]  # roles hashed into the content id, in this order
 
     @property
@@ -87,15 +92,17 @@ class Schema:
 
 
 # Detection order matters only for "datalever" vs "prompt_response" (a superset of columns).
-SCHEMAS: dict[str, Schema] = {s.name: s for s in [
-    Schema("datalever", ("id", "prompt", "response"), ("source", "meta"), "response", ("id",)),
-    Schema("gsm8k", ("question", "answer"), ("source",), "answer", ("question", "answer")),
-    # Alpaca and MathInstruct; `input` is always hashed ("" when absent) so adding an empty
-    # input column does not change ids.
-    Schema("alpaca", ("instruction", "output"), ("input", "source"), "output",
-           ("instruction", "input", "output")),
-    Schema("prompt_response", ("prompt", "response"), ("source",), "response", ("prompt", "response")),
-]}
+SCHEMAS: dict[str, Schema] = {
+    s.name: s
+    for s in [
+        Schema("datalever", ("id", "prompt", "response"), ("source", "meta"), "response", ("id",)),
+        Schema("gsm8k", ("question", "answer"), ("source",), "answer", ("question", "answer")),
+        # Alpaca and MathInstruct; `input` is always hashed ("" when absent) so adding an empty
+        # input column does not change ids.
+        Schema("alpaca", ("instruction", "output"), ("input", "source"), "output", ("instruction", "input", "output")),
+        Schema("prompt_response", ("prompt", "response"), ("source",), "response", ("prompt", "response")),
+    ]
+}
 
 
 def detect_schema(columns: Iterable[str], fields: dict[str, str] | None = None) -> str:
@@ -104,18 +111,20 @@ def detect_schema(columns: Iterable[str], fields: dict[str, str] | None = None) 
     would pick from the raw column names."""
     columns = list(columns)
     mapped = _mapped_columns(columns, fields or {})
-    matches = [s.name for s in SCHEMAS.values()
-               if set(fields or {}) <= set(s.roles) and set(s.required) <= mapped]
+    matches = [s.name for s in SCHEMAS.values() if set(fields or {}) <= set(s.roles) and set(s.required) <= mapped]
     if "datalever" in matches and "prompt_response" in matches:
         matches.remove("prompt_response")  # a datalever file also has prompt/response columns
     if len(matches) == 1:
         return matches[0]
     expected = "; ".join(f"{s.name} ({', '.join(s.required)})" for s in SCHEMAS.values())
     if matches:
-        raise DataError(f"columns {columns} match several schemas ({', '.join(matches)}); "
-                        f"pass schema= or fields= to choose")
-    raise DataError(f"cannot detect the schema from columns {columns}; expected one of: {expected}; "
-                    f"or pass fields={{'prompt': ..., 'response': ...}}")
+        raise DataError(
+            f"columns {columns} match several schemas ({', '.join(matches)}); pass schema= or fields= to choose"
+        )
+    raise DataError(
+        f"cannot detect the schema from columns {columns}; expected one of: {expected}; "
+        f"or pass fields={{'prompt': ..., 'response': ...}}"
+    )
 
 
 def _mapped_columns(columns: list[str], fields: dict[str, str]) -> set[str]:
@@ -128,9 +137,16 @@ def _mapped_columns(columns: list[str], fields: dict[str, str]) -> set[str]:
 # Public API
 # --------------------------------------------------------------------------------------------
 
-def load_examples(path: str, *, schema: str = "auto", fields: dict[str, str] | None = None,
-                  template: str | None = None, split: str | None = None,
-                  on_duplicate: str = "error") -> list[Example]:
+
+def load_examples(
+    path: str,
+    *,
+    schema: str = "auto",
+    fields: dict[str, str] | None = None,
+    template: str | None = None,
+    split: str | None = None,
+    on_duplicate: str = "error",
+) -> list[Example]:
     """Load examples from a file, a directory or a Hub dataset name.
 
     schema: "auto" (detect from columns) or one of SCHEMAS.
@@ -148,8 +164,7 @@ def load_examples(path: str, *, schema: str = "auto", fields: dict[str, str] | N
         raise DataError(f"{name}: empty file (no records)")
     _check_fields(name, columns, fields)
     chosen = _choose_schema(name, columns, schema, fields)
-    examples = [_to_example(name, where, rec, chosen, fields or {}, template)
-                for where, rec in records]
+    examples = [_to_example(name, where, rec, chosen, fields or {}, template) for where, rec in records]
     return _handle_duplicates(name, examples, [w for w, _ in records], on_duplicate)
 
 
@@ -169,8 +184,15 @@ def save_examples(path: str, examples: list[Example]) -> None:
 
 Located = tuple[str, dict[str, Any]]
 
-_FILE_READERS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
-                 ".pq": "parquet", ".csv": "csv", ".tsv": "tsv"}
+_FILE_READERS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+}
 
 
 def _read_records(path: str, split: str | None) -> tuple[str, list[Located]]:
@@ -190,10 +212,13 @@ def _read_records(path: str, split: str | None) -> tuple[str, list[Located]]:
 def _read_file(p: Path) -> Iterator[Located]:
     kind = _FILE_READERS.get(p.suffix.lower())
     if kind is None:
-        raise DataError(f"{p}: unsupported file type {p.suffix!r}; expected one of "
-                        f"{', '.join(sorted(_FILE_READERS))}, or a directory")
-    reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet,
-              "csv": _read_csv, "tsv": _read_csv}[kind]
+        raise DataError(
+            f"{p}: unsupported file type {p.suffix!r}; expected one of "
+            f"{', '.join(sorted(_FILE_READERS))}, or a directory"
+        )
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv, "tsv": _read_csv}[
+        kind
+    ]
     return reader(p)
 
 
@@ -231,8 +256,9 @@ def _json_record_list(p: Path, data: Any) -> list:
         lists = [k for k, v in data.items() if isinstance(v, list)]
         if "data" in lists or len(lists) == 1:  # {"data": [...]} or one list under another key
             return data["data" if "data" in lists else lists[0]]
-        raise DataError(f"{p}: a JSON object must hold the records as a list under one key "
-                        f"(e.g. 'data'); found list keys {lists}")
+        raise DataError(
+            f"{p}: a JSON object must hold the records as a list under one key (e.g. 'data'); found list keys {lists}"
+        )
     raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
 
 
@@ -255,8 +281,10 @@ def _read_csv(p: Path) -> Iterator[Located]:
         for i, rec in enumerate(reader, start=1):
             # DictReader puts surplus cells under the key None, and fills missing cells with None
             if None in rec or None in rec.values():
-                raise DataError(f"{p}: row {i} (line {reader.line_num}): the number of cells "
-                                f"differs from the header's {len(reader.fieldnames)} columns")
+                raise DataError(
+                    f"{p}: row {i} (line {reader.line_num}): the number of cells "
+                    f"differs from the header's {len(reader.fieldnames)} columns"
+                )
             yield f"row {i}", rec
 
 
@@ -283,8 +311,9 @@ def _read_directory(p: Path, split: str | None) -> tuple[str, list[Located]]:
         raise DataError(f"{p}: a directory of split files needs split= (found {names})")
     chosen = [f for f in files if f.stem == split]
     if len(chosen) != 1:
-        raise DataError(f"{p}: expected one file for split {split!r}, found "
-                        f"{[f.name for f in chosen]} (splits: {names})")
+        raise DataError(
+            f"{p}: expected one file for split {split!r}, found {[f.name for f in chosen]} (splits: {names})"
+        )
     return str(chosen[0]), list(_read_file(chosen[0]))
 
 
@@ -313,9 +342,11 @@ def _read_hub(path: str, split: str | None) -> tuple[str, list[Located]]:
     try:
         ds = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:
-        raise DataError(f"{path}: not a local file or directory, and loading it from the Hugging "
-                        f"Face Hub failed ({type(e).__name__}: {e}). Offline? Download it elsewhere "
-                        f"and pass a saved file or directory instead.") from None
+        raise DataError(
+            f"{path}: not a local file or directory, and loading it from the Hugging "
+            f"Face Hub failed ({type(e).__name__}: {e}). Offline? Download it elsewhere "
+            f"and pass a saved file or directory instead."
+        ) from None
     if split is not None:  # load_dataset returned that split alone
         return _from_hf(f"{path}[{split}]", ds, None)
     return _from_hf(path, ds, None)
@@ -333,8 +364,8 @@ def _columns(records: list[Located]) -> list[str]:
 # Records to examples
 # --------------------------------------------------------------------------------------------
 
-def _choose_schema(name: str, columns: list[str], schema: str,
-                   fields: dict[str, str] | None) -> Schema:
+
+def _choose_schema(name: str, columns: list[str], schema: str, fields: dict[str, str] | None) -> Schema:
     if schema == "auto":
         try:
             return SCHEMAS[detect_schema(columns, fields)]
@@ -344,8 +375,10 @@ def _choose_schema(name: str, columns: list[str], schema: str,
         raise ValueError(f"unknown schema {schema!r}; expected 'auto' or one of {list(SCHEMAS)}")
     unknown = set(fields or {}) - set(SCHEMAS[schema].roles)
     if unknown:
-        raise ValueError(f"fields maps {sorted(unknown)}, which are not roles of schema "
-                         f"{schema!r} (roles: {list(SCHEMAS[schema].roles)})")
+        raise ValueError(
+            f"fields maps {sorted(unknown)}, which are not roles of schema "
+            f"{schema!r} (roles: {list(SCHEMAS[schema].roles)})"
+        )
     return SCHEMAS[schema]
 
 
@@ -356,12 +389,14 @@ def _check_fields(name: str, columns: list[str], fields: dict[str, str] | None) 
         if role not in all_roles:
             raise ValueError(f"fields: unknown role {role!r}; roles are {sorted(all_roles)}")
         if col not in columns:
-            raise DataError(f"{name}: fields maps {role!r} to column {col!r}, which is not in the "
-                            f"data (columns: {columns})")
+            raise DataError(
+                f"{name}: fields maps {role!r} to column {col!r}, which is not in the data (columns: {columns})"
+            )
 
 
-def _to_example(name: str, where: str, rec: dict[str, Any], schema: Schema,
-                fields: dict[str, str], template: str | None) -> Example:
+def _to_example(
+    name: str, where: str, rec: dict[str, Any], schema: Schema, fields: dict[str, str], template: str | None
+) -> Example:
     def fail(msg: str) -> DataError:
         return DataError(f"{name}: {where}: {msg}")
 
@@ -370,8 +405,7 @@ def _to_example(name: str, where: str, rec: dict[str, Any], schema: Schema,
     meta = _meta(rec, used, roles.pop("meta", None), fail)
     prompt = _render(rec, roles, schema, template, fail)
     ex_id = roles["id"] if schema.name == "datalever" else content_id(*(roles[r] for r in schema.id_parts))
-    return Example(id=ex_id, prompt=prompt, response=roles[schema.response],
-                   source=roles.get("source"), meta=meta)
+    return Example(id=ex_id, prompt=prompt, response=roles[schema.response], source=roles.get("source"), meta=meta)
 
 
 def _read_roles(rec: dict[str, Any], schema: Schema, fields: dict[str, str], fail) -> dict[str, Any]:
@@ -428,8 +462,7 @@ def _jsonable(value: Any) -> Any:
         return str(value)
 
 
-def _render(rec: dict[str, Any], roles: dict[str, Any], schema: Schema,
-            template: str | None, fail) -> str:
+def _render(rec: dict[str, Any], roles: dict[str, Any], schema: Schema, template: str | None, fail) -> str:
     """Format the template over the record's text columns and the roles (roles win)."""
     if template is None:
         key = "alpaca_input" if schema.name == "alpaca" and roles.get("input") else schema.name
@@ -444,8 +477,7 @@ def _render(rec: dict[str, Any], roles: dict[str, Any], schema: Schema,
         raise fail(f"bad template {template!r} ({e})") from None
 
 
-def _handle_duplicates(name: str, examples: list[Example], wheres: list[str],
-                       on_duplicate: str) -> list[Example]:
+def _handle_duplicates(name: str, examples: list[Example], wheres: list[str], on_duplicate: str) -> list[Example]:
     """Same id twice = same content twice. Report it with counts; never drop it silently."""
     first_at: dict[str, int] = {}
     dup_rows: dict[str, list[int]] = defaultdict(list)
@@ -461,8 +493,10 @@ def _handle_duplicates(name: str, examples: list[Example], wheres: list[str],
     originals = [first_at[examples[i].id] for i in firsts]
     unit = wheres[0].split()[0] + "s"  # "lines", "rows" or "records"
     more = ", ..." if len(dup_rows) > len(firsts) else ""
-    msg = (f"{name}: {n_dups} duplicate examples ({len(dup_rows)} distinct ids), first at "
-           f"{unit} {_numbers(wheres, firsts)}{more} (copies of {unit} {_numbers(wheres, originals)}{more})")
+    msg = (
+        f"{name}: {n_dups} duplicate examples ({len(dup_rows)} distinct ids), first at "
+        f"{unit} {_numbers(wheres, firsts)}{more} (copies of {unit} {_numbers(wheres, originals)}{more})"
+    )
     if on_duplicate == "error":
         raise DataError(msg + "; pass on_duplicate='keep_first' to keep the first copy of each")
     log.warning("%s; keeping the first copy of each", msg)
@@ -471,6 +505,6 @@ def _handle_duplicates(name: str, examples: list[Example], wheres: list[str],
 
 
 def _numbers(wheres: list[str], indices: list[int]) -> str:
-    """"4", "4 and 9", "4, 6 and 9" from locations like "row 4"."""
+    """ "4", "4 and 9", "4, 6 and 9" from locations like "row 4"."""
     nums = [wheres[i].split()[1] for i in indices]
     return " and ".join(filter(None, [", ".join(nums[:-1]), nums[-1]]))

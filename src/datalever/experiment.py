@@ -21,12 +21,17 @@ from pathlib import Path
 
 from datalever import rundir
 from datalever.data import SynthConfig, run_synth
-from datalever.evaluate import EvalConfig, run as eval_run
-from datalever.profile import ProfileConfig, run as profile_run
+from datalever.evaluate import EvalConfig
+from datalever.evaluate import run as eval_run
+from datalever.profile import ProfileConfig
+from datalever.profile import run as profile_run
 from datalever.report import seed_dir, write_report
-from datalever.split import SplitConfig, run as split_run
-from datalever.train import TrainConfig, run as train_run, total_steps
-from datalever.upsample import UpsampleConfig, run as upsample_run
+from datalever.split import SplitConfig
+from datalever.split import run as split_run
+from datalever.train import TrainConfig, total_steps
+from datalever.train import run as train_run
+from datalever.upsample import UpsampleConfig
+from datalever.upsample import run as upsample_run
 
 
 @dataclass
@@ -44,7 +49,8 @@ class ArmConfig:
     synth_fn: str | None = None
     """Add synthesized variants of the selected examples, e.g. datalever.synth:variants."""
     features: str | None = None
-    """Split features for this arm: trajectory | final | relative; None: the experiment's. The same profile is split again under splits/<features>/."""
+    """Split features for this arm: trajectory | final | relative; None: the experiment's. The same profile is split
+    again under splits/<features>/."""
 
 
 BUILTIN_ARMS: dict[str, ArmConfig] = {
@@ -83,7 +89,8 @@ class ExperimentConfig:
     m: int = 1
     """Extra uses of each selected example (1: twice, 2: three times)."""
     arms: list[str] = field(default_factory=lambda: ["base", "hard", "random", "easy", "base-long", "sam"])
-    """Arms to run, by name: base, hard, random, easy, base-long, sam, hard-muon, hard-synth, hard-final (hard by the final-loss split), or one of extra_arms."""
+    """Arms to run, by name: base, hard, random, easy, base-long, sam, hard-muon, hard-synth, hard-final (hard by the
+    final-loss split), or one of extra_arms."""
     extra_arms: list[ArmConfig] = field(default_factory=list)
     """Arms defined here in full (name, data, optimizer, match_steps_of, synth_fn, features)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -127,9 +134,19 @@ def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: di
     out = seed_dir(cfg.run_dir, arm.name, seed)
     if not (out / "manifest.json").exists():
         heldout = [f for f in (files.get("validation"), files.get("test")) if f]
-        upsample_run(UpsampleConfig(run_dir=cfg.run_dir, arm=arm.data, m=cfg.m, seed=seed, synth_fn=arm.synth_fn,
-                                    train_file=files["train"], heldout=heldout,
-                                    split=str(split_dir(cfg, arm.features) / "split.parquet"), out=str(out)))
+        upsample_run(
+            UpsampleConfig(
+                run_dir=cfg.run_dir,
+                arm=arm.data,
+                m=cfg.m,
+                seed=seed,
+                synth_fn=arm.synth_fn,
+                train_file=files["train"],
+                heldout=heldout,
+                split=str(split_dir(cfg, arm.features) / "split.parquet"),
+                out=str(out),
+            )
+        )
     return out
 
 
@@ -148,6 +165,7 @@ def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: 
         other = arm_spec(cfg, arm.match_steps_of)
         other_dir = prepare_arm_data(cfg, other, seed, files)
         import pyarrow.parquet as pq
+
         epoch_len = sum(pq.read_table(other_dir / "manifest.parquet", columns=["multiplicity"]).column(0).to_pylist())
         tcfg.max_steps = total_steps(cfg.train, epoch_len)
     return tcfg
@@ -159,9 +177,17 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> di
     if metrics_path.exists():
         return rundir.read_json(metrics_path)
     train_run(arm_train_config(cfg, arm, seed, arm_dir, files))
-    return eval_run(EvalConfig(model=str(arm_dir / "train" / "model"), data=files[cfg.eval_split],
-                               out=str(arm_dir / "eval"), max_new_tokens=cfg.eval_max_new_tokens,
-                               batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, progress=cfg.progress))
+    return eval_run(
+        EvalConfig(
+            model=str(arm_dir / "train" / "model"),
+            data=files[cfg.eval_split],
+            out=str(arm_dir / "eval"),
+            max_new_tokens=cfg.eval_max_new_tokens,
+            batch_size=cfg.eval_batch_size,
+            limit=cfg.eval_limit,
+            progress=cfg.progress,
+        )
+    )
 
 
 def split_dir(cfg: ExperimentConfig, features: str | None) -> Path:
@@ -174,15 +200,22 @@ def split_dir(cfg: ExperimentConfig, features: str | None) -> Path:
 def run_method(cfg: ExperimentConfig, files: dict) -> None:
     """The shared front of every arm: one profile, and one split per set of features the arms use."""
     arms = [arm_spec(cfg, name) for name in cfg.arms]
-    profile_run(dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"],
-                                    progress=cfg.progress))
+    profile_run(dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"], progress=cfg.progress))
     for features in dict.fromkeys([cfg.features] + [a.features or cfg.features for a in arms]):
         out = split_dir(cfg, features)
         if (out / "split.parquet").exists():
             check_existing_split(out, features, cfg.stratify)
         else:
-            split_run(SplitConfig(run_dir=cfg.run_dir, features=features, stratify=cfg.stratify,
-                                  seed=cfg.profile.seed, train_file=files["train"], out=str(out)))
+            split_run(
+                SplitConfig(
+                    run_dir=cfg.run_dir,
+                    features=features,
+                    stratify=cfg.stratify,
+                    seed=cfg.profile.seed,
+                    train_file=files["train"],
+                    out=str(out),
+                )
+            )
 
 
 def check_existing_split(out: Path, features: str, stratify: bool) -> None:
@@ -193,8 +226,10 @@ def check_existing_split(out: Path, features: str, stratify: bool) -> None:
     recorded = yaml.safe_load(recorded_file.read_text()) if recorded_file.exists() else {}
     made = {"features": recorded.get("features"), "stratify": recorded.get("stratify")}
     if made != {"features": features, "stratify": stratify}:
-        raise ValueError(f"{out / 'split.parquet'} was made with {made}, not features={features!r}, "
-                         f"stratify={stratify}: use a new run_dir (arms already trained used that split)")
+        raise ValueError(
+            f"{out / 'split.parquet'} was made with {made}, not features={features!r}, "
+            f"stratify={stratify}: use a new run_dir (arms already trained used that split)"
+        )
 
 
 def run(cfg: ExperimentConfig) -> str:
@@ -208,5 +243,7 @@ def run(cfg: ExperimentConfig) -> str:
         for seed in cfg.seeds:
             run_arm(cfg, arm, seed, files)
     report = write_report(run_dir, [a.name for a in arms], cfg.seeds, eval_split=cfg.eval_split)
-    return report["markdown"] + f"\n\nresults: {run_dir / 'results.md'} (plots: {run_dir}/results_*.png); " \
-                                f"this invocation took {time.perf_counter() - t0:.0f} s"
+    return (
+        report["markdown"] + f"\n\nresults: {run_dir / 'results.md'} (plots: {run_dir}/results_*.png); "
+        f"this invocation took {time.perf_counter() - t0:.0f} s"
+    )

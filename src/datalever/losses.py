@@ -54,8 +54,7 @@ class ResponseLoss(nn.Module):
     bounds the vocabulary columns computed at once as well.
     """
 
-    def __init__(self, model: nn.Module, chunk: int = 8192, padding_mask: bool = False,
-                 vocab_slice: int = 2048):
+    def __init__(self, model: nn.Module, chunk: int = 8192, padding_mask: bool = False, vocab_slice: int = 2048):
         super().__init__()
         self.model = model
         self.chunk = chunk
@@ -81,8 +80,7 @@ class ResponseLoss(nn.Module):
             token_nll = _token_nll(logits[keep], targets[keep])
         else:
             body = getattr(hf, hf.base_model_prefix)
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                          use_cache=False).last_hidden_state[:, :-1]
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
             token_nll = self._project_and_score(hf.get_output_embeddings(), hidden[keep], targets[keep])
         n = input_ids.shape[0]
         sums = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_nll)
@@ -116,8 +114,9 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (log_sum_exp - target_logit)[:, 0]
 
 
-def _sliced_token_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      targets: torch.Tensor, width: int) -> torch.Tensor:
+def _sliced_token_nll(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, width: int
+) -> torch.Tensor:
     """Like `_token_nll(F.linear(hidden, weight, bias), targets)`, a slice of `width` vocabulary rows at a time.
 
     A running max and a running sum of exp(logit - max) give the logsumexp over the whole
@@ -134,8 +133,9 @@ def _sliced_token_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     target_logit = torch.zeros((n, 1), dtype=torch.float32, device=hidden.device)
     t = targets[:, None]
     for start in range(0, weight.shape[0], width):
-        logits = F.linear(hidden, weight[start:start + width],
-                          None if bias is None else bias[start:start + width]).float()
+        logits = F.linear(
+            hidden, weight[start : start + width], None if bias is None else bias[start : start + width]
+        ).float()
         # The target's logit, taken from the same matmul output as the logsumexp (consistent rounding).
         inside = (t >= start) & (t < start + logits.shape[1])
         picked = logits.gather(1, (t - start).clamp(0, logits.shape[1] - 1))
@@ -170,8 +170,16 @@ def default_token_budget(device: torch.device) -> int:
 # training (profile.py), and a buffer a model updates in its forward (e.g. a dynamic RoPE's
 # inv_freq) would become an inference tensor that the next training step cannot use.
 @torch.no_grad()
-def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, pad_id: int, token_budget: int | None = None,
-                  accelerator=None, progress: bool = False, desc: str = "scoring") -> dict[str, ExampleLoss]:
+def score_encoded(
+    model: nn.Module,
+    encoded: Sequence[Encoded],
+    *,
+    pad_id: int,
+    token_budget: int | None = None,
+    accelerator=None,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> dict[str, ExampleLoss]:
     """Per-example response losses for already-encoded examples, keyed by id.
 
     Under `torch.distributed` (an Accelerate `accelerator` with several processes) each rank scores
@@ -201,6 +209,7 @@ def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, pad_id: int, 
             local.extend((e.id, s / c, c) for e, s, c in zip(rows, sums.tolist(), counts.tolist()))
     if world > 1:
         from accelerate.utils import gather_object
+
         local = gather_object(local)
     for id_, loss, count in local:
         results[id_] = ExampleLoss(id_, loss, count)
@@ -208,12 +217,26 @@ def score_encoded(model: nn.Module, encoded: Sequence[Encoded], *, pad_id: int, 
     return results
 
 
-def score_examples(model: nn.Module, tokenizer, examples: Sequence[Example], *, max_length: int = 512,
-                   token_budget: int | None = None, accelerator=None, progress: bool = False) -> dict[str, ExampleLoss]:
+def score_examples(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    max_length: int = 512,
+    token_budget: int | None = None,
+    accelerator=None,
+    progress: bool = False,
+) -> dict[str, ExampleLoss]:
     """Mean response NLL of every example given its prompt, plus token counts and truncation flags."""
     encoded = encode_all(tokenizer, examples, max_length)
-    return score_encoded(model, encoded, pad_id=tokenizer.pad_token_id, token_budget=token_budget,
-                         accelerator=accelerator, progress=progress)
+    return score_encoded(
+        model,
+        encoded,
+        pad_id=tokenizer.pad_token_id,
+        token_budget=token_budget,
+        accelerator=accelerator,
+        progress=progress,
+    )
 
 
 @dataclass
@@ -251,11 +274,27 @@ def run(cfg: ScoreConfig) -> str:
     model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     examples = load_examples(cfg.data)
-    scores = score_examples(model, tokenizer, examples, max_length=cfg.max_length, token_budget=cfg.token_budget,
-                            accelerator=accelerator, progress=True)
+    scores = score_examples(
+        model,
+        tokenizer,
+        examples,
+        max_length=cfg.max_length,
+        token_budget=cfg.token_budget,
+        accelerator=accelerator,
+        progress=True,
+    )
     if accelerator.is_main_process:
         rows = [scores[ex.id] for ex in examples]
-        rundir.write_parquet(cfg.out, pa.table({"id": [r.id for r in rows], "loss": [r.loss for r in rows],
-                                                "n_tokens": [r.n_tokens for r in rows], "flag": [r.flag for r in rows]}))
+        rundir.write_parquet(
+            cfg.out,
+            pa.table(
+                {
+                    "id": [r.id for r in rows],
+                    "loss": [r.loss for r in rows],
+                    "n_tokens": [r.n_tokens for r in rows],
+                    "flag": [r.flag for r in rows],
+                }
+            ),
+        )
     flagged = sum(1 for s in scores.values() if s.flag)
     return f"{cfg.out}: {len(examples)} examples scored, {flagged} flagged (response cut away by max_length)"

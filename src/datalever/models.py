@@ -14,8 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig, PretrainedConfig,
-                          LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, Qwen3Config)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPTNeoXConfig,
+    PretrainedConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +54,7 @@ PRESETS: dict[str, Preset] = {
     # The demo's proxy and target: trains in minutes on 2 CPU cores.
     "demo": Preset("llama", hidden=128, layers=4, heads=4, intermediate=384, vocab=512),
     # Pythia-70M's shape (hidden 512, 6 layers, 8 heads, 50304 embedding rows) for benchmarks.
-    "pythia-70m": Preset("gpt_neox", hidden=512, layers=6, heads=8, intermediate=2048, vocab=50304,
-                         max_positions=2048),
+    "pythia-70m": Preset("gpt_neox", hidden=512, layers=6, heads=8, intermediate=2048, vocab=50304, max_positions=2048),
 }
 
 
@@ -54,7 +62,9 @@ def is_preset(spec: str) -> bool:
     return spec.startswith(PRESET_PREFIX)
 
 
-def build_tokenizer(vocab_size: int = 512, corpus_seed: int = 12345, corpus_size: int = 4000) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    vocab_size: int = 512, corpus_seed: int = 12345, corpus_size: int = 4000
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on generated math problems (deterministic).
 
     Digits are split one per token (as in Llama), so arithmetic is not hidden inside merges; every
@@ -67,24 +77,36 @@ def build_tokenizer(vocab_size: int = 512, corpus_seed: int = 12345, corpus_size
     records = synth.generate(corpus_size, seed=corpus_seed)
     corpus = [r["question"] + "\n" + r["answer"] for r in records]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
-                                   model_max_length=1_000_000)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=1_000_000)
 
 
 def build_config(preset: Preset, tokenizer) -> PretrainedConfig:
-    common = dict(vocab_size=max(preset.vocab, len(tokenizer)), hidden_size=preset.hidden,
-                  num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
-                  intermediate_size=preset.intermediate, max_position_embeddings=preset.max_positions,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                  bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    common = dict(
+        vocab_size=max(preset.vocab, len(tokenizer)),
+        hidden_size=preset.hidden,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        intermediate_size=preset.intermediate,
+        max_position_embeddings=preset.max_positions,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
     if preset.arch == "llama":
         return LlamaConfig(num_key_value_heads=preset.heads, **common)
     if preset.arch == "qwen3":
@@ -111,6 +133,7 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     (tmp / "datalever_preset.json").write_text(json.dumps({"preset": name, "seed": seed}))
     if out_dir.exists():
         import shutil
+
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
@@ -124,9 +147,9 @@ def resolve_model(spec: str, cache_dir: str | Path, seed: int = 0) -> str:
     `datalever pretrain`); anything else is a local path or a hub id, returned unchanged.
     """
     if spec.startswith(EMBEDDED_PREFIX):
-        return embedded_checkpoint(spec[len(EMBEDDED_PREFIX):])
+        return embedded_checkpoint(spec[len(EMBEDDED_PREFIX) :])
     if is_preset(spec):
-        name = spec[len(PRESET_PREFIX):]
+        name = spec[len(PRESET_PREFIX) :]
         return str(build_preset(name, Path(cache_dir) / f"{name}-seed{seed}", seed=seed))
     return spec
 
@@ -148,23 +171,25 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, *, dtype: str | torch.dtype | None = None,
-               trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(
+    path: str, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+) -> PreTrainedModel:
     """Load an HF causal LM. Weights come from safetensors when the checkpoint has them."""
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "auto": "auto"}[dtype]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[dtype]
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def load_model_and_tokenizer(spec: str, cache_dir: str | Path = "runs/models", *, seed: int = 0,
-                             dtype=None, trust_remote_code: bool = False):
+def load_model_and_tokenizer(
+    spec: str, cache_dir: str | Path = "runs/models", *, seed: int = 0, dtype=None, trust_remote_code: bool = False
+):
     path = resolve_model(spec, cache_dir, seed=seed)
     return load_model(path, dtype=dtype, trust_remote_code=trust_remote_code), load_tokenizer(
-        path, trust_remote_code=trust_remote_code)
+        path, trust_remote_code=trust_remote_code
+    )
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -173,7 +198,10 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 
 def model_config_summary(path: str) -> dict:
     cfg = AutoConfig.from_pretrained(path)
-    return {"architectures": getattr(cfg, "architectures", None), "model_type": cfg.model_type,
-            "hidden_size": getattr(cfg, "hidden_size", None),
-            "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
-            "vocab_size": getattr(cfg, "vocab_size", None)}
+    return {
+        "architectures": getattr(cfg, "architectures", None),
+        "model_type": cfg.model_type,
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+    }

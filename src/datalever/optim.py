@@ -65,7 +65,8 @@ class OptimConfig:
     muon_nesterov: bool = True
     """Nesterov momentum in Muon."""
     muon_adjust_lr: str | None = "match_rms_adamw"
-    """Muon per-matrix lr adjustment: match_rms_adamw (lr * 0.2 * sqrt(max(A, B))) | original (Keller Jordan's) | None."""
+    """Muon per-matrix lr adjustment: match_rms_adamw (lr * 0.2 * sqrt(max(A, B))) | original (Keller Jordan's)
+    | None."""
     muon_ns_steps: int = 5
     """Newton-Schulz iterations in Muon."""
     sam_rho: float = 0.05
@@ -222,7 +223,8 @@ class MultiOptimizer:
         }
 
     def load_state_dict(self, state_dict: dict, set_state: Callable | None = None) -> None:
-        """Inverse of ``state_dict``; ``set_state(opt, saved)`` loads one torch optimizer (default ``opt.load_state_dict``)."""
+        """Inverse of ``state_dict``; ``set_state(opt, saved)`` loads one torch optimizer (default
+        ``opt.load_state_dict``)."""
         if state_dict.get("kind") != "multi":
             raise ValueError(f"not a MultiOptimizer state dict (kind={state_dict.get('kind')!r})")
         saved = state_dict["optimizers"]
@@ -235,8 +237,10 @@ class MultiOptimizer:
             setattr(self, k, int(v))
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}: {type(o).__name__}({sum(len(g['params']) for g in o.param_groups)} tensors)"
-                          for k, o in self.optimizers.items())
+        inner = ", ".join(
+            f"{k}: {type(o).__name__}({sum(len(g['params']) for g in o.param_groups)} tensors)"
+            for k, o in self.optimizers.items()
+        )
         return f"MultiOptimizer({inner})"
 
 
@@ -354,8 +358,9 @@ def _build_base(model: nn.Module, cfg: OptimConfig, name: str) -> MultiOptimizer
         params = _trainable(model)
         if not params:
             raise ValueError("model has no trainable parameters")
-        return MultiOptimizer({"adamw": torch.optim.AdamW(
-            _decay_groups(params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)})
+        return MultiOptimizer(
+            {"adamw": torch.optim.AdamW(_decay_groups(params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)}
+        )
     if name == "sgd":
         params = _trainable(model)
         if not params:
@@ -378,7 +383,8 @@ def _build_base(model: nn.Module, cfg: OptimConfig, name: str) -> MultiOptimizer
             )
         if adamw_params:
             opts["adamw"] = torch.optim.AdamW(
-                _decay_groups(adamw_params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+                _decay_groups(adamw_params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
+            )
         return MultiOptimizer(opts)
     raise ValueError(f"unknown optimizer {name!r}")
 
@@ -467,8 +473,15 @@ def _no_sync(model: nn.Module, accelerator: Any):
     return no_sync() if callable(no_sync) else contextlib.nullcontext()
 
 
-def _grad_pass(model: nn.Module, micro_batches: Sequence, loss_fn: Callable, params: list[nn.Parameter],
-               accelerator: Any, sync: bool, n_tokens: int | None = None) -> tuple[float, int]:
+def _grad_pass(
+    model: nn.Module,
+    micro_batches: Sequence,
+    loss_fn: Callable,
+    params: list[nn.Parameter],
+    accelerator: Any,
+    sync: bool,
+    n_tokens: int | None = None,
+) -> tuple[float, int]:
     """Forward+backward over all micro-batches, leaving d(sum of token losses / total tokens)/dw in .grad.
 
     With `n_tokens` (this rank's total, known before the first forward) every micro-batch's loss is
@@ -481,7 +494,9 @@ def _grad_pass(model: nn.Module, micro_batches: Sequence, loss_fn: Callable, par
     its own token count, and all ranks end with the same averaged gradient.
     """
     if n_tokens is None and len(micro_batches) > 1 and _is_fsdp(model, accelerator):
-        raise ValueError("under FSDP, optimizer_step needs n_tokens (the rank's token count) to accumulate micro-batches")
+        raise ValueError(
+            "under FSDP, optimizer_step needs n_tokens (the rank's token count) to accumulate micro-batches"
+        )
     total_loss = None
     total_n = 0
     last = len(micro_batches) - 1
@@ -518,8 +533,16 @@ def _set_grads_none(params: Iterable[nn.Parameter]) -> None:
         p.grad = None
 
 
-def optimizer_step(model: nn.Module, opt: Any, micro_batches: list, loss_fn: Callable, *,
-                   accelerator: Any = None, max_grad_norm: float | None = 1.0, n_tokens: int | None = None) -> StepStats:
+def optimizer_step(
+    model: nn.Module,
+    opt: Any,
+    micro_batches: list,
+    loss_fn: Callable,
+    *,
+    accelerator: Any = None,
+    max_grad_norm: float | None = 1.0,
+    n_tokens: int | None = None,
+) -> StepStats:
     """One update from ``micro_batches``; ``loss_fn(model, mb) -> (sum of token losses, n_tokens)``.
 
     The loss is normalized by the total token count of all micro-batches (this rank's), so accumulation
@@ -531,7 +554,9 @@ def optimizer_step(model: nn.Module, opt: Any, micro_batches: list, loss_fn: Cal
         raise ValueError("optimizer_step needs at least one micro-batch")
     if accelerator is not None:
         if getattr(accelerator, "gradient_accumulation_steps", 1) != 1:
-            raise ValueError("optimizer_step accumulates itself: create the Accelerator with gradient_accumulation_steps=1")
+            raise ValueError(
+                "optimizer_step accumulates itself: create the Accelerator with gradient_accumulation_steps=1"
+            )
         if getattr(accelerator, "scaler", None) is not None:
             raise ValueError("fp16 loss scaling (GradScaler) is not supported; use bf16 or fp32")
     inner = _inner(opt)
@@ -562,5 +587,11 @@ def optimizer_step(model: nn.Module, opt: Any, micro_batches: list, loss_fn: Cal
     _set_grads_none(params)
     inner.n_forwards += forwards
     inner.n_backwards += backwards
-    return StepStats(loss=loss, n_tokens=n_seen, forwards=forwards, backwards=backwards,
-                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), sam_loss=sam_loss)
+    return StepStats(
+        loss=loss,
+        n_tokens=n_seen,
+        forwards=forwards,
+        backwards=backwards,
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        sam_loss=sam_loss,
+    )

@@ -198,8 +198,9 @@ def corpus(n: int, seed: int, mix: dict[str, float] | None = None) -> list[str]:
     return [next(stream) for _ in range(n)]
 
 
-def packed_batches(tokenizer, seed: int, mix: dict[str, float], batch_size: int,
-                   seq_len: int) -> Iterator[torch.Tensor]:
+def packed_batches(
+    tokenizer, seed: int, mix: dict[str, float], batch_size: int, seq_len: int
+) -> Iterator[torch.Tensor]:
     """Endless (batch_size, seq_len) batches of token ids: documents joined by EOS, cut into rows."""
     stream, buf, need = documents(seed, mix), [], batch_size * seq_len
     while True:
@@ -257,16 +258,23 @@ def _train(cfg: PretrainConfig) -> str:
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             losses.append(round(running / cfg.log_every, 4))
             running = 0.0
-            print(f"step {step + 1}/{cfg.steps} loss {losses[-1]:.4f} {time.time() - start:.0f}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"step {step + 1}/{cfg.steps} loss {losses[-1]:.4f} {time.time() - start:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     wall = time.time() - start
 
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "datalever_preset.json").unlink(missing_ok=True)  # no longer the bare preset
-    record = {"config": to_jsonable(asdict(cfg)), "wall_s": round(wall, 1), "loss_every_log": losses,
-              "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
-              "command": "python -m datalever.pretrain " + " ".join(
-                  f"--{k} '{json.dumps(v)}'" if isinstance(v, dict) else f"--{k} {v}" for k, v in asdict(cfg).items())}
+    record = {
+        "config": to_jsonable(asdict(cfg)),
+        "wall_s": round(wall, 1),
+        "loss_every_log": losses,
+        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len,
+        "command": "python -m datalever.pretrain "
+        + " ".join(f"--{k} '{json.dumps(v)}'" if isinstance(v, dict) else f"--{k} {v}" for k, v in asdict(cfg).items()),
+    }
     (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

@@ -33,7 +33,8 @@ from datalever.losses import score_encoded
 from datalever.models import load_tokenizer, model_config_summary, resolve_model
 from datalever.optim import OptimConfig
 from datalever.tokens import encode_example
-from datalever.train import TrainConfig, run as train_run, total_steps
+from datalever.train import TrainConfig, total_steps
+from datalever.train import run as train_run
 
 STORE = "trajectories.parquet"
 STORE_META = "trajectories.meta.json"
@@ -63,7 +64,8 @@ class ProfileConfig:
     micro_batch_size: int = 8
     """Examples per forward/backward pass."""
     lr: float = 2e-3
-    """Proxy learning rate (2e-3 suits the ~1M-parameter demo models; use ~2e-5 for a pretrained proxy such as Pythia-70M)."""
+    """Proxy learning rate (2e-3 suits the ~1M-parameter demo models; use ~2e-5 for a pretrained proxy such as
+    Pythia-70M)."""
     warmup_ratio: float = 0.03
     """Warmup fraction of the proxy's cosine schedule."""
     max_length: int = 512
@@ -85,8 +87,9 @@ def record_steps(n_steps: int, k: int) -> list[int]:
     if k < 1:
         raise ValueError("checkpoints must be at least 1")
     if k > n_steps:
-        raise ValueError(f"{k} checkpoints do not fit in a proxy run of {n_steps} steps: lower `checkpoints` "
-                         f"or raise `fraction`")
+        raise ValueError(
+            f"{k} checkpoints do not fit in a proxy run of {n_steps} steps: lower `checkpoints` or raise `fraction`"
+        )
     # n*(i+1)/k rounded half up, in exact integer arithmetic; n/k >= 1 keeps the steps distinct.
     return [(2 * n_steps * (i + 1) + k) // (2 * k) for i in range(k)]
 
@@ -102,7 +105,8 @@ def _identity(cfg: ProfileConfig, examples) -> dict:
 
 
 def _data_fingerprint(examples) -> str:
-    """Ids in order (rundir.fingerprint) plus a hash of the text and sources, so edited content under kept ids differs."""
+    """Ids in order (rundir.fingerprint) plus a hash of the text and sources, so edited content under kept ids
+    differs."""
     import hashlib
 
     h = hashlib.sha256()
@@ -114,13 +118,18 @@ def _data_fingerprint(examples) -> str:
 
 
 def _check_identity(meta_path: Path, meta: dict, identity: dict) -> None:
-    diffs = [f"{k}: store has {meta.get('config', {}).get(k)!r}, asked {v!r}"
-             for k, v in identity["config"].items() if meta.get("config", {}).get(k) != v]
+    diffs = [
+        f"{k}: store has {meta.get('config', {}).get(k)!r}, asked {v!r}"
+        for k, v in identity["config"].items()
+        if meta.get("config", {}).get(k) != v
+    ]
     if meta.get("data_fingerprint") != identity["data_fingerprint"]:
         diffs.append("training data: the examples differ from those the store was recorded on")
     if diffs:
-        raise ProfileError(f"{meta_path} was made with other settings or data ({'; '.join(diffs)}); "
-                           f"use a new run directory, or rerun with the store's settings to continue it")
+        raise ProfileError(
+            f"{meta_path} was made with other settings or data ({'; '.join(diffs)}); "
+            f"use a new run directory, or rerun with the store's settings to continue it"
+        )
 
 
 def run(cfg: ProfileConfig) -> dict:
@@ -138,14 +147,25 @@ def run(cfg: ProfileConfig) -> dict:
         if meta.get("complete"):
             return meta
     elif (run_dir / STORE).exists() or (run_dir / PROXY_DIR).exists():
-        raise ProfileError(f"{run_dir} holds {STORE} or {PROXY_DIR}/ but no {STORE_META}: not a profile run "
-                           f"that can be continued; remove them or use a new run directory")
+        raise ProfileError(
+            f"{run_dir} holds {STORE} or {PROXY_DIR}/ but no {STORE_META}: not a profile run "
+            f"that can be continued; remove them or use a new run directory"
+        )
 
-    train_cfg = TrainConfig(model=cfg.proxy, data=train_file, out=str(run_dir / PROXY_DIR), epochs=cfg.fraction,
-                            batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
-                            max_length=cfg.max_length, optim=OptimConfig(name="adamw", lr=cfg.lr),
-                            warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, progress=cfg.progress,
-                            models_dir=str(run_dir / "models"))
+    train_cfg = TrainConfig(
+        model=cfg.proxy,
+        data=train_file,
+        out=str(run_dir / PROXY_DIR),
+        epochs=cfg.fraction,
+        batch_size=cfg.batch_size,
+        micro_batch_size=cfg.micro_batch_size,
+        max_length=cfg.max_length,
+        optim=OptimConfig(name="adamw", lr=cfg.lr),
+        warmup_ratio=cfg.warmup_ratio,
+        seed=cfg.seed,
+        progress=cfg.progress,
+        models_dir=str(run_dir / "models"),
+    )
     n_steps = total_steps(train_cfg, len(examples))
     steps = record_steps(n_steps, cfg.checkpoints)
     state = PartialState()
@@ -154,11 +174,22 @@ def run(cfg: ProfileConfig) -> dict:
     tokenizer = load_tokenizer(model_path)
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
     if state.is_main_process and not meta_path.exists():
-        rundir.write_json(meta_path, {
-            **identity, "seed": cfg.seed, "steps": [], "loss_columns": [], "planned_steps": steps,
-            "proxy_steps": n_steps, "complete": False, "n_examples": len(examples),
-            "proxy": {"spec": cfg.proxy, "path": str(model_path), **model_config_summary(str(model_path))},
-            "proxy_dir": PROXY_DIR, "versions": rundir.versions()})
+        rundir.write_json(
+            meta_path,
+            {
+                **identity,
+                "seed": cfg.seed,
+                "steps": [],
+                "loss_columns": [],
+                "planned_steps": steps,
+                "proxy_steps": n_steps,
+                "complete": False,
+                "n_examples": len(examples),
+                "proxy": {"spec": cfg.proxy, "path": str(model_path), **model_config_summary(str(model_path))},
+                "proxy_dir": PROXY_DIR,
+                "versions": rundir.versions(),
+            },
+        )
     state.wait_for_everyone()
     planned = rundir.read_json(meta_path)["planned_steps"]
     if planned != steps:
@@ -169,29 +200,57 @@ def run(cfg: ProfileConfig) -> dict:
         if step not in steps:
             return
         t0 = time.perf_counter()
-        scores = score_encoded(accelerator.unwrap_model(model), encoded, pad_id=tokenizer.pad_token_id,
-                               token_budget=cfg.token_budget, accelerator=accelerator,
-                               progress=cfg.progress, desc=f"record step {step}")
+        scores = score_encoded(
+            accelerator.unwrap_model(model),
+            encoded,
+            pad_id=tokenizer.pad_token_id,
+            token_budget=cfg.token_budget,
+            accelerator=accelerator,
+            progress=cfg.progress,
+            desc=f"record step {step}",
+        )
         score_s = time.perf_counter() - t0
         if accelerator.is_main_process:
-            append_column(run_dir, examples, scores, step, steps, identity, time.perf_counter() - t0,
-                          score_wall_s=score_s, record_tokens=n_record_tokens)
+            append_column(
+                run_dir,
+                examples,
+                scores,
+                step,
+                steps,
+                identity,
+                time.perf_counter() - t0,
+                score_wall_s=score_s,
+                record_tokens=n_record_tokens,
+            )
         accelerator.wait_for_everyone()
 
     summary = train_run(train_cfg, on_step=record, checkpoint_steps=set(steps))
     if state.is_main_process:
         meta = rundir.read_json(meta_path)
         if meta["steps"] != steps:  # the proxy finished, but some column was never committed
-            raise ProfileError(f"{meta_path}: the proxy run in {run_dir / PROXY_DIR} is finished but the store "
-                               f"has steps {meta['steps']} of {steps}; remove {run_dir / PROXY_DIR} to record again")
-        rundir.write_json(meta_path, {**meta, "complete": True,
-                                      "proxy_train_wall_s": summary.get("compute", {}).get("wall_s")})
+            raise ProfileError(
+                f"{meta_path}: the proxy run in {run_dir / PROXY_DIR} is finished but the store "
+                f"has steps {meta['steps']} of {steps}; remove {run_dir / PROXY_DIR} to record again"
+            )
+        rundir.write_json(
+            meta_path, {**meta, "complete": True, "proxy_train_wall_s": summary.get("compute", {}).get("wall_s")}
+        )
     state.wait_for_everyone()
     return rundir.read_json(meta_path)
 
 
-def append_column(run_dir: Path, examples, scores: dict, step: int, steps: list[int], identity: dict,
-                  wall_s: float = 0.0, *, score_wall_s: float | None = None, record_tokens: int | None = None) -> None:
+def append_column(
+    run_dir: Path,
+    examples,
+    scores: dict,
+    step: int,
+    steps: list[int],
+    identity: dict,
+    wall_s: float = 0.0,
+    *,
+    score_wall_s: float | None = None,
+    record_tokens: int | None = None,
+) -> None:
     """Add (or replace) the column of `step` in the store, keeping columns in step order.
 
     The parquet is written first, the meta last: only columns the meta lists are kept from an
@@ -209,28 +268,46 @@ def append_column(run_dir: Path, examples, scores: dict, step: int, steps: list[
             raise ProfileError(f"{store}: its rows are not the training examples being profiled")
         cols = {name: table.column(name) for name in BASE_COLUMNS + [loss_column(s) for s in committed]}
     else:
-        cols = {"id": pa.array(ids, pa.string()),
-                "source": pa.array([ex.source for ex in examples], pa.string()),
-                "n_tokens": pa.array([scores[ex.id].n_tokens for ex in examples], pa.int32()),
-                "flag": pa.array([scores[ex.id].flag for ex in examples], pa.string())}
+        cols = {
+            "id": pa.array(ids, pa.string()),
+            "source": pa.array([ex.source for ex in examples], pa.string()),
+            "n_tokens": pa.array([scores[ex.id].n_tokens for ex in examples], pa.int32()),
+            "flag": pa.array([scores[ex.id].flag for ex in examples], pa.string()),
+        }
     losses = [scores[ex.id].loss for ex in examples]
     if any(math.isnan(v) != bool(scores[ex.id].flag) for v, ex in zip(losses, examples)):
         raise ProfileError(f"step {step}: a loss is NaN without a flag (or a flagged example has a loss)")
     cols[loss_column(step)] = pa.array(losses, pa.float64())
     recorded = sorted(committed + [step])
-    rundir.write_parquet(store, pa.table({name: cols[name] for name in BASE_COLUMNS + [loss_column(s) for s in recorded]}))
+    rundir.write_parquet(
+        store, pa.table({name: cols[name] for name in BASE_COLUMNS + [loss_column(s) for s in recorded]})
+    )
 
     timings = dict(meta.get("record_wall_s_by_step", {}), **{str(step): wall_s})
-    score_timings = dict(meta.get("score_wall_s_by_step", {}), **{str(step): score_wall_s if score_wall_s is not None else wall_s})
+    score_timings = dict(
+        meta.get("score_wall_s_by_step", {}), **{str(step): score_wall_s if score_wall_s is not None else wall_s}
+    )
     flags = [scores[ex.id].flag for ex in examples]
-    rundir.write_json(meta_path, {
-        **meta, **identity, "steps": recorded, "loss_columns": [loss_column(s) for s in recorded],
-        "planned_steps": steps, "complete": False, "n_examples": len(examples),
-        "n_flagged": sum(1 for f in flags if f), "flag_counts": {f: flags.count(f) for f in sorted(set(flags) - {""})},
-        "mean_loss": [_mean(cols[loss_column(s)].to_pylist()) for s in recorded],
-        "record_tokens": record_tokens if record_tokens is not None else meta.get("record_tokens"),
-        "record_wall_s_by_step": timings, "record_wall_s": [timings.get(str(s), 0.0) for s in recorded],
-        "score_wall_s_by_step": score_timings, "score_wall_s": [score_timings.get(str(s), 0.0) for s in recorded]})
+    rundir.write_json(
+        meta_path,
+        {
+            **meta,
+            **identity,
+            "steps": recorded,
+            "loss_columns": [loss_column(s) for s in recorded],
+            "planned_steps": steps,
+            "complete": False,
+            "n_examples": len(examples),
+            "n_flagged": sum(1 for f in flags if f),
+            "flag_counts": {f: flags.count(f) for f in sorted(set(flags) - {""})},
+            "mean_loss": [_mean(cols[loss_column(s)].to_pylist()) for s in recorded],
+            "record_tokens": record_tokens if record_tokens is not None else meta.get("record_tokens"),
+            "record_wall_s_by_step": timings,
+            "record_wall_s": [timings.get(str(s), 0.0) for s in recorded],
+            "score_wall_s_by_step": score_timings,
+            "score_wall_s": [score_timings.get(str(s), 0.0) for s in recorded],
+        },
+    )
 
 
 def _mean(values) -> float:

@@ -57,22 +57,34 @@ def summarize_arm(rows: dict, arm: str, seeds: list[int]) -> dict:
     for key in ("level",):
         values = {v for s in seeds for v in rows[(arm, s)]["metrics"].get("per_difficulty", {}).get(key, {})}
         for v in sorted(values):
-            vals = [rows[(arm, s)]["metrics"]["per_difficulty"][key][v]["accuracy"] for s in seeds
-                    if v in rows[(arm, s)]["metrics"]["per_difficulty"].get(key, {})]
+            vals = [
+                rows[(arm, s)]["metrics"]["per_difficulty"][key][v]["accuracy"]
+                for s in seeds
+                if v in rows[(arm, s)]["metrics"]["per_difficulty"].get(key, {})
+            ]
             by_level[v] = {"mean": mean(vals), "n_seeds": len(vals)}
     compute_keys = ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")
     compute = {k: mean(rows[(arm, s)]["train"]["compute"][k] for s in seeds) for k in compute_keys}
-    return {"accuracy": {"per_seed": dict(zip(map(str, seeds), accs)), "mean": acc_mean, "ci95": acc_ci},
-            "by_level": by_level, "compute": compute,
-            "final_val_loss": [rows[(arm, s)]["train"].get("final_val_loss") for s in seeds],
-            "n_test": rows[(arm, seeds[0])]["metrics"]["n"]}
+    return {
+        "accuracy": {"per_seed": dict(zip(map(str, seeds), accs)), "mean": acc_mean, "ci95": acc_ci},
+        "by_level": by_level,
+        "compute": compute,
+        "final_val_loss": [rows[(arm, s)]["train"].get("final_val_loss") for s in seeds],
+        "n_test": rows[(arm, seeds[0])]["metrics"]["n"],
+    }
 
 
 def paired(rows: dict, a: str, b: str, seeds: list[int]) -> dict:
     diffs = [rows[(a, s)]["metrics"]["accuracy"] - rows[(b, s)]["metrics"]["accuracy"] for s in seeds]
     m, ci = t_interval(diffs)
-    return {"mean_diff": m, "ci95": ci, "per_seed": dict(zip(map(str, seeds), diffs)),
-            "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs)}
+    return {
+        "mean_diff": m,
+        "ci95": ci,
+        "per_seed": dict(zip(map(str, seeds), diffs)),
+        "wins": sum(d > 0 for d in diffs),
+        "ties": sum(d == 0 for d in diffs),
+        "losses": sum(d < 0 for d in diffs),
+    }
 
 
 def _pct(x: float) -> str:
@@ -81,35 +93,48 @@ def _pct(x: float) -> str:
 
 def markdown(results: dict) -> str:
     arms = results["arms"]
-    levels = sorted({lv for a in arms.values() for lv in a["by_level"]},
-                    key=lambda v: ["easy", "medium", "hard"].index(v) if v in ("easy", "medium", "hard") else 9)
-    head = ["arm", "test acc % (mean ± 95% CI)", "gain vs base"] + [f"acc {lv} %" for lv in levels] + \
-           ["optimizer steps", "fwd passes", "bwd passes", "wall s"]
-    lines = [f"Seeds: {results['seeds']}; test examples: {results['n_test']}; split: {results['eval_split']}.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    levels = sorted(
+        {lv for a in arms.values() for lv in a["by_level"]},
+        key=lambda v: ["easy", "medium", "hard"].index(v) if v in ("easy", "medium", "hard") else 9,
+    )
+    head = (
+        ["arm", "test acc % (mean ± 95% CI)", "gain vs base"]
+        + [f"acc {lv} %" for lv in levels]
+        + ["optimizer steps", "fwd passes", "bwd passes", "wall s"]
+    )
+    lines = [
+        f"Seeds: {results['seeds']}; test examples: {results['n_test']}; split: {results['eval_split']}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for name, a in arms.items():
         acc = a["accuracy"]
         gain = a.get("relative_gain_vs_base")
-        cells = [name, f"{_pct(acc['mean'])} ± {_pct(acc['ci95'])}",
-                 "—" if gain is None else f"{100 * gain:+.1f}%"]
+        cells = [name, f"{_pct(acc['mean'])} ± {_pct(acc['ci95'])}", "—" if gain is None else f"{100 * gain:+.1f}%"]
         cells += [_pct(a["by_level"].get(lv, {}).get("mean", math.nan)) for lv in levels]
         c = a["compute"]
         cells += [f"{c['optimizer_steps']:.0f}", f"{c['forwards']:.0f}", f"{c['backwards']:.0f}", f"{c['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     p = results.get("proxy_compute") or {}
     if p:
-        lines += ["", f"Proxy (shared by all arms): {p.get('optimizer_steps', 0):.0f} optimizer steps, "
-                      f"{p.get('wall_s', 0):.0f} s training plus {p.get('record_wall_s', 0):.0f} s recording."]
+        lines += [
+            "",
+            f"Proxy (shared by all arms): {p.get('optimizer_steps', 0):.0f} optimizer steps, "
+            f"{p.get('wall_s', 0):.0f} s training plus {p.get('record_wall_s', 0):.0f} s recording.",
+        ]
     if results["paired"]:
         lines += ["", "Paired differences over the same seeds (accuracy points, mean ± 95% CI; wins/ties/losses):", ""]
         for name, d in results["paired"].items():
-            lines.append(f"- {name}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])} "
-                         f"({d['wins']}/{d['ties']}/{d['losses']})")
+            lines.append(
+                f"- {name}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])} ({d['wins']}/{d['ties']}/{d['losses']})"
+            )
     return "\n".join(lines)
 
 
 def plot(results: dict, run_dir: Path) -> list[str]:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -121,8 +146,13 @@ def plot(results: dict, run_dir: Path) -> list[str]:
     errs = [0 if math.isnan(arms[n]["accuracy"]["ci95"]) else 100 * arms[n]["accuracy"]["ci95"] for n in names]
     ax.bar(names, means, yerr=errs, capsize=4, color="tab:blue")
     for n_i, n in enumerate(names):
-        ax.scatter([n_i] * len(arms[n]["accuracy"]["per_seed"]),
-                   [100 * v for v in arms[n]["accuracy"]["per_seed"].values()], color="k", s=10, zorder=3)
+        ax.scatter(
+            [n_i] * len(arms[n]["accuracy"]["per_seed"]),
+            [100 * v for v in arms[n]["accuracy"]["per_seed"].values()],
+            color="k",
+            s=10,
+            zorder=3,
+        )
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy per arm (mean, 95% CI, seeds as dots)")
     fig.tight_layout()
@@ -135,8 +165,12 @@ def plot(results: dict, run_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(1.5 * len(levels) * max(1, len(names) / 3) + 2, 3.5))
         width = 0.8 / len(names)
         for i, n in enumerate(names):
-            ax.bar([j + i * width for j in range(len(levels))],
-                   [100 * arms[n]["by_level"].get(lv, {}).get("mean", math.nan) for lv in levels], width, label=n)
+            ax.bar(
+                [j + i * width for j in range(len(levels))],
+                [100 * arms[n]["by_level"].get(lv, {}).get("mean", math.nan) for lv in levels],
+                width,
+                label=n,
+            )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(levels))], levels)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("Accuracy by difficulty level")
@@ -153,6 +187,7 @@ def plot_loss_curves(run_dir: Path, arms: list[str], seed: int) -> str:
     import json
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -160,7 +195,7 @@ def plot_loss_curves(run_dir: Path, arms: list[str], seed: int) -> str:
     for arm in arms:
         log = seed_dir(run_dir, arm, seed) / "train" / "train_log.jsonl"
         records = [json.loads(line) for line in log.read_text().splitlines()]
-        line, = ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label=arm)
+        (line,) = ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label=arm)
         vals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         if vals:
             ax.scatter(*zip(*vals), color=line.get_color(), marker="o", s=18)
@@ -188,8 +223,14 @@ def write_report(run_dir: str | Path, arms: list[str], seeds: list[int], *, eval
     controls = [a for a in ("base", "random", "easy", "base-long", "sam") if a in summaries]
     treated = [a for a in arms if a not in controls]
     comparisons = {f"{t} - {c}": paired(rows, t, c, seeds) for t in treated for c in controls}
-    results = {"seeds": seeds, "eval_split": eval_split, "n_test": summaries[arms[0]]["n_test"],
-               "arms": summaries, "paired": comparisons, "proxy_compute": proxy_compute(run_dir)}
+    results = {
+        "seeds": seeds,
+        "eval_split": eval_split,
+        "n_test": summaries[arms[0]]["n_test"],
+        "arms": summaries,
+        "paired": comparisons,
+        "proxy_compute": proxy_compute(run_dir),
+    }
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
     results["markdown"] = markdown(results)
     rundir.write_json(run_dir / "results.json", results)

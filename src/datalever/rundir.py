@@ -82,8 +82,18 @@ def versions() -> dict[str, str]:
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     # Read from package metadata: importing the libraries just for their versions costs seconds.
-    for name in ("datalever", "torch", "transformers", "tokenizers", "accelerate", "peft",
-                 "datasets", "scikit-learn", "numpy", "pyarrow"):
+    for name in (
+        "datalever",
+        "torch",
+        "transformers",
+        "tokenizers",
+        "accelerate",
+        "peft",
+        "datasets",
+        "scikit-learn",
+        "numpy",
+        "pyarrow",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

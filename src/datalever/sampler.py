@@ -23,8 +23,7 @@ from torch.utils.data import Sampler
 
 
 class MultiplicitySampler(Sampler[int]):
-    def __init__(self, multiplicities: Sequence[int], *, seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0) -> None:
+    def __init__(self, multiplicities: Sequence[int], *, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
         mult = [int(m) for m in multiplicities]
         if any(m < 0 for m in mult) or any(int(m) != m for m in multiplicities):
             raise ValueError("multiplicities must be non-negative integers")
@@ -40,8 +39,8 @@ class MultiplicitySampler(Sampler[int]):
         self.epoch_size = int(self.multiplicities.sum())  # before padding, all replicas together
         self.num_samples = math.ceil(self.epoch_size / self.num_replicas)  # per replica
         self.total_size = self.num_samples * self.num_replicas
-        self._start = 0     # where the next iteration starts (set by load_state_dict)
-        self._yielded = 0   # position reached in the current epoch
+        self._start = 0  # where the next iteration starts (set by load_state_dict)
+        self._yielded = 0  # position reached in the current epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order; a new epoch starts from its beginning."""
@@ -63,7 +62,7 @@ class MultiplicitySampler(Sampler[int]):
         return order
 
     def __iter__(self) -> Iterator[int]:
-        mine = self.epoch_indices()[self.rank::self.num_replicas]
+        mine = self.epoch_indices()[self.rank :: self.num_replicas]
         start, self._start = self._start, 0
         self._yielded = start
         for idx in mine[start:]:

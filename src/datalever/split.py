@@ -62,7 +62,8 @@ class SplitConfig:
     run_dir: str = "runs/demo"
     """Run directory: reads trajectories.parquet (+ .meta.json), writes split.parquet, split_summary.json and plots."""
     features: str = "trajectory"
-    """What k-means clusters: 'trajectory' (raw losses per checkpoint), 'final' (last loss only) or 'relative' (ratios loss[t+1]/loss[t])."""
+    """What k-means clusters: 'trajectory' (raw losses per checkpoint), 'final' (last loss only) or 'relative' (ratios
+    loss[t+1]/loss[t])."""
     k: int = 2
     """Number of k-means clusters; the one with the highest mean loss is 'hard'."""
     seed: int = 0
@@ -72,9 +73,11 @@ class SplitConfig:
     min_source_size: int = 10
     """With stratify: a source with fewer usable examples than this is not clustered but labelled hard whole."""
     train_file: str | None = None
-    """Examples file (JSONL) to read difficulty attributes from (meta keys such as level/steps/digits); default RUN/data/train.jsonl if it exists."""
+    """Examples file (JSONL) to read difficulty attributes from (meta keys such as level/steps/digits); default
+    RUN/data/train.jsonl if it exists."""
     out: str | None = None
-    """Directory for split.parquet, split_summary.json and the plots (default: the run directory; the experiment puts a split with other features under RUN/splits/<features>)."""
+    """Directory for split.parquet, split_summary.json and the plots (default: the run directory; the experiment puts a
+    split with other features under RUN/splits/<features>)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,9 +124,11 @@ def read_trajectories(path: str | Path):
         raise SplitError(f"{path}: duplicate ids")
     sources = table.column("source").to_pylist()
     flags = [f or "" for f in table.column("flag").to_pylist()]
-    losses = np.column_stack(
-        [table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in loss_cols]
-    ) if len(ids) else np.zeros((0, len(loss_cols)))
+    losses = (
+        np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in loss_cols])
+        if len(ids)
+        else np.zeros((0, len(loss_cols)))
+    )
     bad = [ids[i] for i in np.flatnonzero(np.isnan(losses).any(axis=1)) if not flags[i]]
     if bad:
         raise SplitError(f"{path}: {len(bad)} unflagged row(s) have NaN losses, e.g. {bad[:3]}")
@@ -174,8 +179,10 @@ def _kmeans_ranked(x: np.ndarray, raw: np.ndarray, k: int, seed: int, what: str)
         raise SplitError(f"{what}: features are not finite (e.g. a zero loss with features='relative')")
     n_distinct = np.unique(x, axis=0).shape[0]
     if n_distinct < k:
-        raise SplitError(f"{what}: only {n_distinct} distinct feature vector(s) among {n} examples "
-                         f"(identical trajectories?); cannot form k={k} clusters")
+        raise SplitError(
+            f"{what}: only {n_distinct} distinct feature vector(s) among {n} examples "
+            f"(identical trajectories?); cannot form k={k} clusters"
+        )
     labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
     means = np.array([raw[labels == c].mean() for c in range(k)])
     order = np.argsort(means, kind="stable")  # order[r] = original label with rank r
@@ -184,10 +191,19 @@ def _kmeans_ranked(x: np.ndarray, raw: np.ndarray, k: int, seed: int, what: str)
     return rank[labels]
 
 
-def split_trajectories(ids: Sequence[str], sources: Sequence[str | None], losses: np.ndarray, *,
-                       features: str = "trajectory", k: int = 2, seed: int = 0, stratify: bool = False,
-                       min_source_size: int = 10, flags: Sequence[str] | None = None,
-                       steps: Sequence[int] | None = None) -> pd.DataFrame:
+def split_trajectories(
+    ids: Sequence[str],
+    sources: Sequence[str | None],
+    losses: np.ndarray,
+    *,
+    features: str = "trajectory",
+    k: int = 2,
+    seed: int = 0,
+    stratify: bool = False,
+    min_source_size: int = 10,
+    flags: Sequence[str] | None = None,
+    steps: Sequence[int] | None = None,
+) -> pd.DataFrame:
     """Cluster the trajectories; the core of the split stage, pure.
 
     Returns a frame with one row per input row, in input order: ``id, source, flag, cluster, hard,
@@ -216,11 +232,13 @@ def split_trajectories(ids: Sequence[str], sources: Sequence[str | None], losses
 
     feats = compute_features(losses, features)
     fnames = feature_names(features, steps)
-    frame = pd.DataFrame({
-        "id": [str(i) for i in ids],
-        "source": pd.array(list(sources), dtype="string"),
-        "flag": flags,
-    })
+    frame = pd.DataFrame(
+        {
+            "id": [str(i) for i in ids],
+            "source": pd.array(list(sources), dtype="string"),
+            "flag": flags,
+        }
+    )
     if frame["id"].duplicated().any():
         raise SplitError(f"duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
     frame = frame.set_index("id", drop=False)
@@ -284,8 +302,7 @@ def _difficulty(df: pd.DataFrame, metas: dict[str, dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     groups = _summary_groups(df)
     for key in DIFFICULTY_KEYS:
-        values = {i: metas[i][key] for i in df["id"] if i in metas and key in metas[i]
-                  and metas[i][key] is not None}
+        values = {i: metas[i][key] for i in df["id"] if i in metas and key in metas[i] and metas[i][key] is not None}
         if not values:
             continue
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
@@ -305,8 +322,10 @@ def _difficulty(df: pd.DataFrame, metas: dict[str, dict]) -> dict[str, Any]:
 
 def _summary_groups(df: pd.DataFrame) -> list[tuple[str, pd.Series]]:
     """Named row groups of the summary: each k-means cluster, then small sources and flagged rows."""
-    groups = [(str(c), (df["assigned"] == "kmeans") & (df["cluster"] == c))
-              for c in sorted(df.loc[df["assigned"] == "kmeans", "cluster"].unique())]
+    groups = [
+        (str(c), (df["assigned"] == "kmeans") & (df["cluster"] == c))
+        for c in sorted(df.loc[df["assigned"] == "kmeans", "cluster"].unique())
+    ]
     for special in ("small_source", "flagged"):
         mask = df["assigned"] == special
         if mask.any():
@@ -314,9 +333,18 @@ def _summary_groups(df: pd.DataFrame) -> list[tuple[str, pd.Series]]:
     return groups
 
 
-def summarize(df: pd.DataFrame, losses_by_id: pd.DataFrame, *, k: int, features: str, stratify: bool,
-              min_source_size: int, seed: int, steps: Sequence[int],
-              metas: dict[str, dict] | None = None) -> dict[str, Any]:
+def summarize(
+    df: pd.DataFrame,
+    losses_by_id: pd.DataFrame,
+    *,
+    k: int,
+    features: str,
+    stratify: bool,
+    min_source_size: int,
+    seed: int,
+    steps: Sequence[int],
+    metas: dict[str, dict] | None = None,
+) -> dict[str, Any]:
     """The split summary (sizes, per-source sizes, mean trajectories, difficulty per cluster)."""
     clusters = {}
     for gname, mask in _summary_groups(df):
@@ -331,7 +359,10 @@ def summarize(df: pd.DataFrame, losses_by_id: pd.DataFrame, *, k: int, features:
             "std_trajectory": [float(v) for v in traj.std(axis=0)],
         }
     summary: dict[str, Any] = {
-        "features": features, "k": k, "seed": seed, "stratify": stratify,
+        "features": features,
+        "k": k,
+        "seed": seed,
+        "stratify": stratify,
         "min_source_size": min_source_size if stratify else None,
         "steps": [int(s) for s in steps],
         "n_examples": int(len(df)),
@@ -352,8 +383,10 @@ def summarize(df: pd.DataFrame, losses_by_id: pd.DataFrame, *, k: int, features:
                 "n_flagged": int((m & (df["assigned"] == "flagged")).sum()),
                 "small_source": bool((m & (df["assigned"] == "small_source")).any()),
                 "n_hard": int((m & df["hard"]).sum()),
-                "sizes": {str(c): int(v) for c, v in
-                          df.loc[m & (df["assigned"] == "kmeans"), "cluster"].value_counts().sort_index().items()},
+                "sizes": {
+                    str(c): int(v)
+                    for c, v in df.loc[m & (df["assigned"] == "kmeans"), "cluster"].value_counts().sort_index().items()
+                },
             }
         summary["per_source"] = per_source
         summary["small_sources"] = [s for s, v in per_source.items() if v["small_source"]]
@@ -401,8 +434,9 @@ def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int
     fig, ax = plt.subplots(figsize=(6, 4))
     for j, (gname, mask) in enumerate(groups):
         sub = df.loc[mask]
-        ax.scatter(sub["loss_drop"], sub["mean_loss"], s=10, alpha=0.6, color=colors(j),
-                   label=_group_label(df, gname, mask))
+        ax.scatter(
+            sub["loss_drop"], sub["mean_loss"], s=10, alpha=0.6, color=colors(j), label=_group_label(df, gname, mask)
+        )
     ax.set_xlabel("loss drop (first - last checkpoint)")
     ax.set_ylabel("mean loss over checkpoints")
     ax.set_title("Data map")
@@ -429,12 +463,23 @@ def run(cfg: SplitConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     ids, sources, losses, flags, meta = read_trajectories(run_dir / "trajectories.parquet")
     if meta.get("complete") is False:
-        raise SplitError(f"{run_dir / 'trajectories.meta.json'}: the profile is not finished "
-                         f"(recorded steps {meta.get('steps')}); run `datalever profile` again to complete it")
+        raise SplitError(
+            f"{run_dir / 'trajectories.meta.json'}: the profile is not finished "
+            f"(recorded steps {meta.get('steps')}); run `datalever profile` again to complete it"
+        )
     steps = meta["steps"]
-    df = split_trajectories(ids, sources, losses, features=cfg.features, k=cfg.k, seed=cfg.seed,
-                            stratify=cfg.stratify, min_source_size=cfg.min_source_size,
-                            flags=flags, steps=steps)
+    df = split_trajectories(
+        ids,
+        sources,
+        losses,
+        features=cfg.features,
+        k=cfg.k,
+        seed=cfg.seed,
+        stratify=cfg.stratify,
+        min_source_size=cfg.min_source_size,
+        flags=flags,
+        steps=steps,
+    )
     losses_by_id = pd.DataFrame(losses, index=pd.Index(ids, name="id"))
 
     train_file = Path(cfg.train_file) if cfg.train_file else run_dir / "data" / "train.jsonl"
@@ -444,8 +489,17 @@ def run(cfg: SplitConfig) -> dict:
     elif cfg.train_file:
         raise SplitError(f"train_file {train_file} does not exist")
 
-    summary = summarize(df, losses_by_id, k=cfg.k, features=cfg.features, stratify=cfg.stratify,
-                        min_source_size=cfg.min_source_size, seed=cfg.seed, steps=steps, metas=metas)
+    summary = summarize(
+        df,
+        losses_by_id,
+        k=cfg.k,
+        features=cfg.features,
+        stratify=cfg.stratify,
+        min_source_size=cfg.min_source_size,
+        seed=cfg.seed,
+        steps=steps,
+        metas=metas,
+    )
     table = pa.Table.from_pandas(df, preserve_index=False)
     out = Path(cfg.out) if cfg.out else run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -453,7 +507,9 @@ def run(cfg: SplitConfig) -> dict:
     rundir.write_json(out / "split_summary.json", summary)
     plot_split(df, losses_by_id, steps, out)
     rundir.record_provenance(
-        out, "split", cfg,
+        out,
+        "split",
+        cfg,
         trajectories=rundir.fingerprint(types.SimpleNamespace(id=i) for i in ids),
         train_file=str(train_file) if metas is not None else None,
     )

@@ -38,8 +38,13 @@ _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy >= 2 renamed tr
 MODES = {"gd": 0, "sam_head": 1, "sam_global": 2}
 OPTIMIZER_ARMS = ("gd", "sam_head", "sam_global")
 CONTROL_ARMS = ("easy", "random")
-_LABELS = {"gd": "GD", "sam_head": "SAM per-head", "sam_global": "SAM global",
-           "easy": "control: easy x up", "random": "control: random x up"}
+_LABELS = {
+    "gd": "GD",
+    "sam_head": "SAM per-head",
+    "sam_global": "SAM global",
+    "easy": "control: easy x up",
+    "random": "control: random x up",
+}
 
 
 def arm_label(arm: str) -> str:
@@ -316,8 +321,21 @@ def aligned_init(R: int, H: int, U, v0: float, dtype=torch.float64):
     return theta
 
 
-def train(feat: Features, theta, groups, mode, rho, lr: float, steps: int, log_every: int, lam, U,
-          test_groups=None, callback=None, pbar=None):
+def train(
+    feat: Features,
+    theta,
+    groups,
+    mode,
+    rho,
+    lr: float,
+    steps: int,
+    log_every: int,
+    lam,
+    U,
+    test_groups=None,
+    callback=None,
+    pbar=None,
+):
     """Full-batch GD or SAM for R runs at once.
 
     mode (R,): 0 GD, 1 SAM with the perturbation normalized per head, 2 SAM normalized by the global
@@ -381,7 +399,7 @@ def learning_times(t, m, m_star=None, final_frac: float = 0.05):
     t = np.asarray(t, float)
     m = np.asarray(m, float)
     L, d = m.shape
-    final = m[-max(1, int(round(final_frac * L))):].mean(0)
+    final = m[-max(1, int(round(final_frac * L))) :].mean(0)
     at80 = m[int(0.8 * (L - 1))]
     out = np.full(d, np.nan)
     for i in range(d):
@@ -491,19 +509,23 @@ def ode_learning_times(lam, kap, v0: float, rho: float, mode: int, t_max: float 
 
     events = []
     for i in range(len(lam)):
+
         def ev(t, v, i=i):
             return lam[i] * v[i] ** 3 - 0.5 / kap[i]
+
         ev.direction = 1
         events.append(ev)
 
     def last(t, v):
         return float(np.min(lam * v**3 - 0.5 / kap))
+
     last.direction = 1
     last.terminal = True
     if t_max is None:
         t_max = 100.0 * float(gd_blowup_time(lam, v0).max())
-    sol = solve_ivp(rhs, (0.0, t_max), np.full(len(lam), float(v0)), method="LSODA", rtol=1e-9, atol=1e-14,
-                    events=events + [last])
+    sol = solve_ivp(
+        rhs, (0.0, t_max), np.full(len(lam), float(v0)), method="LSODA", rtol=1e-9, atol=1e-14, events=events + [last]
+    )
     return np.array([e[0] if len(e) else np.nan for e in sol.t_events[: len(lam)]])
 
 
@@ -609,9 +631,13 @@ def _run(cfg: TheoryConfig, t_start: float) -> dict:
     pool_arms = [a for a in arms if is_pool_arm(a)]
     # seed-major order, the uniform-pool runs (GD first, then SAM) before the reweighted ones: every
     # group of runs sharing a pool is a contiguous slice, in the full batch and in the SAM sub-batch
-    runs = [(init, arm, s) for s in range(cfg.seeds)
-            for arm_set in (("gd",), ("sam_head", "sam_global"), *((a,) for a in pool_arms))
-            for init in inits for arm in arm_set]
+    runs = [
+        (init, arm, s)
+        for s in range(cfg.seeds)
+        for arm_set in (("gd",), ("sam_head", "sam_global"), *((a,) for a in pool_arms))
+        for init in inits
+        for arm in arm_set
+    ]
     R = len(runs)
     groups_idx: dict[tuple[int, str], list[int]] = {}
     for r, (init, arm, s) in enumerate(runs):
@@ -638,8 +664,19 @@ def _run(cfg: TheoryConfig, t_start: float) -> dict:
             if step in ck:
                 traj.append((0.5 * (F @ feat.tensor(th)[0] - y) ** 2).cpu().numpy())
 
-        train(feat, proxy_theta, [(slice(0, 1), uniform)], [0], [0.0], cfg.lr,
-              cfg.proxy_steps, max(1, cfg.proxy_steps), lam, U, callback=record)
+        train(
+            feat,
+            proxy_theta,
+            [(slice(0, 1), uniform)],
+            [0],
+            [0.0],
+            cfg.lr,
+            cfg.proxy_steps,
+            max(1, cfg.proxy_steps),
+            lam,
+            U,
+            callback=record,
+        )
         traj = np.stack(traj, 1)
         assert traj.shape[1] == len(ck), "one proxy loss per checkpoint"
         chosen = {f"reshaped:{f}": select_hard(traj, f, seed) for f in cfg.hard_features}
@@ -660,8 +697,10 @@ def _run(cfg: TheoryConfig, t_start: float) -> dict:
             weights[torch.from_numpy(mask)] = cfg.upsample
             groups.append((_index(groups_idx[(s, arm)]), pool_stats(F, y, weights.to(dev))))
             wn = weights.numpy()
-            info[arm] = {"fraction": float(mask.mean()),
-                         "growth_factor": ((drive * wn[:, None]).sum(0) / wn.sum() / drive.mean(0)).tolist()}
+            info[arm] = {
+                "fraction": float(mask.mean()),
+                "growth_factor": ((drive * wn[:, None]).sum(0) / wn.sum() / drive.mean(0)).tolist(),
+            }
         hard_info.append(info)
         del F, tokens
         tt, yt, _ = sample_sequences(cfg.test, N, lam.cpu(), U.cpu(), gen, dt)
@@ -679,8 +718,20 @@ def _run(cfg: TheoryConfig, t_start: float) -> dict:
     # ---- all runs at once
     t_train = time.time()
     with tqdm(total=cfg.steps, desc=f"theory: {R} runs", disable=not cfg.progress, mininterval=1.0) as pbar:
-        _, logs = train(feat, theta0, groups, mode, rho, cfg.lr, cfg.steps, cfg.log_every, lam, U,
-                        test_groups=test_groups, pbar=pbar)
+        _, logs = train(
+            feat,
+            theta0,
+            groups,
+            mode,
+            rho,
+            cfg.lr,
+            cfg.steps,
+            cfg.log_every,
+            lam,
+            U,
+            test_groups=test_groups,
+            pbar=pbar,
+        )
     t_train = time.time() - t_train
     T = cfg.steps * cfg.lr
     t_log = logs["t"].numpy()
@@ -691,13 +742,19 @@ def _run(cfg: TheoryConfig, t_start: float) -> dict:
     per_run = []
     for r, (init, arm, s) in enumerate(runs):
         times, final = learning_times(t_log, m_log[:, r], m_star, cfg.final_window)
-        per_run.append({
-            "init": init, "arm": arm, "seed": cfg.seed + s,
-            "learning_times": times.tolist(), "final_map": final.tolist(),
-            "entropy": entropy(times), "learned": int(np.isfinite(times).sum()),
-            "final_test_loss": float(test_log[-1, r]),
-            "mean_test_loss": float(_trapezoid(test_log[:, r], t_log) / T),
-        })
+        per_run.append(
+            {
+                "init": init,
+                "arm": arm,
+                "seed": cfg.seed + s,
+                "learning_times": times.tolist(),
+                "final_map": final.tolist(),
+                "entropy": entropy(times),
+                "learned": int(np.isfinite(times).sum()),
+                "final_test_loss": float(test_log[-1, r]),
+                "mean_test_loss": float(_trapezoid(test_log[:, r], t_log) / T),
+            }
+        )
 
     # ---- reduced ODEs (aligned, balanced heads, population loss)
     ode_res = {}
@@ -711,8 +768,11 @@ def _run(cfg: TheoryConfig, t_start: float) -> dict:
     sweep_res = {"stall_rho": stall}
     for name, md in (("sam_head", 1), ("sam_global", 2)):
         lts = [ode_learning_times(lam_np, kap, cfg.init_scale, float(r), md) for r in sweep]
-        sweep_res[name] = {"rho": sweep.tolist(), "entropy": [entropy(x) for x in lts],
-                           "learning_times": [x.tolist() for x in lts]}
+        sweep_res[name] = {
+            "rho": sweep.tolist(),
+            "entropy": [entropy(x) for x in lts],
+            "learning_times": [x.tolist() for x in lts],
+        }
 
     summary = _summarize(cfg, runs, per_run, inits, arms)
     ode_cmp = {}
@@ -723,9 +783,15 @@ def _run(cfg: TheoryConfig, t_start: float) -> dict:
             rel_runs = (sim - o) / o
             rel_mean = (sim.mean(0) - o) / o
             ode_cmp[arm] = {
-                "sim_mean": sim.mean(0).tolist(), "ode": o.tolist(), "rel_err_of_mean": rel_mean.tolist(),
-                "max_abs_rel_err_of_mean": float(np.max(np.abs(rel_mean))) if np.isfinite(rel_mean).all() else float("nan"),
-                "max_abs_rel_err_per_run": float(np.max(np.abs(rel_runs))) if np.isfinite(rel_runs).all() else float("nan"),
+                "sim_mean": sim.mean(0).tolist(),
+                "ode": o.tolist(),
+                "rel_err_of_mean": rel_mean.tolist(),
+                "max_abs_rel_err_of_mean": float(np.max(np.abs(rel_mean)))
+                if np.isfinite(rel_mean).all()
+                else float("nan"),
+                "max_abs_rel_err_per_run": float(np.max(np.abs(rel_runs)))
+                if np.isfinite(rel_runs).all()
+                else float("nan"),
             }
 
     results = {
@@ -788,43 +854,65 @@ def _markdown(cfg, res, inits, arms) -> str:
         f"{cfg.seeds} seeds; mean ± 95% CI over seeds. Max entropy ln d = {math.log(d):.3f}.",
         "",
     ]
-    head = ("| init | arm | " + " | ".join(f"t{i + 1}" for i in range(d))
-            + " | entropy | Δentropy vs GD | final test loss | Δloss vs GD | learned |")
+    head = (
+        "| init | arm | "
+        + " | ".join(f"t{i + 1}" for i in range(d))
+        + " | entropy | Δentropy vs GD | final test loss | Δloss vs GD | learned |"
+    )
     sep = "|" + "---|" * (d + 7)
     for init in inits:
         lines += [head, sep]
         for arm in arms:
             s = res["summary"][f"{init}/{arm}"]
             cells = [_fmt(m, h, 1) for m, h in s["learning_times"]]
-            lines.append(f"| {init} | {arm_label(arm)} | " + " | ".join(cells)
-                         + f" | {_fmt(*s['entropy'], 4)} | {_fmt(*s['delta_entropy_vs_gd'], 4)}"
-                         + f" | {_fmt(*s['final_test_loss'], 4)} | {_fmt(*s['delta_test_loss_vs_gd'], 4)} | {s['learned']} |")
+            lines.append(
+                f"| {init} | {arm_label(arm)} | "
+                + " | ".join(cells)
+                + f" | {_fmt(*s['entropy'], 4)} | {_fmt(*s['delta_entropy_vs_gd'], 4)}"
+                + f" | {_fmt(*s['final_test_loss'], 4)} | {_fmt(*s['delta_test_loss_vs_gd'], 4)} | {s['learned']} |"
+            )
         if init == "aligned":
             for arm in ("gd", "sam_head", "sam_global"):
                 o = res["ode"][arm]
-                lines.append(f"| ODE | {arm_label(arm)} | " + " | ".join(
-                    "n/a" if not np.isfinite(x) else f"{x:.1f}" for x in o["learning_times"])
-                    + f" | {_fmt(o['entropy'], float('nan'), 4)} | {_fmt(o['entropy'] - res['ode']['gd']['entropy'], float('nan'), 4)} | | | |")
+                lines.append(
+                    f"| ODE | {arm_label(arm)} | "
+                    + " | ".join("n/a" if not np.isfinite(x) else f"{x:.1f}" for x in o["learning_times"])
+                    + f" | {_fmt(o['entropy'], float('nan'), 4)} | {_fmt(o['entropy'] - res['ode']['gd']['entropy'], float('nan'), 4)} | | | |"
+                )
         lines.append("")
     if res["ode_vs_aligned_sim"]:
-        lines.append("ODE vs aligned-init simulation, max over directions of |relative error| of the learning time "
-                     "(seed mean; worst single run): " + ", ".join(
-                         f"{arm_label(a)} {v['max_abs_rel_err_of_mean']:.1%} ({v['max_abs_rel_err_per_run']:.1%})"
-                         for a, v in res["ode_vs_aligned_sim"].items()) + ".")
-    lines.append("Reweighted pools: fraction of the pool upsampled, and the growth factor r_i = E_pool,w[y_q (s.u_i)(x_q.u_i)] "
-                 "/ E_pool[...] for i = 1..d (small-init learning times scale as 1/(lam_i^2 r_i)); seed means:")
+        lines.append(
+            "ODE vs aligned-init simulation, max over directions of |relative error| of the learning time "
+            "(seed mean; worst single run): "
+            + ", ".join(
+                f"{arm_label(a)} {v['max_abs_rel_err_of_mean']:.1%} ({v['max_abs_rel_err_per_run']:.1%})"
+                for a, v in res["ode_vs_aligned_sim"].items()
+            )
+            + "."
+        )
+    lines.append(
+        "Reweighted pools: fraction of the pool upsampled, and the growth factor r_i = E_pool,w[y_q (s.u_i)(x_q.u_i)] "
+        "/ E_pool[...] for i = 1..d (small-init learning times scale as 1/(lam_i^2 r_i)); seed means:"
+    )
     for arm in (a for a in arms if is_pool_arm(a)):
         frac = np.mean([h[arm]["fraction"] for h in res["hard"]])
         hr = np.array([h[arm]["growth_factor"] for h in res["hard"]]).mean(0)
         lines.append(f"- {arm_label(arm)}: {frac:.1%}; " + ", ".join(f"{x:.2f}" for x in hr))
     pd = np.array([h["pool_drive_over_lam2"] for h in res["hard"]])
-    lines.append("Pool noise: the uniform pools' drive E_pool[y_q (s.u_i)(x_q.u_i)] / lam_i^2 (1 in the population) ranges "
-                 f"{pd.min():.3f}..{pd.max():.3f} over seeds and directions.")
+    lines.append(
+        "Pool noise: the uniform pools' drive E_pool[y_q (s.u_i)(x_q.u_i)] / lam_i^2 (1 in the population) ranges "
+        f"{pd.min():.3f}..{pd.max():.3f} over seeds and directions."
+    )
     sw = res["ode_rho_sweep"]
-    lines.append(f"ODE entropy against rho (GD: {res['ode']['gd']['entropy']:.4f}; per-head stall at rho = sqrt(3) v0 = "
-                 f"{sw['stall_rho']:.4g}): " + "; ".join(
-                     f"rho={r:.3g}: per-head {a:.4f}, global {b:.4f}" for r, a, b in
-                     zip(sw["sam_head"]["rho"], sw["sam_head"]["entropy"], sw["sam_global"]["entropy"])) + ".")
+    lines.append(
+        f"ODE entropy against rho (GD: {res['ode']['gd']['entropy']:.4f}; per-head stall at rho = sqrt(3) v0 = "
+        f"{sw['stall_rho']:.4g}): "
+        + "; ".join(
+            f"rho={r:.3g}: per-head {a:.4f}, global {b:.4f}"
+            for r, a, b in zip(sw["sam_head"]["rho"], sw["sam_head"]["entropy"], sw["sam_global"]["entropy"])
+        )
+        + "."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -832,12 +920,12 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from datalever.rundir import atomic_write_bytes
     import io
 
+    import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
+
+    from datalever.rundir import atomic_write_bytes
 
     def save(fig, name):
         for ax in fig.axes:
@@ -862,8 +950,12 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
         for tt in per_run[idx[(init, "gd", 0)]]["learning_times"]:
             if np.isfinite(tt):
                 ax.axvline(tt, color="C0", lw=0.5, ls=":")
-        ax.set(xlabel="time t = step x lr (log)", ylabel="test loss (half MSE)", xscale="log",
-               title=f"{init} init, seed {cfg.seed} (dotted: GD learning times)")
+        ax.set(
+            xlabel="time t = step x lr (log)",
+            ylabel="test loss (half MSE)",
+            xscale="log",
+            title=f"{init} init, seed {cfg.seed} (dotted: GD learning times)",
+        )
         ax.legend(fontsize=7)
     save(fig, "loss.png")
 
@@ -872,7 +964,7 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
     nrow = math.ceil(len(arms) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 3.2 * nrow), sharey=True, squeeze=False)
     axes = axes.ravel()
-    for ax in axes[len(arms):]:
+    for ax in axes[len(arms) :]:
         ax.axis("off")
     for ax, arm in zip(axes, arms):
         r = idx[("random", arm, 0)]
@@ -893,21 +985,36 @@ def _plots(cfg, out, runs, per_run, t_log, m_log, test_log, ode_res, sweep_res, 
         s = summary[f"random/{arm}"]
         mu = np.array([m for m, _ in s["learning_times"]])
         ci = np.nan_to_num(np.array([h for _, h in s["learning_times"]]))
-        axes[0].errorbar(x + 0.08 * (k - len(arms) / 2), mu, yerr=ci, fmt="o-", color=colors[arm],
-                         label=arm_label(arm), ms=3, lw=1)
-    axes[0].set(xlabel="eigenvector i (decreasing eigenvalue)", ylabel="learning time", yscale="log",
-                title="learning times (random init, mean ± 95% CI)")
+        axes[0].errorbar(
+            x + 0.08 * (k - len(arms) / 2), mu, yerr=ci, fmt="o-", color=colors[arm], label=arm_label(arm), ms=3, lw=1
+        )
+    axes[0].set(
+        xlabel="eigenvector i (decreasing eigenvalue)",
+        ylabel="learning time",
+        yscale="log",
+        title="learning times (random init, mean ± 95% CI)",
+    )
     axes[0].legend(fontsize=7)
     na = len(arms)
     for j, init in enumerate(inits):
         for k, arm in enumerate(arms[1:]):
             m, h = summary[f"{init}/{arm}"]["delta_entropy_vs_gd"]
-            axes[1].bar(j * na + k, m, yerr=0 if not np.isfinite(h) else h, color=colors[arm],
-                        label=arm_label(arm) if j == 0 else None)
+            axes[1].bar(
+                j * na + k,
+                m,
+                yerr=0 if not np.isfinite(h) else h,
+                color=colors[arm],
+                label=arm_label(arm) if j == 0 else None,
+            )
         if init == "aligned":
             for k, arm in enumerate(("sam_head", "sam_global")):
-                axes[1].plot(j * na + k, ode_res[arm]["entropy"] - ode_res["gd"]["entropy"], "k*", ms=9,
-                             label="reduced ODE" if k == 0 else None)
+                axes[1].plot(
+                    j * na + k,
+                    ode_res[arm]["entropy"] - ode_res["gd"]["entropy"],
+                    "k*",
+                    ms=9,
+                    label="reduced ODE" if k == 0 else None,
+                )
     axes[1].set_xticks([(na - 2) / 2 + na * j for j in range(len(inits))], [f"{i} init" for i in inits])
     axes[1].axhline(0, color="k", lw=0.5)
     axes[1].set(ylabel="Δ entropy vs GD (paired by seed)", title="simplicity bias change (> 0: lower bias)")

@@ -63,7 +63,9 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def token_budget_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int | None = None) -> list[list[int]]:
+def token_budget_batches(
+    lengths: Sequence[int], token_budget: int, max_batch_size: int | None = None
+) -> list[list[int]]:
     """Group indices into batches whose padded size (rows x longest row) stays within `token_budget`.
 
     Indices are sorted by length (longest first, so an out-of-memory shows up at once), which is

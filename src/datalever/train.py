@@ -59,7 +59,8 @@ class TrainConfig:
     """Fine-tune a causal LM on prompt/response examples with the loss on response tokens only."""
 
     model: str = "embedded:demo-base"
-    """HF checkpoint directory or hub id; `preset:NAME` builds a small model from scratch; `embedded:demo-base` is the pretrained demo model shipped with the package."""
+    """HF checkpoint directory or hub id; `preset:NAME` builds a small model from scratch; `embedded:demo-base` is the
+    pretrained demo model shipped with the package."""
     data: str = "runs/demo/data/train.jsonl"
     """Training examples (JSONL, JSON, Parquet, CSV or a datasets directory)."""
     out: str = "runs/train"
@@ -67,7 +68,8 @@ class TrainConfig:
     models_dir: str | None = None
     """Where `preset:NAME` models are built (default: beside `out`)."""
     manifest: str | None = None
-    """Optional multiplicity manifest (from `datalever upsample`): draw each example that many times per epoch without copying the data."""
+    """Optional multiplicity manifest (from `datalever upsample`): draw each example that many times per epoch without
+    copying the data."""
     val_data: str | None = None
     """Validation examples for the periodic validation loss."""
     epochs: float = 3.0
@@ -101,9 +103,11 @@ class TrainConfig:
     mixed_precision: str = "auto"
     """no | bf16 | auto (bf16 autocast on a GPU that supports it, else float32)."""
     dtype: str = "float32"
-    """Dtype of the trained weights: float32 (master weights; autocast does the bf16 math) | bfloat16 | auto (the checkpoint's)."""
+    """Dtype of the trained weights: float32 (master weights; autocast does the bf16 math) | bfloat16 | auto (the
+    checkpoint's)."""
     log_with: list[str] | None = None
-    """Accelerate trackers, e.g. [tensorboard] (pip install 'datalever[tensorboard]') or [wandb]; written under `out`; the JSONL log is always written."""
+    """Accelerate trackers, e.g. [tensorboard] (pip install 'datalever[tensorboard]') or [wandb]; written under `out`;
+    the JSONL log is always written."""
     progress: bool = True
     """Show progress bars."""
     trust_remote_code: bool = False
@@ -173,8 +177,9 @@ def warmup_steps(cfg: TrainConfig, steps: int) -> int:
 def micro_batches(encoded: Sequence[Encoded], size: int, pad_id: int, device) -> list[dict]:
     # Sorting by length inside a step changes nothing in the gradient (it is a sum) but pads less.
     rows = sorted(encoded, key=lambda e: len(e.input_ids))
-    return [{k: v.to(device) for k, v in collate(rows[i:i + size], pad_id).items()}
-            for i in range(0, len(rows), size)]
+    return [
+        {k: v.to(device) for k, v in collate(rows[i : i + size], pad_id).items()} for i in range(0, len(rows), size)
+    ]
 
 
 def response_loss_fn(model, batch) -> tuple[torch.Tensor, int]:
@@ -190,6 +195,7 @@ def scaled_loss_fn(scale: float) -> Callable:
     def fn(model, batch):
         sums, counts = model(**batch)
         return sums.sum() * scale, int(counts.sum())
+
     return fn
 
 
@@ -197,13 +203,15 @@ def scaled_loss_fn(scale: float) -> Callable:
 
 
 def apply_lora(model, lora: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     targets = lora.target_modules
     if targets is not None and list(targets) == ["all-linear"]:
         targets = "all-linear"  # peft's shorthand: every linear layer but the output head
-    peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=targets, task_type="CAUSAL_LM")
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, peft_cfg)
 
 
@@ -215,6 +223,7 @@ def _no_accelerator_device() -> bool:
         return False
     try:
         from accelerate.utils import is_mlu_available, is_npu_available
+
         return not (is_npu_available() or is_mlu_available())
     except ImportError:
         return True
@@ -244,8 +253,10 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     fsdp = fsdp_requested()
     if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
-        raise ValueError("datalever supports FSDP through Accelerate's FSDP2 only: set `fsdp_version: 2` in the "
-                         "Accelerate config (FSDP_VERSION=2)")
+        raise ValueError(
+            "datalever supports FSDP through Accelerate's FSDP2 only: set `fsdp_version: 2` in the "
+            "Accelerate config (FSDP_VERSION=2)"
+        )
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and _no_accelerator_device()
     accelerator = Accelerator(mixed_precision=mp, log_with=cfg.log_with, project_dir=project_dir, cpu=cpu)
     if fsdp and cpu and not accelerator.is_fsdp2:
@@ -264,7 +275,8 @@ def make_accelerator(cfg: TrainConfig, project_dir: str):
         # loss sums included, to bf16. Here gradients are reduced in float32 (as under DDP) and outputs are
         # left as computed: blocks hand on bf16 activations, the loss module its float32 sums.
         accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
     return accelerator
 
 
@@ -285,8 +297,22 @@ def prepare(accelerator, model: ResponseLoss, opt):
 # ----------------------------------------------------------------------------- checkpoints
 
 # Settings that decide the trajectory: a checkpoint made with other values is not resumed.
-_RESUME_KEYS = ("model", "data", "manifest", "epochs", "max_steps", "batch_size", "max_length",
-                "optim", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "lora", "seed", "dtype")
+_RESUME_KEYS = (
+    "model",
+    "data",
+    "manifest",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "max_length",
+    "optim",
+    "warmup_ratio",
+    "min_lr_ratio",
+    "max_grad_norm",
+    "lora",
+    "seed",
+    "dtype",
+)
 
 
 def _resume_identity(cfg: TrainConfig) -> str:
@@ -298,8 +324,11 @@ def _rng_state() -> dict:
     import numpy as np
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -317,7 +346,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
 def full_state_dict(accelerator, model) -> dict:
@@ -349,8 +378,18 @@ def full_state_dict(accelerator, model) -> dict:
     return out
 
 
-def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: int, compute: Compute,
-                    identity: str = "", keep: int = 1, tokenizer=None) -> None:
+def save_checkpoint(
+    path: Path,
+    accelerator,
+    model,
+    opt,
+    step: int,
+    position: int,
+    compute: Compute,
+    identity: str = "",
+    keep: int = 1,
+    tokenizer=None,
+) -> None:
     """Weights (safetensors), optimizer state, stream position; RNG per process; written to a temp dir, then renamed.
 
     Every process must call this: the weights and the optimizer state are gathered (collectives under FSDP)
@@ -367,9 +406,15 @@ def save_checkpoint(path: Path, accelerator, model, opt, step: int, position: in
             tokenizer.save_pretrained(tmp / "model")  # so a full fine-tune's checkpoint loads as it is
     optimizer_state = opt_state_dict(accelerator, model, opt)  # all processes: a collective under FSDP
     if accelerator.is_main_process:
-        state = {"step": step, "position": position, "optimizer": optimizer_state, "compute": dict(compute.__dict__),
-                 "identity": identity, "world_size": accelerator.num_processes,
-                 "optimizer_format": optimizer_format(accelerator)}
+        state = {
+            "step": step,
+            "position": position,
+            "optimizer": optimizer_state,
+            "compute": dict(compute.__dict__),
+            "identity": identity,
+            "world_size": accelerator.num_processes,
+            "optimizer_format": optimizer_format(accelerator),
+        }
         torch.save(state, tmp / "trainer_state.pt")
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
@@ -419,8 +464,10 @@ def read_trainer_state(path: Path, identity: str | None = None) -> dict:
     """The checkpoint's step, stream position, optimizer state and compute; refuses other settings."""
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     if identity is not None and state.get("identity") and state["identity"] != identity:
-        raise RuntimeError(f"{path} was saved by a run with other settings; use a new output directory "
-                           f"(saved: {state['identity']}; now: {identity})")
+        raise RuntimeError(
+            f"{path} was saved by a run with other settings; use a new output directory "
+            f"(saved: {state['identity']}; now: {identity})"
+        )
     return state
 
 
@@ -432,13 +479,18 @@ def load_checkpoint_weights(path: Path, hf_model) -> None:
     if weights_file.exists():
         result = hf_model.load_state_dict(load_file(weights_file), strict=False)
         # save_pretrained leaves out tied copies (e.g. the output head of a tied model): those may be missing.
-        tied = set(getattr(hf_model, "all_tied_weights_keys", None) or getattr(hf_model, "_tied_weights_keys", None) or ())
+        tied = set(
+            getattr(hf_model, "all_tied_weights_keys", None) or getattr(hf_model, "_tied_weights_keys", None) or ()
+        )
         missing = [k for k in result.missing_keys if k not in tied]
         if missing or result.unexpected_keys:
-            raise RuntimeError(f"{weights_file} does not match the model: missing {missing[:5]}, "
-                               f"unexpected {result.unexpected_keys[:5]}")
+            raise RuntimeError(
+                f"{weights_file} does not match the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
     else:  # a peft adapter directory
         from peft import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(hf_model, load_file(path / "model" / "adapter_model.safetensors"))
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"{path}: adapter weights do not match the model: {result.unexpected_keys[:5]}")
@@ -453,8 +505,9 @@ def load_rng_state(path: Path, rank: int) -> None:
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    done = sorted((p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp")),
-                  key=lambda p: int(p.name.split("-")[1]))
+    done = sorted(
+        (p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp")), key=lambda p: int(p.name.split("-")[1])
+    )
     for p in done[:-keep] if keep > 0 else done:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -471,7 +524,9 @@ def _truncate_log(log_path: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def validation_loss(model, val_encoded: Sequence[Encoded], pad_id: int, accelerator, batch_size: int = 8) -> float | None:
+def validation_loss(
+    model, val_encoded: Sequence[Encoded], pad_id: int, accelerator, batch_size: int = 8
+) -> float | None:
     """Token-weighted mean response loss over the validation examples, through the prepared model.
 
     Each process scores every world_size-th example; all processes run the same number of forward
@@ -540,8 +595,9 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
 
     examples, mult = load_training_data(cfg)
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
-    val_encoded = ([encode_example(tokenizer, ex, cfg.max_length) for ex in load_examples(cfg.val_data)]
-                   if cfg.val_data else [])
+    val_encoded = (
+        [encode_example(tokenizer, ex, cfg.max_length) for ex in load_examples(cfg.val_data)] if cfg.val_data else []
+    )
     stream = ExampleStream(mult, seed=cfg.seed)
     steps = total_steps(cfg, stream.epoch_len)
     warmup = warmup_steps(cfg, steps)
@@ -552,23 +608,44 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
         saved_format = saved.get("optimizer_format", "torch")
         if saved_format != optimizer_format(accelerator):
             mode = "without FSDP" if saved_format == "torch" else "under FSDP"
-            raise RuntimeError(f"{last} holds optimizer state saved {mode}; resume it {mode} too, "
-                               f"or start in a new output directory")
+            raise RuntimeError(
+                f"{last} holds optimizer state saved {mode}; resume it {mode} too, or start in a new output directory"
+            )
         load_opt_state_dict(accelerator, model, opt, saved.pop("optimizer"))  # popped: no second copy kept
         load_rng_state(last, rank)
         step, position, compute = saved["step"], saved["position"], Compute(**saved["compute"])
         accelerator.print(f"resuming from {last} (step {step})")
     if accelerator.is_main_process:
         _truncate_log(log_path, step)  # lines after the checkpoint are redone
-        rundir.record_provenance(out, "train", cfg, data_fingerprint=rundir.fingerprint(examples),
-                                 model_path=model_path, n_params=n_params, total_steps=steps, world_size=world)
+        rundir.record_provenance(
+            out,
+            "train",
+            cfg,
+            data_fingerprint=rundir.fingerprint(examples),
+            model_path=model_path,
+            n_params=n_params,
+            total_steps=steps,
+            world_size=world,
+        )
     accelerator.wait_for_everyone()
-    accelerator.init_trackers("datalever", config={"lr": cfg.optim.lr, "optimizer": cfg.optim.name,
-                                                   "batch_size": cfg.batch_size, "lora": cfg.lora.enabled})
+    accelerator.init_trackers(
+        "datalever",
+        config={
+            "lr": cfg.optim.lr,
+            "optimizer": cfg.optim.name,
+            "batch_size": cfg.batch_size,
+            "lora": cfg.lora.enabled,
+        },
+    )
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=steps, initial=step, desc=f"train {cfg.optim.name}",
-               disable=not (cfg.progress and accelerator.is_local_main_process))
+
+    bar = tqdm(
+        total=steps,
+        initial=step,
+        desc=f"train {cfg.optim.name}",
+        disable=not (cfg.progress and accelerator.is_local_main_process),
+    )
     start = time.perf_counter() - compute.wall_s
     while step < steps:
         t0 = time.perf_counter()
@@ -586,12 +663,20 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
         # This process's loss-carrying tokens, counted before the first forward: each micro-batch's loss is
         # normalized before its backward (required under FSDP, where .grad already mixes all processes).
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        stats = optimizer_step(model, opt, batches, scaled_loss_fn(scale), accelerator=accelerator,
-                               max_grad_norm=cfg.max_grad_norm, n_tokens=n_tokens)
+        stats = optimizer_step(
+            model,
+            opt,
+            batches,
+            scaled_loss_fn(scale),
+            accelerator=accelerator,
+            max_grad_norm=cfg.max_grad_norm,
+            n_tokens=n_tokens,
+        )
         loss, sam_loss = stats.loss, stats.sam_loss
         if world > 1:  # stats are this process's loss * world * n_mine / n_all: their mean is the batch loss
-            both = torch.tensor([loss, sam_loss if sam_loss is not None else 0.0], dtype=torch.float64,
-                                device=accelerator.device)
+            both = torch.tensor(
+                [loss, sam_loss if sam_loss is not None else 0.0], dtype=torch.float64, device=accelerator.device
+            )
             both = accelerator.reduce(both, reduction="mean")
             loss = float(both[0])
             sam_loss = float(both[1]) if sam_loss is not None else None
@@ -602,17 +687,25 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
         compute.forwards += stats.forwards * world
         compute.backwards += stats.backwards * world
         compute.tokens += passes_tok
-        # Backward through frozen weights still costs activation gradients: ~2*params, plus 2*trainable for weight grads.
+        # Backward through frozen weights still costs activation gradients: ~2*params, plus 2*trainable for
+        # weight grads.
         compute.flops += 2 * n_params * passes_tok + (2 * n_params + 2 * trainable) * passes_tok
         compute.wall_s = time.perf_counter() - start
-        record = {"step": step, "epoch": position / stream.epoch_len, "loss": loss, "lr": opt.param_groups[0]["lr"],
-                  "grad_norm": stats.grad_norm, "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9),
-                  **{f"compute_{k}": v for k, v in compute.__dict__.items()}}
+        record = {
+            "step": step,
+            "epoch": position / stream.epoch_len,
+            "loss": loss,
+            "lr": opt.param_groups[0]["lr"],
+            "grad_norm": stats.grad_norm,
+            "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9),
+            **{f"compute_{k}": v for k, v in compute.__dict__.items()},
+        }
         if sam_loss is not None:
             record["sam_loss"] = sam_loss
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-            record["val_loss"] = validation_loss(model, val_encoded, tokenizer.pad_token_id, accelerator,
-                                                 cfg.micro_batch_size)
+            record["val_loss"] = validation_loss(
+                model, val_encoded, tokenizer.pad_token_id, accelerator, cfg.micro_batch_size
+            )
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -624,11 +717,22 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
             on_step(step, record, model, accelerator)
             start += time.perf_counter() - hook_start  # compute.wall_s counts training, not the caller's hook
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps or step in (checkpoint_steps or ()):
-            save_checkpoint(ckpt_dir / f"step-{step}", accelerator, model, opt, step, position, compute,
-                            identity, cfg.keep_checkpoints, tokenizer)
+            save_checkpoint(
+                ckpt_dir / f"step-{step}",
+                accelerator,
+                model,
+                opt,
+                step,
+                position,
+                compute,
+                identity,
+                cfg.keep_checkpoints,
+                tokenizer,
+            )
     bar.close()
-    summary = finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult,
-                     model_path)
+    summary = finish(
+        cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult, model_path
+    )
     # Not accelerator.end_training(): it also destroys the process group, which a caller running several
     # stages in one torchrun (profile, then every arm) still needs.
     for tracker in accelerator.trackers:
@@ -646,10 +750,20 @@ def finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainab
             rec = json.loads(line)
             last_val = rec.get("val_loss", last_val)
             last_loss = rec.get("loss", last_loss)
-    summary = {"steps": steps, "n_params": n_params, "trainable_params": trainable, "examples": len(examples),
-               "epoch_len": sum(mult), "compute": compute.__dict__, "final_train_loss": last_loss,
-               "final_val_loss": last_val, "optimizer": cfg.optim.name, "lora": cfg.lora.enabled,
-               "world_size": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value}
+    summary = {
+        "steps": steps,
+        "n_params": n_params,
+        "trainable_params": trainable,
+        "examples": len(examples),
+        "epoch_len": sum(mult),
+        "compute": compute.__dict__,
+        "final_train_loss": last_loss,
+        "final_val_loss": last_val,
+        "optimizer": cfg.optim.name,
+        "lora": cfg.lora.enabled,
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+    }
     state_dict = _strip_prefix(full_state_dict(accelerator, model))  # all processes (a collective under FSDP)
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model).model

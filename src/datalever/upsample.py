@@ -60,13 +60,15 @@ class UpsampleConfig:
     run_dir: str = "runs/demo"
     """Run directory: reads split.parquet and the training examples, writes arms/<arm>/."""
     arm: str = "hard"
-    """Which examples get extra copies: 'hard', 'easy' (control), 'random' (control, same number of extra copies as 'hard') or 'base' (none)."""
+    """Which examples get extra copies: 'hard', 'easy' (control), 'random' (control, same number of extra copies as
+    'hard') or 'base' (none)."""
     m: int = 1
     """Extra uses of each selected example: 1 = used twice (2x), 2 = three times (3x)."""
     seed: int = 0
     """Seed of the random arm's draw, of synthesis and of the shuffled order of train.jsonl."""
     synth_fn: str | None = None
-    """Optional generator of variants, 'module:function' taking an Example and returning new Examples (e.g. 'datalever.synth:variants' for the embedded dataset)."""
+    """Optional generator of variants, 'module:function' taking an Example and returning new Examples (e.g.
+    'datalever.synth:variants' for the embedded dataset)."""
     synth_per_hard: int = 1
     """With synth_fn: synthesized variants added per selected example (each used once)."""
     train_file: str | None = None
@@ -74,7 +76,8 @@ class UpsampleConfig:
     split: str | None = None
     """The split to read (split.parquet); default RUN/split.parquet."""
     heldout: list[str] | None = None
-    """With synth_fn: held-out example files (validation, test) that variants must not reproduce; default: validation.jsonl and test.jsonl beside the training file, where they exist."""
+    """With synth_fn: held-out example files (validation, test) that variants must not reproduce; default:
+    validation.jsonl and test.jsonl beside the training file, where they exist."""
     out: str | None = None
     """Output directory of the arm; default RUN/arms/<arm>."""
 
@@ -176,8 +179,9 @@ def problem_keys(ex: Example) -> list:
     return keys
 
 
-def synthesize(fn: Callable, parents: list[Example], n: int, seed: int, taken_ids: set[str],
-               heldout: Sequence[Example] = ()) -> tuple[list[tuple[Example, str]], int, int]:
+def synthesize(
+    fn: Callable, parents: list[Example], n: int, seed: int, taken_ids: set[str], heldout: Sequence[Example] = ()
+) -> tuple[list[tuple[Example, str]], int, int]:
     """Call `fn` on each parent; returns (new example, parent id) pairs, the number of variants dropped
     because their id was taken (an original, or a variant made from an earlier parent), and the number
     dropped because they reproduce a held-out example (see `problem_keys`)."""
@@ -223,8 +227,7 @@ def read_arm(arm_dir: str | Path) -> tuple[list[Example], list[int]]:
 
     arm_dir = Path(arm_dir)
     examples = load_examples(str(arm_dir / "examples.jsonl"))
-    mult = dict(zip(*pq.read_table(arm_dir / "manifest.parquet", columns=["id", "multiplicity"])
-                    .to_pydict().values()))
+    mult = dict(zip(*pq.read_table(arm_dir / "manifest.parquet", columns=["id", "multiplicity"]).to_pydict().values()))
     missing = [ex.id for ex in examples if ex.id not in mult]
     if missing:
         raise UpsampleError(f"{arm_dir}: {len(missing)} examples missing from the manifest, e.g. {missing[0]}")
@@ -270,12 +273,15 @@ def run(cfg: UpsampleConfig) -> dict:
         raise UpsampleError(
             f"{train_file} and {split_path} disagree: {len(not_in_split)} example(s) not in the split "
             f"(e.g. {not_in_split[:2]}), {len(not_in_train)} split id(s) not in the examples "
-            f"(e.g. {not_in_train[:2]}); was the split made from another training set?")
+            f"(e.g. {not_in_train[:2]}); was the split made from another training set?"
+        )
 
     mult = multiplicities(split_df, cfg.arm, cfg.m, cfg.seed)
     selected = selected_ids(split_df, cfg.arm, cfg.seed)
-    rows = [{"id": ex.id, "source": ex.source, "multiplicity": mult[ex.id], "origin": "original",
-             "parent_id": None} for ex in examples]
+    rows = [
+        {"id": ex.id, "source": ex.source, "multiplicity": mult[ex.id], "origin": "original", "parent_id": None}
+        for ex in examples
+    ]
     unique = list(examples)
 
     synth: list[tuple[Example, str]] = []
@@ -285,11 +291,11 @@ def run(cfg: UpsampleConfig) -> dict:
         fn = load_callable(cfg.synth_fn)
         heldout_files = heldout_paths(cfg, train_file)
         heldout = [ex for f in heldout_files for ex in load_examples(f)]
-        synth, n_dropped, n_dropped_heldout = synthesize(fn, [by_id[i] for i in selected], cfg.synth_per_hard,
-                                                         cfg.seed, set(by_id), heldout)
+        synth, n_dropped, n_dropped_heldout = synthesize(
+            fn, [by_id[i] for i in selected], cfg.synth_per_hard, cfg.seed, set(by_id), heldout
+        )
         for ex, parent in synth:
-            rows.append({"id": ex.id, "source": ex.source, "multiplicity": 1, "origin": "synth",
-                         "parent_id": parent})
+            rows.append({"id": ex.id, "source": ex.source, "multiplicity": 1, "origin": "synth", "parent_id": parent})
             unique.append(ex)
 
     manifest = pd.DataFrame(rows, columns=["id", "source", "multiplicity", "origin", "parent_id"])
@@ -301,14 +307,26 @@ def run(cfg: UpsampleConfig) -> dict:
     arm_dir.mkdir(parents=True, exist_ok=True)
     save_examples(str(arm_dir / "train.jsonl"), [unique[j] for j in order])
     save_examples(str(arm_dir / "examples.jsonl"), unique)
-    table = pa.Table.from_pandas(manifest, preserve_index=False, schema=pa.schema([
-        ("id", pa.string()), ("source", pa.string()), ("multiplicity", pa.int64()),
-        ("origin", pa.string()), ("parent_id", pa.string())]))
+    table = pa.Table.from_pandas(
+        manifest,
+        preserve_index=False,
+        schema=pa.schema(
+            [
+                ("id", pa.string()),
+                ("source", pa.string()),
+                ("multiplicity", pa.int64()),
+                ("origin", pa.string()),
+                ("parent_id", pa.string()),
+            ]
+        ),
+    )
     rundir.write_parquet(arm_dir / "manifest.parquet", table)
 
     flagged = _flagged(split_df)
     counts = {
-        "arm": cfg.arm, "m": cfg.m, "seed": cfg.seed,
+        "arm": cfg.arm,
+        "m": cfg.m,
+        "seed": cfg.seed,
         "n_examples": len(examples),
         "n_flagged": int(flagged.sum()),
         "n_hard": int((split_df["hard"].astype(bool) & ~flagged).sum()),
@@ -320,8 +338,7 @@ def run(cfg: UpsampleConfig) -> dict:
         "heldout_files": heldout_files,
         "n_unique": len(unique),
         "n_rows": len(order),
-        "multiplicity_histogram": {str(k): int(v) for k, v in
-                                   sorted(manifest["multiplicity"].value_counts().items())},
+        "multiplicity_histogram": {str(k): int(v) for k, v in sorted(manifest["multiplicity"].value_counts().items())},
         "synth_fn": cfg.synth_fn,
         "train_file": str(train_file),
         "train_fingerprint": rundir.fingerprint(examples),
