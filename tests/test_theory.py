@@ -116,7 +116,7 @@ def test_drive_is_lambda_squared_in_the_population():
     """E[y_q (s.u_i)(x_q.u_i)] = lam_i^2 (w isotropic, E[Sigma_hat] = Sigma): the signal term that
     sets the small-init growth rate of direction i."""
     lam, lam_t, U, feat, g, tokens, y = _setup([1.0, 0.5, 0.25], N=8, P=200_000, seed=6)
-    drive = th._drive(tokens, y, U).mean(0)
+    drive = th.drive(tokens, y, U).mean(0)
     np.testing.assert_allclose(drive, lam**2, rtol=0.05)
 
 
