@@ -4,8 +4,8 @@
 
 Runs `datalever profile` (the given preset as proxy, default settings otherwise: 1/3 epoch, AdamW,
 batch 32) on `--n` embedded synth training examples in a temporary run directory, then reads:
-  recording   the store meta's record_wall_s (scoring every example + writing the column, per
-              recorded step) and score_wall_s (scoring only) and record_tokens (tokens per pass);
+  recording   the store meta's record_wall_s (seconds spent scoring every example, per recorded
+              step) and record_tokens (tokens per pass);
   training    the proxy's train_summary.json compute.wall_s (the train loop's clock, which leaves
               out the time spent in the recording hook; proxy checkpoint saves stay in it).
 and times, on the saved final proxy and the same encoded examples:
@@ -27,7 +27,7 @@ import torch
 from datalever import rundir, synth
 from datalever.examples import load_examples
 from datalever.models import load_model, load_tokenizer
-from datalever.profile import PROXY_DIR, STORE_META, ProfileConfig
+from datalever.profile import ProfileConfig
 from datalever.profile import run as profile_run
 from datalever.tokens import encode_example
 
@@ -57,15 +57,16 @@ def bench(n: int, preset: str, checkpoints: int, token_budget: int, run_dir: Pat
     t0 = time.perf_counter()
     profile_run(cfg)
     total_s = time.perf_counter() - t0
-    meta = rundir.read_json(run_dir / STORE_META)
-    summary = rundir.read_json(run_dir / PROXY_DIR / "train_summary.json")
+    layout = rundir.RunDir(run_dir)
+    meta = rundir.read_json(layout.trajectories_meta)
+    summary = rundir.read_json(layout.proxy.summary)
 
-    record_s = sum(meta["record_wall_s"])
-    score_s = meta["score_wall_s"]
+    score_s = list(meta["record_wall_s"].values())  # seconds per recorded step
+    record_s = sum(score_s)
     train_s = summary["compute"]["wall_s"]
     tokens = meta["record_tokens"]
 
-    final = str(run_dir / PROXY_DIR / "model")
+    final = str(layout.proxy.model)
     model = load_model(final).eval()
     tok = load_tokenizer(final)
     encoded = [

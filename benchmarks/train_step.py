@@ -28,7 +28,7 @@ import torch
 
 from datalever import synth, train
 from datalever.losses import ResponseLoss
-from datalever.models import build_preset, count_parameters, load_model, load_tokenizer
+from datalever.models import count_parameters, load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig, lr_factor
 from datalever.tokens import encode_example
 
@@ -95,7 +95,7 @@ def main() -> None:
         default=1,
         help="torch threads (1: steadier on a small shared machine; 0: torch's choice)",
     )
-    ap.add_argument("--workdir", default=None, help="where presets, data and runs go (default: a temp dir)")
+    ap.add_argument("--workdir", default=None, help="where data and runs go (default: a temp dir)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +106,7 @@ def main() -> None:
     data = synth.write_splits(str(work / "data"), n_train=256, n_val=8, n_test=8, seed=0)
     rows = []
     for i, name in enumerate(args.presets):
-        model_path = str(build_preset(name, work / "models" / f"{name}-seed0", seed=0))
+        model_path = resolve_model(f"preset:{name}", seed=0)  # built once into the preset cache
         n_params = count_parameters(load_model(model_path))
         steps, batch, micro = per(args.steps, i), per(args.batch, i), per(args.micro, i)
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,8 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Presets are built into one cache (models.preset_cache_dir): the tests' own, never the user's.
+os.environ.setdefault("DATALEVER_CACHE", tempfile.mkdtemp(prefix="datalever-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from datalever import experiment, train
-from datalever.demo import quick_experiment
-from datalever.evaluate import answers_match
+from datalever.answers import answers_match
+from datalever.demo import shipped_config
 
 ARMS, SEEDS = ["base", "hard"], [0, 1]
 
 
 def _config(run_dir):
-    cfg = quick_experiment(str(run_dir), SEEDS, ARMS)
+    """The quick smoke configuration shipped with the package (what `datalever demo --quick` runs)."""
+    cfg = shipped_config("quick")
+    cfg.run_dir, cfg.seeds, cfg.arms, cfg.progress = str(run_dir), SEEDS, ARMS, False
     cfg.train.save_every = 2
     return cfg
 
@@ -124,17 +126,18 @@ def test_an_arm_with_other_split_features_upsamples_that_split(tmp_path):
 def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_path):
     """Hand-made metrics: accuracies chosen so each paired difference is known exactly."""
     from datalever import rundir
-    from datalever.report import seed_dir, write_report
+    from datalever.report import write_report
+    from datalever.rundir import RunDir
 
     acc = {"base": [0.50, 0.60], "random": [0.55, 0.55], "hard": [0.60, 0.58], "hard-final": [0.52, 0.70]}
     for arm, values in acc.items():
         for seed, a in zip([0, 1], values):
-            d = seed_dir(tmp_path, arm, seed)
-            rundir.write_json(d / "eval" / "metrics.json", {"accuracy": a, "n": 100, "per_difficulty": {}})
+            d = RunDir(tmp_path).seed_dir(arm, seed)
+            rundir.write_json(d.eval.metrics, {"accuracy": a, "n": 100, "per_difficulty": {}})
             compute = {k: 1 for k in ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")}
-            rundir.write_json(d / "train" / "train_summary.json", {"compute": compute, "final_val_loss": 1.0})
-            (d / "train" / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    results = write_report(tmp_path, list(acc), [0, 1])
+            rundir.write_json(d.train.summary, {"compute": compute, "final_val_loss": 1.0})
+            d.train.log.write_text('{"step": 1, "loss": 1.0}\n')
+    results = write_report(tmp_path, list(acc), [0, 1], controls=experiment.CONTROL_ARMS)
     assert set(results["paired"]) == {"hard - base", "hard - random", "hard-final - base", "hard-final - random"}
     got = results["paired"]["hard-final - base"]
     assert got["per_seed"] == pytest.approx({"0": 0.02, "1": 0.10})
@@ -151,3 +154,19 @@ def test_a_split_made_with_other_features_is_not_reused(tmp_path):
     cfg.features = "final"
     with pytest.raises(ValueError, match="features"):
         experiment.run_method(cfg, experiment.data_files(cfg))
+
+
+def test_the_demo_runs_the_shipped_study_config_with_its_own_arms_and_seeds(tmp_path, monkeypatch):
+    """One copy of the study's settings: configs/embedded.yaml is the file the demo reads."""
+    from datalever import demo
+
+    repo_config = Path(__file__).parents[1] / "configs" / "embedded.yaml"
+    shipped = Path(str(demo.files("datalever") / "assets" / "configs" / "embedded.yaml"))
+    assert repo_config.resolve() == shipped.resolve()
+    ran = []
+    monkeypatch.setattr(demo, "experiment_run", ran.append)
+    demo.run(demo.DemoConfig(run_dir=str(tmp_path), seeds=[4], arms=["base", "hard"], progress=False))
+    study = demo.shipped_config("embedded")
+    assert ran[0].arms == ["base", "hard"] and ran[0].seeds == [4] and ran[0].run_dir == str(tmp_path)
+    assert ran[0].train == study.train and ran[0].profile == study.profile and ran[0].synth == study.synth
+    assert study.train.model == "embedded:demo-base" and study.train.epochs == 6  # README's chosen settings

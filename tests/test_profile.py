@@ -24,8 +24,9 @@ import torch
 
 from datalever import profile, rundir, synth
 from datalever.examples import load_examples
-from datalever.models import build_preset, load_model, load_tokenizer
-from datalever.profile import STORE, STORE_META, ProfileConfig, ProfileError, loss_column, record_steps
+from datalever.models import load_model, load_tokenizer, resolve_model
+from datalever.profile import ProfileConfig, ProfileError, loss_column, record_steps
+from datalever.rundir import RunDir
 from datalever.tokens import IGNORE, encode_example
 from launchers import fsdp_command
 
@@ -55,15 +56,14 @@ def prepared(tmp_path_factory):
     paths = synth.write_splits(str(root / "data"), n_train=48, n_val=8, n_test=8, seed=0)
     with open(paths["train"], "a") as f:
         f.write(json.dumps({"question": LONG_QUESTION, "answer": "Nothing is left.\n#### 0"}) + "\n")
-    model = build_preset("tiny", root / "models" / "tiny-seed0", seed=0)
+    model = resolve_model("preset:tiny", seed=0)  # built into the tests' preset cache once
     return {"train": paths["train"], "model": model}
 
 
 def new_run_dir(prepared, path: Path) -> Path:
-    """A run directory with the data and the already-built preset where the profile looks for them."""
+    """A run directory with the data where the profile looks for it."""
     (path / "data").mkdir(parents=True)
     shutil.copy(prepared["train"], path / "data" / "train.jsonl")
-    shutil.copytree(prepared["model"], path / "models" / "tiny-seed0")
     return path
 
 
@@ -106,7 +106,7 @@ def reference(prepared, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         wrap_train(mp, before=capture)
         meta = profile.run(config(run_dir))
-    return {"run_dir": run_dir, "meta": meta, "table": pq.read_table(run_dir / STORE), "weights": weights}
+    return {"run_dir": run_dir, "meta": meta, "table": pq.read_table(RunDir(run_dir).trajectories), "weights": weights}
 
 
 def brute_force(model, tokenizer, examples) -> dict[str, float]:
@@ -226,7 +226,8 @@ def test_killed_after_the_parquet_before_the_meta_resumes_to_the_same_table(refe
     )
 
     def write_json(path, obj):
-        if Path(path).name == STORE_META and len(parquet_writes) == 2:  # the second column's parquet is written
+        # Killed once the second column's parquet is written, before its meta.
+        if Path(path) == RunDir(run_dir).trajectories_meta and len(parquet_writes) == 2:
             raise Killed()
         real_write_json(path, obj)
 
@@ -235,11 +236,11 @@ def test_killed_after_the_parquet_before_the_meta_resumes_to_the_same_table(refe
         profile.run(config(run_dir))
     monkeypatch.undo()
     # The parquet holds a column the meta never committed; the rerun records it again.
-    assert pq.read_table(run_dir / STORE).column_names[-2:] == [loss_column(2), loss_column(5)]
-    assert rundir.read_json(run_dir / STORE_META)["steps"] == [2]
+    assert pq.read_table(RunDir(run_dir).trajectories).column_names[-2:] == [loss_column(2), loss_column(5)]
+    assert rundir.read_json(RunDir(run_dir).trajectories_meta)["steps"] == [2]
     meta = profile.run(config(run_dir))
     assert meta["complete"] and meta["steps"] == STEPS
-    assert_same_table(pq.read_table(run_dir / STORE), reference["table"])
+    assert_same_table(pq.read_table(RunDir(run_dir).trajectories), reference["table"])
 
 
 def test_killed_in_the_train_loop_resumes_to_the_same_table(reference, prepared, tmp_path, monkeypatch):
@@ -259,12 +260,12 @@ def test_killed_in_the_train_loop_resumes_to_the_same_table(reference, prepared,
         with pytest.raises(Killed):
             profile.run(config(run_dir))
         monkeypatch.undo()
-        assert not rundir.read_json(run_dir / STORE_META)["complete"]
-    assert rundir.read_json(run_dir / STORE_META)["steps"] == STEPS
+        assert not rundir.read_json(RunDir(run_dir).trajectories_meta)["complete"]
+    assert rundir.read_json(RunDir(run_dir).trajectories_meta)["steps"] == STEPS
     assert not (run_dir / "profile" / "train_summary.json").exists()
     meta = profile.run(config(run_dir))
     assert meta["complete"] and (run_dir / "profile" / "train_summary.json").exists()
-    assert_same_table(pq.read_table(run_dir / STORE), reference["table"])
+    assert_same_table(pq.read_table(RunDir(run_dir).trajectories), reference["table"])
 
 
 KILLABLE = """
@@ -296,7 +297,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_table(reference, prepared, tmp_pa
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLABLE, *cli_args(run_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    meta_path = run_dir / STORE_META
+    meta_path = RunDir(run_dir).trajectories_meta
     try:
         # Generous: on a loaded 2-core machine the first column can take minutes to appear.
         deadline = time.monotonic() + 600
@@ -316,7 +317,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_table(reference, prepared, tmp_pa
     assert not rundir.read_json(meta_path)["complete"]
     meta = profile.run(config(run_dir))
     assert meta["complete"]
-    assert_same_table(pq.read_table(run_dir / STORE), reference["table"])
+    assert_same_table(pq.read_table(RunDir(run_dir).trajectories), reference["table"])
 
 
 # ----------------------------------------------------------------------------- refusals and completed runs
@@ -380,8 +381,8 @@ def test_two_processes_write_the_same_store_as_one(reference, prepared, tmp_path
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     summary = rundir.read_json(run_dir / "profile" / "train_summary.json")
     assert summary["distributed_type"] == ("FSDP" if launcher == "fsdp" else "MULTI_CPU")
-    table = pq.read_table(run_dir / STORE)
-    meta = rundir.read_json(run_dir / STORE_META)
+    table = pq.read_table(RunDir(run_dir).trajectories)
+    meta = rundir.read_json(RunDir(run_dir).trajectories_meta)
     assert meta["complete"] and meta["steps"] == STEPS and meta["n_flagged"] == 1
     assert rundir.read_json(run_dir / "profile" / "train_summary.json")["world_size"] == 2
     ref = reference["table"]

@@ -19,11 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datalever import synth, train
+from datalever import checkpoint, synth, train
 from datalever.examples import load_examples
 from datalever.losses import score_examples
-from datalever.models import load_model, load_tokenizer
+from datalever.models import load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
+from datalever.rundir import TrainDir, to_jsonable
 from datalever.train import LoraConfig, TrainConfig
 from launchers import free_port, fsdp_command
 
@@ -36,17 +37,17 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("models"))  # presets are built once here and shared by all runs
+def preset() -> str:
+    """The untrained tiny preset every run starts from (built once into the tests' preset cache)."""
+    return resolve_model("preset:tiny", seed=0)
 
 
-def config(data, models_dir, out, **kw) -> TrainConfig:
+def config(data, out, **kw) -> TrainConfig:
     base = dict(
         model="preset:tiny",
         data=data["train"],
         val_data=data["validation"],
         out=str(out),
-        models_dir=models_dir,
         max_steps=8,
         batch_size=8,
         micro_batch_size=4,
@@ -65,7 +66,7 @@ def mean_loss(model_dir: str, examples) -> float:
 
 
 def read_log(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in TrainDir(out).log.read_text().splitlines()]
 
 
 def weights(model_dir) -> dict[str, torch.Tensor]:
@@ -76,15 +77,15 @@ def weights(model_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon", "sam"])
-def test_each_optimizer_lowers_training_loss(data, models_dir, tmp_path, name):
-    cfg = config(data, models_dir, tmp_path / name, optim=OptimConfig(name=name, lr=3e-3, sam_rho=0.05))
+def test_each_optimizer_lowers_training_loss(data, preset, tmp_path, name):
+    cfg = config(data, tmp_path / name, optim=OptimConfig(name=name, lr=3e-3, sam_rho=0.05))
     summary = train.run(cfg)
     examples = load_examples(data["train"])
-    before = mean_loss(str(Path(models_dir) / "tiny-seed0"), examples)
-    after = mean_loss(str(tmp_path / name / "model"), examples)
+    before = mean_loss(preset, examples)
+    after = mean_loss(str(TrainDir(cfg.out).model), examples)
     assert before > math.log(512) - 0.5  # an untrained model: near uniform over the vocabulary
     assert after < before - 0.3, (name, before, after)
-    assert (tmp_path / name / "train_summary.json").exists()
+    assert TrainDir(cfg.out).summary.exists()
     passes = 2 if name == "sam" else 1
     assert summary["compute"]["forwards"] == summary["compute"]["backwards"] == 8 * 2 * passes  # 2 micro-batches
 
@@ -92,11 +93,10 @@ def test_each_optimizer_lowers_training_loss(data, models_dir, tmp_path, name):
 # ----------------------------------------------------------------------------- LoRA
 
 
-def test_lora_changes_only_adapters_and_final_model_is_merged(data, models_dir, tmp_path):
+def test_lora_changes_only_adapters_and_final_model_is_merged(data, preset, tmp_path):
     out = tmp_path / "lora"
     cfg = config(
         data,
-        models_dir,
         out,
         lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"]),
     )
@@ -107,7 +107,7 @@ def test_lora_changes_only_adapters_and_final_model_is_merged(data, models_dir, 
             seen.update({k: v.detach().clone() for k, v in accelerator.unwrap_model(model).model.state_dict().items()})
 
     summary = train.run(cfg, on_step=grab)
-    initial = weights(Path(models_dir) / "tiny-seed0")
+    initial = weights(preset)
     assert summary["trainable_params"] < summary["n_params"] / 5
 
     base = {
@@ -119,14 +119,14 @@ def test_lora_changes_only_adapters_and_final_model_is_merged(data, models_dir, 
     lora_b = [v for k, v in seen.items() if "lora_B" in k]
     assert len(lora_b) == 2 * 2 and all(v.abs().max() > 0 for v in lora_b)  # 2 layers x (q, v); B starts at 0
 
-    final = weights(out / "model")
+    final = weights(TrainDir(out).model)
     assert set(final) == set(initial)  # a plain HF model: no adapter keys left
     for k, v in initial.items():
         if ".q_proj." in k or ".v_proj." in k:
             assert not torch.equal(final[k], v), f"{k}: the merged adapter should change it"
         else:
             assert torch.equal(final[k], v), f"{k} is not adapted and must be unchanged"
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (TrainDir(out).adapter / "adapter_model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------- kill and resume
@@ -148,7 +148,7 @@ def run_until_killed(cfg: TrainConfig, step: int) -> None:
 
 
 @pytest.mark.parametrize("name,lora", [("adamw", False), ("sam", False), ("muon", False), ("adamw", True)])
-def test_kill_and_resume_ends_with_the_same_weights(data, models_dir, tmp_path, name, lora):
+def test_kill_and_resume_ends_with_the_same_weights(data, tmp_path, name, lora):
     """Checkpoints every 2 steps; killed at step 5 (after step 4's checkpoint), resumed, compared exactly.
 
     The LoRA case has dropout on the adapters, so it also checks that the RNG state is restored.
@@ -156,20 +156,20 @@ def test_kill_and_resume_ends_with_the_same_weights(data, models_dir, tmp_path, 
     kw = dict(
         max_steps=6, save_every=2, optim=OptimConfig(name=name, lr=3e-3), lora=LoraConfig(enabled=lora, dropout=0.1)
     )
-    ref = config(data, models_dir, tmp_path / "ref", **kw)
+    ref = config(data, tmp_path / "ref", **kw)
     train.run(ref)
 
-    cfg = config(data, models_dir, tmp_path / "killed", **kw)
+    cfg = config(data, tmp_path / "killed", **kw)
 
     run_until_killed(cfg, 5)
-    assert not (tmp_path / "killed" / "train_summary.json").exists()
+    assert not TrainDir(cfg.out).summary.exists()
     assert [r["step"] for r in read_log(cfg.out)] == [1, 2, 3, 4, 5]
 
     resumed_steps = []
     train.run(cfg, on_step=lambda step, *_: resumed_steps.append(step))
     assert resumed_steps == [5, 6]  # resumed from step 4, not restarted
 
-    a, b = weights(tmp_path / "ref" / "model"), weights(tmp_path / "killed" / "model")
+    a, b = weights(TrainDir(ref.out).model), weights(TrainDir(cfg.out).model)
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -179,25 +179,20 @@ def test_kill_and_resume_ends_with_the_same_weights(data, models_dir, tmp_path, 
     assert log[-1]["compute_forwards"] == ref_log[-1]["compute_forwards"]
 
 
-def test_resume_refuses_a_checkpoint_of_other_settings(data, models_dir, tmp_path):
-    cfg = config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2)
+def test_resume_refuses_a_checkpoint_of_other_settings(data, tmp_path):
+    cfg = config(data, tmp_path / "run", max_steps=4, save_every=2)
 
     run_until_killed(cfg, 3)
     with pytest.raises(RuntimeError, match="other settings"):
-        train.run(
-            config(
-                data, models_dir, tmp_path / "run", max_steps=4, save_every=2, optim=OptimConfig(name="adamw", lr=1e-3)
-            )
-        )
+        train.run(config(data, tmp_path / "run", max_steps=4, save_every=2, optim=OptimConfig(name="adamw", lr=1e-3)))
 
 
 # ----------------------------------------------------------------------------- logs and schedule
 
 
-def test_log_has_loss_lr_throughput_compute_and_follows_warmup_cosine(data, models_dir, tmp_path):
+def test_log_has_loss_lr_throughput_compute_and_follows_warmup_cosine(data, tmp_path):
     cfg = config(
         data,
-        models_dir,
         tmp_path / "log",
         max_steps=10,
         warmup_ratio=0.2,
@@ -240,7 +235,7 @@ def test_log_has_loss_lr_throughput_compute_and_follows_warmup_cosine(data, mode
         0.0380602337443566e-3,
     ]
     assert [r["lr"] for r in log] == pytest.approx(expected, abs=1e-12)
-    summary = json.loads((Path(cfg.out) / "train_summary.json").read_text())
+    summary = json.loads(TrainDir(cfg.out).summary.read_text())
     assert summary["final_val_loss"] == log[-1]["val_loss"]
     assert summary["compute"]["flops"] == log[-1]["compute_flops"]
 
@@ -248,7 +243,7 @@ def test_log_has_loss_lr_throughput_compute_and_follows_warmup_cosine(data, mode
 # ----------------------------------------------------------------------------- manifest
 
 
-def test_manifest_multiplicities_are_what_the_loop_trains_on(data, models_dir, tmp_path, monkeypatch):
+def test_manifest_multiplicities_are_what_the_loop_trains_on(data, tmp_path, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -266,7 +261,7 @@ def test_manifest_multiplicities_are_what_the_loop_trains_on(data, models_dir, t
         return real(encoded, *args, **kwargs)
 
     monkeypatch.setattr(train, "micro_batches", spy)
-    cfg = config(data, models_dir, tmp_path / "run", manifest=str(manifest), max_steps=None, epochs=1.0, val_data=None)
+    cfg = config(data, tmp_path / "run", manifest=str(manifest), max_steps=None, epochs=1.0, val_data=None)
     summary = train.run(cfg)
     assert summary["steps"] == 96 // 8 and summary["epoch_len"] == 96
     assert trained == collections.Counter({k: v for k, v in mult.items() if v})
@@ -285,21 +280,19 @@ def test_manifest_multiplicities_are_what_the_loop_trains_on(data, models_dir, t
 # ----------------------------------------------------------------------------- dtype
 
 
-def test_bf16_checkpoint_is_trained_with_float32_weights(data, models_dir, tmp_path):
-    src = load_model(train.resolve_model("preset:tiny", models_dir, seed=0))
+def test_bf16_checkpoint_is_trained_with_float32_weights(data, preset, tmp_path):
+    src = load_model(preset)
     src.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    load_tokenizer(str(Path(models_dir) / "tiny-seed0")).save_pretrained(tmp_path / "bf16")
-    cfg = config(data, models_dir, tmp_path / "run", model=str(tmp_path / "bf16"), max_steps=1, val_data=None)
+    load_tokenizer(preset).save_pretrained(tmp_path / "bf16")
+    cfg = config(data, tmp_path / "run", model=str(tmp_path / "bf16"), max_steps=1, val_data=None)
     train.run(cfg)
-    assert {v.dtype for v in weights(tmp_path / "run" / "model").values()} == {torch.float32}
+    assert {v.dtype for v in weights(TrainDir(cfg.out).model).values()} == {torch.float32}
 
 
 # ----------------------------------------------------------------------------- several processes
 
 
 def _torchrun(cfg: TrainConfig, nproc: int, tmp_path: Path) -> list[dict]:
-    from datalever.rundir import to_jsonable
-
     path = tmp_path / f"config-{nproc}.json"
     path.write_text(json.dumps(to_jsonable(cfg)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
@@ -326,7 +319,7 @@ def _torchrun(cfg: TrainConfig, nproc: int, tmp_path: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.multiproc
 @pytest.mark.parametrize("name", ["adamw", "sam"])
-def test_two_cpu_processes_match_one(data, models_dir, tmp_path, name):
+def test_two_cpu_processes_match_one(data, tmp_path, name):
     """torchrun --nproc_per_node 2 (gloo) against one process with the same global batch of 8, 10 steps.
 
     Each process gets 4 of the 8 examples and scales its loss so that DDP's gradient mean is the
@@ -340,8 +333,8 @@ def test_two_cpu_processes_match_one(data, models_dir, tmp_path, name):
     step (before any update) must agree to 1e-4; later losses within 2e-2 (observed: ~2e-3).
     """
     kw = dict(max_steps=10, optim=OptimConfig(name=name, lr=3e-3))
-    one = config(data, models_dir, tmp_path / "one", **kw)
-    two = config(data, models_dir, tmp_path / "two", **kw)
+    one = config(data, tmp_path / "one", **kw)
+    two = config(data, tmp_path / "two", **kw)
     train.run(one)
     results = _torchrun(two, 2, tmp_path)
     assert sorted(r["rank"] for r in results) == [0, 1]
@@ -356,7 +349,7 @@ def test_two_cpu_processes_match_one(data, models_dir, tmp_path, name):
     assert log2[-1]["val_loss"] == pytest.approx(log1[-1]["val_loss"], abs=tol)
     assert log2[-1]["loss"] < log2[0]["loss"] - 0.3
     if name == "adamw":
-        w1, w2 = weights(tmp_path / "one" / "model"), weights(tmp_path / "two" / "model")
+        w1, w2 = weights(TrainDir(one.out).model), weights(TrainDir(two.out).model)
         for k in w1:
             torch.testing.assert_close(w2[k], w1[k], atol=1e-3, rtol=0)
 
@@ -366,8 +359,6 @@ def test_two_cpu_processes_match_one(data, models_dir, tmp_path, name):
 
 def _accelerate_launch(cfg: TrainConfig, tmp_path: Path, name: str, kill_at_step: int | None = None) -> list[dict]:
     """Run train_run.py under FSDP2 on 2 processes (`launchers.fsdp_command`); the per-rank results."""
-    from datalever.rundir import to_jsonable
-
     path = tmp_path / f"{name}.json"
     values = to_jsonable(cfg)
     if kill_at_step is not None:
@@ -384,15 +375,15 @@ def _accelerate_launch(cfg: TrainConfig, tmp_path: Path, name: str, kill_at_step
 
 
 @pytest.fixture(scope="module")
-def tied_model(models_dir, tmp_path_factory):
+def tied_model(preset, tmp_path_factory):
     """The tiny preset with its output head tied to the input embedding (one parameter under two names)."""
     path = tmp_path_factory.mktemp("tied") / "tiny-tied"
-    model = load_model(train.resolve_model("preset:tiny", models_dir, seed=0))
+    model = load_model(preset)
     model.config.tie_word_embeddings = True
     model.tie_weights()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     model.save_pretrained(path)
-    load_tokenizer(str(Path(models_dir) / "tiny-seed0")).save_pretrained(path)
+    load_tokenizer(preset).save_pretrained(path)
     return str(path)
 
 
@@ -408,7 +399,7 @@ def tied_model(models_dir, tmp_path_factory):
         ("adamw", False, True),
     ],
 )
-def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tied_model, tmp_path, name, lora, tied):
+def test_fsdp_matches_one_process_and_resumes_exactly(data, preset, tied_model, tmp_path, name, lora, tied):
     """FSDP2 over 2 processes (every parameter a shard) against one process with the same global batch.
 
     What sharding could break and this catches: Muon must orthogonalize whole matrices, not shards;
@@ -429,9 +420,9 @@ def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tied_mod
         lora=LoraConfig(enabled=lora, dropout=0.0, target_modules=["q_proj", "v_proj"]),
         **({"model": tied_model} if tied else {}),
     )
-    one = config(data, models_dir, tmp_path / "one", **kw)
-    fsdp = config(data, models_dir, tmp_path / "fsdp", **kw)
-    killed = config(data, models_dir, tmp_path / "killed", **kw)
+    one = config(data, tmp_path / "one", **kw)
+    fsdp = config(data, tmp_path / "fsdp", **kw)
+    killed = config(data, tmp_path / "killed", **kw)
     train.run(one)
     results = _accelerate_launch(fsdp, tmp_path, "fsdp")
     assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world_size"] == 2 for r in results)
@@ -441,24 +432,24 @@ def test_fsdp_matches_one_process_and_resumes_exactly(data, models_dir, tied_mod
     assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], abs=1e-4)
     assert log2[-1]["val_loss"] == pytest.approx(log1[-1]["val_loss"], abs=1e-4)
     assert log2[-1]["compute_forwards"] == log1[-1]["compute_forwards"]
-    w1, w2 = weights(tmp_path / "one" / "model"), weights(tmp_path / "fsdp" / "model")
+    w1, w2 = weights(TrainDir(one.out).model), weights(TrainDir(fsdp.out).model)
     assert set(w1) == set(w2)  # a plain HF checkpoint (LoRA merged), not shards
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-3, rtol=0)
     if tied:  # saved once, as save_pretrained saves a tied model (the head is the embedding)
         assert "lm_head.weight" not in w2
     if lora:
-        base = weights(Path(models_dir) / "tiny-seed0")
+        base = weights(preset)
         assert any(not torch.equal(w2[k], base[k]) for k in w2 if ".q_proj." in k)
         assert all(
             torch.equal(w2[k], base[k]) for k in w2 if "_proj." in k and ".q_proj." not in k and ".v_proj." not in k
         )
 
     _accelerate_launch(killed, tmp_path, "killed", kill_at_step=5)
-    assert not (tmp_path / "killed" / "train_summary.json").exists()
-    assert (tmp_path / "killed" / "checkpoints" / "step-4").is_dir()
+    assert not TrainDir(killed.out).summary.exists()
+    assert TrainDir(killed.out).checkpoint(4).is_dir()
     _accelerate_launch(killed, tmp_path, "resumed")
-    w3 = weights(tmp_path / "killed" / "model")
+    w3 = weights(TrainDir(killed.out).model)
     for k in w2:
         assert torch.equal(w3[k], w2[k]), k
     assert [r["loss"] for r in read_log(killed.out)] == [r["loss"] for r in log2]
@@ -484,10 +475,10 @@ def _tensorboard_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     return scalars
 
 
-def test_tensorboard_tracker_receives_the_logged_scalars(data, models_dir, tmp_path):
+def test_tensorboard_tracker_receives_the_logged_scalars(data, tmp_path):
     """`log_with: [tensorboard]` goes through Accelerate's tracker (tensorboardX, a test dependency); the
     event files hold the same per-step loss and learning rate as the JSONL log."""
-    cfg = config(data, models_dir, tmp_path / "tb", max_steps=3, log_with=["tensorboard"])
+    cfg = config(data, tmp_path / "tb", max_steps=3, log_with=["tensorboard"])
     train.run(cfg)
     scalars = _tensorboard_scalars(tmp_path / "tb")
     log = read_log(cfg.out)
@@ -498,26 +489,26 @@ def test_tensorboard_tracker_receives_the_logged_scalars(data, models_dir, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.multiproc
-def test_fsdp_bf16_keeps_float32_master_weights_and_losses(data, models_dir, tmp_path):
+def test_fsdp_bf16_keeps_float32_master_weights_and_losses(data, tmp_path):
     """FSDP2 with --mixed_precision bf16 (here on CPUs, gloo carrying the bf16 all-gathers): bf16 compute
     on float32 shards runs end to end, the logged losses stay within bf16 compute error of a float32
     run (and differ from it), and the saved weights are float32."""
-    one = config(data, models_dir, tmp_path / "one", max_steps=4, micro_batch_size=2)
-    bf16 = config(data, models_dir, tmp_path / "bf16", max_steps=4, micro_batch_size=2, mixed_precision="bf16")
+    one = config(data, tmp_path / "one", max_steps=4, micro_batch_size=2)
+    bf16 = config(data, tmp_path / "bf16", max_steps=4, micro_batch_size=2, mixed_precision="bf16")
     train.run(one)
     _accelerate_launch(bf16, tmp_path, "bf16")
     log1, log2 = read_log(one.out), read_log(bf16.out)
     assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], abs=3e-2)
     assert any(abs(a["loss"] - b["loss"]) > 1e-6 for a, b in zip(log1, log2))  # bf16 compute really ran
-    assert {v.dtype for v in weights(tmp_path / "bf16" / "model").values()} == {torch.float32}
+    assert {v.dtype for v in weights(TrainDir(bf16.out).model).values()} == {torch.float32}
 
 
-def test_resume_refuses_optimizer_state_saved_in_the_other_mode(data, models_dir, tmp_path):
+def test_resume_refuses_optimizer_state_saved_in_the_other_mode(data, tmp_path):
     """An FSDP checkpoint keys optimizer state by parameter name, a plain one by position: never mixed."""
-    cfg = config(data, models_dir, tmp_path / "run", max_steps=4, save_every=2)
+    cfg = config(data, tmp_path / "run", max_steps=4, save_every=2)
 
     run_until_killed(cfg, 3)
-    state_file = tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.pt"
+    state_file = TrainDir(cfg.out).checkpoint(2) / checkpoint.TRAINER_STATE
     state = torch.load(state_file, weights_only=True)
     assert state["optimizer_format"] == "torch"
     state["optimizer_format"] = "fsdp2-full"

@@ -12,8 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from datalever import rundir
-from datalever.examples import Example, save_examples
-from datalever.upsample import UpsampleConfig, UpsampleError, load_callable, multiplicities, read_arm, run
+from datalever.examples import Example, load_examples, save_examples
+from datalever.upsample import UpsampleConfig, UpsampleError, load_callable, multiplicities, run
+
+
+def read_arm(arm_dir):
+    """An arm's distinct examples with their multiplicities from the manifest, as training reads them."""
+    mult = rundir.read_manifest(arm_dir / "manifest.parquet")
+    examples = load_examples(str(arm_dir / "examples.jsonl"))
+    return examples, [mult[ex.id] for ex in examples]
+
 
 HARD = {"b", "d", "f"}
 SMALL = {"k"}  # a small source, hard as a whole
@@ -265,7 +273,6 @@ def test_run_errors(tmp_path, monkeypatch):
 
 def test_default_generator_on_embedded_data(tmp_path):
     from datalever import synth
-    from datalever.examples import load_examples
 
     recs = synth.generate(12, 0)
     (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))

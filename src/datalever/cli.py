@@ -26,19 +26,19 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
         "Run the whole method on the embedded default data (the first thing to try).",
     ),
     ("data", "synth"): (
-        "datalever.data",
+        "datalever.synth",
         "SynthConfig",
         "run_synth",
         "Generate the embedded math word-problem dataset (GSM8K format) with train/validation/test splits.",
     ),
     ("data", "check"): (
-        "datalever.data",
+        "datalever.examples",
         "CheckConfig",
         "run_check",
         "Load a dataset file, detect its schema and report counts, sources and problems.",
     ),
     ("model", "build"): (
-        "datalever.data",
+        "datalever.models",
         "ModelBuildConfig",
         "run_model_build",
         "Build a model preset from scratch as an HF checkpoint directory.",
@@ -150,6 +150,13 @@ def _to_dataclass(cls, values: dict):
             value = _to_dataclass(hints[f.name], value)
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def read_config(config_cls, path: str | os.PathLike):
+    """A config dataclass from a YAML file, read exactly as `--config FILE` reads it on the command line."""
+    values = _subparser(config_cls, "").parse_args(["--config", str(path)]).as_dict()
+    values.pop("config", None)
+    return _to_dataclass(config_cls, values)
 
 
 def _command_path(argv: list[str]) -> tuple[str, ...] | None:

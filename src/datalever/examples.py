@@ -18,12 +18,20 @@ import hashlib
 import json
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from datalever import rundir
+
 log = logging.getLogger(__name__)
+
+NO_SOURCE = "(none)"  # how an example without a source is named in summaries and per-source metrics
+
+# Meta columns that describe how hard a problem is, where a dataset has them (the embedded data has
+# level and steps): split summaries and evaluation metrics break results down by each one present.
+DIFFICULTY_KEYS = ("difficulty", "level", "steps", "n_steps", "num_steps", "digits", "hops")
 
 
 def content_id(*parts: str) -> str:
@@ -508,3 +516,34 @@ def _numbers(wheres: list[str], indices: list[int]) -> str:
     """ "4", "4 and 9", "4, 6 and 9" from locations like "row 4"."""
     nums = [wheres[i].split()[1] for i in indices]
     return " and ".join(filter(None, [", ".join(nums[:-1]), nums[-1]]))
+
+
+# --------------------------------------------------------------------------------------------
+# The `data check` command
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckConfig:
+    """Load a dataset as training would, and report what was found (or exactly what is wrong)."""
+
+    path: str = "runs/demo/data/train.jsonl"
+    """Dataset file or directory (JSONL, JSON, Parquet, CSV, a datasets directory) or hub name."""
+    schema: str = "auto"
+    """auto | gsm8k | alpaca | prompt_response | datalever."""
+    split: str | None = None
+    """Split to read from a DatasetDict directory or hub dataset."""
+
+
+def run_check(cfg: CheckConfig) -> str:
+    examples = load_examples(cfg.path, schema=cfg.schema, split=cfg.split)
+    sources = Counter(ex.source or NO_SOURCE for ex in examples)
+    lines = [
+        f"{cfg.path}: {len(examples)} examples",
+        "sources: " + ", ".join(f"{k}={v}" for k, v in sources.most_common()),
+        f"fingerprint: {rundir.fingerprint(examples)}",
+    ]
+    if examples:
+        ex = examples[0]
+        lines += ["first example:", f"  id: {ex.id}", f"  prompt: {ex.prompt!r}", f"  response: {ex.response!r}"]
+    return "\n".join(lines)

@@ -1,14 +1,8 @@
 """Experiment: one profile and split, then for every arm and seed the training set, fine-tuning and
 evaluation, and a report with confidence intervals and paired comparisons.
 
-Layout of the run directory:
-    data/                      the embedded dataset (unless files are given)
-    trajectories.parquet ...   profile stage;  split.parquet, split_summary.json, plots: split stage
-    splits/<features>/         a further split of the same profile, for arms with other split features
-    arms/<arm>/seed<S>/        upsampled set (examples.jsonl + manifest.parquet), train/, eval/
-    results.json, results.md, results_*.png
-An arm/seed whose eval/metrics.json exists is not run again; a killed arm resumes from its last
-training checkpoint.
+Every stage writes into the run directory (its layout: `rundir.RunDir`). An arm/seed whose
+eval/metrics.json exists is not run again; a killed arm resumes from its last training checkpoint.
 """
 
 from __future__ import annotations
@@ -17,17 +11,17 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from datalever import rundir
-from datalever.data import SynthConfig, run_synth
 from datalever.evaluate import EvalConfig
 from datalever.evaluate import run as eval_run
 from datalever.profile import ProfileConfig
 from datalever.profile import run as profile_run
-from datalever.report import seed_dir, write_report
+from datalever.report import write_report
+from datalever.rundir import ArmDir, RunDir, SplitDir
 from datalever.split import SplitConfig
 from datalever.split import run as split_run
+from datalever.synth import SPLITS, SynthConfig, run_synth
 from datalever.train import TrainConfig, total_steps
 from datalever.train import run as train_run
 from datalever.upsample import UpsampleConfig
@@ -64,6 +58,8 @@ BUILTIN_ARMS: dict[str, ArmConfig] = {
     "hard-synth": ArmConfig("hard-synth", "hard", synth_fn="datalever.synth:variants"),
     "hard-final": ArmConfig("hard-final", "hard", features="final"),
 }
+# The controls every other arm is compared with, seed by seed, in the report.
+CONTROL_ARMS = ("base", "random", "easy", "base-long", "sam")
 
 
 @dataclass
@@ -120,19 +116,18 @@ def arm_spec(cfg: ExperimentConfig, name: str) -> ArmConfig:
 
 def data_files(cfg: ExperimentConfig) -> dict[str, str]:
     """The train/validation/test files, generating the embedded dataset if none are given."""
-    run_dir = Path(cfg.run_dir)
     if cfg.train_file:
         return {"train": cfg.train_file, "validation": cfg.val_file, "test": cfg.test_file}
-    data_dir = run_dir / "data"
-    if not (data_dir / "test.jsonl").exists():
-        run_synth(dataclasses.replace(cfg.synth, out=str(data_dir)))
-    return {s: str(data_dir / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    run_dir = RunDir(cfg.run_dir)
+    if not run_dir.data_file("test").exists():  # synth writes test last
+        run_synth(dataclasses.replace(cfg.synth, out=str(run_dir.data)))
+    return {split: str(run_dir.data_file(split)) for split in SPLITS}
 
 
-def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> Path:
+def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> ArmDir:
     """Upsample for this arm and seed into arms/<arm>/seed<S>/ (examples.jsonl + manifest.parquet)."""
-    out = seed_dir(cfg.run_dir, arm.name, seed)
-    if not (out / "manifest.json").exists():
+    out = RunDir(cfg.run_dir).seed_dir(arm.name, seed)
+    if not out.counts.exists():
         heldout = [f for f in (files.get("validation"), files.get("test")) if f]
         upsample_run(
             UpsampleConfig(
@@ -143,20 +138,19 @@ def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: di
                 synth_fn=arm.synth_fn,
                 train_file=files["train"],
                 heldout=heldout,
-                split=str(split_dir(cfg, arm.features) / "split.parquet"),
-                out=str(out),
+                split=str(split_dir(cfg, arm.features).split),
+                out=str(out.root),
             )
         )
     return out
 
 
-def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: Path, files: dict) -> TrainConfig:
+def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: ArmDir, files: dict) -> TrainConfig:
     tcfg = copy.deepcopy(cfg.train)
-    tcfg.data = str(arm_dir / "examples.jsonl")
-    tcfg.manifest = str(arm_dir / "manifest.parquet")
+    tcfg.data = str(arm_dir.examples)
+    tcfg.manifest = str(arm_dir.manifest)
     tcfg.val_data = files.get("validation")
-    tcfg.out = str(arm_dir / "train")
-    tcfg.models_dir = str(Path(cfg.run_dir) / "models")
+    tcfg.out = str(arm_dir.train.root)
     tcfg.seed = seed
     tcfg.progress = cfg.progress
     if arm.optimizer:
@@ -164,24 +158,21 @@ def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: 
     if arm.match_steps_of:
         other = arm_spec(cfg, arm.match_steps_of)
         other_dir = prepare_arm_data(cfg, other, seed, files)
-        import pyarrow.parquet as pq
-
-        epoch_len = sum(pq.read_table(other_dir / "manifest.parquet", columns=["multiplicity"]).column(0).to_pylist())
+        epoch_len = sum(rundir.read_manifest(other_dir.manifest).values())
         tcfg.max_steps = total_steps(cfg.train, epoch_len)
     return tcfg
 
 
 def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> dict:
     arm_dir = prepare_arm_data(cfg, arm, seed, files)
-    metrics_path = arm_dir / "eval" / "metrics.json"
-    if metrics_path.exists():
-        return rundir.read_json(metrics_path)
+    if arm_dir.eval.metrics.exists():
+        return rundir.read_json(arm_dir.eval.metrics)
     train_run(arm_train_config(cfg, arm, seed, arm_dir, files))
     return eval_run(
         EvalConfig(
-            model=str(arm_dir / "train" / "model"),
+            model=str(arm_dir.train.model),
             data=files[cfg.eval_split],
-            out=str(arm_dir / "eval"),
+            out=str(arm_dir.eval.root),
             max_new_tokens=cfg.eval_max_new_tokens,
             batch_size=cfg.eval_batch_size,
             limit=cfg.eval_limit,
@@ -190,11 +181,10 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> di
     )
 
 
-def split_dir(cfg: ExperimentConfig, features: str | None) -> Path:
+def split_dir(cfg: ExperimentConfig, features: str | None) -> SplitDir:
     """Where the split with these features lives: the run directory for the experiment's own features."""
-    if features is None or features == cfg.features:
-        return Path(cfg.run_dir)
-    return Path(cfg.run_dir) / "splits" / features
+    own = features is None or features == cfg.features
+    return RunDir(cfg.run_dir).split(None if own else features)
 
 
 def run_method(cfg: ExperimentConfig, files: dict) -> None:
@@ -203,7 +193,7 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
     profile_run(dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"], progress=cfg.progress))
     for features in dict.fromkeys([cfg.features] + [a.features or cfg.features for a in arms]):
         out = split_dir(cfg, features)
-        if (out / "split.parquet").exists():
+        if out.summary.exists():
             check_existing_split(out, features, cfg.stratify)
         else:
             split_run(
@@ -213,28 +203,27 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
                     stratify=cfg.stratify,
                     seed=cfg.profile.seed,
                     train_file=files["train"],
-                    out=str(out),
+                    out=str(out.root),
                 )
             )
 
 
-def check_existing_split(out: Path, features: str, stratify: bool) -> None:
+def check_existing_split(out: SplitDir, features: str, stratify: bool) -> None:
     """A split left by an earlier invocation is reused only if it was made with these settings."""
     import yaml
 
-    recorded_file = out / "split.config.yaml"
-    recorded = yaml.safe_load(recorded_file.read_text()) if recorded_file.exists() else {}
+    recorded = yaml.safe_load(out.config.read_text()) if out.config.exists() else {}
     made = {"features": recorded.get("features"), "stratify": recorded.get("stratify")}
     if made != {"features": features, "stratify": stratify}:
         raise ValueError(
-            f"{out / 'split.parquet'} was made with {made}, not features={features!r}, "
+            f"{out.split} was made with {made}, not features={features!r}, "
             f"stratify={stratify}: use a new run_dir (arms already trained used that split)"
         )
 
 
 def run(cfg: ExperimentConfig) -> str:
-    run_dir = Path(cfg.run_dir)
-    rundir.record_provenance(run_dir, "experiment", cfg)
+    run_dir = RunDir(cfg.run_dir)
+    rundir.record_provenance(run_dir.root, "experiment", cfg)
     files = data_files(cfg)
     t0 = time.perf_counter()
     run_method(cfg, files)
@@ -242,8 +231,10 @@ def run(cfg: ExperimentConfig) -> str:
     for arm in arms:
         for seed in cfg.seeds:
             run_arm(cfg, arm, seed, files)
-    report = write_report(run_dir, [a.name for a in arms], cfg.seeds, eval_split=cfg.eval_split)
+    report = write_report(
+        run_dir.root, [a.name for a in arms], cfg.seeds, controls=CONTROL_ARMS, eval_split=cfg.eval_split
+    )
     return (
-        report["markdown"] + f"\n\nresults: {run_dir / 'results.md'} (plots: {run_dir}/results_*.png); "
+        report["markdown"] + f"\n\nresults: {run_dir.results_md} (plots: {run_dir.plot('*')}); "
         f"this invocation took {time.perf_counter() - t0:.0f} s"
     )

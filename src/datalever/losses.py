@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datalever.examples import Example
+from datalever.models import unwrap
 from datalever.tokens import IGNORE, Encoded, collate, encode_example, token_budget_batches
 
 # Configs whose logits are post-processed after the output projection (scaling, soft-capping):
@@ -25,19 +26,6 @@ from datalever.tokens import IGNORE, Encoded, collate, encode_example, token_bud
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 FLAG_TRUNCATED = "truncated"  # the maximum length cut the whole response away
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The HF model under DDP/FSDP/torch.compile/peft wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-            model = model.module
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model"):  # peft: LoRA layers stay injected in the base model
-            model = model.get_base_model()
-        else:
-            return model
 
 
 def _needs_full_logits(hf_model: nn.Module) -> bool:
@@ -69,7 +57,7 @@ class ResponseLoss(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE  # position t predicts token t+1
         rows = keep.nonzero(as_tuple=True)[0]
-        hf = _unwrap(self.model)
+        hf = unwrap(self.model)
         if not self.padding_mask:
             attention_mask = None
         # use_cache=False: nothing is decoded after this forward, yet an HF model defaults to
@@ -270,7 +258,7 @@ def run(cfg: ScoreConfig) -> str:
     from datalever.models import load_model, load_tokenizer, resolve_model
 
     accelerator = Accelerator()
-    path = resolve_model(cfg.model, "runs/models", seed=cfg.seed)
+    path = resolve_model(cfg.model, seed=cfg.seed)
     model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     examples = load_examples(cfg.data)

@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GPTNeoXConfig,
-    PretrainedConfig,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen3Config,
 )
+
+from datalever import rundir
 
 log = logging.getLogger(__name__)
 
@@ -127,30 +131,43 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer(preset.tokenizer_vocab)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(build_config(preset, tokenizer))
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "datalever_preset.json").write_text(json.dumps({"preset": name, "seed": seed}))
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    # keep_existing: two processes may build the same preset at once; both copies are identical.
+    with rundir.atomic_dir(out_dir, keep_existing=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "datalever_preset.json").write_text(json.dumps({"preset": name, "seed": seed}))
     return out_dir
 
 
-def resolve_model(spec: str, cache_dir: str | Path, seed: int = 0) -> str:
-    """Turn a model spec into something `from_pretrained` accepts.
+def preset_cache_dir() -> Path:
+    """Where `preset:NAME` models are built: $DATALEVER_CACHE/presets (default ~/.cache/datalever/presets).
 
-    `preset:NAME` builds the preset into `cache_dir/NAME-seedS`; `embedded:NAME` is a checkpoint that
-    ships with the package (`demo-base`: the demo preset pretrained on arithmetic and copy drills by
-    `datalever pretrain`); anything else is a local path or a hub id, returned unchanged.
+    A preset is deterministic by name and seed, so one cache serves every stage and run (as the HF
+    hub cache does for downloaded checkpoints).
+    """
+    root = os.environ.get("DATALEVER_CACHE") or Path.home() / ".cache" / "datalever"
+    return Path(root) / "presets"
+
+
+def resolve_model(spec: str, *, seed: int = 0) -> str:
+    """Turn a model spec into something `from_pretrained` accepts; every stage resolves through here.
+
+    `preset:NAME` builds the preset (seed `seed`) into the preset cache once; `embedded:NAME` is a
+    checkpoint that ships with the package (`demo-base`: the demo preset pretrained on arithmetic and
+    copy drills by `datalever model pretrain`); a local checkpoint directory or a hub id is returned
+    unchanged. A spec written as a local path (`./x`, `/x`, `~/x`, `a/b/c`) that does not exist is an
+    error here, not a hub lookup.
     """
     if spec.startswith(EMBEDDED_PREFIX):
         return embedded_checkpoint(spec[len(EMBEDDED_PREFIX) :])
     if is_preset(spec):
         name = spec[len(PRESET_PREFIX) :]
-        return str(build_preset(name, Path(cache_dir) / f"{name}-seed{seed}", seed=seed))
+        return str(build_preset(name, preset_cache_dir() / f"{name}-seed{seed}", seed=seed))
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise FileNotFoundError(f"no model directory {spec} (a hub id is written ORG/NAME)")
     return spec
 
 
@@ -183,13 +200,21 @@ def load_model(
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def load_model_and_tokenizer(
-    spec: str, cache_dir: str | Path = "runs/models", *, seed: int = 0, dtype=None, trust_remote_code: bool = False
-):
-    path = resolve_model(spec, cache_dir, seed=seed)
-    return load_model(path, dtype=dtype, trust_remote_code=trust_remote_code), load_tokenizer(
-        path, trust_remote_code=trust_remote_code
-    )
+def unwrap(model: nn.Module, *, through_peft: bool = True) -> nn.Module:
+    """The model under DDP / DataParallel / torch.compile wrappers, and under peft's unless told not to.
+
+    through_peft=False stops at a peft model, which still forwards `generate` and the embedding
+    getters; through it (the default) comes the HF model, with the LoRA layers injected.
+    """
+    while True:
+        if isinstance(getattr(model, "module", None), nn.Module):  # DDP, DataParallel, DeepSpeed
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif through_peft and hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
@@ -205,3 +230,20 @@ def model_config_summary(path: str) -> dict:
         "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
         "vocab_size": getattr(cfg, "vocab_size", None),
     }
+
+
+@dataclass
+class ModelBuildConfig:
+    """Build a small model from scratch (a real HF architecture) with a locally trained tokenizer."""
+
+    preset: str = "demo"
+    """Preset name: tiny, tiny-neox, tiny-qwen3, demo, pythia-70m."""
+    out: str = "runs/models/demo"
+    """Output HF checkpoint directory."""
+    seed: int = 0
+    """Initialization seed."""
+
+
+def run_model_build(cfg: ModelBuildConfig) -> str:
+    path = build_preset(cfg.preset, cfg.out, seed=cfg.seed)
+    return f"{path}: {count_parameters(load_model(str(path))):,} parameters"

@@ -11,11 +11,12 @@
 
 Every optimizer sees trainable parameters only. All of them expose ``param_groups`` (each group holds
 its base lr as ``"initial_lr"``; ``set_lr`` scales it), ``step``, ``zero_grad``, ``state_dict`` and
-``load_state_dict`` (Muon momentum buffers, AdamW moments, pass counters), and ``is_sam``.
+``load_state_dict`` (Muon momentum buffers, AdamW moments), and ``is_sam``.
 
 ``optimizer_step`` does one full update over a list of micro-batches: the loss is the token-weighted
 mean over all micro-batches (accumulation equals one big batch), backward without DDP gradient sync on all
-but the last micro-batch (and on all of SAM's first pass), clip, step, zero grads.
+but the last micro-batch (and on all of SAM's first pass), clip, step, zero grads. It returns the step's
+``StepStats`` (losses, passes, gradient norm): counting what a run spent is the caller's business.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from datalever.models import unwrap
 
 __all__ = [
     "OptimConfig",
@@ -89,17 +92,6 @@ class OptimConfig:
 # --------------------------------------------------------------------------- parameter split
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / torch.compile wrappers (peft models forward the embedding getters)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _embedding_module(model: nn.Module, getter: str) -> nn.Module | None:
     fn = getattr(model, getter, None)
     if fn is None:
@@ -113,7 +105,7 @@ def _embedding_module(model: nn.Module, getter: str) -> nn.Module | None:
 
 def _embedding_and_head_param_ids(model: nn.Module) -> set[int]:
     """ids of the parameters of the input embedding, the output head and every nn.Embedding."""
-    inner = _unwrap(model)
+    inner = unwrap(model, through_peft=False)  # a peft model forwards the embedding getters
     ids: set[int] = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         mod = _embedding_module(inner, getter)
@@ -163,7 +155,6 @@ class MultiOptimizer:
     """Several torch optimizers over disjoint parameters, stepped together (e.g. Muon + AdamW).
 
     ``param_groups`` lists the groups of all of them (the very dicts, so setting ``lr`` works).
-    Also counts forward/backward passes and steps (saved in ``state_dict``).
     """
 
     is_sam = False
@@ -175,21 +166,10 @@ class MultiOptimizer:
         for opt in self.optimizers.values():
             for g in opt.param_groups:
                 g.setdefault("initial_lr", g["lr"])
-        self.n_steps = 0
-        self.n_forwards = 0
-        self.n_backwards = 0
 
     @property
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers.values() for g in opt.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
-
-    @property
-    def defaults(self) -> dict:
-        return {}
 
     def params(self) -> list[nn.Parameter]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -200,26 +180,21 @@ class MultiOptimizer:
             raise NotImplementedError("closures are not supported; use optimizer_step")
         for opt in self.optimizers.values():
             opt.step()
-        self.n_steps += 1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=set_to_none)
 
-    def _counters(self) -> dict:
-        return {"n_steps": self.n_steps, "n_forwards": self.n_forwards, "n_backwards": self.n_backwards}
-
     def torch_optimizers(self) -> list[torch.optim.Optimizer]:
         return list(self.optimizers.values())
 
     def state_dict(self, get_state: Callable | None = None) -> dict:
-        """Counters plus each torch optimizer's state, taken by ``get_state(opt)`` (default ``opt.state_dict()``;
+        """Each torch optimizer's state, taken by ``get_state(opt)`` (default ``opt.state_dict()``;
         under FSDP the caller passes a function that gathers the sharded state)."""
         get_state = get_state or (lambda opt: opt.state_dict())
         return {
             "kind": "multi",
             "optimizers": {k: get_state(opt) for k, opt in self.optimizers.items()},
-            "counters": self._counters(),
         }
 
     def load_state_dict(self, state_dict: dict, set_state: Callable | None = None) -> None:
@@ -233,8 +208,6 @@ class MultiOptimizer:
         set_state = set_state or (lambda opt, sd: opt.load_state_dict(sd))
         for k, opt in self.optimizers.items():
             set_state(opt, saved[k])
-        for k, v in state_dict["counters"].items():
-            setattr(self, k, int(v))
 
     def __repr__(self) -> str:
         inner = ", ".join(
@@ -283,22 +256,9 @@ class SAM:
         self.rho = float(rho)
         self._backup: list[tuple[nn.Parameter, torch.Tensor]] | None = None
 
-    # counters live on the base so that one state dict holds them
-    n_steps = property(lambda self: self.base.n_steps, lambda self, v: setattr(self.base, "n_steps", v))
-    n_forwards = property(lambda self: self.base.n_forwards, lambda self, v: setattr(self.base, "n_forwards", v))
-    n_backwards = property(lambda self: self.base.n_backwards, lambda self, v: setattr(self.base, "n_backwards", v))
-
     @property
     def param_groups(self) -> list[dict]:
         return self.base.param_groups
-
-    @property
-    def state(self) -> dict:
-        return self.base.state
-
-    @property
-    def defaults(self) -> dict:
-        return self.base.defaults
 
     def params(self) -> list[nn.Parameter]:
         return self.base.params()
@@ -395,7 +355,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MultiOptimizer | SAM:
     Build it on the model after ``accelerator.prepare(model)`` (DDP wrappers are unwrapped for the split)
     or before; the parameter objects are the same. Under FSDP2 build it before and pass
     ``opt.torch_optimizers()`` to ``accelerator.prepare`` with the model, which re-points them at the
-    sharded parameters (``train.prepare`` does this).
+    sharded parameters (``launch.prepare`` does this).
     """
     if cfg.name == "sam":
         return SAM(_build_base(model, cfg, cfg.sam_base), rho=cfg.sam_rho)
@@ -435,8 +395,6 @@ def set_lr(opt: Any, factor: float) -> None:
 class StepStats:
     loss: float
     """Token-weighted mean loss over the micro-batches at the current weights (SAM: the first pass)."""
-    n_tokens: int
-    """Tokens in the step (this rank)."""
     forwards: int
     """Forward passes (micro-batches) run in this step; SAM runs twice as many."""
     backwards: int
@@ -445,13 +403,6 @@ class StepStats:
     """Norm of the gradient used for the step, before clipping (SAM: at the perturbed point)."""
     sam_loss: float | None = None
     """SAM only: mean loss at the perturbed weights."""
-
-
-def _inner(opt: Any) -> Any:
-    """Our optimizer, also when wrapped by accelerate's AcceleratedOptimizer."""
-    while not hasattr(opt, "is_sam") and hasattr(opt, "optimizer"):
-        opt = opt.optimizer
-    return opt
 
 
 def _is_fsdp(model: nn.Module, accelerator: Any) -> bool:
@@ -474,29 +425,17 @@ def _no_sync(model: nn.Module, accelerator: Any):
 
 
 def _grad_pass(
-    model: nn.Module,
-    micro_batches: Sequence,
-    loss_fn: Callable,
-    params: list[nn.Parameter],
-    accelerator: Any,
-    sync: bool,
-    n_tokens: int | None = None,
-) -> tuple[float, int]:
-    """Forward+backward over all micro-batches, leaving d(sum of token losses / total tokens)/dw in .grad.
+    model: nn.Module, micro_batches: Sequence, loss_fn: Callable, accelerator: Any, sync: bool, n_tokens: int
+) -> float:
+    """Forward+backward over all micro-batches, leaving d(sum of token losses / n_tokens)/dw in .grad; returns
+    the mean token loss.
 
-    With `n_tokens` (this rank's total, known before the first forward) every micro-batch's loss is
-    divided by it before its backward. Without it the total is known only after the last forward, so
-    the earlier micro-batches are back-propagated unnormalized and their accumulated gradients are
-    rescaled in place before the last backward. That in-place rescaling is only right where .grad
-    holds this rank's own unsynced gradient (one process, DDP under no_sync); under FSDP every
-    backward reduce-scatters, .grad mixes all ranks, and `n_tokens` is required.
+    `n_tokens` is this rank's token count, known before the first forward, so every micro-batch's loss is
+    normalized before its backward: under FSDP every backward reduce-scatters and .grad mixes all ranks,
+    so nothing accumulated there could be rescaled afterwards.
     Under DDP the last backward is the one that syncs: each rank contributes its gradient normalized by
     its own token count, and all ranks end with the same averaged gradient.
     """
-    if n_tokens is None and len(micro_batches) > 1 and _is_fsdp(model, accelerator):
-        raise ValueError(
-            "under FSDP, optimizer_step needs n_tokens (the rank's token count) to accumulate micro-batches"
-        )
     total_loss = None
     total_n = 0
     last = len(micro_batches) - 1
@@ -506,26 +445,14 @@ def _grad_pass(
             loss_sum, n = loss_fn(model, mb)
             total_n += int(n)
             total_loss = loss_sum.detach().double() if total_loss is None else total_loss + loss_sum.detach().double()
-            if n_tokens is not None:
-                loss = loss_sum / max(n_tokens, 1)
-            elif i == last:
-                inv = 1.0 / max(total_n, 1)
-                if last > 0:
-                    with torch.no_grad():
-                        for p in params:
-                            if p.grad is not None:
-                                p.grad.mul_(inv)
-                loss = loss_sum * inv
-            else:
-                loss = loss_sum
+            loss = loss_sum / max(n_tokens, 1)
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
                 loss.backward()
-    if n_tokens is not None and total_n != n_tokens:
+    if total_n != n_tokens:
         raise ValueError(f"n_tokens={n_tokens} but the loss function counted {total_n} tokens")
-    mean = float(total_loss) / total_n if total_n > 0 else float("nan")
-    return mean, total_n
+    return float(total_loss) / total_n if total_n > 0 else float("nan")
 
 
 def _set_grads_none(params: Iterable[nn.Parameter]) -> None:
@@ -535,20 +462,20 @@ def _set_grads_none(params: Iterable[nn.Parameter]) -> None:
 
 def optimizer_step(
     model: nn.Module,
-    opt: Any,
+    opt: MultiOptimizer | SAM,
     micro_batches: list,
     loss_fn: Callable,
     *,
+    n_tokens: int,
     accelerator: Any = None,
     max_grad_norm: float | None = 1.0,
-    n_tokens: int | None = None,
 ) -> StepStats:
     """One update from ``micro_batches``; ``loss_fn(model, mb) -> (sum of token losses, n_tokens)``.
 
-    The loss is normalized by the total token count of all micro-batches (this rank's), so accumulation
-    equals one big batch. All but the last backward run under no_sync (DDP); SAM's whole first pass does.
-    The gradient is clipped to ``max_grad_norm`` (None: no clipping, the norm is still reported), the
-    optimizer steps, and the gradients are set to None.
+    The loss is normalized by ``n_tokens``, the token count of all micro-batches together (this rank's; it
+    must equal what ``loss_fn`` counts), so accumulation equals one big batch. All but the last backward run
+    under no_sync (DDP); SAM's whole first pass does. The gradient is clipped to ``max_grad_norm`` (None: no
+    clipping, the norm is still reported), the optimizer steps, and the gradients are set to None.
     """
     if not micro_batches:
         raise ValueError("optimizer_step needs at least one micro-batch")
@@ -559,23 +486,22 @@ def optimizer_step(
             )
         if getattr(accelerator, "scaler", None) is not None:
             raise ValueError("fp16 loss scaling (GradScaler) is not supported; use bf16 or fp32")
-    inner = _inner(opt)
     params = [p for p in model.parameters() if p.requires_grad]
     k = len(micro_batches)
     _set_grads_none(params)
 
     sam_loss = None
-    if inner.is_sam:
-        loss, n_seen = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=False, n_tokens=n_tokens)
-        inner.perturb()
+    if opt.is_sam:
+        loss = _grad_pass(model, micro_batches, loss_fn, accelerator, sync=False, n_tokens=n_tokens)
+        opt.perturb()
         _set_grads_none(params)
         try:
-            sam_loss, _ = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=True, n_tokens=n_tokens)
+            sam_loss = _grad_pass(model, micro_batches, loss_fn, accelerator, sync=True, n_tokens=n_tokens)
         finally:
-            inner.restore()
+            opt.restore()
         forwards = backwards = 2 * k
     else:
-        loss, n_seen = _grad_pass(model, micro_batches, loss_fn, params, accelerator, sync=True, n_tokens=n_tokens)
+        loss = _grad_pass(model, micro_batches, loss_fn, accelerator, sync=True, n_tokens=n_tokens)
         forwards = backwards = k
 
     clip = float("inf") if max_grad_norm is None else float(max_grad_norm)
@@ -583,13 +509,10 @@ def optimizer_step(
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    inner.step()
+    opt.step()
     _set_grads_none(params)
-    inner.n_forwards += forwards
-    inner.n_backwards += backwards
     return StepStats(
         loss=loss,
-        n_tokens=n_seen,
         forwards=forwards,
         backwards=backwards,
         grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),

@@ -25,12 +25,10 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -229,17 +227,13 @@ def run(cfg: PretrainConfig) -> str:
 def _train(cfg: PretrainConfig) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from datalever.models import build_preset
+    from datalever.models import resolve_model
     from datalever.optim import OptimConfig, build_optimizer, lr_factor, set_lr
-    from datalever.rundir import to_jsonable
+    from datalever.rundir import atomic_dir, to_jsonable
 
-    out = Path(cfg.out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    build_preset(cfg.preset, tmp, seed=cfg.seed)  # random weights + tokenizer, saved in tmp
-    model = AutoModelForCausalLM.from_pretrained(tmp)
-    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    preset = resolve_model(f"preset:{cfg.preset}", seed=cfg.seed)  # random weights + tokenizer
+    model = AutoModelForCausalLM.from_pretrained(preset)
+    tokenizer = AutoTokenizer.from_pretrained(preset)
     torch.manual_seed(cfg.seed)
     opt = build_optimizer(model, OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)))
     batches = packed_batches(tokenizer, cfg.seed, cfg.mix, cfg.batch_size, cfg.seq_len)
@@ -265,8 +259,6 @@ def _train(cfg: PretrainConfig) -> str:
             )
     wall = time.time() - start
 
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "datalever_preset.json").unlink(missing_ok=True)  # no longer the bare preset
     record = {
         "config": to_jsonable(asdict(cfg)),
         "wall_s": round(wall, 1),
@@ -275,11 +267,11 @@ def _train(cfg: PretrainConfig) -> str:
         "command": "python -m datalever.pretrain "
         + " ".join(f"--{k} '{json.dumps(v)}'" if isinstance(v, dict) else f"--{k} {v}" for k, v in asdict(cfg).items()),
     }
-    (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return str(out)
+    with atomic_dir(cfg.out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+    return cfg.out
 
 
 if __name__ == "__main__":

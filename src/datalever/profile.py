@@ -32,13 +32,11 @@ from datalever.examples import load_examples
 from datalever.losses import score_encoded
 from datalever.models import load_tokenizer, model_config_summary, resolve_model
 from datalever.optim import OptimConfig
+from datalever.rundir import RunDir
 from datalever.tokens import encode_example
 from datalever.train import TrainConfig, total_steps
 from datalever.train import run as train_run
 
-STORE = "trajectories.parquet"
-STORE_META = "trajectories.meta.json"
-PROXY_DIR = "profile"  # RUN/profile: the proxy's checkpoints, final model, train log and summary
 BASE_COLUMNS = ["id", "source", "n_tokens", "flag"]
 
 # Settings that do not change a single number of the store (where it lives, how it is shown).
@@ -136,26 +134,26 @@ def run(cfg: ProfileConfig) -> dict:
     """Profile (or continue profiling) into cfg.run_dir; returns the store's meta."""
     from accelerate import PartialState
 
-    run_dir = Path(cfg.run_dir)
-    train_file = cfg.train_file or str(run_dir / "data" / "train.jsonl")
+    run_dir = RunDir(cfg.run_dir)
+    train_file = cfg.train_file or str(run_dir.data_file("train"))
     examples = load_examples(train_file)
     identity = _identity(cfg, examples)
-    meta_path = run_dir / STORE_META
+    meta_path = run_dir.trajectories_meta
     if meta_path.exists():  # every process checks (read-only) so that all raise or return together
         meta = rundir.read_json(meta_path)
         _check_identity(meta_path, meta, identity)
         if meta.get("complete"):
             return meta
-    elif (run_dir / STORE).exists() or (run_dir / PROXY_DIR).exists():
+    elif run_dir.trajectories.exists() or run_dir.proxy.root.exists():
         raise ProfileError(
-            f"{run_dir} holds {STORE} or {PROXY_DIR}/ but no {STORE_META}: not a profile run "
-            f"that can be continued; remove them or use a new run directory"
+            f"{run_dir.root} holds {run_dir.trajectories.name} or {run_dir.proxy.root.name}/ but no "
+            f"{meta_path.name}: not a profile run that can be continued; remove them or use a new run directory"
         )
 
     train_cfg = TrainConfig(
         model=cfg.proxy,
         data=train_file,
-        out=str(run_dir / PROXY_DIR),
+        out=str(run_dir.proxy.root),
         epochs=cfg.fraction,
         batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size,
@@ -164,13 +162,12 @@ def run(cfg: ProfileConfig) -> dict:
         warmup_ratio=cfg.warmup_ratio,
         seed=cfg.seed,
         progress=cfg.progress,
-        models_dir=str(run_dir / "models"),
     )
     n_steps = total_steps(train_cfg, len(examples))
     steps = record_steps(n_steps, cfg.checkpoints)
     state = PartialState()
     with state.main_process_first():  # one process builds a preset; the others then find it built
-        model_path = resolve_model(cfg.proxy, run_dir / "models", seed=cfg.seed)
+        model_path = resolve_model(cfg.proxy, seed=cfg.seed)
     tokenizer = load_tokenizer(model_path)
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
     if state.is_main_process and not meta_path.exists():
@@ -186,7 +183,7 @@ def run(cfg: ProfileConfig) -> dict:
                 "complete": False,
                 "n_examples": len(examples),
                 "proxy": {"spec": cfg.proxy, "path": str(model_path), **model_config_summary(str(model_path))},
-                "proxy_dir": PROXY_DIR,
+                "proxy_dir": run_dir.proxy.root.name,
                 "versions": rundir.versions(),
             },
         )
@@ -209,38 +206,26 @@ def run(cfg: ProfileConfig) -> dict:
             progress=cfg.progress,
             desc=f"record step {step}",
         )
-        score_s = time.perf_counter() - t0
         if accelerator.is_main_process:
-            append_column(
-                run_dir,
-                examples,
-                scores,
-                step,
-                steps,
-                identity,
-                time.perf_counter() - t0,
-                score_wall_s=score_s,
-                record_tokens=n_record_tokens,
-            )
+            wall_s = time.perf_counter() - t0
+            append_column(run_dir, examples, scores, step, steps, identity, wall_s, record_tokens=n_record_tokens)
         accelerator.wait_for_everyone()
 
-    summary = train_run(train_cfg, on_step=record, checkpoint_steps=set(steps))
+    train_run(train_cfg, on_step=record, checkpoint_steps=set(steps))
     if state.is_main_process:
         meta = rundir.read_json(meta_path)
         if meta["steps"] != steps:  # the proxy finished, but some column was never committed
             raise ProfileError(
-                f"{meta_path}: the proxy run in {run_dir / PROXY_DIR} is finished but the store "
-                f"has steps {meta['steps']} of {steps}; remove {run_dir / PROXY_DIR} to record again"
+                f"{meta_path}: the proxy run in {run_dir.proxy.root} is finished but the store "
+                f"has steps {meta['steps']} of {steps}; remove {run_dir.proxy.root} to record again"
             )
-        rundir.write_json(
-            meta_path, {**meta, "complete": True, "proxy_train_wall_s": summary.get("compute", {}).get("wall_s")}
-        )
+        rundir.write_json(meta_path, {**meta, "complete": True})
     state.wait_for_everyone()
     return rundir.read_json(meta_path)
 
 
 def append_column(
-    run_dir: Path,
+    run_dir: RunDir,
     examples,
     scores: dict,
     step: int,
@@ -248,7 +233,6 @@ def append_column(
     identity: dict,
     wall_s: float = 0.0,
     *,
-    score_wall_s: float | None = None,
     record_tokens: int | None = None,
 ) -> None:
     """Add (or replace) the column of `step` in the store, keeping columns in step order.
@@ -256,9 +240,7 @@ def append_column(
     The parquet is written first, the meta last: only columns the meta lists are kept from an
     existing store, so a column written by a run killed before its meta is simply recorded again.
     """
-    run_dir = Path(run_dir)
-    store = run_dir / STORE
-    meta_path = run_dir / STORE_META
+    store, meta_path = run_dir.trajectories, run_dir.trajectories_meta
     meta = rundir.read_json(meta_path) if meta_path.exists() else {}
     committed = [s for s in meta.get("steps", []) if s != step]
     ids = [ex.id for ex in examples]
@@ -283,10 +265,9 @@ def append_column(
         store, pa.table({name: cols[name] for name in BASE_COLUMNS + [loss_column(s) for s in recorded]})
     )
 
-    timings = dict(meta.get("record_wall_s_by_step", {}), **{str(step): wall_s})
-    score_timings = dict(
-        meta.get("score_wall_s_by_step", {}), **{str(step): score_wall_s if score_wall_s is not None else wall_s}
-    )
+    # Seconds spent scoring every example at each recorded step (a rerecorded step replaces its time).
+    timings = {str(s): t for s, t in meta.get("record_wall_s", {}).items() if int(s) in committed}
+    timings[str(step)] = wall_s
     flags = [scores[ex.id].flag for ex in examples]
     rundir.write_json(
         meta_path,
@@ -302,10 +283,7 @@ def append_column(
             "flag_counts": {f: flags.count(f) for f in sorted(set(flags) - {""})},
             "mean_loss": [_mean(cols[loss_column(s)].to_pylist()) for s in recorded],
             "record_tokens": record_tokens if record_tokens is not None else meta.get("record_tokens"),
-            "record_wall_s_by_step": timings,
-            "record_wall_s": [timings.get(str(s), 0.0) for s in recorded],
-            "score_wall_s_by_step": score_timings,
-            "score_wall_s": [score_timings.get(str(s), 0.0) for s in recorded],
+            "record_wall_s": {str(s): timings[str(s)] for s in recorded},
         },
     )
 

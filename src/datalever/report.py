@@ -6,47 +6,35 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
+from typing import Sequence
 
 from datalever import rundir
+from datalever.rundir import RunDir
+from datalever.stats import t_interval
+from datalever.synth import LEVELS
 
 
-def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the Student-t confidence interval (half-width NaN for one value)."""
-    from scipy import stats
-
-    m = mean(values)
-    if len(values) < 2:
-        return m, math.nan
-    return m, stats.t.ppf(0.5 + level / 2, len(values) - 1) * stdev(values) / math.sqrt(len(values))
-
-
-def seed_dir(run_dir: str | Path, arm: str, seed: int) -> Path:
-    """Where one arm's run for one seed lives: upsampled set, train/, eval/."""
-    return Path(run_dir) / "arms" / arm / f"seed{seed}"
-
-
-def collect(run_dir: Path, arms: list[str], seeds: list[int]) -> dict:
+def collect(run_dir: RunDir, arms: list[str], seeds: list[int]) -> dict:
     """Per arm and seed: test metrics and the training run's compute."""
     rows = {}
     for arm in arms:
         for seed in seeds:
-            d = seed_dir(run_dir, arm, seed)
-            metrics = rundir.read_json(d / "eval" / "metrics.json")
-            summary = rundir.read_json(d / "train" / "train_summary.json")
+            d = run_dir.seed_dir(arm, seed)
+            metrics = rundir.read_json(d.eval.metrics)
+            summary = rundir.read_json(d.train.summary)
             rows[(arm, seed)] = {"metrics": metrics, "train": summary}
     return rows
 
 
-def proxy_compute(run_dir: Path) -> dict:
+def proxy_compute(run_dir: RunDir) -> dict:
     """What profiling cost: the proxy's training plus the recording passes."""
-    summary_path = run_dir / "profile" / "train_summary.json"
-    meta_path = run_dir / "trajectories.meta.json"
+    summary_path, meta_path = run_dir.proxy.summary, run_dir.trajectories_meta
     out = {}
     if summary_path.exists():
         out.update(rundir.read_json(summary_path)["compute"])
     if meta_path.exists():
-        out["record_wall_s"] = sum(rundir.read_json(meta_path).get("record_wall_s", []))
+        out["record_wall_s"] = sum(rundir.read_json(meta_path).get("record_wall_s", {}).values())
     return out
 
 
@@ -95,7 +83,7 @@ def markdown(results: dict) -> str:
     arms = results["arms"]
     levels = sorted(
         {lv for a in arms.values() for lv in a["by_level"]},
-        key=lambda v: ["easy", "medium", "hard"].index(v) if v in ("easy", "medium", "hard") else 9,
+        key=lambda v: LEVELS.index(v) if v in LEVELS else len(LEVELS),
     )
     head = (
         ["arm", "test acc % (mean ± 95% CI)", "gain vs base"]
@@ -132,7 +120,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, run_dir: Path) -> list[str]:
+def plot(results: dict, run_dir: RunDir) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,7 +144,7 @@ def plot(results: dict, run_dir: Path) -> list[str]:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy per arm (mean, 95% CI, seeds as dots)")
     fig.tight_layout()
-    paths.append(str(run_dir / "results_accuracy.png"))
+    paths.append(str(run_dir.plot("accuracy")))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -176,13 +164,13 @@ def plot(results: dict, run_dir: Path) -> list[str]:
         ax.set_title("Accuracy by difficulty level")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        paths.append(str(run_dir / "results_difficulty.png"))
+        paths.append(str(run_dir.plot("difficulty")))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
 
 
-def plot_loss_curves(run_dir: Path, arms: list[str], seed: int) -> str:
+def plot_loss_curves(run_dir: RunDir, arms: list[str], seed: int) -> str:
     """Training loss per step (and the final validation loss) of each arm for one seed."""
     import json
 
@@ -193,7 +181,7 @@ def plot_loss_curves(run_dir: Path, arms: list[str], seed: int) -> str:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for arm in arms:
-        log = seed_dir(run_dir, arm, seed) / "train" / "train_log.jsonl"
+        log = run_dir.seed_dir(arm, seed).train.log
         records = [json.loads(line) for line in log.read_text().splitlines()]
         (line,) = ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label=arm)
         vals = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
@@ -205,14 +193,18 @@ def plot_loss_curves(run_dir: Path, arms: list[str], seed: int) -> str:
     ax.set_title(f"Training loss per arm, seed {seed} (dots: validation loss)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = run_dir / "results_loss.png"
+    path = run_dir.plot("loss")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
 
 
-def write_report(run_dir: str | Path, arms: list[str], seeds: list[int], *, eval_split: str = "test") -> dict:
-    run_dir = Path(run_dir)
+def write_report(
+    run_dir: str | Path, arms: list[str], seeds: list[int], *, controls: Sequence[str], eval_split: str = "test"
+) -> dict:
+    """Collect every arm's results, summarize them, pair each non-control arm with each control, write
+    results.json, results.md and the plots into the run directory."""
+    run_dir = RunDir(run_dir)
     rows = collect(run_dir, arms, seeds)
     summaries = {arm: summarize_arm(rows, arm, seeds) for arm in arms}
     if "base" in summaries:
@@ -220,7 +212,7 @@ def write_report(run_dir: str | Path, arms: list[str], seeds: list[int], *, eval
         for arm, s in summaries.items():
             s["relative_gain_vs_base"] = None if arm == "base" or base == 0 else s["accuracy"]["mean"] / base - 1
     # Every arm that is not a control (hard, hard-final, user arms, ...) against every control, seed by seed.
-    controls = [a for a in ("base", "random", "easy", "base-long", "sam") if a in summaries]
+    controls = [a for a in controls if a in summaries]
     treated = [a for a in arms if a not in controls]
     comparisons = {f"{t} - {c}": paired(rows, t, c, seeds) for t in treated for c in controls}
     results = {
@@ -233,6 +225,6 @@ def write_report(run_dir: str | Path, arms: list[str], seeds: list[int], *, eval
     }
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
     results["markdown"] = markdown(results)
-    rundir.write_json(run_dir / "results.json", results)
-    rundir.atomic_write_text(run_dir / "results.md", "# Results\n\n" + results["markdown"] + "\n")
+    rundir.atomic_write_text(run_dir.results_md, "# Results\n\n" + results["markdown"] + "\n")
+    rundir.write_json(run_dir.results_json, results)
     return results

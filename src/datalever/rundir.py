@@ -1,4 +1,22 @@
-"""The run directory: every stage reads and writes files here, atomically, with provenance."""
+"""The run directory: where every stage's files live, written atomically, with provenance.
+
+The layout classes below are the one place that names files and folders. A stage writes into its
+own directory (`TrainDir`, `EvalDir`, `ArmDir`, `SplitDir`); an experiment's run directory
+(`RunDir`) holds them all:
+
+    RUN/
+      data/{train,validation,test}.jsonl     the embedded dataset (unless files are given)
+      trajectories.parquet, .meta.json       profile: one loss column per recorded step
+      profile/                               profile: the proxy's training run (a TrainDir)
+      split.parquet, split_summary.json ...  split with the experiment's features (a SplitDir)
+      splits/<features>/                     a further split of the same profile
+      arms/<arm>/seed<k>/                    an ArmDir: the upsampled set, train/ (TrainDir), eval/ (EvalDir)
+      results.json, results.md, results_*.png
+      <stage>.config.yaml, <stage>.meta.json provenance of each stage
+
+Models built from a preset (`preset:NAME`) are not part of any run: they are deterministic by
+name and seed and live in one cache (see `models.preset_cache_dir`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +25,13 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -57,6 +78,208 @@ def write_parquet(path: str | os.PathLike, table) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `path`; when the block ends without an error it takes
+    `path`'s place in one rename, so a crash never leaves a half-written directory under the final name.
+
+    keep_existing: if `path` appeared meanwhile (another process built the same deterministic thing),
+    keep it and discard this copy.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is as readable as any other output
+    try:
+        yield tmp
+        if keep_existing and path.exists():
+            shutil.rmtree(tmp)
+        else:
+            replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Put the finished directory `tmp` at `path`, replacing an older one there."""
+    if path.exists():
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the layout
+
+
+@dataclass(frozen=True)
+class _Layout:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))  # a str is accepted too
+
+
+@dataclass(frozen=True)
+class TrainDir(_Layout):
+    """What `datalever train` writes into its output directory."""
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        """Written last: its presence marks a finished run."""
+        return self.root / "train_summary.json"
+
+    @property
+    def model(self) -> Path:
+        """The final model, a plain HF checkpoint directory (LoRA merged)."""
+        return self.root / "model"
+
+    @property
+    def adapter(self) -> Path:
+        """The LoRA adapter alone (LoRA runs)."""
+        return self.root / "adapter"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step}"
+
+
+@dataclass(frozen=True)
+class EvalDir(_Layout):
+    """What `datalever eval` writes."""
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions.jsonl"
+
+    @property
+    def metrics(self) -> Path:
+        """Written last: its presence marks a finished evaluation."""
+        return self.root / "metrics.json"
+
+
+@dataclass(frozen=True)
+class SplitDir(_Layout):
+    """What `datalever split` writes."""
+
+    @property
+    def split(self) -> Path:
+        return self.root / "split.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "split_summary.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "split.config.yaml"
+
+    @property
+    def trajectories_plot(self) -> Path:
+        return self.root / "split_trajectories.png"
+
+    @property
+    def datamap_plot(self) -> Path:
+        return self.root / "split_datamap.png"
+
+
+@dataclass(frozen=True)
+class ArmDir(_Layout):
+    """One arm's training set (from `datalever upsample`) and, in an experiment, its training and evaluation."""
+
+    @property
+    def examples(self) -> Path:
+        """Every distinct example once (what training reads, with the manifest's multiplicities)."""
+        return self.root / "examples.jsonl"
+
+    @property
+    def train_jsonl(self) -> Path:
+        """The upsampled set in full, each example as many times as its multiplicity (for other trainers)."""
+        return self.root / "train.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        """id, multiplicity, origin of every example."""
+        return self.root / "manifest.parquet"
+
+    @property
+    def counts(self) -> Path:
+        """Written last: its presence marks a finished arm."""
+        return self.root / "manifest.json"
+
+    @property
+    def train(self) -> TrainDir:
+        return TrainDir(self.root / "train")
+
+    @property
+    def eval(self) -> EvalDir:
+        return EvalDir(self.root / "eval")
+
+
+@dataclass(frozen=True)
+class RunDir(_Layout):
+    """An experiment's run directory: every stage's files under one root."""
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    def data_file(self, split: str) -> Path:
+        """data/<split>.jsonl: train, validation or test of the embedded dataset."""
+        return self.data / f"{split}.jsonl"
+
+    @property
+    def trajectories(self) -> Path:
+        return self.root / "trajectories.parquet"
+
+    @property
+    def trajectories_meta(self) -> Path:
+        """The trajectory store's commit record."""
+        return self.root / "trajectories.meta.json"
+
+    @property
+    def proxy(self) -> TrainDir:
+        """The proxy's training run (profile)."""
+        return TrainDir(self.root / "profile")
+
+    def split(self, features: str | None = None) -> SplitDir:
+        """The split at the root, or a further split of the same profile under splits/<features>/."""
+        return SplitDir(self.root if features is None else self.root / "splits" / features)
+
+    def arm(self, arm: str) -> ArmDir:
+        """arms/<arm>/: where a stand-alone `datalever upsample` writes."""
+        return ArmDir(self.root / "arms" / arm)
+
+    def seed_dir(self, arm: str, seed: int) -> ArmDir:
+        """arms/<arm>/seed<k>/: one arm's run for one seed in an experiment."""
+        return ArmDir(self.root / "arms" / arm / f"seed{seed}")
+
+    @property
+    def results_json(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def results_md(self) -> Path:
+        return self.root / "results.md"
+
+    def plot(self, name: str) -> Path:
+        return self.root / f"results_{name}.png"
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, int]:
+    """An arm's manifest (from `datalever upsample`) as {example id: multiplicity}."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["id", "multiplicity"]).to_pydict()
+    return {id_: int(m) for id_, m in zip(table["id"], table["multiplicity"])}
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -45,12 +45,10 @@ import numpy as np
 import pandas as pd
 
 from datalever import rundir
+from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE
 
 FEATURES = ("trajectory", "final", "relative")
 LOSS_COLUMN = re.compile(r"^loss_step(\d{6})$")
-NO_SOURCE = "(none)"  # how a null source is named in the summary
-# Meta keys read as a difficulty attribute of an example, when present (numeric or categorical).
-DIFFICULTY_KEYS = ("difficulty", "level", "steps", "n_steps", "num_steps", "digits", "hops")
 
 
 class SplitError(ValueError):
@@ -95,7 +93,7 @@ def read_trajectories(path: str | Path):
 
     path = Path(path)
     if path.is_dir():
-        path = path / "trajectories.parquet"
+        path = rundir.RunDir(path).trajectories
     if not path.exists():
         raise SplitError(f"no trajectory store at {path} (run the profile stage first)")
     meta_path = path.with_name(path.name.removesuffix(".parquet") + ".meta.json")
@@ -408,7 +406,7 @@ def _group_label(df: pd.DataFrame, gname: str, mask) -> str:
     return f"{name}{hard}, n={int(mask.sum())}"
 
 
-def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int], out_dir: Path) -> None:
+def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int], out: rundir.SplitDir) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,7 +426,7 @@ def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int
     ax.set_title("Loss trajectory per cluster")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "split_trajectories.png", dpi=110)
+    fig.savefig(out.trajectories_plot, dpi=110)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -442,7 +440,7 @@ def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int
     ax.set_title("Data map")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "split_datamap.png", dpi=110)
+    fig.savefig(out.datamap_plot, dpi=110)
     plt.close(fig)
 
 
@@ -460,11 +458,11 @@ def run(cfg: SplitConfig) -> dict:
     """Run the split stage on `cfg.run_dir`; returns the summary (also written to split_summary.json)."""
     import pyarrow as pa
 
-    run_dir = Path(cfg.run_dir)
-    ids, sources, losses, flags, meta = read_trajectories(run_dir / "trajectories.parquet")
+    run_dir = rundir.RunDir(cfg.run_dir)
+    ids, sources, losses, flags, meta = read_trajectories(run_dir.trajectories)
     if meta.get("complete") is False:
         raise SplitError(
-            f"{run_dir / 'trajectories.meta.json'}: the profile is not finished "
+            f"{run_dir.trajectories_meta}: the profile is not finished "
             f"(recorded steps {meta.get('steps')}); run `datalever profile` again to complete it"
         )
     steps = meta["steps"]
@@ -482,7 +480,7 @@ def run(cfg: SplitConfig) -> dict:
     )
     losses_by_id = pd.DataFrame(losses, index=pd.Index(ids, name="id"))
 
-    train_file = Path(cfg.train_file) if cfg.train_file else run_dir / "data" / "train.jsonl"
+    train_file = Path(cfg.train_file) if cfg.train_file else run_dir.data_file("train")
     metas = None
     if train_file.exists():
         metas = _read_metas(train_file)
@@ -501,16 +499,16 @@ def run(cfg: SplitConfig) -> dict:
         metas=metas,
     )
     table = pa.Table.from_pandas(df, preserve_index=False)
-    out = Path(cfg.out) if cfg.out else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    rundir.write_parquet(out / "split.parquet", table)
-    rundir.write_json(out / "split_summary.json", summary)
-    plot_split(df, losses_by_id, steps, out)
+    out = rundir.SplitDir(cfg.out) if cfg.out else run_dir.split()
+    out.root.mkdir(parents=True, exist_ok=True)
     rundir.record_provenance(
-        out,
+        out.root,
         "split",
         cfg,
         trajectories=rundir.fingerprint(types.SimpleNamespace(id=i) for i in ids),
         train_file=str(train_file) if metas is not None else None,
     )
+    plot_split(df, losses_by_id, steps, out)
+    rundir.write_parquet(out.split, table)
+    rundir.write_json(out.summary, summary)  # last: its presence marks a finished split
     return summary

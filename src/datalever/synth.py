@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from datalever import rundir
 from datalever.examples import DEFAULT_TEMPLATES, Example, content_id
 
 LEVELS = ("easy", "medium", "hard")
@@ -791,13 +793,11 @@ def write_splits(
 ) -> dict[str, str]:
     """Write train/validation/test JSONL files atomically; no problem (same kind and numbers,
     whatever the wording) is in two splits. Returns {split: path}."""
-    from datalever.rundir import atomic_write_text
-
     rng, seen, paths = random.Random(seed), set(), {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
         records = _generate(n, rng, mix, seen)  # `seen` is shared: that is what keeps splits apart
         paths[split] = str(Path(out_dir) / f"{split}.jsonl")
-        atomic_write_text(paths[split], "".join(json.dumps(r) + "\n" for r in records))
+        rundir.atomic_write_text(paths[split], "".join(json.dumps(r) + "\n" for r in records))
     return paths
 
 
@@ -878,3 +878,32 @@ def _to_example(record: dict, template: str | None, parent: Example) -> Example:
         source=parent.source,
         meta=meta,
     )
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@dataclass
+class SynthConfig:
+    """Generate math word problems in GSM8K format (question; worked answer ending `#### N`)."""
+
+    out: str = "runs/demo/data"
+    """Directory for train.jsonl, validation.jsonl and test.jsonl."""
+    n_train: int = 2000
+    """Training problems."""
+    n_val: int = 300
+    """Validation problems (for choosing hyperparameters)."""
+    n_test: int = 500
+    """Test problems (for the final numbers only)."""
+    seed: int = 0
+    """Generator seed: the same seed gives the same files."""
+    mix: tuple[float, float, float] = (0.6, 0.25, 0.15)
+    """Shares of easy, medium and hard problems."""
+
+
+def run_synth(cfg: SynthConfig) -> str:
+    paths = write_splits(
+        cfg.out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed, mix=tuple(cfg.mix)
+    )
+    rundir.write_yaml(Path(cfg.out) / "synth.config.yaml", cfg)
+    return "\n".join(f"{split}: {path}" for split, path in paths.items())

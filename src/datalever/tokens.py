@@ -44,10 +44,6 @@ def encode_example(tokenizer, ex: Example, max_length: int) -> Encoded:
     return Encoded(ex.id, ids, len(prompt_ids), len(response_ids))
 
 
-def encode_prompt(tokenizer, ex: Example) -> list[int]:
-    return tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-
-
 def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; labels are the input ids on response positions and IGNORE elsewhere."""
     width = max(len(e.input_ids) for e in batch)

@@ -1,43 +1,53 @@
 """Fine-tune a causal LM on a dataset with the response-only loss (AdamW, Muon or SAM; full or LoRA).
 
-One code path through Accelerate for CPU, one GPU, DDP and FSDP. The loop is plain on purpose:
-each optimizer step takes the next `batch_size` examples of a seeded stream (every example as
-many times per epoch as its multiplicity, reshuffled each epoch), splits them over processes and
-micro-batches, and calls `optim.optimizer_step`. The stream position, optimizer state, RNG and
-weights are checkpointed together, so a killed run resumes where it stopped and ends where an
-uninterrupted run ends.
+`run` is three steps. `setup` starts the launch (`launch`: one code path through Accelerate for CPU,
+one GPU, DDP and FSDP2), loads the model, its optimizer and the data, and picks up the latest
+checkpoint if there is one. `train_loop` runs the optimizer steps: each takes the next `batch_size`
+examples of a seeded stream (every example as many times per epoch as its multiplicity, reshuffled
+each epoch), splits them over processes and micro-batches, and calls `optim.optimizer_step`; the
+stream position, optimizer state, RNG and weights are checkpointed together (`checkpoint`), so a
+killed run resumes where it stopped and ends where an uninterrupted run ends. `finish` saves the
+final model and the summary.
 
-Launch: `python -m datalever train ...` (one process: CPU or one GPU), `torchrun --nproc_per_node N
--m datalever train ...` (DDP; on a machine without GPUs the processes talk over gloo), or
-`accelerate launch --config_file configs/accelerate/fsdp2.yaml -m datalever train ...` (FSDP2: parameters,
-gradients and optimizer state sharded; checkpoints hold the full state, so a run resumes on any number
-of processes). With N processes each step's batch is split evenly
-(batch_size must be a multiple of N) and the loss is weighted so that the gradient equals the one a
-single process computes on the whole batch (SAM under DDP excepted: each process perturbs with its own
-gradient; under FSDP SAM perturbs with the whole batch's gradient, as one process does).
+With N processes each step's batch is split evenly (batch_size must be a multiple of N) and the loss
+is weighted so that the gradient equals the one a single process computes on the whole batch (SAM
+under DDP excepted: each process perturbs with its own gradient; under FSDP SAM perturbs with the
+whole batch's gradient, as one process does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from datalever import rundir
+from datalever import checkpoint, rundir
+from datalever.checkpoint import Progress
 from datalever.examples import Example, load_examples
+from datalever.launch import make_accelerator, prepare
 from datalever.losses import ResponseLoss
 from datalever.models import count_parameters, load_model, load_tokenizer, resolve_model
-from datalever.optim import OptimConfig, build_optimizer, is_dtensor, lr_factor, optimizer_step, set_lr
-from datalever.sampler import MultiplicitySampler
+from datalever.optim import (
+    SAM,
+    MultiOptimizer,
+    OptimConfig,
+    StepStats,
+    build_optimizer,
+    lr_factor,
+    optimizer_step,
+    set_lr,
+)
+from datalever.sampler import epoch_order
 from datalever.tokens import IGNORE, Encoded, collate, encode_example
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 @dataclass
@@ -59,14 +69,12 @@ class TrainConfig:
     """Fine-tune a causal LM on prompt/response examples with the loss on response tokens only."""
 
     model: str = "embedded:demo-base"
-    """HF checkpoint directory or hub id; `preset:NAME` builds a small model from scratch; `embedded:demo-base` is the
-    pretrained demo model shipped with the package."""
+    """HF checkpoint directory or hub id; `preset:NAME` builds a small model from scratch (once, into the preset cache
+    $DATALEVER_CACHE/presets); `embedded:demo-base` is the pretrained demo model shipped with the package."""
     data: str = "runs/demo/data/train.jsonl"
     """Training examples (JSONL, JSON, Parquet, CSV or a datasets directory)."""
     out: str = "runs/train"
     """Output directory: checkpoints, the final model, train_log.jsonl, train_summary.json."""
-    models_dir: str | None = None
-    """Where `preset:NAME` models are built (default: beside `out`)."""
     manifest: str | None = None
     """Optional multiplicity manifest (from `datalever upsample`): draw each example that many times per epoch without
     copying the data."""
@@ -114,34 +122,24 @@ class TrainConfig:
     """Allow custom model code from the checkpoint (only for checkpoints you trust)."""
 
 
-@dataclass
-class Compute:
-    """What a run spent: the currency for comparing arms and optimizers."""
-
-    optimizer_steps: int = 0
-    forwards: int = 0  # forward passes over micro-batches
-    backwards: int = 0
-    tokens: int = 0  # tokens through the forward passes (padding excluded)
-    flops: float = 0.0  # estimate: 2*params*tokens per forward, 4*params*tokens per backward
-    wall_s: float = 0.0
-
-
-# ----------------------------------------------------------------------------- data stream
+# ----------------------------------------------------------------------------- data
 
 
 class ExampleStream:
-    """An endless seeded stream of example indices; position p says how many were drawn so far."""
+    """An endless seeded stream of example indices, epoch after epoch of `sampler.epoch_order`; position p
+    says how many were drawn so far."""
 
     def __init__(self, multiplicities: Sequence[int], seed: int):
-        self.sampler = MultiplicitySampler(list(multiplicities), seed=seed)
-        self.epoch_len = sum(multiplicities)
+        self.multiplicities = list(multiplicities)
+        self.seed = seed
+        self.epoch_len = sum(self.multiplicities)
         if self.epoch_len <= 0:
             raise ValueError("every multiplicity is 0: an epoch would draw no example")
         self._cache: tuple[int, list[int]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, self.sampler.epoch_indices(epoch))
+            self._cache = (epoch, epoch_order(self.multiplicities, self.seed, epoch))
         return self._cache[1]
 
     def take(self, position: int, n: int) -> list[int]:
@@ -153,14 +151,15 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[Example], list[int]]:
     examples = load_examples(cfg.data, on_duplicate="keep_first" if cfg.manifest else "error")
     if not cfg.manifest:
         return examples, [1] * len(examples)
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(cfg.manifest).to_pydict()
-    mult = dict(zip(table["id"], table["multiplicity"]))
-    missing = [ex.id for ex in examples if ex.id not in mult]
+    multiplicity = rundir.read_manifest(cfg.manifest)
+    missing = [ex.id for ex in examples if ex.id not in multiplicity]
     if missing:
         raise ValueError(f"{cfg.manifest}: {len(missing)} training examples have no multiplicity (first: {missing[0]})")
-    return examples, [int(mult[ex.id]) for ex in examples]
+    return examples, [multiplicity[ex.id] for ex in examples]
+
+
+def load_validation_data(cfg: TrainConfig) -> list[Example]:
+    return load_examples(cfg.val_data) if cfg.val_data else []
 
 
 def total_steps(cfg: TrainConfig, epoch_len: int) -> int:
@@ -182,24 +181,42 @@ def micro_batches(encoded: Sequence[Encoded], size: int, pad_id: int, device) ->
     ]
 
 
-def response_loss_fn(model, batch) -> tuple[torch.Tensor, int]:
-    sums, counts = model(**batch)
-    return sums.sum(), int(counts.sum())
-
-
 def scaled_loss_fn(scale: float) -> Callable:
-    """`response_loss_fn` with the loss sum multiplied by `scale` (1: unchanged, bit for bit)."""
-    if scale == 1.0:
-        return response_loss_fn
+    """The loss function for `optim.optimizer_step`: the micro-batch's response-loss sum times `scale`, and its
+    response-token count."""
 
-    def fn(model, batch):
+    def loss_fn(model, batch) -> tuple[torch.Tensor, int]:
         sums, counts = model(**batch)
-        return sums.sum() * scale, int(counts.sum())
+        loss = sums.sum()
+        return (loss if scale == 1.0 else loss * scale), int(counts.sum())
 
-    return fn
+    return loss_fn
 
 
-# ----------------------------------------------------------------------------- model set-up
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclass
+class TrainJob:
+    """What `setup` made, for `train_loop` and `finish`."""
+
+    cfg: TrainConfig
+    layout: rundir.TrainDir
+    accelerator: Accelerator
+    model: torch.nn.Module  # ResponseLoss around the HF model, wrapped for the launch (DDP, FSDP2 or nothing)
+    opt: MultiOptimizer | SAM
+    tokenizer: Any
+    model_path: str  # the resolved cfg.model
+    n_params: int
+    trainable: int  # trainable parameters (LoRA: the adapters)
+    n_examples: int  # distinct training examples
+    encoded: list[Encoded]  # the training examples, indexed by the stream
+    val_encoded: list[Encoded]
+    stream: ExampleStream
+    steps: int
+    warmup: int
+    identity: str  # the settings a checkpoint must share to be resumed (`checkpoint.resume_identity`)
+    progress: Progress  # where the run stands: updated by every step, saved by every checkpoint
 
 
 def apply_lora(model, lora: LoraConfig):
@@ -215,312 +232,214 @@ def apply_lora(model, lora: LoraConfig):
     return get_peft_model(model, peft_cfg)
 
 
-def _no_accelerator_device() -> bool:
-    if torch.cuda.is_available():
-        return False
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        return False
-    try:
-        from accelerate.utils import is_mlu_available, is_npu_available
+def load_trainable_model(cfg: TrainConfig, accelerator: Accelerator):
+    """(resolved model path, tokenizer, HF model in train mode, with LoRA adapters if asked)."""
+    from accelerate.utils import set_seed
 
-        return not (is_npu_available() or is_mlu_available())
-    except ImportError:
-        return True
+    with accelerator.main_process_first():  # a preset is built once, by the main process
+        model_path = resolve_model(cfg.model, seed=cfg.seed)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    # transformers >= 5 loads a checkpoint in its stored dtype by default: a bf16 checkpoint would be
+    # trained in pure bf16. cfg.dtype (float32 by default) keeps float32 master weights.
+    hf_model = load_model(model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    # Seeded after loading, so the LoRA init and dropout do not depend on whether a preset was just built.
+    set_seed(cfg.seed)
+    if cfg.lora.enabled:
+        hf_model = apply_lora(hf_model, cfg.lora)
+    hf_model.train()  # from_pretrained returns a model in eval mode (dropout off)
+    return model_path, tokenizer, hf_model
 
 
-def fsdp_requested() -> bool:
-    """An Accelerate FSDP config is in effect (`accelerate launch --config_file fsdp.yaml` sets this)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def make_accelerator(cfg: TrainConfig, project_dir: str):
-    """An Accelerator set up from the environment (torchrun / accelerate launch / plain python).
-
-    Accelerate only treats a torchrun launch as multi-process CPU (gloo) when asked with `cpu=True`;
-    without it, N processes on a machine without GPUs each train alone. So `cpu=True` is passed
-    exactly when several processes were launched and there is no accelerator device.
-
-    FSDP: only Accelerate's FSDP2 (`fsdp_version: 2`) is supported; its sharded parameters are what
-    Muon, SAM and the sharded checkpoints here are written for. Accelerate turns FSDP on only for
-    accelerator devices, while torch's FSDP2 also shards over gloo on CPUs: on a machine without
-    GPUs the FSDP plugin is switched on by hand, so the same code path runs (and is tested) there.
-    """
-    from accelerate import Accelerator
-
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    fsdp = fsdp_requested()
-    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+def setup(cfg: TrainConfig) -> TrainJob:
+    """The launch, the model and its optimizer, the data, and the progress of the latest checkpoint."""
+    layout = rundir.TrainDir(cfg.out)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.log_with, str(layout.root))
+    if cfg.batch_size % accelerator.num_processes:
         raise ValueError(
-            "datalever supports FSDP through Accelerate's FSDP2 only: set `fsdp_version: 2` in the "
-            "Accelerate config (FSDP_VERSION=2)"
+            f"batch_size={cfg.batch_size} must be a multiple of the number of processes ({accelerator.num_processes})"
         )
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and _no_accelerator_device()
-    accelerator = Accelerator(mixed_precision=mp, log_with=cfg.log_with, project_dir=project_dir, cpu=cpu)
-    if fsdp and cpu and not accelerator.is_fsdp2:
-        from accelerate.state import PartialState
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    model_path, tokenizer, hf_model = load_trainable_model(cfg, accelerator)
+    n_params, trainable = count_parameters(hf_model), count_parameters(hf_model, trainable_only=True)
+    identity = checkpoint.resume_identity(cfg)
+    last = checkpoint.latest(layout)
+    saved = checkpoint.read_state(last, identity) if last is not None else None
+    if last is not None:
+        checkpoint.load_weights(last, hf_model)  # before wrapping: FSDP shards what is loaded here
+    opt = build_optimizer(hf_model, cfg.optim)
+    model = prepare(accelerator, ResponseLoss(hf_model), opt)
 
-        # What Accelerate itself does on GPUs: the plugin on the accelerator state, the type in both shared states.
-        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the same environment
-        accelerator.state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-    if accelerator.is_fsdp2 and accelerator.mixed_precision == "bf16":
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
-        # FSDP2 does mixed precision by casting the gathered weights, not by autocast. Accelerate's policy
-        # would also reduce gradients in bf16 and cast every unit's outputs, the root's float32 per-example
-        # loss sums included, to bf16. Here gradients are reduced in float32 (as under DDP) and outputs are
-        # left as computed: blocks hand on bf16 activations, the loss module its float32 sums.
-        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-        )
-    return accelerator
-
-
-def prepare(accelerator, model: ResponseLoss, opt):
-    """Wrap the model for the launch (DDP, FSDP2 or nothing) and point the optimizer at the wrapped parameters.
-
-    Under FSDP2, Accelerate replaces every parameter by a sharded DTensor and re-points the torch
-    optimizers passed with the model at the new parameters, in place; our Multi/SAM wrappers hold those
-    same optimizer objects, so they follow. Elsewhere the parameters stay the same objects.
-    """
-    if accelerator.is_fsdp2:
-        # Accelerate's transformer-block wrap policy looks for the HF model's block classes on the root module.
-        model._no_split_modules = getattr(model.model, "_no_split_modules", None)
-        return accelerator.prepare(model, *opt.torch_optimizers())[0]
-    return accelerator.prepare(model)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-# Settings that decide the trajectory: a checkpoint made with other values is not resumed.
-_RESUME_KEYS = (
-    "model",
-    "data",
-    "manifest",
-    "epochs",
-    "max_steps",
-    "batch_size",
-    "max_length",
-    "optim",
-    "warmup_ratio",
-    "min_lr_ratio",
-    "max_grad_norm",
-    "lora",
-    "seed",
-    "dtype",
-)
-
-
-def _resume_identity(cfg: TrainConfig) -> str:
-    full = rundir.to_jsonable(cfg)
-    return json.dumps({k: full[k] for k in _RESUME_KEYS}, sort_keys=True)
-
-
-def _rng_state() -> dict:
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
-    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
-
-
-def full_state_dict(accelerator, model) -> dict:
-    """The model's whole state dict for the main process to save; all processes call it (under FSDP2 the
-    other processes get an empty dict).
-
-    Under FSDP2 the shards are gathered one tensor at a time, so no process ever holds more than the
-    main process's copy plus one full tensor. (Accelerate's get_state_dict returned the DTensor shards
-    themselves on CPU processes, which safetensors cannot write.)
-    """
-    if not accelerator.is_fsdp2:
-        return accelerator.get_state_dict(model)
-    # Tied weights (embedding = head) are one parameter under two names: gather it once and give both names
-    # the same tensor, so save_pretrained sees the shared storage and drops the copy. The names come from the
-    # module tree, the same on every process, so every process runs the same sequence of collectives.
-    first_name: dict[int, str] = {}
-    alias: dict[str, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        alias[name] = first_name.setdefault(id(param), name)
-    out: dict = {}
-    for key, value in model.state_dict().items():
-        if alias.get(key, key) != key:
-            if accelerator.is_main_process:
-                out[key] = out[alias[key]]
-            continue
-        full = value.full_tensor() if is_dtensor(value) else value
-        if accelerator.is_main_process:
-            out[key] = full.detach().to("cpu", copy=True)
-    return out
-
-
-def save_checkpoint(
-    path: Path,
-    accelerator,
-    model,
-    opt,
-    step: int,
-    position: int,
-    compute: Compute,
-    identity: str = "",
-    keep: int = 1,
-    tokenizer=None,
-) -> None:
-    """Weights (safetensors), optimizer state, stream position; RNG per process; written to a temp dir, then renamed.
-
-    Every process must call this: the weights and the optimizer state are gathered (collectives under FSDP)
-    and each process writes its own RNG state (a shared file system is assumed).
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    state_dict = _strip_prefix(full_state_dict(accelerator, model))
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        inner = accelerator.unwrap_model(model).model
-        inner.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp / "model")  # so a full fine-tune's checkpoint loads as it is
-    optimizer_state = opt_state_dict(accelerator, model, opt)  # all processes: a collective under FSDP
-    if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "position": position,
-            "optimizer": optimizer_state,
-            "compute": dict(compute.__dict__),
-            "identity": identity,
-            "world_size": accelerator.num_processes,
-            "optimizer_format": optimizer_format(accelerator),
-        }
-        torch.save(state, tmp / "trainer_state.pt")
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        prune_checkpoints(path.parent, keep)
-    accelerator.wait_for_everyone()
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = [p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp") and (p / "trainer_state.pt").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def opt_state_dict(accelerator, model, opt) -> dict:
-    """The optimizer state as one process could load it. Under FSDP2 each torch optimizer's sharded
-    state is gathered into a full, parameter-name-keyed state dict (torch.distributed.checkpoint), so
-    a checkpoint does not depend on how many processes share the model."""
-    if not accelerator.is_fsdp2:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return opt.state_dict(lambda o: get_optimizer_state_dict(model, o, options=options))
-
-
-def optimizer_format(accelerator) -> str:
-    """How a checkpoint's optimizer state is keyed: by parameter name (gathered from FSDP2 shards) or by
-    position (torch's own state_dict); a checkpoint is only resumed in the format it was saved in."""
-    return "fsdp2-full" if accelerator.is_fsdp2 else "torch"
-
-
-def load_opt_state_dict(accelerator, model, opt, state: dict) -> None:
-    if not accelerator.is_fsdp2:
-        opt.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    # Every process reads the same full state from the checkpoint and keeps its own shard of it.
-    options = StateDictOptions(full_state_dict=True)
-    opt.load_state_dict(state, lambda o, sd: set_optimizer_state_dict(model, o, sd, options=options))
-
-
-def read_trainer_state(path: Path, identity: str | None = None) -> dict:
-    """The checkpoint's step, stream position, optimizer state and compute; refuses other settings."""
-    state = torch.load(path / "trainer_state.pt", weights_only=True)
-    if identity is not None and state.get("identity") and state["identity"] != identity:
-        raise RuntimeError(
-            f"{path} was saved by a run with other settings; use a new output directory "
-            f"(saved: {state['identity']}; now: {identity})"
-        )
-    return state
-
-
-def load_checkpoint_weights(path: Path, hf_model) -> None:
-    """Load a checkpoint's weights (full model or LoRA adapter) into the unwrapped, unsharded model."""
-    from safetensors.torch import load_file
-
-    weights_file = path / "model" / "model.safetensors"
-    if weights_file.exists():
-        result = hf_model.load_state_dict(load_file(weights_file), strict=False)
-        # save_pretrained leaves out tied copies (e.g. the output head of a tied model): those may be missing.
-        tied = set(
-            getattr(hf_model, "all_tied_weights_keys", None) or getattr(hf_model, "_tied_weights_keys", None) or ()
-        )
-        missing = [k for k in result.missing_keys if k not in tied]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                f"{weights_file} does not match the model: missing {missing[:5]}, "
-                f"unexpected {result.unexpected_keys[:5]}"
-            )
-    else:  # a peft adapter directory
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(hf_model, load_file(path / "model" / "adapter_model.safetensors"))
-        if getattr(result, "unexpected_keys", None):
-            raise RuntimeError(f"{path}: adapter weights do not match the model: {result.unexpected_keys[:5]}")
-
-
-def load_rng_state(path: Path, rank: int) -> None:
-    rng_file = path / f"rng-{rank}.pt"
-    if not rng_file.exists():
-        rng_file = path / "rng-0.pt"
-    if rng_file.exists():
-        _set_rng_state(torch.load(rng_file, weights_only=True))
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    done = sorted(
-        (p for p in ckpt_dir.glob("step-*") if not p.name.endswith(".tmp")), key=lambda p: int(p.name.split("-")[1])
+    examples, multiplicities = load_training_data(cfg)
+    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
+    val_encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in load_validation_data(cfg)]
+    stream = ExampleStream(multiplicities, seed=cfg.seed)
+    steps = total_steps(cfg, stream.epoch_len)
+    progress = checkpoint.restore(last, saved, accelerator, model, opt) if saved is not None else Progress()
+    job = TrainJob(
+        cfg=cfg,
+        layout=layout,
+        accelerator=accelerator,
+        model=model,
+        opt=opt,
+        tokenizer=tokenizer,
+        model_path=model_path,
+        n_params=n_params,
+        trainable=trainable,
+        n_examples=len(examples),
+        encoded=encoded,
+        val_encoded=val_encoded,
+        stream=stream,
+        steps=steps,
+        warmup=warmup_steps(cfg, steps),
+        identity=identity,
+        progress=progress,
     )
-    for p in done[:-keep] if keep > 0 else done:
-        shutil.rmtree(p, ignore_errors=True)
+    start_logs(job, examples)
+    return job
 
 
-def _truncate_log(log_path: Path, step: int) -> None:
-    """Drop log lines of steps after `step` (written before a kill, redone after the resume)."""
-    if not log_path.exists():
-        return
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    rundir.atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+def start_logs(job: TrainJob, examples: list[Example]) -> None:
+    """Cut the JSONL log back to the checkpoint, record the run's provenance, start the trackers."""
+    cfg, accelerator = job.cfg, job.accelerator
+    if accelerator.is_main_process:
+        checkpoint.truncate_log(job.layout.log, job.progress.step)  # lines after the checkpoint are redone
+        rundir.record_provenance(
+            job.layout.root,
+            "train",
+            cfg,
+            data_fingerprint=rundir.fingerprint(examples),
+            model_path=job.model_path,
+            n_params=job.n_params,
+            total_steps=job.steps,
+            world_size=accelerator.num_processes,
+        )
+    accelerator.wait_for_everyone()
+    tracked = {"lr": cfg.optim.lr, "optimizer": cfg.optim.name, "batch_size": cfg.batch_size, "lora": cfg.lora.enabled}
+    accelerator.init_trackers("datalever", config=tracked)
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[int]) -> None:
+    """Optimizer steps up to `job.steps`: each logged, shown to `on_step`, checkpointed when due."""
+    from tqdm.auto import tqdm
+
+    cfg, progress = job.cfg, job.progress
+    show = cfg.progress and job.accelerator.is_local_main_process
+    bar = tqdm(total=job.steps, initial=progress.step, desc=f"train {cfg.optim.name}", disable=not show)
+    start = time.perf_counter() - progress.compute.wall_s  # a resumed run continues the checkpoint's clock
+    while progress.step < job.steps:
+        t0 = time.perf_counter()
+        stats, tokens = train_step(job)
+        progress.compute.wall_s = time.perf_counter() - start
+        record = log_step(job, stats, tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if on_step is not None:
+            hook_start = time.perf_counter()
+            on_step(progress.step, record, job.model, job.accelerator)
+            start += time.perf_counter() - hook_start  # compute.wall_s counts training, not the caller's hook
+        step = progress.step
+        if (cfg.save_every and step % cfg.save_every == 0) or step == job.steps or step in checkpoint_steps:
+            checkpoint.save(
+                job.layout,
+                job.accelerator,
+                job.model,
+                job.opt,
+                job.tokenizer,
+                progress,
+                identity=job.identity,
+                keep=cfg.keep_checkpoints,
+            )
+    bar.close()
+
+
+def train_step(job: TrainJob) -> tuple[StepStats, int]:
+    """The next optimizer step, on the next `batch_size` examples of the stream, counted in `job.progress`:
+    its stats (the whole batch's losses) and the batch's tokens (all processes, padding excluded)."""
+    cfg, progress = job.cfg, job.progress
+    idx = job.stream.take(progress.position, cfg.batch_size)
+    progress.position += cfg.batch_size
+    set_lr(job.opt, lr_factor(progress.step, job.steps, job.warmup, cfg.min_lr_ratio))
+    stats, n_micro = optimize_batch(job, idx)
+    progress.step += 1
+    tokens = sum(len(job.encoded[i].input_ids) for i in idx)
+    progress.compute.add_step(
+        stats,
+        micro_batches=n_micro,
+        world=job.accelerator.num_processes,
+        tokens=tokens,
+        params=job.n_params,
+        trainable=job.trainable,
+    )
+    return stats, tokens
+
+
+def optimize_batch(job: TrainJob, idx: list[int]) -> tuple[StepStats, int]:
+    """One optimizer update on the batch `idx` (all processes' examples), this process taking its share in
+    micro-batches: the update's stats with the losses of the whole batch, and this process's micro-batch count."""
+    accelerator, cfg = job.accelerator, job.cfg
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = [job.encoded[i] for i in idx[rank::world]]
+    # Every process knows the whole batch, hence the global response-token count: scaling this process's
+    # loss sum by world * n_mine / n_all makes DDP's gradient mean equal the token-weighted mean of the
+    # whole batch, i.e. exactly what one process computes with the same batch.
+    n_resp = [max(job.encoded[i].n_response, 0) for i in idx]
+    n_all, n_mine = sum(n_resp), sum(n_resp[rank::world])
+    scale = world * n_mine / n_all if world > 1 and n_all > 0 else 1.0
+    batches = micro_batches(mine, cfg.micro_batch_size, job.tokenizer.pad_token_id, accelerator.device)
+    # This process's loss-carrying tokens, counted before the first forward: each micro-batch's loss is
+    # normalized before its backward (required under FSDP, where .grad already mixes all processes).
+    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    stats = optimizer_step(
+        job.model,
+        job.opt,
+        batches,
+        scaled_loss_fn(scale),
+        n_tokens=n_tokens,
+        accelerator=accelerator,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+    if world > 1:
+        stats = batch_losses(accelerator, stats)
+    return stats, len(batches)
+
+
+def batch_losses(accelerator: Accelerator, stats: StepStats) -> StepStats:
+    """`stats` with the whole batch's losses: each process's are its loss * world * n_mine / n_all, so their
+    mean over the processes is the batch loss."""
+    sam_loss = stats.sam_loss if stats.sam_loss is not None else 0.0
+    both = torch.tensor([stats.loss, sam_loss], dtype=torch.float64, device=accelerator.device)
+    both = accelerator.reduce(both, reduction="mean")
+    return dataclasses.replace(
+        stats, loss=float(both[0]), sam_loss=float(both[1]) if stats.sam_loss is not None else None
+    )
+
+
+def log_step(job: TrainJob, stats: StepStats, tokens_per_s: float) -> dict:
+    """The step's log record (with the validation loss when due), appended to the JSONL log and sent to the
+    trackers."""
+    cfg, step = job.cfg, job.progress.step
+    record = {
+        "step": step,
+        "epoch": job.progress.position / job.stream.epoch_len,
+        "loss": stats.loss,
+        "lr": job.opt.param_groups[0]["lr"],
+        "grad_norm": stats.grad_norm,
+        "tokens_per_s": tokens_per_s,
+        **{f"compute_{k}": v for k, v in job.progress.compute.__dict__.items()},
+    }
+    if stats.sam_loss is not None:
+        record["sam_loss"] = stats.sam_loss
+    if (cfg.eval_every and step % cfg.eval_every == 0) or step == job.steps:
+        record["val_loss"] = validation_loss(
+            job.model, job.val_encoded, job.tokenizer.pad_token_id, job.accelerator, cfg.micro_batch_size
+        )
+    if job.accelerator.is_main_process:
+        with open(job.layout.log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    job.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+    return record
 
 
 @torch.no_grad()
@@ -553,6 +472,77 @@ def validation_loss(
     return float(total[0] / total[1]) if total[1] > 0 else None
 
 
+# ----------------------------------------------------------------------------- the end
+
+
+def finish(job: TrainJob) -> dict:
+    """Save the final model and the summary, written last (its presence marks a finished run)."""
+    accelerator = job.accelerator
+    final_loss, final_val_loss = final_losses(job.layout.log)
+    summary = {
+        "steps": job.steps,
+        "n_params": job.n_params,
+        "trainable_params": job.trainable,
+        "examples": job.n_examples,
+        "epoch_len": job.stream.epoch_len,
+        "compute": job.progress.compute.__dict__,
+        "final_train_loss": final_loss,
+        "final_val_loss": final_val_loss,
+        "optimizer": job.cfg.optim.name,
+        "lora": job.cfg.lora.enabled,
+        "world_size": accelerator.num_processes,
+        "distributed_type": accelerator.distributed_type.value,
+    }
+    save_model(job)
+    if accelerator.is_main_process:
+        rundir.write_json(job.layout.summary, summary)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def final_losses(log_path: Path) -> tuple[float | None, float | None]:
+    """The last training loss and the last validation loss in the JSONL log."""
+    loss = val_loss = None
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line)
+            val_loss = record.get("val_loss", val_loss)
+            loss = record.get("loss", loss)
+    return loss, val_loss
+
+
+def save_model(job: TrainJob) -> None:
+    """The final model as a plain HF directory with its tokenizer (LoRA merged, the adapter saved beside it).
+
+    Every process calls it (the weights are gathered under FSDP); the main process writes.
+    """
+    state_dict = checkpoint.full_state_dict(job.accelerator, job.model)
+    if not job.accelerator.is_main_process:
+        return
+    inner = job.accelerator.unwrap_model(job.model).model
+    with rundir.atomic_dir(job.layout.model) as tmp:
+        if job.cfg.lora.enabled:
+            merge_lora(job, inner, state_dict).save_pretrained(tmp, safe_serialization=True)
+        else:
+            inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        job.tokenizer.save_pretrained(tmp)
+
+
+def merge_lora(job: TrainJob, peft_model, state_dict: dict):
+    """Save the adapter; return the base model with the adapter merged in."""
+    with rundir.atomic_dir(job.layout.adapter) as tmp:
+        peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if job.accelerator.is_fsdp2:  # the live weights are shards: merge into a fresh copy of the base model
+        from peft import PeftModel
+
+        base = load_model(job.model_path, dtype=job.cfg.dtype, trust_remote_code=job.cfg.trust_remote_code)
+        peft_model = PeftModel.from_pretrained(base, job.layout.adapter)
+    return peft_model.merge_and_unload()
+
+
+# ----------------------------------------------------------------------------- run
+
+
 def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set[int] | None = None) -> dict:
     """Train, checkpoint, resume if a checkpoint exists; returns the summary (also written to out).
 
@@ -560,230 +550,14 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     checkpoint (the profile stage records losses there); `checkpoint_steps` adds steps at which a
     resumable checkpoint is saved.
     """
-    from accelerate.utils import set_seed
-
-    out = Path(cfg.out)
-    if (out / "train_summary.json").exists():
-        return rundir.read_json(out / "train_summary.json")  # finished before: nothing to do
-    accelerator = make_accelerator(cfg, str(out))
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
-    if accelerator.is_main_process:
-        model_path = resolve_model(cfg.model, cfg.models_dir or out.parent / "models", seed=cfg.seed)
-    accelerator.wait_for_everyone()  # a preset is built once, by the main process
-    model_path = resolve_model(cfg.model, cfg.models_dir or out.parent / "models", seed=cfg.seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    # transformers >= 5 loads a checkpoint in its stored dtype by default: a bf16 checkpoint would be
-    # trained in pure bf16. cfg.dtype (float32 by default) keeps float32 master weights.
-    hf_model = load_model(model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    # Seeded after loading, so the LoRA init and dropout do not depend on whether a preset was just built.
-    set_seed(cfg.seed)
-    if cfg.lora.enabled:
-        hf_model = apply_lora(hf_model, cfg.lora)
-    hf_model.train()  # from_pretrained returns a model in eval mode (dropout off)
-    n_params = count_parameters(hf_model)
-    trainable = count_parameters(hf_model, trainable_only=True)
-    identity = _resume_identity(cfg)
-    ckpt_dir = out / "checkpoints"
-    last = latest_checkpoint(ckpt_dir)
-    saved = read_trainer_state(last, identity) if last is not None else None
-    if last is not None:
-        load_checkpoint_weights(last, hf_model)  # before wrapping: FSDP shards what is loaded here
-    opt = build_optimizer(hf_model, cfg.optim)
-    model = prepare(accelerator, ResponseLoss(hf_model), opt)
-
-    examples, mult = load_training_data(cfg)
-    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
-    val_encoded = (
-        [encode_example(tokenizer, ex, cfg.max_length) for ex in load_examples(cfg.val_data)] if cfg.val_data else []
-    )
-    stream = ExampleStream(mult, seed=cfg.seed)
-    steps = total_steps(cfg, stream.epoch_len)
-    warmup = warmup_steps(cfg, steps)
-
-    step, position, compute = 0, 0, Compute()
-    log_path = out / "train_log.jsonl"
-    if saved is not None:
-        saved_format = saved.get("optimizer_format", "torch")
-        if saved_format != optimizer_format(accelerator):
-            mode = "without FSDP" if saved_format == "torch" else "under FSDP"
-            raise RuntimeError(
-                f"{last} holds optimizer state saved {mode}; resume it {mode} too, or start in a new output directory"
-            )
-        load_opt_state_dict(accelerator, model, opt, saved.pop("optimizer"))  # popped: no second copy kept
-        load_rng_state(last, rank)
-        step, position, compute = saved["step"], saved["position"], Compute(**saved["compute"])
-        accelerator.print(f"resuming from {last} (step {step})")
-    if accelerator.is_main_process:
-        _truncate_log(log_path, step)  # lines after the checkpoint are redone
-        rundir.record_provenance(
-            out,
-            "train",
-            cfg,
-            data_fingerprint=rundir.fingerprint(examples),
-            model_path=model_path,
-            n_params=n_params,
-            total_steps=steps,
-            world_size=world,
-        )
-    accelerator.wait_for_everyone()
-    accelerator.init_trackers(
-        "datalever",
-        config={
-            "lr": cfg.optim.lr,
-            "optimizer": cfg.optim.name,
-            "batch_size": cfg.batch_size,
-            "lora": cfg.lora.enabled,
-        },
-    )
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=steps,
-        initial=step,
-        desc=f"train {cfg.optim.name}",
-        disable=not (cfg.progress and accelerator.is_local_main_process),
-    )
-    start = time.perf_counter() - compute.wall_s
-    while step < steps:
-        t0 = time.perf_counter()
-        idx = stream.take(position, cfg.batch_size)
-        position += cfg.batch_size
-        set_lr(opt, lr_factor(step, steps, warmup, cfg.min_lr_ratio))
-        mine = [encoded[i] for i in idx[rank::world]]
-        # Every process knows the whole batch, hence the global response-token count: scaling this process's
-        # loss sum by world * n_mine / n_all makes DDP's gradient mean equal the token-weighted mean of the
-        # whole batch, i.e. exactly what one process computes with the same batch.
-        n_resp = [max(encoded[i].n_response, 0) for i in idx]
-        n_all, n_mine = sum(n_resp), sum(n_resp[rank::world])
-        scale = world * n_mine / n_all if world > 1 and n_all > 0 else 1.0
-        batches = micro_batches(mine, cfg.micro_batch_size, tokenizer.pad_token_id, accelerator.device)
-        # This process's loss-carrying tokens, counted before the first forward: each micro-batch's loss is
-        # normalized before its backward (required under FSDP, where .grad already mixes all processes).
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        stats = optimizer_step(
-            model,
-            opt,
-            batches,
-            scaled_loss_fn(scale),
-            accelerator=accelerator,
-            max_grad_norm=cfg.max_grad_norm,
-            n_tokens=n_tokens,
-        )
-        loss, sam_loss = stats.loss, stats.sam_loss
-        if world > 1:  # stats are this process's loss * world * n_mine / n_all: their mean is the batch loss
-            both = torch.tensor(
-                [loss, sam_loss if sam_loss is not None else 0.0], dtype=torch.float64, device=accelerator.device
-            )
-            both = accelerator.reduce(both, reduction="mean")
-            loss = float(both[0])
-            sam_loss = float(both[1]) if sam_loss is not None else None
-        step += 1
-        n_tok = sum(len(encoded[i].input_ids) for i in idx)  # all processes, padding excluded
-        passes_tok = n_tok * stats.forwards // len(batches)  # SAM: two passes over each token
-        compute.optimizer_steps = step
-        compute.forwards += stats.forwards * world
-        compute.backwards += stats.backwards * world
-        compute.tokens += passes_tok
-        # Backward through frozen weights still costs activation gradients: ~2*params, plus 2*trainable for
-        # weight grads.
-        compute.flops += 2 * n_params * passes_tok + (2 * n_params + 2 * trainable) * passes_tok
-        compute.wall_s = time.perf_counter() - start
-        record = {
-            "step": step,
-            "epoch": position / stream.epoch_len,
-            "loss": loss,
-            "lr": opt.param_groups[0]["lr"],
-            "grad_norm": stats.grad_norm,
-            "tokens_per_s": n_tok / max(time.perf_counter() - t0, 1e-9),
-            **{f"compute_{k}": v for k, v in compute.__dict__.items()},
-        }
-        if sam_loss is not None:
-            record["sam_loss"] = sam_loss
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == steps:
-            record["val_loss"] = validation_loss(
-                model, val_encoded, tokenizer.pad_token_id, accelerator, cfg.micro_batch_size
-            )
-        if accelerator.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if on_step is not None:
-            hook_start = time.perf_counter()
-            on_step(step, record, model, accelerator)
-            start += time.perf_counter() - hook_start  # compute.wall_s counts training, not the caller's hook
-        if (cfg.save_every and step % cfg.save_every == 0) or step == steps or step in (checkpoint_steps or ()):
-            save_checkpoint(
-                ckpt_dir / f"step-{step}",
-                accelerator,
-                model,
-                opt,
-                step,
-                position,
-                compute,
-                identity,
-                cfg.keep_checkpoints,
-                tokenizer,
-            )
-    bar.close()
-    summary = finish(
-        cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult, model_path
-    )
+    summary_path = rundir.TrainDir(cfg.out).summary
+    if summary_path.exists():
+        return rundir.read_json(summary_path)  # finished before: nothing to do
+    job = setup(cfg)
+    train_loop(job, on_step, checkpoint_steps or set())
+    summary = finish(job)
     # Not accelerator.end_training(): it also destroys the process group, which a caller running several
     # stages in one torchrun (profile, then every arm) still needs.
-    for tracker in accelerator.trackers:
+    for tracker in job.accelerator.trackers:
         tracker.finish()
-    return summary
-
-
-def finish(cfg, accelerator, model, tokenizer, compute, steps, n_params, trainable, examples, mult, model_path) -> dict:
-    """Save the final model as a plain HF directory (LoRA merged) and the summary, written last."""
-    out = Path(cfg.out)
-    last_val = last_loss = None
-    log_path = out / "train_log.jsonl"
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            rec = json.loads(line)
-            last_val = rec.get("val_loss", last_val)
-            last_loss = rec.get("loss", last_loss)
-    summary = {
-        "steps": steps,
-        "n_params": n_params,
-        "trainable_params": trainable,
-        "examples": len(examples),
-        "epoch_len": sum(mult),
-        "compute": compute.__dict__,
-        "final_train_loss": last_loss,
-        "final_val_loss": last_val,
-        "optimizer": cfg.optim.name,
-        "lora": cfg.lora.enabled,
-        "world_size": accelerator.num_processes,
-        "distributed_type": accelerator.distributed_type.value,
-    }
-    state_dict = _strip_prefix(full_state_dict(accelerator, model))  # all processes (a collective under FSDP)
-    if accelerator.is_main_process:
-        inner = accelerator.unwrap_model(model).model
-        final = out / "model"
-        tmp = out / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if cfg.lora.enabled:
-            inner.save_pretrained(out / "adapter", state_dict=state_dict, safe_serialization=True)
-            if accelerator.is_fsdp2:  # the live weights are shards: merge into a fresh copy of the base model
-                from peft import PeftModel
-
-                base = load_model(model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-                inner = PeftModel.from_pretrained(base, out / "adapter")
-            inner = inner.merge_and_unload()
-            inner.save_pretrained(tmp, safe_serialization=True)
-        else:
-            inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        rundir.write_json(out / "train_summary.json", summary)
-    accelerator.wait_for_everyone()
     return summary

@@ -27,8 +27,8 @@ and spacing), or the same numbers in the prompt with the same final answer (a re
 
 Outputs in ``RUN/arms/<arm>/`` (or ``out``): ``train.jsonl`` (materialized: each example repeated multiplicity
 times, in a seeded shuffled order; it holds duplicate ids by design), ``examples.jsonl`` (each
-example once: with the manifest, the input for a ``MultiplicitySampler`` that repeats indices
-without copying data), ``manifest.parquet`` (id, source, multiplicity, origin "original"|"synth",
+example once: with the manifest, what `datalever train` reads, drawing each example as often as
+its multiplicity without copying data), ``manifest.parquet`` (id, source, multiplicity, origin "original"|"synth",
 parent_id for synth) and ``manifest.json`` (counts).
 """
 
@@ -46,8 +46,11 @@ import numpy as np
 import pandas as pd
 
 from datalever import rundir
+from datalever.answers import extract_answer
 from datalever.examples import Example
+from datalever.rundir import ArmDir, RunDir
 
+# The training distributions an arm can draw: the original data, or hard/easy/random examples upsampled.
 ARMS = ("hard", "easy", "random", "base")
 
 
@@ -170,8 +173,6 @@ _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 def problem_keys(ex: Example) -> list:
     """What identifies a problem up to rewording: its spacing- and case-normalized prompt, and (when it has
     numbers and a final answer) the sorted numbers of the prompt with the answer."""
-    from datalever.evaluate import extract_answer
-
     keys: list = [" ".join(ex.prompt.lower().split())]
     numbers, answer = tuple(sorted(_NUMBER.findall(ex.prompt))), extract_answer(ex.response)
     if numbers and answer is not None:
@@ -219,28 +220,14 @@ def synthesize(
 # The stage
 
 
-def read_arm(arm_dir: str | Path) -> tuple[list[Example], list[int]]:
-    """An arm's unique examples and their multiplicities (for a MultiplicitySampler)."""
-    import pyarrow.parquet as pq
-
-    from datalever.examples import load_examples
-
-    arm_dir = Path(arm_dir)
-    examples = load_examples(str(arm_dir / "examples.jsonl"))
-    mult = dict(zip(*pq.read_table(arm_dir / "manifest.parquet", columns=["id", "multiplicity"]).to_pydict().values()))
-    missing = [ex.id for ex in examples if ex.id not in mult]
-    if missing:
-        raise UpsampleError(f"{arm_dir}: {len(missing)} examples missing from the manifest, e.g. {missing[0]}")
-    return examples, [int(mult[ex.id]) for ex in examples]
-
-
 def heldout_paths(cfg: UpsampleConfig, train_file: Path) -> list[str]:
     if cfg.heldout is not None:
         missing = [f for f in cfg.heldout if not Path(f).exists()]
         if missing:
             raise UpsampleError(f"held-out file(s) not found: {missing}")
         return list(cfg.heldout)
-    return [str(p) for p in (train_file.parent / "validation.jsonl", train_file.parent / "test.jsonl") if p.exists()]
+    beside = [train_file.with_name(f"{split}.jsonl") for split in ("validation", "test")]
+    return [str(p) for p in beside if p.exists()]
 
 
 def run(cfg: UpsampleConfig) -> dict:
@@ -256,12 +243,12 @@ def run(cfg: UpsampleConfig) -> dict:
         raise UpsampleError("synth_fn with arm 'base': the base arm selects no examples to synthesize from")
     if cfg.synth_per_hard < 0:
         raise UpsampleError(f"synth_per_hard must be >= 0, got {cfg.synth_per_hard}")
-    run_dir = Path(cfg.run_dir)
-    split_path = Path(cfg.split) if cfg.split else run_dir / "split.parquet"
+    run_dir = RunDir(cfg.run_dir)
+    split_path = Path(cfg.split) if cfg.split else run_dir.split().split
     if not split_path.exists():
         raise UpsampleError(f"no split at {split_path} (run the split stage first)")
     split_df = pq.read_table(split_path).to_pandas()
-    train_file = Path(cfg.train_file) if cfg.train_file else run_dir / "data" / "train.jsonl"
+    train_file = Path(cfg.train_file) if cfg.train_file else run_dir.data_file("train")
     if not train_file.exists():
         raise UpsampleError(f"training examples not found at {train_file} (set train_file)")
     examples = load_examples(str(train_file))
@@ -303,10 +290,10 @@ def run(cfg: UpsampleConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     order = [order[j] for j in rng.permutation(len(order))]
 
-    arm_dir = Path(cfg.out) if cfg.out else run_dir / "arms" / cfg.arm
-    arm_dir.mkdir(parents=True, exist_ok=True)
-    save_examples(str(arm_dir / "train.jsonl"), [unique[j] for j in order])
-    save_examples(str(arm_dir / "examples.jsonl"), unique)
+    arm_dir = ArmDir(cfg.out) if cfg.out else run_dir.arm(cfg.arm)
+    arm_dir.root.mkdir(parents=True, exist_ok=True)
+    save_examples(str(arm_dir.train_jsonl), [unique[j] for j in order])
+    save_examples(str(arm_dir.examples), unique)
     table = pa.Table.from_pandas(
         manifest,
         preserve_index=False,
@@ -320,7 +307,7 @@ def run(cfg: UpsampleConfig) -> dict:
             ]
         ),
     )
-    rundir.write_parquet(arm_dir / "manifest.parquet", table)
+    rundir.write_parquet(arm_dir.manifest, table)
 
     flagged = _flagged(split_df)
     counts = {
@@ -343,6 +330,6 @@ def run(cfg: UpsampleConfig) -> dict:
         "train_file": str(train_file),
         "train_fingerprint": rundir.fingerprint(examples),
     }
-    rundir.record_provenance(arm_dir, "upsample", cfg, counts=counts)
-    rundir.write_json(arm_dir / "manifest.json", counts)  # last: its presence marks a finished arm
+    rundir.record_provenance(arm_dir.root, "upsample", cfg, counts=counts)
+    rundir.write_json(arm_dir.counts, counts)  # last: its presence marks a finished arm
     return counts

@@ -1,0 +1,319 @@
+"""Resumable training checkpoints: weights, optimizer state, stream position, compute and RNG, saved together.
+
+A checkpoint is a directory `TrainDir.checkpoint(step)`:
+
+    model/                  the HF model (safetensors) or the peft adapter, with the tokenizer
+    trainer_state.pt        step, stream position, optimizer state, compute, the run's identity
+    rng-<rank>.pt           each process's RNG state
+
+Every process writes into one temporary directory beside it, which then replaces the final name in one
+rename, so a directory under a step's name is always complete. Under FSDP2 weights and optimizer state
+are gathered into their full, unsharded form, so a checkpoint resumes on any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from datalever import rundir
+from datalever.optim import StepStats, is_dtensor
+
+MODEL = "model"
+TRAINER_STATE = "trainer_state.pt"
+RNG_STATE = "rng-{rank}.pt"
+
+# Settings that decide the trajectory: a checkpoint made with other values is not resumed.
+RESUME_KEYS = (
+    "model",
+    "data",
+    "manifest",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "max_length",
+    "optim",
+    "warmup_ratio",
+    "min_lr_ratio",
+    "max_grad_norm",
+    "lora",
+    "seed",
+    "dtype",
+)
+
+
+@dataclass
+class Compute:
+    """What a run spent: the currency for comparing arms and optimizers."""
+
+    optimizer_steps: int = 0
+    forwards: int = 0  # forward passes over micro-batches
+    backwards: int = 0
+    tokens: int = 0  # tokens through the forward passes (padding excluded)
+    flops: float = 0.0  # estimate: 2*params*tokens per forward, 4*params*tokens per backward
+    wall_s: float = 0.0
+
+    def add_step(
+        self, stats: StepStats, *, micro_batches: int, world: int, tokens: int, params: int, trainable: int
+    ) -> None:
+        """Count one optimizer step: `stats` of one process, which ran `micro_batches` micro-batches (as each of
+        the `world` processes did); `tokens` in the whole batch, padding excluded."""
+        passes_tokens = tokens * stats.forwards // micro_batches  # SAM: two passes over each token
+        self.optimizer_steps += 1
+        self.forwards += stats.forwards * world
+        self.backwards += stats.backwards * world
+        self.tokens += passes_tokens
+        # Backward through frozen weights still costs activation gradients: ~2*params, plus 2*trainable for
+        # weight grads.
+        self.flops += 2 * params * passes_tokens + (2 * params + 2 * trainable) * passes_tokens
+
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves beside the weights and the optimizer state."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    position: int = 0
+    """Examples drawn from the stream so far (all processes)."""
+    compute: Compute = field(default_factory=Compute)
+
+
+def resume_identity(cfg) -> str:
+    """The settings of a TrainConfig that decide the trajectory, as one string to compare on resume."""
+    full = rundir.to_jsonable(cfg)
+    return json.dumps({k: full[k] for k in RESUME_KEYS}, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_state(path: Path, rank: int) -> None:
+    """This process's RNG state; a process the checkpoint had none for (more processes now) takes rank 0's."""
+    rng_file = path / RNG_STATE.format(rank=rank)
+    if not rng_file.exists():
+        rng_file = path / RNG_STATE.format(rank=0)
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+
+
+# ----------------------------------------------------------------------------- gathering from FSDP2 shards
+
+
+def full_state_dict(accelerator, model) -> dict:
+    """The HF model's whole state dict (ResponseLoss's `model.` prefix stripped) for the main process to save;
+    all processes call it (under FSDP2 the other processes get an empty dict).
+
+    Under FSDP2 the shards are gathered one tensor at a time, so no process ever holds more than the
+    main process's copy plus one full tensor. (Accelerate's get_state_dict returned the DTensor shards
+    themselves on CPU processes, which safetensors cannot write.)
+    """
+    if not accelerator.is_fsdp2:
+        return _strip_prefix(accelerator.get_state_dict(model))
+    # Tied weights (embedding = head) are one parameter under two names: gather it once and give both names
+    # the same tensor, so save_pretrained sees the shared storage and drops the copy. The names come from the
+    # module tree, the same on every process, so every process runs the same sequence of collectives.
+    first_name: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        alias[name] = first_name.setdefault(id(param), name)
+    out: dict = {}
+    for key, value in model.state_dict().items():
+        if alias.get(key, key) != key:
+            if accelerator.is_main_process:
+                out[key] = out[alias[key]]
+            continue
+        full = value.full_tensor() if is_dtensor(value) else value
+        if accelerator.is_main_process:
+            out[key] = full.detach().to("cpu", copy=True)
+    return _strip_prefix(out)
+
+
+def _strip_prefix(state_dict: dict, prefix: str = "model.") -> dict:
+    return {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
+
+
+def optimizer_format(accelerator) -> str:
+    """How a checkpoint's optimizer state is keyed: by parameter name (gathered from FSDP2 shards) or by
+    position (torch's own state_dict); a checkpoint is only resumed in the format it was saved in."""
+    return "fsdp2-full" if accelerator.is_fsdp2 else "torch"
+
+
+def opt_state_dict(accelerator, model, opt) -> dict:
+    """The optimizer state as one process could load it. Under FSDP2 each torch optimizer's sharded
+    state is gathered into a full, parameter-name-keyed state dict (torch.distributed.checkpoint), so
+    a checkpoint does not depend on how many processes share the model."""
+    if not accelerator.is_fsdp2:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return opt.state_dict(lambda o: get_optimizer_state_dict(model, o, options=options))
+
+
+def load_opt_state_dict(accelerator, model, opt, state: dict) -> None:
+    if not accelerator.is_fsdp2:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    # Every process reads the same full state from the checkpoint and keeps its own shard of it.
+    options = StateDictOptions(full_state_dict=True)
+    opt.load_state_dict(state, lambda o, sd: set_optimizer_state_dict(model, o, sd, options=options))
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save(
+    layout: rundir.TrainDir, accelerator, model, opt, tokenizer, progress: Progress, *, identity: str, keep: int
+) -> None:
+    """Save `layout.checkpoint(progress.step)`, then keep only the newest `keep` checkpoints.
+
+    Every process must call this: the weights and the optimizer state are gathered (collectives under FSDP)
+    and each process writes its own RNG state into the shared temporary directory (a shared file system is
+    assumed), which the main process then puts in place.
+    """
+    path = layout.checkpoint(progress.step)
+    tmp = path.with_name(f".{path.name}.tmp")  # one name that every process knows
+    state_dict = full_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
+        tmp.mkdir(parents=True)
+        accelerator.unwrap_model(model).model.save_pretrained(
+            tmp / MODEL, state_dict=state_dict, safe_serialization=True
+        )
+        tokenizer.save_pretrained(tmp / MODEL)  # so a full fine-tune's checkpoint loads as it is
+    optimizer_state = opt_state_dict(accelerator, model, opt)  # all processes: a collective under FSDP
+    if accelerator.is_main_process:
+        state = {
+            "step": progress.step,
+            "position": progress.position,
+            "optimizer": optimizer_state,
+            "compute": dict(progress.compute.__dict__),
+            "identity": identity,
+            "world_size": accelerator.num_processes,
+            "optimizer_format": optimizer_format(accelerator),
+        }
+        torch.save(state, tmp / TRAINER_STATE)
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / RNG_STATE.format(rank=accelerator.process_index))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        rundir.replace_dir(tmp, path)
+        prune(layout, keep)
+    accelerator.wait_for_everyone()
+
+
+def _checkpoints(layout: rundir.TrainDir) -> list[Path]:
+    """The finished checkpoints, oldest first (temporary directories and anything else left out)."""
+    if not layout.checkpoints.is_dir():
+        return []
+    found = {}
+    for path in layout.checkpoints.iterdir():
+        step = path.name.rpartition("-")[2]
+        if step.isdigit() and layout.checkpoint(int(step)) == path and (path / TRAINER_STATE).exists():
+            found[int(step)] = path
+    return [found[step] for step in sorted(found)]
+
+
+def latest(layout: rundir.TrainDir) -> Path | None:
+    return next(reversed(_checkpoints(layout)), None)
+
+
+def prune(layout: rundir.TrainDir, keep: int) -> None:
+    done = _checkpoints(layout)
+    for path in done[:-keep] if keep > 0 else done:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def read_state(path: Path, identity: str) -> dict:
+    """The checkpoint's step, stream position, optimizer state and compute; refuses other settings."""
+    state = torch.load(path / TRAINER_STATE, weights_only=True)
+    if state.get("identity") and state["identity"] != identity:
+        raise RuntimeError(
+            f"{path} was saved by a run with other settings; use a new output directory "
+            f"(saved: {state['identity']}; now: {identity})"
+        )
+    return state
+
+
+def load_weights(path: Path, hf_model) -> None:
+    """Load a checkpoint's weights (full model or LoRA adapter) into the unwrapped, unsharded model."""
+    from safetensors.torch import load_file
+
+    weights_file = path / MODEL / "model.safetensors"
+    if weights_file.exists():
+        result = hf_model.load_state_dict(load_file(weights_file), strict=False)
+        # save_pretrained leaves out tied copies (e.g. the output head of a tied model): those may be missing.
+        tied = set(
+            getattr(hf_model, "all_tied_weights_keys", None) or getattr(hf_model, "_tied_weights_keys", None) or ()
+        )
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"{weights_file} does not match the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+    else:  # a peft adapter directory
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(hf_model, load_file(path / MODEL / "adapter_model.safetensors"))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{path}: adapter weights do not match the model: {result.unexpected_keys[:5]}")
+
+
+def restore(path: Path, state: dict, accelerator, model, opt) -> Progress:
+    """Load the optimizer state (into the prepared model's optimizer) and this process's RNG state; the
+    progress to continue from. `state` is `read_state`'s; its optimizer state is taken out of it."""
+    saved_format = state.get("optimizer_format", "torch")
+    if saved_format != optimizer_format(accelerator):
+        mode = "without FSDP" if saved_format == "torch" else "under FSDP"
+        raise RuntimeError(
+            f"{path} holds optimizer state saved {mode}; resume it {mode} too, or start in a new output directory"
+        )
+    load_opt_state_dict(accelerator, model, opt, state.pop("optimizer"))  # popped: no second copy kept
+    load_rng_state(path, accelerator.process_index)
+    accelerator.print(f"resuming from {path} (step {state['step']})")
+    return Progress(state["step"], state["position"], Compute(**state["compute"]))
+
+
+def truncate_log(log_path: Path, step: int) -> None:
+    """Drop log lines of steps after `step` (written before a kill, redone after the resume)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rundir.atomic_write_text(log_path, "".join(line + "\n" for line in kept))

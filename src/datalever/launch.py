@@ -1,0 +1,98 @@
+"""The launch: an Accelerator for however the processes were started, and the model wrapped for it.
+
+`python -m datalever train` (one process: CPU or one GPU), `torchrun --nproc_per_node N -m datalever
+train` (DDP; without GPUs the processes talk over gloo), or `accelerate launch --config_file
+configs/accelerate/fsdp2.yaml -m datalever train` (FSDP2, also on CPUs): one code path for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def no_accelerator_device() -> bool:
+    """No GPU or other accelerator on this machine: several processes must then talk over gloo on CPUs."""
+    if torch.cuda.is_available():
+        return False
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return False
+    try:
+        from accelerate.utils import is_mlu_available, is_npu_available
+
+        return not (is_npu_available() or is_mlu_available())
+    except ImportError:
+        return True
+
+
+def fsdp_requested() -> bool:
+    """An Accelerate FSDP config is in effect (`accelerate launch --config_file fsdp.yaml` sets this)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def make_accelerator(mixed_precision: str, log_with: list[str] | None, project_dir: str):
+    """An Accelerator set up from the environment (torchrun / accelerate launch / plain python).
+
+    `mixed_precision`: no | bf16 | auto (bf16 on a GPU that supports it, else no).
+
+    Accelerate only treats a torchrun launch as multi-process CPU (gloo) when asked with `cpu=True`;
+    without it, N processes on a machine without GPUs each train alone. So `cpu=True` is passed
+    exactly when several processes were launched and there is no accelerator device.
+
+    FSDP: only Accelerate's FSDP2 (`fsdp_version: 2`) is supported; its sharded parameters are what
+    Muon, SAM and the sharded checkpoints here are written for. Accelerate turns FSDP on only for
+    accelerator devices, while torch's FSDP2 also shards over gloo on CPUs: on a machine without
+    GPUs the FSDP plugin is switched on by hand, so the same code path runs (and is tested) there.
+    """
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    fsdp = fsdp_requested()
+    if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError(
+            "datalever supports FSDP through Accelerate's FSDP2 only: set `fsdp_version: 2` in the "
+            "Accelerate config (FSDP_VERSION=2)"
+        )
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and no_accelerator_device()
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir, cpu=cpu)
+    if fsdp and cpu and not accelerator.is_fsdp2:
+        _enable_fsdp_on_cpus(accelerator)
+    if accelerator.is_fsdp2 and accelerator.mixed_precision == "bf16":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        # FSDP2 does mixed precision by casting the gathered weights, not by autocast. Accelerate's policy
+        # would also reduce gradients in bf16 and cast every unit's outputs, the root's float32 per-example
+        # loss sums included, to bf16. Here gradients are reduced in float32 (as under DDP) and outputs are
+        # left as computed: blocks hand on bf16 activations, the loss module its float32 sums.
+        accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    return accelerator
+
+
+def _enable_fsdp_on_cpus(accelerator) -> None:
+    """What Accelerate itself does on GPUs: the plugin on the accelerator state, the type in both shared states."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the same environment
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def prepare(accelerator, model, opt):
+    """Wrap the model (a ResponseLoss) for the launch (DDP, FSDP2 or nothing) and point the optimizer at the
+    wrapped parameters.
+
+    Under FSDP2, Accelerate replaces every parameter by a sharded DTensor and re-points the torch
+    optimizers passed with the model at the new parameters, in place; our Multi/SAM wrappers hold those
+    same optimizer objects, so they follow. Elsewhere the parameters stay the same objects.
+    """
+    if accelerator.is_fsdp2:
+        # Accelerate's transformer-block wrap policy looks for the HF model's block classes on the root module.
+        model._no_split_modules = getattr(model.model, "_no_split_modules", None)
+        return accelerator.prepare(model, *opt.torch_optimizers())[0]
+    return accelerator.prepare(model)

@@ -1,0 +1,40 @@
+"""The run directory's writes: a directory appears whole or not at all; older outputs are replaced."""
+
+import pytest
+
+from datalever import rundir
+
+
+def test_atomic_dir_publishes_on_success_and_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out"
+    with rundir.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("new")
+        assert not target.exists()  # nothing under the final name until the block ends
+    assert (target / "a.txt").read_text() == "new"
+
+    with pytest.raises(RuntimeError):
+        with rundir.atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("crash")
+    assert (target / "a.txt").read_text() == "new"  # the old output stays
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # and no temporary directory is left
+
+
+def test_atomic_dir_replaces_or_keeps_what_is_there(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with rundir.atomic_dir(target, keep_existing=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    with rundir.atomic_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_manifest_reads_back_as_id_to_multiplicity(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a", "b"], "multiplicity": [1, 3], "origin": ["original"] * 2}), tmp_path / "m")
+    assert rundir.read_manifest(tmp_path / "m") == {"a": 1, "b": 3}
