@@ -5,6 +5,7 @@ Expected prompts and ids are written by hand (ids via hashlib directly), not tak
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -13,7 +14,18 @@ import re
 
 import pytest
 
-from datalever.examples import DEFAULT_TEMPLATES, DataError, Example, detect_schema, load_examples, save_examples
+from datalever.examples import (
+    DEFAULT_TEMPLATES,
+    DataError,
+    Example,
+    check_overlap,
+    detect_schema,
+    find_overlap,
+    load_examples,
+    normalize_prompt,
+    overlap_error,
+    save_examples,
+)
 
 GSM = [
     {
@@ -348,3 +360,189 @@ def test_duplicates_keep_first_warns_and_keeps_the_first_copy(tmp_path, caplog):
     assert "1 duplicate examples (1 distinct ids), first at rows 3" in caplog.text
     with pytest.raises(ValueError, match="on_duplicate"):
         load_examples(p, on_duplicate="drop")
+
+
+# ---- malformed files: one DataError naming the file and the line, never another exception -------
+
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("latin1.jsonl", json.dumps(GSM[0]) + '\n{"question": "Caf\xe9?", "answer": "a"}\n', "line 2"),
+        ("latin1.json", '[\n {"question": "Caf\xe9?", "answer": "a"}\n]', "line 2"),
+        ("latin1.csv", "question,answer\nq1?,a1\nCaf\xe9?,a2\n", "line 3"),
+    ],
+)
+def test_bytes_that_are_not_utf8_name_the_line_and_the_byte(tmp_path, name, text, where):
+    p = tmp_path / name
+    p.write_bytes(text.encode("latin-1"))
+    msg = bad(p)
+    assert msg.startswith(f"{p}: {where}: not UTF-8 text (byte 0xe9 at column ")
+    assert "save the file as UTF-8" in msg
+
+
+@pytest.mark.parametrize("fmt, name", [("jsonl", "d.jsonl.gz"), ("json", "d.json.gz"), ("csv", "d.csv.gz")])
+def test_gzip_files_are_read_transparently(tmp_path, fmt, name):
+    import gzip
+
+    plain = load_examples(WRITERS[fmt][0](tmp_path / f"plain.{fmt}", GSM))
+    (tmp_path / name).write_bytes(gzip.compress((tmp_path / f"plain.{fmt}").read_bytes()))
+    assert load_examples(str(tmp_path / name)) == plain
+    assert [e.meta for e in load_examples(str(tmp_path / name))] == [e.meta for e in plain]
+
+
+def test_gzip_bytes_under_a_plain_name_are_read_too(tmp_path):
+    import gzip
+
+    plain = load_examples(write_jsonl(tmp_path / "plain.jsonl", GSM))
+    (tmp_path / "d.jsonl").write_bytes(gzip.compress((tmp_path / "plain.jsonl").read_bytes()))
+    assert load_examples(str(tmp_path / "d.jsonl")) == plain
+
+
+def test_gzip_split_files_in_a_directory(tmp_path):
+    import gzip
+
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in GSM).encode()))
+    write_jsonl(tmp_path / "test.jsonl", GSM[:1])
+    assert len(load_examples(str(tmp_path), split="train")) == 3
+    assert "['test', 'train']" in bad(tmp_path)
+
+
+def test_truncated_gzip_and_gzipped_parquet_are_refused(tmp_path):
+    import gzip
+
+    text = "".join(json.dumps(r) + "\n" for r in GSM * 50)
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(text.encode())[:-20])
+    msg = bad(tmp_path / "cut.jsonl.gz")
+    assert str(tmp_path / "cut.jsonl.gz") in msg and "near line" in msg and "corrupt or truncated gzip" in msg
+    (tmp_path / "d.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
+    assert "gzip-compressed Parquet" in bad(tmp_path / "d.parquet.gz")
+    assert "no such file" in bad(tmp_path / "missing.jsonl.gz")
+
+
+@pytest.mark.parametrize(
+    "magic, name", [(b"PK\x03\x04", "zip"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd")]
+)
+def test_other_compressions_are_refused_by_name(tmp_path, magic, name):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(magic + b"\x00" * 40)
+    assert f"compressed with {name}" in bad(p)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-8-sig"])
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_a_byte_order_mark_decides_the_encoding(tmp_path, fmt, encoding):
+    path = WRITERS[fmt][0](tmp_path / f"plain.{fmt}", GSM + [{"question": "Čau, ¿qué? 😀", "answer": "ok"}])
+    text = (tmp_path / f"plain.{fmt}").read_text(encoding="utf-8")
+    data = text.encode(encoding)
+    if encoding == "utf-16-be":
+        data = codecs.BOM_UTF16_BE + data  # the -be codec writes no mark of its own
+    (tmp_path / f"enc.{fmt}").write_bytes(data)
+    assert load_examples(str(tmp_path / f"enc.{fmt}")) == load_examples(path)
+
+
+def test_utf16_without_a_mark_or_cut_short_is_refused_naming_the_encoding(tmp_path):
+    (tmp_path / "nomark.csv").write_bytes("question,answer\nq,a\n".encode("utf-16-le"))
+    assert "UTF-16 or UTF-32 without a byte-order mark" in bad(tmp_path / "nomark.csv")
+    (tmp_path / "cut.jsonl").write_bytes((json.dumps(GSM[0]) + "\n").encode("utf-16")[:-1])
+    msg = bad(tmp_path / "cut.jsonl")
+    assert str(tmp_path / "cut.jsonl") in msg and "not valid UTF-16 text" in msg
+
+
+def test_json_nested_too_deeply(tmp_path):
+    deep = "[" * 50_000 + "]" * 50_000
+    (tmp_path / "deep.jsonl").write_text(json.dumps(GSM[0]) + "\n" + deep + "\n")
+    (tmp_path / "deep.json").write_text(deep)
+    meta = {"id": "a", "prompt": "p", "response": "r", "meta": deep}
+    p = write_jsonl(tmp_path / "meta.jsonl", [meta])
+    assert re.search(r"deep\.jsonl: line 2: JSON nested too deeply", bad(tmp_path / "deep.jsonl"))
+    assert re.search(r"deep\.json: JSON nested too deeply", bad(tmp_path / "deep.json"))
+    assert re.search(r"meta\.jsonl: line 1: field 'meta': JSON nested too deeply", bad(p))
+
+
+def test_json_integer_over_the_int_conversion_limit(tmp_path):
+    huge = "9" * 5000
+    (tmp_path / "big.jsonl").write_text(json.dumps(GSM[0]) + '\n{"question": "q", "answer": "a", "n": ' + huge + "}\n")
+    (tmp_path / "big.json").write_text('[{"question": "q", "answer": "a", "n": ' + huge + "}]")
+    assert re.search(r"big\.jsonl: line 2: a JSON integer longer than 4300 digits", bad(tmp_path / "big.jsonl"))
+    assert re.search(r"big\.json: a JSON integer longer than 4300 digits", bad(tmp_path / "big.json"))
+
+
+def test_csv_cells_longer_than_the_csv_module_default_limit_load(tmp_path):
+    long_answer = "7 " * 100_000  # 200,000 characters, over csv's default 131,072
+    limit = csv.field_size_limit()
+    (ex,) = load_examples(write_csv(tmp_path / "long.csv", [{"question": "q?", "answer": long_answer}]))
+    assert ex.response == long_answer and ex.id == sha_id("q?", long_answer)
+    assert csv.field_size_limit() == limit  # the process-wide limit is put back
+
+
+def test_lone_surrogate_escapes_are_refused_and_pairs_decoded(tmp_path):
+    (tmp_path / "lone.jsonl").write_text(json.dumps(GSM[0]) + '\n{"question": "x\\ud800", "answer": "a"}\n')
+    assert re.search(r"lone\.jsonl: line 2: the \\u escape \\ud800 is a lone surrogate", bad(tmp_path / "lone.jsonl"))
+    (tmp_path / "pair.jsonl").write_text('{"question": "smile \\ud83d\\ude00", "answer": "a"}\n')
+    assert load_examples(str(tmp_path / "pair.jsonl"))[0].prompt == "Question: smile \U0001f600\nAnswer:\n"
+
+
+def test_unreadable_path_is_a_data_error(tmp_path):
+    assert "cannot access" in bad(tmp_path / ("x" * 5000 + ".jsonl"))
+
+
+# ---- leakage between splits ---------------------------------------------------------------------
+
+
+def ex(i, prompt=None, response="r"):
+    return Example(f"id{i}", prompt if prompt is not None else f"Question {i}?\n", response)
+
+
+TRAIN = [ex(i) for i in range(10)]
+
+
+def test_identical_splits_share_everything():
+    (o,) = find_overlap({"train": TRAIN, "test": list(TRAIN)})
+    assert (o.first, o.second, o.size, o.count, o.same_id, o.same_prompt) == ("train", "test", 10, 10, 10, 0)
+    assert o.samples == (("id0", "Question 0?\n"), ("id1", "Question 1?\n"), ("id2", "Question 2?\n"))
+
+
+def test_half_of_test_inside_train():
+    test = [ex(i) for i in range(5, 15)]
+    overlaps = find_overlap({"train": TRAIN, "validation": [ex(20)], "test": test})
+    assert [(o.first, o.second, o.count) for o in overlaps] == [("train", "test", 5)]
+    assert overlaps[0].to_dict()["count"] == 5 and overlaps[0].to_dict()["samples"][0] == ["id5", "Question 5?\n"]
+
+
+def test_validation_equal_to_test():
+    held = [ex(i) for i in range(20, 24)]
+    overlaps = find_overlap({"train": TRAIN, "validation": held, "test": list(held)})
+    assert [(o.first, o.second, o.count, o.size) for o in overlaps] == [("validation", "test", 4, 4)]
+
+
+def test_reworded_duplicate_matches_by_normalized_prompt():
+    copy = Example("other-id", "  QUESTION 3?   ", "a different answer")
+    (o,) = find_overlap({"train": TRAIN, "validation": [copy, ex(30)], "test": [ex(31)]})
+    assert (o.second, o.same_id, o.same_prompt, o.samples) == ("validation", 0, 1, (("other-id", "  QUESTION 3?   "),))
+    assert normalize_prompt("  Question\n 3?\t") == "question 3?"
+
+
+def test_clean_splits_have_no_overlap():
+    named = {"train": TRAIN, "validation": [ex(20), ex(21)], "test": [ex(30)]}
+    assert find_overlap(named) == []
+    assert check_overlap(named) == []
+
+
+def test_overlap_error_names_the_counts_and_examples():
+    named = {
+        "train": TRAIN,
+        "validation": [ex(1), ex(20)],
+        "test": [ex(2), ex(3), Example("reworded", "question 4? ", "r")],
+    }
+    overlaps = find_overlap(named)
+    msg = str(overlap_error(overlaps))
+    assert isinstance(overlap_error(overlaps), DataError) and "\n" not in msg
+    assert msg.startswith("splits overlap (4 shared examples): validation shares 1 of 2 examples with train")
+    assert "test shares 3 of 3 examples with train (2 same id, 1 same prompt up to case and spacing)" in msg
+    assert "id2 'Question 2?\\n'" in msg and "allow_overlap" in msg
+    with pytest.raises(DataError, match="splits overlap"):
+        check_overlap(named)
+    assert check_overlap(named, allow_overlap=True) == overlaps
+    with pytest.raises(ValueError):
+        overlap_error([])

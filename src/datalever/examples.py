@@ -3,25 +3,38 @@
     load_examples(path) -> list[Example]     JSONL, JSON, Parquet, CSV, a `save_to_disk` directory,
                                             a directory of split files, or a Hub dataset name
     save_examples(path, examples)           JSONL in the "datalever" schema (round-trips)
+    find_overlap(named_sets) -> list[Overlap]   examples shared by splits (same id or prompt);
+                                            overlap_error / check_overlap turn them into a DataError
 
 A record is mapped to an Example in three steps: detect the schema from the columns (or take the
 one given), read the schema's *roles* (e.g. question/answer) from their columns, and render the
 prompt with a format-string template. The id is a hash of the raw role values, taken before the
 template is applied, so it survives row order, reruns and template changes.
-Bad input raises DataError naming the file, the line or row (1-based) and what is wrong.
+Bad input raises DataError naming the file, the line or row (1-based) and what is wrong, and
+nothing else: not a UnicodeDecodeError, RecursionError, csv.Error or a library's own exception.
+Text files may be gzip-compressed (read transparently) and UTF-8, or UTF-16/UTF-32 with a
+byte-order mark (decoded); any other encoding or compression is refused by name (see _open_text).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import gzip
 import hashlib
+import io
 import json
 import logging
 import os
+import re
+import reprlib
+import sys
+import zlib
 from collections import Counter, defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence, TextIO
 
 from datalever import rundir
 
@@ -163,6 +176,10 @@ def load_examples(
         "Question: {question}\\nAnswer:\\n"; default DEFAULT_TEMPLATES[schema].
     split: the split of a DatasetDict, a directory of split files, or a Hub dataset.
     on_duplicate: "error" (default) or "keep_first" (drops later copies, with a warning).
+
+    JSONL, JSON, CSV and TSV files may be gzip-compressed (data.jsonl.gz, or gzip bytes under any
+    name: read transparently) and must be UTF-8, or UTF-16/UTF-32 with a byte-order mark (decoded).
+    Any malformed file raises one DataError naming the file, the line or row where known, and why.
     """
     if on_duplicate not in ("error", "keep_first"):
         raise ValueError(f"on_duplicate must be 'error' or 'keep_first', not {on_duplicate!r}")
@@ -192,7 +209,7 @@ def save_examples(path: str, examples: list[Example]) -> None:
 
 Located = tuple[str, dict[str, Any]]
 
-_FILE_READERS = {
+FILE_READERS = {  # file suffix -> reader (a .gz suffix after a text format is read through gzip)
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
     ".json": "json",
@@ -202,57 +219,261 @@ _FILE_READERS = {
     ".tsv": "tsv",
 }
 
+# Byte-order marks, UTF-32 first: the UTF-32 LE mark begins with the UTF-16 LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
+_GZIP_MAGIC = b"\x1f\x8b"
+# Other compressions are named, not guessed at: their bytes would otherwise read as garbled text.
+_OTHER_COMPRESSIONS = {b"PK\x03\x04": "zip", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_BZIP2_MAGIC = re.compile(rb"BZh[1-9]1AY&SY")
+_CSV_FIELD_LIMIT = 2**31 - 1  # the largest value csv.field_size_limit accepts on every platform (a C long)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff
+
 
 def _read_records(path: str, split: str | None) -> tuple[str, list[Located]]:
     """Dispatch on what `path` is; returns a display name and the located records."""
     p = Path(path).expanduser()
-    if p.is_dir():
+    try:
+        is_dir, is_file = p.is_dir(), p.is_file()
+    except (OSError, ValueError) as e:  # e.g. a name too long for the file system
+        raise DataError(f"{path}: cannot access ({_one_line(e)})") from None
+    if is_dir:
         return _read_directory(p, split)
-    if p.is_file():
+    if is_file:
         if split is not None:
             raise DataError(f"{path}: split={split!r} was given, but a single file has no splits")
         return str(p), list(_read_file(p))
-    if p.suffix.lower() in _FILE_READERS or path.startswith((".", "/", "~")):
+    if _format_of(p)[0] is not None or path.startswith((".", "/", "~")):
         raise DataError(f"{path}: no such file or directory")
     return _read_hub(path, split)
 
 
-def _read_file(p: Path) -> Iterator[Located]:
-    kind = _FILE_READERS.get(p.suffix.lower())
+def _format_of(p: Path) -> tuple[str | None, bool]:
+    """The reader a file name asks for, and whether the name ends in .gz: "d.jsonl.gz" -> ("jsonl", True)."""
+    name = p.name.lower()
+    gzipped = name.endswith(".gz")
+    suffix = Path(name.removesuffix(".gz")).suffix if gzipped else p.suffix.lower()
+    return FILE_READERS.get(suffix), gzipped
+
+
+def _split_of(p: Path) -> str:
+    """The split a file in a directory of split files holds: "train.jsonl" and "train.jsonl.gz" -> "train"."""
+    name = p.name[:-3] if p.name.lower().endswith(".gz") else p.name
+    return Path(name).stem
+
+
+def _read_file(p: Path) -> Iterable[Located]:
+    kind, gzipped = _format_of(p)
     if kind is None:
+        shown = "".join(p.suffixes[-2:]) if gzipped else p.suffix
         raise DataError(
-            f"{p}: unsupported file type {p.suffix!r}; expected one of "
-            f"{', '.join(sorted(_FILE_READERS))}, or a directory"
+            f"{p}: unsupported file type {shown!r}; expected one of "
+            f"{', '.join(sorted(FILE_READERS))} (text formats optionally .gz), or a directory"
         )
-    reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "csv": _read_csv, "tsv": _read_csv}[
-        kind
-    ]
-    return reader(p)
+    if kind == "parquet":
+        if gzipped:
+            raise DataError(f"{p}: a gzip-compressed Parquet file; decompress it (Parquet compresses its own columns)")
+        return _read_parquet(p)
+    if kind == "json":
+        return _read_json(p)
+    if kind == "jsonl":
+        return _read_jsonl(p)
+    return _read_csv(p, delimiter="\t" if kind == "tsv" else ",")
+
+
+@contextmanager
+def _open_text(p: Path, newline: str | None = None) -> Iterator[tuple[TextIO, str]]:
+    """The file as a text stream, and the name of its encoding. What the first bytes say decides,
+    not the file name:
+
+    - gzip (magic bytes 1f 8b; data.jsonl.gz, or a gzipped file under any name) is decompressed
+      transparently, as `datasets` does; zip, xz, zstd and bzip2 are refused, named.
+    - A byte-order mark decides the encoding: UTF-8 (the mark is skipped), UTF-16 or UTF-32
+      (decoded: Excel's "Unicode text" export is UTF-16, and the mark makes that unambiguous).
+    - Without a mark the text must be UTF-8. Mostly-NUL bytes (UTF-16/32 without a mark) are refused
+      at once; any other byte that is not UTF-8 (Latin-1, Windows-1252) is refused with its line,
+      column and value by _text_lines.
+    """
+    binary = _open_binary(p)
+    try:
+        encoding, label = _encoding(p, _peek(p, binary, 4096))
+        # surrogateescape: a byte that is not UTF-8 surfaces in the line that holds it, where
+        # _check_utf8 names it; strict decoding would fail a whole read-ahead chunk, lines early.
+        errors = "surrogateescape" if label == "UTF-8" else "strict"
+        text = io.TextIOWrapper(binary, encoding=encoding, errors=errors, newline=newline)
+    except BaseException:
+        binary.close()
+        raise
+    with text:
+        yield text, label
+
+
+def _open_binary(p: Path) -> BinaryIO:
+    """The file's bytes, decompressed when they are gzip."""
+    try:
+        f = open(p, "rb")
+        head = f.peek(16)[:16]
+    except OSError as e:
+        raise DataError(f"{p}: cannot read the file ({e.strerror or _one_line(e)})") from None
+    if head.startswith(_GZIP_MAGIC):
+        f.close()
+        return gzip.open(p, "rb")
+    compression = _compression(head)
+    if compression is not None:
+        f.close()
+        raise DataError(f"{p}: compressed with {compression} (by its first bytes); decompress it, or use gzip")
+    return f
+
+
+def _compression(head: bytes) -> str | None:
+    if _BZIP2_MAGIC.match(head):
+        return "bzip2"
+    return next((name for magic, name in _OTHER_COMPRESSIONS.items() if head.startswith(magic)), None)
+
+
+def _peek(p: Path, binary: BinaryIO, n: int) -> bytes:
+    try:
+        return binary.peek(n)[:n]  # type: ignore[attr-defined]  # BufferedReader and GzipFile peek
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{p}: {_read_problem(e)}") from None
+
+
+def _encoding(p: Path, head: bytes) -> tuple[str, str]:
+    """(codec, name) for the text, from its first bytes."""
+    for bom, codec, label in _BOMS:
+        if head.startswith(bom):
+            return codec, label
+    if head and head.count(0) * 4 >= len(head):
+        raise DataError(
+            f"{p}: not UTF-8 text: NUL bytes in the first {len(head)} bytes, as in UTF-16 or UTF-32 "
+            f"without a byte-order mark; save the file as UTF-8"
+        )
+    return "utf-8", "UTF-8"
+
+
+def _text_lines(p: Path, newline: str | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file. A byte that does not decode, or gzip data that does not
+    decompress, is a DataError naming the line."""
+    with _open_text(p, newline) as (f, encoding):
+        lines = iter(f)
+        lineno = 0
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as e:  # only the strict UTF-16/UTF-32 decoders raise this
+                raise DataError(f"{p}: near line {lineno + 1}: not valid {encoding} text ({e.reason})") from None
+            except (OSError, EOFError, zlib.error) as e:
+                raise DataError(f"{p}: near line {lineno + 1}: {_read_problem(e)}") from None
+            lineno += 1
+            if encoding == "UTF-8":
+                _check_utf8(p, lineno, line)
+            yield lineno, line
+
+
+def _read_problem(e: BaseException) -> str:
+    if isinstance(e, (gzip.BadGzipFile, EOFError, zlib.error)):
+        return f"corrupt or truncated gzip data ({_one_line(e)})"
+    return f"cannot read the file ({_one_line(e)})"
+
+
+def _check_utf8(p: Path, lineno: int, line: str) -> None:
+    """Bytes that are not UTF-8 were decoded as lone surrogates U+DC80..U+DCFF (surrogateescape)."""
+    if line.isascii():
+        return
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(line[e.start]) - 0xDC00
+        raise DataError(
+            f"{p}: line {lineno}: not UTF-8 text (byte 0x{byte:02x} at column {e.start + 1}); save the file as UTF-8"
+        ) from None
+
+
+class _JSONProblem(Exception):
+    """JSON that json.loads refuses for a reason other than its syntax, or that holds no valid text."""
+
+
+def _loads(text: str) -> Any:
+    """json.loads. A JSONDecodeError passes through (callers name its line and column); every
+    other way it fails becomes a _JSONProblem."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise _JSONProblem(
+            f"JSON nested too deeply to read (Python's recursion limit is {sys.getrecursionlimit()})"
+        ) from None
+    except ValueError as e:
+        raise _JSONProblem(_number_problem(e)) from None
+    # a \udXXX escape without its pair decodes to a lone surrogate, which cannot be hashed into an
+    # id, tokenized or written back as UTF-8; only text with such an escape needs the walk
+    bad = _lone_surrogate(value) if _SURROGATE_ESCAPE.search(text) else None
+    if bad is not None:
+        raise _JSONProblem(f"the \\u escape {bad} is a lone surrogate (half of a UTF-16 pair), not a character")
+    return value
+
+
+def _number_problem(e: ValueError) -> str:
+    if "integer string conversion" in str(e):  # sys.get_int_max_str_digits, against quadratic-time parsing
+        return (
+            f"a JSON integer longer than {sys.get_int_max_str_digits()} digits (Python's limit on "
+            f"converting text to int); store it as a string"
+        )
+    return f"cannot read JSON ({_one_line(e)})"
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in a parsed JSON value's strings and keys, as a \\u escape."""
+    stack = [value]
+    while stack:  # a loop, not recursion: the value may nest nearly as deep as the recursion limit
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str) and not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"\\u{ord(v[e.start]):04x}"
+    return None
 
 
 def _read_jsonl(p: Path) -> Iterator[Located]:
-    with p.open(encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) carry no record
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            yield f"line {lineno}", _as_record(p, f"line {lineno}", rec)
+    for lineno, line in _text_lines(p):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing newline) carry no record
+        try:
+            rec = _loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}: line {lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except _JSONProblem as e:
+            raise DataError(f"{p}: line {lineno}: {e}") from None
+        yield f"line {lineno}", _as_record(p, f"line {lineno}", rec)
 
 
 def _read_json(p: Path) -> Iterator[Located]:
     """A list of records, or {"<key>": [records]}; a .json file that holds JSON lines (as
     `Dataset.to_json` writes by default) is read as JSONL."""
-    text = p.read_text(encoding="utf-8-sig")
+    text = "".join(line for _, line in _text_lines(p))
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
             yield from _read_jsonl(p)
             return
         raise DataError(f"{p}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except _JSONProblem as e:  # no line: json.loads does not say where
+        raise DataError(f"{p}: {e}") from None
     for i, rec in enumerate(_json_record_list(p, data), start=1):
         yield f"record {i}", _as_record(p, f"record {i}", rec)
 
@@ -270,36 +491,56 @@ def _json_record_list(p: Path, data: Any) -> list:
     raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
 
 
-def _read_parquet(p: Path) -> Iterator[Located]:
+def _read_parquet(p: Path) -> list[Located]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(p)
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{p}: cannot read Parquet ({e})") from None
-    for i, rec in enumerate(table.to_pylist(), start=1):
-        yield f"row {i}", rec
+        rows = pq.read_table(p).to_pylist()
+    except Exception as e:  # pyarrow raises several types for corrupt files, and on invalid UTF-8 strings
+        raise DataError(f"{p}: cannot read Parquet ({_one_line(e)})") from None
+    return [(f"row {i}", rec) for i, rec in enumerate(rows, start=1)]
 
 
-def _read_csv(p: Path) -> Iterator[Located]:
-    """Every CSV value is text; an empty cell is "" (a missing optional value)."""
-    delimiter = "\t" if p.suffix.lower() == ".tsv" else ","
-    with p.open(encoding="utf-8-sig", newline="") as f:  # spreadsheets often write a BOM
-        reader = csv.DictReader(f, delimiter=delimiter)
-        for i, rec in enumerate(reader, start=1):
-            # DictReader puts surplus cells under the key None, and fills missing cells with None
-            if None in rec or None in rec.values():
-                raise DataError(
-                    f"{p}: row {i} (line {reader.line_num}): the number of cells "
-                    f"differs from the header's {len(reader.fieldnames)} columns"
-                )
-            yield f"row {i}", rec
+def _read_csv(p: Path, delimiter: str) -> list[Located]:
+    """Every CSV value is text; an empty cell is "" (a missing optional value). A cell may be as long
+    as a JSON string may: csv's default field limit (131,072 characters) is lifted while reading."""
+    lines = (line for _, line in _text_lines(p, newline=""))  # csv wants the line endings untranslated
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    records = []
+    with _csv_field_limit(_CSV_FIELD_LIMIT):
+        try:
+            for i, rec in enumerate(reader, start=1):
+                # DictReader puts surplus cells under the key None, and fills missing cells with None
+                if None in rec or None in rec.values():
+                    raise DataError(
+                        f"{p}: row {i} (line {reader.line_num}): the number of cells "
+                        f"differs from the header's {len(reader.fieldnames)} columns"
+                    )
+                records.append((f"row {i}", rec))
+        except csv.Error as e:
+            raise DataError(f"{p}: line {reader.line_num}: malformed CSV ({_one_line(e)})") from None
+    return records
+
+
+@contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    """csv.field_size_limit is process-wide: raise it for one read, then put it back."""
+    old = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
 
 def _as_record(p: Path, where: str, rec: Any) -> dict[str, Any]:
     if not isinstance(rec, dict):
         raise DataError(f"{p}: {where}: expected a JSON object (a record), got {type(rec).__name__}")
     return rec
+
+
+def _one_line(e: BaseException) -> str:
+    """Another library's error text, folded onto one line (a DataError is printed as one line)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _read_directory(p: Path, split: str | None) -> tuple[str, list[Located]]:
@@ -311,13 +552,16 @@ def _read_directory(p: Path, split: str | None) -> tuple[str, list[Located]]:
         try:
             ds = datasets.load_from_disk(str(p))
         except Exception as e:
-            raise DataError(f"{p}: cannot load the saved dataset ({e})") from None
+            raise DataError(f"{p}: cannot load the saved dataset ({_one_line(e)})") from None
         return _from_hf(str(p), ds, split)
-    files = sorted(f for f in p.iterdir() if f.suffix.lower() in _FILE_READERS)
-    names = sorted({f.stem for f in files})
+    try:
+        files = sorted(f for f in p.iterdir() if _format_of(f)[0] is not None)
+    except OSError as e:
+        raise DataError(f"{p}: cannot list the directory ({e.strerror or _one_line(e)})") from None
+    names = sorted({_split_of(f) for f in files})
     if split is None:
         raise DataError(f"{p}: a directory of split files needs split= (found {names})")
-    chosen = [f for f in files if f.stem == split]
+    chosen = [f for f in files if _split_of(f) == split]
     if len(chosen) != 1:
         raise DataError(
             f"{p}: expected one file for split {split!r}, found {[f.name for f in chosen]} (splits: {names})"
@@ -339,7 +583,11 @@ def _from_hf(name: str, ds: Any, split: str | None) -> tuple[str, list[Located]]
         ds, name = ds[split], f"{name}[{split}]"
     elif split is not None:
         raise DataError(f"{name}: split={split!r} was given, but this is a single Dataset")
-    return name, [(f"row {i}", rec) for i, rec in enumerate(ds.to_list(), start=1)]
+    try:
+        rows = ds.to_list()
+    except Exception as e:  # arrow raises several types for corrupt files
+        raise DataError(f"{name}: cannot read the rows ({_one_line(e)})") from None
+    return name, [(f"row {i}", rec) for i, rec in enumerate(rows, start=1)]
 
 
 def _read_hub(path: str, split: str | None) -> tuple[str, list[Located]]:
@@ -352,7 +600,7 @@ def _read_hub(path: str, split: str | None) -> tuple[str, list[Located]]:
     except Exception as e:
         raise DataError(
             f"{path}: not a local file or directory, and loading it from the Hugging "
-            f"Face Hub failed ({type(e).__name__}: {e}). Offline? Download it elsewhere "
+            f"Face Hub failed ({type(e).__name__}: {_one_line(e)}). Offline? Download it elsewhere "
             f"and pass a saved file or directory instead."
         ) from None
     if split is not None:  # load_dataset returned that split alone
@@ -437,7 +685,7 @@ def _read_roles(rec: dict[str, Any], schema: Schema, fields: dict[str, str], fai
 
 def _text(value: Any, col: str, fail, *, allow_empty: bool) -> str:
     if not isinstance(value, str):
-        shown = "null" if value is None else f"{type(value).__name__} {value!r}"[:80]
+        shown = "null" if value is None else f"{type(value).__name__} {_short_repr(value)}"[:80]
         raise fail(f"field {col!r} must be text, got {shown}")
     if not allow_empty and not value.strip():
         # an empty response gives a loss over zero tokens (NaN); an empty prompt is a broken row
@@ -445,19 +693,34 @@ def _text(value: Any, col: str, fail, *, allow_empty: bool) -> str:
     return value
 
 
+def _short_repr(value: Any) -> str:
+    """repr, bounded in length and depth (a bad value may be a huge or deeply nested list)."""
+    try:
+        return reprlib.repr(value)
+    except (ValueError, RecursionError):  # an int too long to print, a structure too deep
+        return "..."
+
+
 def _meta(rec: dict[str, Any], used: set[str], stored: Any, fail) -> dict[str, Any]:
     """Stored meta (datalever schema: a JSON string or object) plus every column not used by a role."""
     meta: dict[str, Any] = {}
     if isinstance(stored, str) and stored:
         try:
-            stored = json.loads(stored)
+            stored = _loads(stored)
         except json.JSONDecodeError as e:
             raise fail(f"field 'meta' is not valid JSON ({e.msg})") from None
+        except _JSONProblem as e:
+            raise fail(f"field 'meta': {e}") from None
     if isinstance(stored, dict):
         meta.update(stored)
     elif stored not in (None, ""):
         raise fail(f"field 'meta' must be a JSON object, got {type(stored).__name__}")
-    meta.update({k: _jsonable(v) for k, v in rec.items() if k not in used})
+    for k, v in rec.items():
+        if k not in used:
+            try:
+                meta[k] = _jsonable(v)
+            except RecursionError:  # parsed, but too deep to serialize from here
+                raise fail(f"field {k!r} nests too deeply to keep as metadata") from None
     return meta
 
 
@@ -481,7 +744,7 @@ def _render(rec: dict[str, Any], roles: dict[str, Any], schema: Schema, template
         return template.format_map(names)
     except KeyError as e:
         raise fail(f"template field {e} is not a column or role (available: {sorted(names)})") from None
-    except (ValueError, IndexError, AttributeError) as e:
+    except (ValueError, IndexError, AttributeError, TypeError) as e:
         raise fail(f"bad template {template!r} ({e})") from None
 
 
@@ -516,6 +779,118 @@ def _numbers(wheres: list[str], indices: list[int]) -> str:
     """ "4", "4 and 9", "4, 6 and 9" from locations like "row 4"."""
     nums = [wheres[i].split()[1] for i in indices]
     return " and ".join(filter(None, [", ".join(nums[:-1]), nums[-1]]))
+
+
+# --------------------------------------------------------------------------------------------
+# Leakage between splits
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """The examples of split `second` that also occur in split `first` (e.g. test examples in train).
+
+    same_id: as many share a content id (the same raw question and answer); same_prompt: as many more
+    have another id but the same prompt once case and whitespace are folded (a copy with a reworded
+    answer, a changed source, or different spacing). Each example of `second` counts once.
+    samples: a few of them, as (id, prompt)."""
+
+    first: str
+    second: str
+    size: int  # examples in `second`
+    same_id: int
+    same_prompt: int
+    samples: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def count(self) -> int:
+        return self.same_id + self.same_prompt
+
+    def describe(self) -> str:
+        """One clause: "test shares 3 of 10 examples with train (2 same id, 1 same prompt), e.g. ..."."""
+        shown = ", ".join(f"{i} {_clip(prompt, 50)!r}" for i, prompt in self.samples)
+        return (
+            f"{self.second} shares {self.count} of {self.size} examples with {self.first} "
+            f"({self.same_id} same id, {self.same_prompt} same prompt up to case and spacing), e.g. {shown}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """For a report: the fields, the total, and the samples as lists."""
+        return {
+            "first": self.first,
+            "second": self.second,
+            "size": self.size,
+            "count": self.count,
+            "same_id": self.same_id,
+            "same_prompt": self.same_prompt,
+            "samples": [list(s) for s in self.samples],
+        }
+
+
+def normalize_prompt(prompt: str) -> str:
+    """The prompt with case and whitespace folded: what a reworded copy usually keeps."""
+    return " ".join(prompt.casefold().split())
+
+
+def find_overlap(named_sets: Mapping[str, Sequence[Example]], *, max_samples: int = 3) -> list[Overlap]:
+    """Every pair of splits, in the mapping's order (train/validation, train/test, validation/test),
+    whose second split holds examples of the first, by content id or by normalized prompt.
+    Pairs that share nothing are left out, so an empty list means the splits are disjoint."""
+    names = list(named_sets)
+    overlaps = []
+    for i, first in enumerate(names):
+        ids = {ex.id for ex in named_sets[first]}
+        prompts = {normalize_prompt(ex.prompt) for ex in named_sets[first]}
+        for second in names[i + 1 :]:
+            found = _overlap_of(first, second, ids, prompts, named_sets[second], max_samples)
+            if found.count:
+                overlaps.append(found)
+    return overlaps
+
+
+def _overlap_of(
+    first: str, second: str, ids: set[str], prompts: set[str], examples: Sequence[Example], max_samples: int
+) -> Overlap:
+    same_id = same_prompt = 0
+    samples = []
+    for ex in examples:
+        if ex.id in ids:
+            same_id += 1
+        elif normalize_prompt(ex.prompt) in prompts:
+            same_prompt += 1
+        else:
+            continue
+        if len(samples) < max_samples:
+            samples.append((ex.id, ex.prompt))
+    return Overlap(first, second, len(examples), same_id, same_prompt, tuple(samples))
+
+
+def overlap_error(overlaps: list[Overlap]) -> DataError:
+    """find_overlap's non-empty result as one DataError, for the caller to raise."""
+    if not overlaps:
+        raise ValueError("overlap_error needs at least one overlap; find_overlap found none")
+    total = sum(o.count for o in overlaps)
+    return DataError(
+        f"splits overlap ({total} shared examples): "
+        + "; ".join(o.describe() for o in overlaps)
+        + ". Shared examples make validation and test scores measure memory; de-duplicate the splits, "
+        "or set allow_overlap to proceed anyway"
+    )
+
+
+def check_overlap(named_sets: Mapping[str, Sequence[Example]], *, allow_overlap: bool = False) -> list[Overlap]:
+    """find_overlap, raising overlap_error's DataError unless allow_overlap (then a warning).
+    Returns the overlaps (empty when the splits are disjoint) for the caller's report."""
+    overlaps = find_overlap(named_sets)
+    if overlaps and not allow_overlap:
+        raise overlap_error(overlaps)
+    for o in overlaps:
+        log.warning("allow_overlap: %s", o.describe())
+    return overlaps
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
