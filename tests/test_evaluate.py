@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from datalever import evaluate as ev
+from datalever.answers import Grade
+from datalever.checks import ConfigError
 from datalever.evaluate import (
     EvalConfig,
     compute_metrics,
@@ -143,9 +145,24 @@ def test_metrics_by_hand(fake_generate):
     assert [r["correct"] for r in records] == [True, False, True, False, True, True]
     assert [r["extracted"] for r in records] == ["5", "11", "0.5", None, "3", "1000"]
     assert [r["gold"] for r in records] == ["5", "10", "\\frac{1}{2}", "7", "3", "1000"]
-    assert set(records[0]) == {"id", "source", "meta", "prompt", "generation", "extracted", "gold", "correct"}
+    assert [r["answer_from"] for r in records] == ["####", "the answer is", "\\boxed", None, "last value", "####"]
+    assert set(records[0]) == {
+        "id",
+        "source",
+        "meta",
+        "prompt",
+        "generation",
+        "extracted",
+        "answer_from",
+        "gold",
+        "correct",
+        "grading",
+    }
+    assert [r["grading"] for r in records] == ["graded"] * 6
     assert metrics["n"] == 6 and metrics["n_correct"] == 4 and metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["n_no_answer"] == 1 and metrics["n_no_gold"] == 0
+    assert metrics["n_no_marker"] == 2  # p4 (nothing) and p5 (its last number)
+    assert metrics["n_ungradable"] == 0 and metrics["n_grading_timeout"] == 0
     assert metrics["per_source"] == {
         NO_SOURCE: {"accuracy": 1.0, "n": 1, "n_correct": 1},
         "gsm8k": {"accuracy": pytest.approx(2 / 3), "n": 3, "n_correct": 2},
@@ -165,6 +182,125 @@ def test_metrics_by_hand(fake_generate):
 def test_metrics_of_nothing():
     m = compute_metrics([])
     assert m["n"] == 0 and m["accuracy"] is None and m["per_source"] == {} and m["per_difficulty"] == {}
+    assert m["n_no_marker"] == 0 and m["n_ungradable"] == 0
+
+
+def _evaluate(monkeypatch, pairs):
+    """evaluate_examples on (generation, response) pairs, the generations given."""
+    examples = [Example(f"e{i}", f"p{i}", response, "s", {}) for i, (_, response) in enumerate(pairs)]
+    texts = {f"p{i}": generation for i, (generation, _) in enumerate(pairs)}
+    monkeypatch.setattr(ev, "generate", lambda model, tokenizer, prompts, **kw: [texts[p] for p in prompts])
+    return evaluate_examples(None, None, examples, difficulty_keys=[])
+
+
+def test_outputs_without_an_answer_marker_are_counted(monkeypatch):
+    """The last-number fallback always finds a number: n_no_answer said 0 when no output stated its answer."""
+    metrics, records = _evaluate(
+        monkeypatch,
+        [
+            ("She has 3 apples, then 4 more, so 7", "#### 7"),  # right, but by its last number
+            ("I think 12", "#### 12"),  # right, last number
+            ("Let me count: 5 and 6", "#### 9"),  # wrong, last number
+            ("#### 9", "#### 9"),  # stated
+            ("\\boxed{2}", "#### 3"),  # stated, wrong
+            ("The answer is 4", "#### 4"),  # stated
+        ],
+    )
+    assert [r["correct"] for r in records] == [True, True, False, True, False, True]
+    assert metrics["n_no_answer"] == 0
+    assert metrics["n_no_marker"] == 3
+    on_disk = json.loads(json.dumps(metrics))
+    assert on_disk["n_no_marker"] == 3 and on_disk["n_no_answer"] == 0
+
+
+def test_numbers_past_the_int_conversion_limit_do_not_abort_an_eval(monkeypatch):
+    """A 5,000-digit integer once raised ValueError after generation, and the eval wrote nothing."""
+    big = "7" * 5000
+    metrics, records = _evaluate(
+        monkeypatch,
+        [(f"#### {big}", f"#### {big}"), (f"#### {big}", "#### 7"), ("#### 7", f"so {big}"), ("#### 7", "#### 7")],
+    )
+    assert [r["correct"] for r in records] == [True, False, False, True]
+    assert records[0]["extracted"] == big and records[2]["gold"] == big
+    assert metrics["n_correct"] == 2 and metrics["n_ungradable"] == 0
+
+
+def test_an_example_that_cannot_be_graded_is_counted_not_fatal(monkeypatch):
+    real_grade = ev.grade
+
+    def grade(pred, gold, **kw):
+        if pred == "13":
+            raise RecursionError("maximum recursion depth exceeded")  # e.g. a pathological nesting
+        if pred == "14":
+            return Grade(False, "timeout")
+        return real_grade(pred, gold, **kw)
+
+    monkeypatch.setattr(ev, "grade", grade)
+    metrics, records = _evaluate(monkeypatch, [("#### 13", "#### 13"), ("#### 14", "#### 14"), ("#### 5", "#### 5")])
+    assert [r["grading"] for r in records] == ["error", "timeout", "graded"]
+    assert [r["correct"] for r in records] == [False, False, True]
+    assert records[0]["extracted"] == "13" and records[0]["gold"] == "13"  # what was found is kept
+    assert metrics["n_ungradable"] == 2 and metrics["n_grading_timeout"] == 1 and metrics["n_correct"] == 1
+
+
+def test_metrics_of_records_without_answer_from():
+    """Records from before `answer_from` existed: whether the answer was marked is found again."""
+    old = [
+        {"generation": "#### 4", "extracted": "4", "gold": "4", "correct": True},
+        {"generation": "so 4", "extracted": "4", "gold": "4", "correct": True},
+    ]
+    m = compute_metrics(old)
+    assert m["n_no_marker"] == 1 and m["n_ungradable"] == 0
+
+
+# ----------------------------------------------------------------------------- options, checked up front
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    from datalever.examples import save_examples
+
+    path = tmp_path / "test.jsonl"
+    save_examples(str(path), EXAMPLES)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("limit", -1),  # once evaluated 49 of 50 examples
+        ("limit", 0),
+        ("max_new_tokens", 0),
+        ("batch_size", 0),
+        ("batch_size", -2),
+        ("max_prompt_length", 0),
+        ("dtype", "fp16"),
+    ],
+)
+def test_bad_options_are_refused_when_the_config_is_built(data_file, option, value):
+    with pytest.raises(ConfigError, match=rf"^{option}\b"):
+        EvalConfig(data=data_file, **{option: value})
+
+
+def test_data_is_checked_when_it_is_a_local_path(tmp_path, data_file):
+    for missing in (tmp_path / "missing.jsonl", tmp_path / "missing", "./missing", "no_such_dir/test.csv"):
+        with pytest.raises(ConfigError, match="^data: no such file or directory"):
+            EvalConfig(data=str(missing))
+    # hub dataset names are left to the loader
+    assert EvalConfig(data="openai/gsm8k").data == "openai/gsm8k"
+    assert EvalConfig(data="gsm8k").data == "gsm8k"
+    cfg = EvalConfig(data=data_file, limit=3, max_prompt_length=None, dtype="bfloat16")
+    assert cfg.limit == 3 and EvalConfig(data=str(tmp_path), dtype=None).dtype is None
+
+
+def test_the_command_line_names_a_bad_option_in_one_line(data_file, capsys):
+    from datalever.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--data", data_file, "--limit", "-1", "--out", data_file + ".out"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["datalever eval: error: limit must be > 0, got -1"]
 
 
 class _FakeAccelerator:
@@ -213,6 +349,8 @@ def test_run_writes_predictions_and_metrics(tiny, tmp_path, monkeypatch):
     assert on_disk == metrics and metrics["n"] == 5
     assert metrics["n_correct"] == sum(r["correct"] for r in rows)
     assert set(metrics) >= {"accuracy", "n", "n_correct", "per_source", "per_difficulty", "n_no_answer"}
+    assert set(metrics) >= {"n_no_marker", "n_ungradable", "n_grading_timeout"}
+    assert set(rows[0]) >= {"answer_from", "grading"}
 
 
 def test_config_fields_have_docstrings():

@@ -4,8 +4,8 @@ The pipeline, one function each:
 
 - `generate`: batched greedy decoding of each example's prompt (tokenized exactly as in training),
   prompts left-padded, rows of similar length batched together, each row stopped at EOS.
-- `answers.extract_answer` / `answers.answers_match`: the answer in a generation and in the
-  reference response, and whether they agree.
+- `grade_example`: the answer in a generation (`answers.find_answer`) and in the reference response,
+  and whether they agree (`answers.grade`); an example that cannot be graded is counted, never fatal.
 - `evaluate_examples` / `compute_metrics`: accuracy overall, per source and per difficulty
   attribute found in each example's meta, plus one record per prediction.
 
@@ -18,14 +18,15 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from datalever import rundir
-from datalever.answers import answers_match, extract_answer
-from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE
-from datalever.models import unwrap
+from datalever import checks, rundir
+from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade
+from datalever.examples import DIFFICULTY_KEYS, FILE_READERS, NO_SOURCE
+from datalever.models import DTYPES, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +196,25 @@ def _value_key(v: Any) -> tuple:
     return (1, 0, str(v))
 
 
+def _marked(record: dict) -> bool:
+    # Records written before `answer_from` existed: found again from the generation.
+    if "answer_from" in record:
+        return record["answer_from"] in MARKERS
+    return find_answer(record.get("generation") or "").marked
+
+
 def compute_metrics(records: Sequence[dict], difficulty_keys: Sequence[str] = DIFFICULTY_KEYS) -> dict:
     """Accuracy overall, per source and per value of each difficulty key present in `meta`.
 
-    metrics = {accuracy, n, n_correct, n_no_answer, n_no_gold,
+    metrics = {accuracy, n, n_correct, n_no_answer, n_no_marker, n_no_gold, n_ungradable, n_grading_timeout,
                per_source: {source: {accuracy, n, n_correct}},
                per_difficulty: {key: {str(value): {accuracy, n, n_correct}}}}
-    An example without a gold answer counts as wrong (and in n_no_gold): that is a data problem
-    to see, not to hide. Keys absent from every example are left out of per_difficulty.
+    n_no_answer: generations with no answer at all; n_no_marker: generations that do not state their
+    answer explicitly (no ####, "the answer is" or \\boxed; the answer, if any, is the whole text or its
+    last value), a superset of n_no_answer. n_ungradable: examples whose grading failed or timed out
+    (n_grading_timeout of them timed out). An example without a gold answer, or that could not be
+    graded, counts as wrong (and in n_no_gold / n_ungradable): a problem to see, not to hide. Keys
+    absent from every example are left out of per_difficulty.
     """
     overall = _group([bool(r["correct"]) for r in records])
     by_source: dict[str, list[bool]] = {}
@@ -226,10 +238,32 @@ def compute_metrics(records: Sequence[dict], difficulty_keys: Sequence[str] = DI
     return {
         **overall,
         "n_no_answer": sum(r["extracted"] is None for r in records),
+        "n_no_marker": sum(not _marked(r) for r in records),
         "n_no_gold": sum(r["gold"] is None for r in records),
+        "n_ungradable": sum(r.get("grading", GRADED) != GRADED for r in records),
+        "n_grading_timeout": sum(r.get("grading") == TIMEOUT for r in records),
         "per_source": {s: _group(c) for s, c in sorted(by_source.items())},
         "per_difficulty": per_difficulty,
     }
+
+
+def grade_example(generation: str, response: str) -> dict:
+    """The record fields of one example's grading: extracted, answer_from, gold, correct, grading.
+
+    answer_from: where the generation's answer was found (`answers.find_answer`'s source);
+    grading: "graded", "timeout" or "error". Any failure here (an answer no parser can take) makes
+    this one example ungradable (counted wrong), never the evaluation fail.
+    """
+    out = {"extracted": None, "answer_from": None, "gold": None, "correct": False, "grading": ERROR}
+    try:
+        found = find_answer(generation)
+        out.update(extracted=found.answer, answer_from=found.source)
+        out["gold"] = find_answer(response).answer
+        verdict = grade(out["extracted"], out["gold"])
+        out.update(correct=verdict.correct, grading=verdict.status)
+    except Exception as e:  # noqa: BLE001 - one example's text must not abort the whole evaluation
+        log.warning("an example could not be graded (%s: %s); counted as wrong", type(e).__name__, e)
+    return out
 
 
 def evaluate_examples(
@@ -248,7 +282,8 @@ def evaluate_examples(
 
     With an `accelerator` (an `Accelerator` or accelerate's `PartialState`) of several processes,
     each process generates for its shard (examples[rank::world]) and the records are gathered,
-    so every process returns the full result. Records: id, source, meta, prompt, generation, extracted, gold, correct.
+    so every process returns the full result. Records: id, source, meta, prompt, generation, extracted,
+    answer_from, gold, correct, grading (see `grade_example`).
     """
     examples = list(examples)
     world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
@@ -266,7 +301,6 @@ def evaluate_examples(
     )
     records = []
     for pos, ex, text in zip(positions, shard, generations):
-        pred, gold = extract_answer(text), extract_answer(ex.response)
         records.append(
             {
                 "_pos": pos,
@@ -275,9 +309,7 @@ def evaluate_examples(
                 "meta": dict(ex.meta or {}),
                 "prompt": ex.prompt,
                 "generation": text,
-                "extracted": pred,
-                "gold": gold,
-                "correct": answers_match(pred, gold),
+                **grade_example(text, ex.response),
             }
         )
     if world > 1:
@@ -292,10 +324,22 @@ def evaluate_examples(
         log.warning(
             "%d of %d examples have no extractable gold answer (counted as wrong)", n_gold_missing, len(records)
         )
+    n_ungradable = sum(r["grading"] != GRADED for r in records)
+    if n_ungradable:
+        log.warning("%d of %d examples could not be graded (counted as wrong)", n_ungradable, len(records))
     return compute_metrics(records, difficulty_keys), records
 
 
 # ----------------------------------------------------------------------------- the stage
+
+
+def _looks_local(data: str) -> bool:
+    """Whether `data` names a local file or directory rather than a hub dataset (`openai/gsm8k`): it exists, has
+    a data-file extension, starts like a path (".", "/", "~"), or has a parent directory that exists."""
+    p = Path(data).expanduser()
+    if p.exists() or p.suffix.lower() in FILE_READERS or data.startswith((".", "/", "~")):
+        return True
+    return len(p.parts) > 1 and p.parent.is_dir()
 
 
 @dataclass
@@ -325,6 +369,16 @@ class EvalConfig:
     """Weights dtype: float32, bfloat16, float16, auto; default: the loader's default."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        # Refused here, before any data or model is loaded: `--limit -1` once evaluated 49 of 50.
+        checks.positive("max_new_tokens", self.max_new_tokens)
+        checks.positive("batch_size", self.batch_size)
+        checks.positive("limit", self.limit, optional=True)
+        checks.positive("max_prompt_length", self.max_prompt_length, optional=True)
+        checks.one_of("dtype", self.dtype, (*DTYPES, None))
+        if not self.data or _looks_local(self.data):
+            checks.existing_path("data", self.data)
 
 
 def _records_jsonl(records: Sequence[dict]) -> str:
@@ -376,9 +430,11 @@ def run(cfg: EvalConfig) -> dict:
     if accelerator is not None:
         accelerator.wait_for_everyone()
     log.info(
-        "accuracy %.4f on %d examples (%d without an answer)",
+        "accuracy %.4f on %d examples (%d without an answer, %d without an answer marker, %d ungradable)",
         metrics["accuracy"] or 0.0,
         metrics["n"],
         metrics["n_no_answer"],
+        metrics["n_no_marker"],
+        metrics["n_ungradable"],
     )
     return metrics
