@@ -56,3 +56,20 @@ def test_unwrap_strips_wrappers_and_stops_at_peft_when_asked():
     assert models.unwrap(wrapped) is hf
     assert models.unwrap(wrapped, through_peft=False) is peft_model
     assert models.unwrap(hf) is hf
+
+
+def test_model_build_never_replaces_a_directory_it_did_not_make(tmp_path):
+    """`model build --out EXISTING_DIR` once deleted the directory and everything in it."""
+    from datalever.cli import main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_:
+        main(["model", "build", "--preset", "tiny", "--out", str(mine)])
+    assert exit_.value.code == 2 and (mine / "notes.txt").read_text() == "keep me"
+    built = tmp_path / "built"
+    models.build_preset("tiny", built, seed=1)
+    with pytest.raises(ValueError, match="is not preset tiny \\(seed 2\\)"):
+        models.build_preset("tiny", built, seed=2)  # another seed: refused, not silently reused
+    assert models.build_preset("tiny", built, seed=1) == built  # the same preset and seed: found

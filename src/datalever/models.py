@@ -1,6 +1,6 @@
 """Models and tokenizers: any HF causal LM by path or hub id, or a preset built from scratch.
 
-A preset is a real HF architecture (Llama, GPT-NeoX/Pythia, Qwen3) with random weights and a
+A preset is a real HF architecture (Llama, GPT-NeoX/Pythia, Qwen3, Gemma 3, Phi) with random weights and a
 byte-level BPE tokenizer trained locally on the embedded math corpus, saved with `save_pretrained`:
 every artifact is an ordinary HF checkpoint directory, so the code path for a real checkpoint and
 for a preset is the same one.
@@ -20,18 +20,21 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    Gemma3TextConfig,
     GPTNeoXConfig,
     LlamaConfig,
+    PhiConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen3Config,
 )
 
-from datalever import rundir
+from datalever import checks, rundir
 
 log = logging.getLogger(__name__)
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")  # weight dtypes a model loads in ("auto": the checkpoint's)
 PRESET_PREFIX = "preset:"
 EMBEDDED_PREFIX = "embedded:"  # a checkpoint shipped inside the package (src/datalever/assets/NAME)
 EOS = "<|endoftext|>"
@@ -40,7 +43,7 @@ PAD = "<|pad|>"
 
 @dataclass(frozen=True)
 class Preset:
-    arch: str  # "llama" | "gpt_neox" | "qwen3"
+    arch: str  # "llama" | "gpt_neox" | "qwen3" | "gemma3_text" | "phi" (HF model_type)
     hidden: int
     layers: int
     heads: int
@@ -48,17 +51,60 @@ class Preset:
     vocab: int  # model vocabulary (embedding rows); >= the tokenizer's size
     max_positions: int = 1024
     tokenizer_vocab: int = 512
+    kv_heads: int | None = None  # key/value heads (grouped-query attention); None: as many as `heads`
+    head_dim: int | None = None  # None: hidden // heads
+    tied: bool = False  # output head shares the input embedding's weight
 
 
 PRESETS: dict[str, Preset] = {
-    # For tests: seconds to build and run.
+    # For tests: seconds to build and run. One per family of the paper's targets (Qwen3, Llama, Gemma 3, Phi),
+    # plus GPT-NeoX (Pythia, the proxy).
     "tiny": Preset("llama", hidden=32, layers=2, heads=4, intermediate=64, vocab=512, max_positions=512),
     "tiny-neox": Preset("gpt_neox", hidden=32, layers=2, heads=4, intermediate=64, vocab=512, max_positions=512),
     "tiny-qwen3": Preset("qwen3", hidden=32, layers=2, heads=4, intermediate=64, vocab=512, max_positions=512),
+    # As Gemma-3-1B: one KV head, head_dim unrelated to hidden // heads, tied and scaled embeddings.
+    "tiny-gemma3": Preset(
+        "gemma3_text",
+        hidden=32,
+        layers=2,
+        heads=4,
+        kv_heads=1,
+        head_dim=16,
+        intermediate=64,
+        vocab=512,
+        max_positions=512,
+        tied=True,
+    ),
+    "tiny-phi": Preset("phi", hidden=32, layers=2, heads=4, intermediate=64, vocab=512, max_positions=512),
     # The demo's proxy and target: trains in minutes on 2 CPU cores.
     "demo": Preset("llama", hidden=128, layers=4, heads=4, intermediate=384, vocab=512),
     # Pythia-70M's shape (hidden 512, 6 layers, 8 heads, 50304 embedding rows) for benchmarks.
     "pythia-70m": Preset("gpt_neox", hidden=512, layers=6, heads=8, intermediate=2048, vocab=50304, max_positions=2048),
+    # The shapes of two of the paper's targets (random weights; the local tokenizer uses the first 512 rows), for
+    # GPU benchmarks: Qwen3-0.6B-Base (0.596 B parameters) and Llama-3.2-1B (1.236 B).
+    "qwen3-0.6b": Preset(
+        "qwen3",
+        hidden=1024,
+        layers=28,
+        heads=16,
+        kv_heads=8,
+        head_dim=128,
+        intermediate=3072,
+        vocab=151936,
+        max_positions=4096,
+        tied=True,
+    ),
+    "llama3.2-1b": Preset(
+        "llama",
+        hidden=2048,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        intermediate=8192,
+        vocab=128256,
+        max_positions=4096,
+        tied=True,
+    ),
 }
 
 
@@ -99,6 +145,7 @@ def build_tokenizer(
 
 
 def build_config(preset: Preset, tokenizer) -> PretrainedConfig:
+    """The HF config of `preset`; token ids from `tokenizer` (bos is EOS: the tokenizer has no BOS token)."""
     common = dict(
         vocab_size=max(preset.vocab, len(tokenizer)),
         hidden_size=preset.hidden,
@@ -109,15 +156,38 @@ def build_config(preset: Preset, tokenizer) -> PretrainedConfig:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=preset.tied,
     )
+    kv_heads = preset.kv_heads or preset.heads
+    head_dim = preset.head_dim or preset.hidden // preset.heads
     if preset.arch == "llama":
-        return LlamaConfig(num_key_value_heads=preset.heads, **common)
+        return LlamaConfig(num_key_value_heads=kv_heads, head_dim=head_dim, **common)
     if preset.arch == "qwen3":
-        return Qwen3Config(num_key_value_heads=preset.heads, head_dim=preset.hidden // preset.heads, **common)
+        return Qwen3Config(num_key_value_heads=kv_heads, head_dim=head_dim, **common)
+    if preset.arch == "gemma3_text":
+        return _gemma3_config(preset, kv_heads, head_dim, common)
+    if preset.arch == "phi":
+        # Phi-2's layout: partial rotary (0.4 there; 0.5 keeps a small head's rotary part even), biases everywhere.
+        return PhiConfig(num_key_value_heads=kv_heads, partial_rotary_factor=0.5, **common)
     if preset.arch == "gpt_neox":
+        if kv_heads != preset.heads or head_dim != preset.hidden // preset.heads:
+            raise ValueError("gpt_neox presets have neither grouped-query attention nor a free head_dim")
         return GPTNeoXConfig(rotary_pct=0.25, use_parallel_residual=True, **common)
     raise ValueError(f"unknown architecture {preset.arch!r}")
+
+
+def _gemma3_config(preset: Preset, kv_heads: int, head_dim: int, common: dict) -> Gemma3TextConfig:
+    # Gemma 3 interleaves sliding-window and full attention (5:1 in the real models); a tiny model gets both
+    # kinds and a window shorter than a training example, so the window really masks something.
+    layer_types = ["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(preset.layers)]
+    return Gemma3TextConfig(
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,  # as in Gemma-3-1B (256 = its head_dim): scores scaled by 1/sqrt(head_dim)
+        sliding_window=16,
+        layer_types=layer_types,
+        **common,
+    )
 
 
 def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
@@ -125,8 +195,11 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
-        return out_dir  # built before: presets are deterministic by (name, seed)
+    if out_dir.exists():
+        if _built_preset(out_dir) == {"preset": name, "seed": seed}:
+            return out_dir  # built before: presets are deterministic by (name, seed)
+        # Never replace what this function did not make (a user's checkpoint, say).
+        raise checks.ConfigError(f"{out_dir} exists and is not preset {name} (seed {seed}): choose another directory")
     preset = PRESETS[name]
     tokenizer = build_tokenizer(preset.tokenizer_vocab)
     torch.manual_seed(seed)
@@ -137,6 +210,12 @@ def build_preset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "datalever_preset.json").write_text(json.dumps({"preset": name, "seed": seed}))
     return out_dir
+
+
+def _built_preset(path: Path) -> dict | None:
+    """The {preset, seed} record of a directory build_preset made, or None."""
+    record = path / "datalever_preset.json"
+    return json.loads(record.read_text()) if record.is_file() and (path / "model.safetensors").is_file() else None
 
 
 def preset_cache_dir() -> Path:
@@ -193,6 +272,7 @@ def load_model(
 ) -> PreTrainedModel:
     """Load an HF causal LM. Weights come from safetensors when the checkpoint has them."""
     if isinstance(dtype, str):
+        checks.one_of("dtype", dtype, DTYPES)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[dtype]
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
@@ -237,11 +317,15 @@ class ModelBuildConfig:
     """Build a small model from scratch (a real HF architecture) with a locally trained tokenizer."""
 
     preset: str = "demo"
-    """Preset name: tiny, tiny-neox, tiny-qwen3, demo, pythia-70m."""
+    """Preset name: tiny, tiny-neox, tiny-qwen3, tiny-gemma3, tiny-phi (tests), demo, pythia-70m, qwen3-0.6b,
+    llama3.2-1b (the real shapes, random weights)."""
     out: str = "runs/models/demo"
-    """Output HF checkpoint directory."""
+    """Output HF checkpoint directory (refused if it exists and is not this preset, built before)."""
     seed: int = 0
     """Initialization seed."""
+
+    def __post_init__(self) -> None:
+        checks.one_of("preset", self.preset, PRESETS)
 
 
 def run_model_build(cfg: ModelBuildConfig) -> str:
