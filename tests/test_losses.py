@@ -118,6 +118,27 @@ def test_partially_truncated_response_scores_kept_tokens(tiny_checkpoints):
     assert got["x"].loss == pytest.approx(brute_force_loss(model, tok, ex, max_len), abs=1e-5)
 
 
+def test_truncation_counts_cut_responses_and_says_so_above_one_percent(tiny_checkpoints):
+    """A response cut part-way once scored what was left with no word said."""
+    from datalever.tokens import Truncation
+
+    tok = load_tokenizer(tiny_checkpoints["tiny"])
+    whole = Example("w", "How many?", " 4")
+    part = Example("p", "How many?", " one two three four five six seven eight nine ten")
+    n_prompt, n_resp = encode_example(tok, part, 512).n_prompt, encode_example(tok, part, 512).n_response_full
+    max_len = n_prompt + 3
+    encoded = [encode_example(tok, ex, max_len) for ex in [whole] * 99 + [part]]
+    assert encoded[-1].n_cut == n_resp - 3 and encoded[0].n_cut == 0  # by hand: 3 of the response kept
+    report = Truncation.of(encoded, max_len)
+    assert (report.n_cut, report.n_cut_whole, report.needed_length) == (1, 0, n_prompt + n_resp)
+    assert report.warning() is None  # 1 in 100: not more than 1%
+    report = Truncation.of(encoded[-2:], max_len)
+    assert report.warning() == (
+        f"1 of 2 examples (50.0%) lose response tokens to max_length={max_len} (0 lose all of it); "
+        f"max_length={n_prompt + n_resp} keeps every example whole"
+    )
+
+
 def test_collate_masks_exactly_the_prompt(tiny_checkpoints):
     tok = load_tokenizer(tiny_checkpoints["tiny"])
     ex = Example("x", "Q: 3+4?\nA: ", "3 + 4 = 7\n#### 7")

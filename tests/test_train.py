@@ -8,9 +8,13 @@ with an uninterrupted run's weights bit for bit; the learning rates with values 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
 import json
+import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datalever import checkpoint, synth, train
-from datalever.examples import load_examples
+from datalever import checkpoint, checks, cli, synth, train
+from datalever.examples import load_examples, save_examples
 from datalever.losses import score_examples
 from datalever.models import load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
@@ -42,11 +46,11 @@ def preset() -> str:
     return resolve_model("preset:tiny", seed=0)
 
 
-def config(data, out, **kw) -> TrainConfig:
+def config(files, out, **kw) -> TrainConfig:
     base = dict(
         model="preset:tiny",
-        data=data["train"],
-        val_data=data["validation"],
+        data=files["train"],
+        val_data=files["validation"],
         out=str(out),
         max_steps=8,
         batch_size=8,
@@ -287,6 +291,338 @@ def test_bf16_checkpoint_is_trained_with_float32_weights(data, preset, tmp_path)
     cfg = config(data, tmp_path / "run", model=str(tmp_path / "bf16"), max_steps=1, val_data=None)
     train.run(cfg)
     assert {v.dtype for v in weights(TrainDir(cfg.out).model).values()} == {torch.float32}
+
+
+# ----------------------------------------------------------------------------- what the output directory holds
+
+
+def copy_file(src, dst: Path) -> str:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return str(dst)
+
+
+def keep_lines(path: Path, n: int) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:n]))
+
+
+def edit_first_response(path: Path) -> None:
+    """One response changed under its id (a file in datalever's own schema, whose ids are given, not hashed)."""
+    lines = path.read_text().splitlines(keepends=True)
+    record = json.loads(lines[0])
+    record["response"] = "So the answer is:\n" + record["response"]
+    path.write_text(json.dumps(record) + "\n" + "".join(lines[1:]))
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def error_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("change", ["lr", "max_steps", "data"])
+def test_a_finished_run_of_other_work_is_refused_not_returned(data, tmp_path, change):
+    """Before: the old summary came back (exit 0) whatever changed. The refusal names what changed, and the
+    finished run is left exactly as it was."""
+    train_file = tmp_path / "train.jsonl"
+    first = config(data, tmp_path / "run", data=copy_file(data["train"], train_file), max_steps=2)
+    train.run(first)
+    before = tree_digest(tmp_path / "run")
+    if change == "lr":
+        second, named = dataclasses.replace(first, optim=OptimConfig(name="adamw", lr=1e-3)), "optim.lr 0.003 -> 0.001"
+    elif change == "max_steps":
+        second, named = dataclasses.replace(first, max_steps=3), "max_steps 2 -> 3"
+    else:
+        keep_lines(train_file, 32)  # the same path, half the rows
+        second, named = first, "data: other content"
+    with pytest.raises(RuntimeError) as err:  # train.OtherRunError
+        train.run(second)
+    message = error_line(err)
+    assert named in message and "--out" in message and "--overwrite true" in message, message
+    assert tree_digest(tmp_path / "run") == before
+
+
+def test_settings_that_change_no_number_return_the_finished_run(data, tmp_path):
+    """progress, log_with, save_every, keep_checkpoints, micro_batch_size (the same sum in other passes),
+    trust_remote_code, overwrite, the data's path (a copy of the same content), and values left unused (epochs under
+    max_steps, LoRA's rank with LoRA off, Muon's lr under AdamW) are not other work."""
+    first = config(data, tmp_path / "run", max_steps=2)
+    summary = train.run(first)
+    again = dataclasses.replace(
+        first,
+        data=copy_file(data["train"], tmp_path / "moved" / "train.jsonl"),
+        progress=True,
+        log_with=["tensorboard"],
+        save_every=1,
+        keep_checkpoints=3,
+        micro_batch_size=2,
+        trust_remote_code=True,
+        overwrite=True,
+        epochs=1.0,
+        lora=LoraConfig(enabled=False, r=4),
+        optim=OptimConfig(name="adamw", lr=3e-3, muon_lr=1e-2),
+    )
+    steps = []
+    assert train.run(again, on_step=lambda step, *_: steps.append(step)) == summary
+    assert steps == []  # returned, not trained again (overwrite replaces other work only)
+
+
+def test_overwrite_replaces_only_what_train_wrote(data, tmp_path):
+    """--overwrite true: the earlier run's files go (all of them: checkpoints, tracker logs), the user's stay, and
+    the new run is exactly a fresh run in an empty directory."""
+    out = tmp_path / "run"
+    train.run(config(data, out, max_steps=2, save_every=1, keep_checkpoints=5, log_with=["tensorboard"]))
+    assert (out / train.TRACKER_PROJECT).is_dir()
+    (out / "notes.txt").write_text("mine")
+    (out / "mine").mkdir()
+    (out / "mine" / "train.jsonl").write_text("{}\n")
+    kw = dict(max_steps=3, optim=OptimConfig(name="adamw", lr=1e-3))
+    summary = train.run(config(data, out, overwrite=True, **kw))
+    fresh = train.run(config(data, tmp_path / "fresh", **kw))
+
+    a, b = weights(TrainDir(out).model), weights(TrainDir(tmp_path / "fresh").model)
+    assert all(torch.equal(a[k], b[k]) for k in b) and set(a) == set(b)
+    assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(tmp_path / "fresh")]
+    assert summary["steps"] == fresh["steps"] == 3
+    assert sorted(p.name for p in TrainDir(out).checkpoints.iterdir()) == ["step-3"]
+    assert not (out / train.TRACKER_PROJECT).exists()
+    assert (out / "notes.txt").read_text() == "mine" and (out / "mine" / "train.jsonl").read_text() == "{}\n"
+
+
+def test_an_output_directory_without_train_s_record_is_refused(data, preset, tmp_path):
+    """A model/ that train did not record making (another tool's, or an earlier version's) is not replaced."""
+    shutil.copytree(preset, tmp_path / "run" / "model")
+    before = tree_digest(tmp_path / "run")
+    with pytest.raises(RuntimeError) as err:  # train.OtherRunError
+        train.run(config(data, tmp_path / "run", max_steps=1))
+    assert "no record of the run that made them" in error_line(err)
+    assert tree_digest(tmp_path / "run") == before
+
+
+def test_a_checkpoint_is_checked_against_the_run_too(data, tmp_path):
+    """The checkpoint's own identity is compared as well (a checkpoint copied in from another run)."""
+    cfg = config(data, tmp_path / "run", max_steps=4, save_every=2)
+    run_until_killed(cfg, 3)
+    state_file = TrainDir(cfg.out).checkpoint(2) / checkpoint.TRAINER_STATE
+    state = torch.load(state_file, weights_only=True)
+    saved = json.loads(state["identity"])
+    saved["settings"]["optim"]["lr"] = 1e-3
+    state["identity"] = json.dumps(saved, sort_keys=True)
+    torch.save(state, state_file)
+    with pytest.raises(RuntimeError) as err:
+        train.run(cfg)
+    assert "optim.lr 0.001 -> 0.003" in error_line(err)
+
+
+@pytest.mark.parametrize("change", ["fewer rows", "edited text", "validation data", "multiplicities"])
+def test_resume_refuses_a_checkpoint_of_other_data_under_the_same_path(data, tmp_path, change):
+    """Before: replacing train.jsonl under the same path resumed the checkpoint and changed the run's length.
+    The checkpoint is kept; the original content under another path resumes it (the content counts, not the
+    path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir()
+    save_examples(str(tmp_path / "in" / "train.jsonl"), load_examples(data["train"]))
+    files = {
+        "data": str(tmp_path / "in" / "train.jsonl"),
+        "val_data": copy_file(data["validation"], tmp_path / "in" / "val.jsonl"),
+        "manifest": str(tmp_path / "in" / "manifest.parquet"),
+    }
+    ids = [ex.id for ex in load_examples(data["train"])]
+    pq.write_table(pa.table({"id": ids, "multiplicity": [1] * len(ids)}), files["manifest"])
+    cfg = config(data, tmp_path / "run", max_steps=None, epochs=1.0, save_every=2, **files)  # 64 / 8 = 8 steps
+    run_until_killed(cfg, 3)
+    originals = {k: copy_file(v, tmp_path / "kept" / Path(v).name) for k, v in files.items()}
+
+    if change == "fewer rows":
+        keep_lines(Path(files["data"]), 32)
+    elif change == "edited text":
+        edit_first_response(Path(files["data"]))
+    elif change == "validation data":
+        keep_lines(Path(files["val_data"]), 8)
+    else:
+        pq.write_table(pa.table({"id": ids, "multiplicity": [2] + [1] * (len(ids) - 1)}), files["manifest"])
+    named = {"validation data": "val_data: other content", "multiplicities": "multiplicities: other content"}
+    with pytest.raises(RuntimeError) as err:
+        train.run(cfg)
+    assert named.get(change, "data: other content") in error_line(err)
+    assert TrainDir(cfg.out).checkpoint(2).is_dir() and not TrainDir(cfg.out).summary.exists()
+
+    resumed = []
+    train.run(dataclasses.replace(cfg, **originals), on_step=lambda step, *_: resumed.append(step))
+    assert resumed == [3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("where", ["model in out", "out in model", "data in out"])
+def test_outputs_never_overlap_inputs(data, preset, tmp_path, where):
+    """Before: `--model D/model --out D` replaced the model being fine-tuned with the result. Refused in one line,
+    and the inputs are untouched."""
+    d = tmp_path / "D"
+    if where == "model in out":
+        shutil.copytree(preset, d / "model")
+        cfg = config(data, d, model=str(d / "model"), max_steps=1)
+    elif where == "out in model":
+        shutil.copytree(preset, d)
+        cfg = config(data, d / "finetuned", model=str(d), max_steps=1)
+    else:
+        cfg = config(data, d, data=copy_file(data["train"], d / "checkpoints" / "train.jsonl"), max_steps=1)
+    before = tree_digest(d)
+    with pytest.raises(checks.ConfigError) as err:
+        train.run(cfg)
+    assert "overlaps" in error_line(err)
+    assert tree_digest(d) == before
+
+
+# ----------------------------------------------------------------------------- option values
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("max_grad_norm", -1.0),  # would turn descent into ascent
+        ("max_grad_norm", 0.0),
+        ("epochs", 0.0),
+        ("epochs", -1.0),
+        ("max_steps", -5),
+        ("max_steps", 0),
+        ("save_every", -1),
+        ("eval_every", -1),
+        ("batch_size", 0),
+        ("micro_batch_size", 0),
+        ("max_length", 0),
+        ("keep_checkpoints", 0),
+        ("warmup_ratio", -0.1),
+        ("warmup_ratio", 1.5),
+        ("min_lr_ratio", 1.01),
+        ("seed", -1),
+        ("dtype", "float64"),
+        ("mixed_precision", "fp8"),
+    ],
+)
+def test_bad_values_are_refused_when_the_config_is_built(name, value):
+    with pytest.raises(checks.ConfigError, match=rf"^{name} must be .*got {value!r}"):
+        TrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name,value", [("r", 0), ("alpha", 0), ("alpha", -16), ("dropout", 1.0), ("dropout", -0.1)])
+def test_bad_lora_values_are_refused(name, value):
+    with pytest.raises(checks.ConfigError, match=rf"^lora\.{name} must be .*got {value!r}"):
+        LoraConfig(**{name: value})
+
+
+def test_the_edges_of_the_ranges_are_accepted():
+    TrainConfig(max_grad_norm=None, max_steps=None, save_every=0, eval_every=0, warmup_ratio=1.0, min_lr_ratio=0.0)
+    TrainConfig(batch_size=6, micro_batch_size=4)  # the loop takes a last, smaller micro-batch: no multiple needed
+    LoraConfig(dropout=0.0)
+
+
+@pytest.mark.parametrize("option", ["data", "val_data", "manifest"])
+def test_a_missing_input_is_refused_before_any_work(data, tmp_path, monkeypatch, option):
+    def no_work(*_args, **_kwargs):
+        raise AssertionError("work started before the inputs were checked")
+
+    monkeypatch.setattr(train, "load_trainable_model", no_work)
+    monkeypatch.setattr(train, "load_examples", no_work)
+    monkeypatch.setattr(train, "make_accelerator", no_work)
+    cfg = config(data, tmp_path / "run", **{option: str(tmp_path / "missing.jsonl")})
+    with pytest.raises(checks.ConfigError, match=rf"^{option}: no such file or directory"):
+        train.run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,named",
+    [
+        (["--max_grad_norm", "-1"], "max_grad_norm must be > 0"),
+        (["--lora.dropout", "1.0"], "lora.dropout must be < 1"),
+        ([], "--data"),  # no --data at all: there is no demo default
+    ],
+)
+def test_cli_refuses_in_one_line_naming_the_option(data, tmp_path, capsys, extra, named):
+    data_option = ["--data", data["train"]] if extra else []
+    argv = ["train", *data_option, "--out", str(tmp_path / "run"), "--model", "preset:tiny", *extra]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("datalever train: error:")]
+    assert len(errors) == 1 and named in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- a torn log
+
+
+def test_a_torn_last_log_line_is_skipped_on_resume(data, tmp_path):
+    """Power loss or a full disk cut the last line of train_log.jsonl mid-JSON: the run resumes and ends exactly as
+    an uninterrupted run (the torn step is redone). Before: the resume failed on the JSON, naming no file."""
+    kw = dict(max_steps=6, save_every=2)
+    ref = config(data, tmp_path / "ref", **kw)
+    train.run(ref)
+    cfg = config(data, tmp_path / "killed", **kw)
+    run_until_killed(cfg, 5)
+    log = TrainDir(cfg.out).log
+    text = log.read_text()
+    last = text.splitlines()[-1]
+    log.write_text(text[: len(text) - len(last) // 2 - 1])  # half of line 5, no newline
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(log.read_text().splitlines()[-1])
+
+    train.run(cfg)
+    a, b = weights(TrainDir(ref.out).model), weights(TrainDir(cfg.out).model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_log(cfg.out)] == [r["loss"] for r in read_log(ref.out)]
+    assert [r["step"] for r in read_log(cfg.out)] == list(range(1, 7))
+
+
+def test_a_torn_line_before_the_last_is_an_error_naming_the_file_and_line(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"train_log\.jsonl: line 2: malformed JSON"):
+        checkpoint.truncate_log(log, 3)
+    with pytest.raises(ValueError, match=r"train_log\.jsonl: line 2: malformed JSON"):
+        train.final_losses(log)
+    log.write_text('{"step": 1, "loss": 2.0, "val_loss": 2.5}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert train.final_losses(log) == (1.5, 2.5)
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def full_lengths(tokenizer, examples) -> list[int]:
+    """Prompt (with the tokenizer's special tokens) + response + EOS, counted with the tokenizer alone."""
+    return [
+        len(tokenizer(ex.prompt)["input_ids"]) + len(tokenizer(ex.response, add_special_tokens=False)["input_ids"]) + 1
+        for ex in examples
+    ]
+
+
+def test_summary_counts_the_examples_max_length_cuts_and_says_so(data, preset, tmp_path, caplog):
+    examples = load_examples(data["train"])
+    lengths = full_lengths(load_tokenizer(preset), examples)
+    max_length = sorted(lengths)[len(lengths) // 2]  # about half the examples are longer
+    n_cut = sum(n > max_length for n in lengths)
+    assert 0.01 * len(examples) < n_cut < len(examples)
+
+    with caplog.at_level(logging.WARNING, logger="datalever.train"):
+        summary = train.run(config(data, tmp_path / "cut", max_length=max_length, max_steps=1, val_data=None))
+    assert summary["truncation"]["n_examples"] == len(examples)
+    assert summary["truncation"]["n_cut"] == n_cut
+    assert summary["truncation"]["needed_length"] == max(lengths)
+    said = [r.getMessage() for r in caplog.records if "max_length" in r.getMessage()]
+    assert len(said) == 1 and f"{n_cut} of {len(examples)}" in said[0] and f"max_length={max(lengths)}" in said[0]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="datalever.train"):
+        whole = train.run(config(data, tmp_path / "whole", max_length=max(lengths), max_steps=1, val_data=None))
+    assert whole["truncation"]["n_cut"] == 0
+    assert not [r for r in caplog.records if "max_length" in r.getMessage()]
 
 
 # ----------------------------------------------------------------------------- several processes

@@ -13,6 +13,7 @@ are gathered into their full, unsharded form, so a checkpoint resumes on any num
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -22,17 +23,20 @@ from pathlib import Path
 import torch
 
 from datalever import rundir
+from datalever.launch import resolve_mixed_precision
 from datalever.optim import StepStats, is_dtensor
 
 MODEL = "model"
 TRAINER_STATE = "trainer_state.pt"
 RNG_STATE = "rng-{rank}.pt"
 
-# Settings that decide the trajectory: a checkpoint made with other values is not resumed.
-RESUME_KEYS = (
-    "model",
-    "data",
-    "manifest",
+# The settings that decide what a run computes: its weights, its logged losses and its summary. A run (finished or
+# checkpointed) is resumed or returned only for the same values and the same inputs (`resume_identity`).
+# Left out, as they change no number: out, progress, log_with, save_every, keep_checkpoints, trust_remote_code,
+# overwrite; and, like the number of processes, micro_batch_size (how a batch is split into passes: the gradient is
+# the same sum, only its rounding moves). The paths model, data, val_data and manifest are left out too: what they
+# hold counts instead (`train.load_inputs`: a moved copy is the same work, data edited in place is not).
+IDENTITY_SETTINGS = (
     "epochs",
     "max_steps",
     "batch_size",
@@ -44,7 +48,11 @@ RESUME_KEYS = (
     "lora",
     "seed",
     "dtype",
+    "mixed_precision",
+    "eval_every",  # which steps the log holds a validation loss for
 )
+DIRECTORY = "directory sha256:"  # how `model_identity` marks a hash of a directory's files
+IDENTITY_FORMAT = 2  # 1: settings only (paths, no contents); such checkpoints cannot be checked and are refused
 
 
 @dataclass
@@ -84,10 +92,109 @@ class Progress:
     compute: Compute = field(default_factory=Compute)
 
 
-def resume_identity(cfg) -> str:
-    """The settings of a TrainConfig that decide the trajectory, as one string to compare on resume."""
-    full = rundir.to_jsonable(cfg)
-    return json.dumps({k: full[k] for k in RESUME_KEYS}, sort_keys=True)
+def resume_identity(cfg, inputs: dict[str, str | None]) -> str:
+    """What a TrainConfig computes, as one string to compare on resume: the settings that decide the numbers and
+    `inputs`, what the model spec stands for and the fingerprints of the data (`train.load_inputs`)."""
+    settings = {k: v for k, v in rundir.to_jsonable(cfg).items() if k in IDENTITY_SETTINGS}
+    # Values that a setting makes unused change nothing: epochs under max_steps, the settings of adapters that are
+    # never made, of an optimizer that is not built.
+    if cfg.max_steps is not None:
+        settings["epochs"] = None
+    if not cfg.lora.enabled:
+        settings["lora"] = {"enabled": False}
+    settings["optim"] = _optimizer_settings(settings["optim"])
+    # bf16 autocast and float32 compute give other numbers: a run continues only with the one it was made with.
+    settings["mixed_precision"] = resolve_mixed_precision(cfg.mixed_precision)
+    return json.dumps({"format": IDENTITY_FORMAT, "settings": settings, "inputs": inputs}, sort_keys=True)
+
+
+def _optimizer_settings(optim: dict) -> dict:
+    """OptimConfig's values without the muon_* ones unless Muon is built (alone or under SAM) and without the sam_*
+    ones unless SAM is (optim.build_optimizer)."""
+    base = optim["sam_base"] if optim["name"] == "sam" else optim["name"]
+    unused = []
+    if base != "muon":
+        unused.append("muon_")
+    if optim["name"] != "sam":
+        unused.append("sam_")
+    return {k: v for k, v in optim.items() if not k.startswith(tuple(unused))}
+
+
+def identity_differences(saved: str | dict, now: str | dict) -> list[str]:
+    """What differs between two `resume_identity`s, one short phrase per setting or input."""
+    saved = json.loads(saved) if isinstance(saved, str) else saved
+    now = json.loads(now) if isinstance(now, str) else now
+    if saved.get("format") != now.get("format"):
+        return ["made by an earlier datalever version, whose record holds no input contents"]
+    before, after = _flat(saved["settings"]), _flat(now["settings"])
+    keys = sorted(before.keys() | after.keys())
+    changed = [k for k in keys if k not in before or k not in after or before[k] != after[k]]
+    diffs = [f"{k} {_shown(before, k)} -> {_shown(after, k)}" for k in changed]
+    for name in sorted(saved["inputs"].keys() | now["inputs"].keys()):
+        old, new = saved["inputs"].get(name), now["inputs"].get(name)
+        if old != new:
+            diffs.append(f"{name}: {_input_change(name, old, new)}")
+    return diffs
+
+
+def _shown(settings: dict, key: str) -> str:
+    return repr(settings[key]) if key in settings else "unused"  # left out as unused (lora off, another optimizer)
+
+
+def _input_change(name: str, old: str | None, new: str | None) -> str:
+    if old is None or new is None:
+        return "none before" if old is None else "none now"
+    if name == "model" and not (old.startswith(DIRECTORY) and new.startswith(DIRECTORY)):
+        return f"{old!r} -> {new!r}"  # specs (preset, hub id) or a spec for a directory: say which
+    return "other content"
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- input fingerprints
+
+
+def counts_fingerprint(multiplicities) -> str:
+    """The multiplicities in example order (no manifest: all 1, the same work as a manifest of ones)."""
+    return hashlib.sha256(",".join(str(int(m)) for m in multiplicities).encode()).hexdigest()[:16]
+
+
+def model_identity(spec: str) -> str:
+    """What the model spec stands for: for a local directory (the embedded one included) a hash of its files, so a
+    checkpoint retrained in place is not taken for the one a run started from; otherwise the spec itself (a preset
+    is built the same way for the same name and seed; a hub id is the hub's, its revision not pinned here)."""
+    from datalever.models import EMBEDDED_PREFIX, embedded_checkpoint, is_preset
+
+    if is_preset(spec):
+        return spec
+    path = Path(embedded_checkpoint(spec[len(EMBEDDED_PREFIX) :]) if spec.startswith(EMBEDDED_PREFIX) else spec)
+    path = path.expanduser()
+    return f"{DIRECTORY}{directory_fingerprint(path)}" if path.is_dir() else spec
+
+
+def directory_fingerprint(root: Path) -> str:
+    """sha256 over every file's relative path and bytes (hidden files and folders, e.g. caches, left out)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -261,12 +368,13 @@ def prune(layout: rundir.TrainDir, keep: int) -> None:
 
 
 def read_state(path: Path, identity: str) -> dict:
-    """The checkpoint's step, stream position, optimizer state and compute; refuses other settings."""
+    """The checkpoint's step, stream position, optimizer state and compute; refuses other settings or inputs."""
     state = torch.load(path / TRAINER_STATE, weights_only=True)
-    if state.get("identity") and state["identity"] != identity:
+    if state.get("identity") != identity:
+        diffs = identity_differences(state["identity"], identity) if state.get("identity") else ["no record"]
         raise RuntimeError(
-            f"{path} was saved by a run with other settings; use a new output directory "
-            f"(saved: {state['identity']}; now: {identity})"
+            f"{path} was saved by a run with other settings or inputs ({'; '.join(diffs)}); "
+            f"use a new output directory, or --overwrite true to train again there"
         )
     return state
 
@@ -311,9 +419,26 @@ def restore(path: Path, state: dict, accelerator, model, opt) -> Progress:
     return Progress(state["step"], state["position"], Compute(**state["compute"]))
 
 
+def read_log(log_path: Path) -> list[dict]:
+    """The JSONL log's records. A torn last line (the write a power loss or a full disk cut short) is left out:
+    its step is redone on resume. A torn line before the last is damage no kill makes, and an error."""
+    lines = [(n, line) for n, line in enumerate(log_path.read_text().splitlines(), start=1) if line.strip()]
+    records = []
+    for i, (lineno, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(
+                f"{log_path}: line {lineno}: malformed JSON ({e.msg}); only the last line may be cut short by a kill"
+            ) from None
+    return records
+
+
 def truncate_log(log_path: Path, step: int) -> None:
-    """Drop log lines of steps after `step` (written before a kill, redone after the resume)."""
+    """Drop log lines of steps after `step` (written before a kill, redone after the resume), and a torn last line."""
     if not log_path.exists():
         return
-    kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    rundir.atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    kept = [record for record in read_log(log_path) if record["step"] <= step]
+    rundir.atomic_write_text(log_path, "".join(json.dumps(record) + "\n" for record in kept))

@@ -32,6 +32,13 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+def resolve_mixed_precision(setting: str) -> str:
+    """What `auto` means on this machine: bf16 autocast on a GPU that supports it, else float32 ("no")."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def make_accelerator(mixed_precision: str, log_with: list[str] | None, project_dir: str):
     """An Accelerator set up from the environment (torchrun / accelerate launch / plain python).
 
@@ -48,8 +55,7 @@ def make_accelerator(mixed_precision: str, log_with: list[str] | None, project_d
     """
     from accelerate import Accelerator
 
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    mixed_precision = resolve_mixed_precision(mixed_precision)
     fsdp = fsdp_requested()
     if fsdp and os.environ.get("FSDP_VERSION", "1") != "2":
         raise ValueError(

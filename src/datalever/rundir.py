@@ -273,6 +273,17 @@ class RunDir(_Layout):
     def plot(self, name: str) -> Path:
         return self.root / f"results_{name}.png"
 
+    def experiment_outputs(self) -> list[Path]:
+        """What an experiment's stages wrote here (existing paths only): everything `--overwrite` removes.
+        data/ counts only when `data synth` made it (its synth.config.yaml is there): user data is never removed."""
+        named = [self.trajectories, self.trajectories_meta, self.proxy.root, self.root / "splits", self.root / "arms"]
+        named += [self.split().split, self.split().summary, self.split().trajectories_plot, self.split().datamap_plot]
+        named += [self.results_json, self.results_md, *self.root.glob("results_*.png")]
+        named += [p for stage in ("experiment", "profile", "split") for p in provenance_files(self.root, stage)]
+        if provenance_files(self.data, "synth")[0].exists():
+            named.append(self.data)
+        return [p for p in named if p.exists()]
+
 
 def read_manifest(path: str | os.PathLike) -> dict[str, int]:
     """An arm's manifest (from `datalever upsample`) as {example id: multiplicity}."""
@@ -335,8 +346,24 @@ def fingerprint(examples: Iterable) -> str:
     return f"{h.hexdigest()[:16]}-{n}"
 
 
-def record_provenance(run_dir: str | os.PathLike, stage: str, config: Any, **extra: Any) -> None:
-    """Write `<stage>.config.yaml` and `<stage>.meta.json` (versions, extra facts) into the run dir."""
-    run_dir = Path(run_dir)
-    write_yaml(run_dir / f"{stage}.config.yaml", config)
-    write_json(run_dir / f"{stage}.meta.json", {"stage": stage, "versions": versions(), **extra})
+def provenance_files(out_dir: str | os.PathLike, stage: str) -> tuple[Path, Path]:
+    """`<stage>.config.yaml` (the settings) and `<stage>.meta.json` (versions, facts) in a stage's directory."""
+    return Path(out_dir) / f"{stage}.config.yaml", Path(out_dir) / f"{stage}.meta.json"
+
+
+def content_fingerprint(examples: Iterable) -> str:
+    """The ids in order (`fingerprint`) plus a hash of every example's text and source: edited content under
+    kept ids differs. What profile and train compare before continuing a run."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for part in (ex.id, ex.prompt, ex.response, ex.source or ""):
+            h.update(part.encode("utf-8"))
+            h.update(b"\x1f")
+    return f"{fingerprint(examples)}-{h.hexdigest()[:16]}"
+
+
+def record_provenance(out_dir: str | os.PathLike, stage: str, config: Any, **extra: Any) -> None:
+    """Write the stage's settings and facts (with the library versions) into its directory."""
+    config_file, meta_file = provenance_files(out_dir, stage)
+    write_yaml(config_file, config)
+    write_json(meta_file, {"stage": stage, "versions": versions(), **extra})

@@ -31,6 +31,49 @@ class Encoded:
         """The maximum length cut the whole response away: no loss can be computed."""
         return self.n_response <= 0
 
+    @property
+    def full_length(self) -> int:
+        """Prompt plus response tokens before truncation: the max_length that keeps this example whole."""
+        return self.n_prompt + self.n_response_full
+
+    @property
+    def n_cut(self) -> int:
+        """Response tokens the maximum length cut away (0: the example is whole; a prompt cut too counts only
+        its response)."""
+        return min(self.full_length - len(self.input_ids), self.n_response_full)
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How many examples lost response tokens to max_length: a loss over a cut response describes
+    another target than the example's, so a run says so when it is more than a few."""
+
+    n_examples: int
+    n_cut: int  # examples that lost some of their response
+    n_cut_whole: int  # of those, examples that lost all of it (flagged, no loss)
+    max_length: int
+    needed_length: int  # the max_length that keeps every example whole
+
+    @classmethod
+    def of(cls, encoded: Sequence[Encoded], max_length: int) -> Truncation:
+        return cls(
+            n_examples=len(encoded),
+            n_cut=sum(e.n_cut > 0 for e in encoded),
+            n_cut_whole=sum(e.fully_truncated for e in encoded),
+            max_length=max_length,
+            needed_length=max((e.full_length for e in encoded), default=0),
+        )
+
+    def warning(self, limit: float = 0.01) -> str | None:
+        """One line when more than `limit` of the examples lost response tokens, else None."""
+        if self.n_cut <= limit * self.n_examples:
+            return None
+        return (
+            f"{self.n_cut} of {self.n_examples} examples ({self.n_cut / self.n_examples:.1%}) lose response tokens "
+            f"to max_length={self.max_length} ({self.n_cut_whole} lose all of it); "
+            f"max_length={self.needed_length} keeps every example whole"
+        )
+
 
 def encode_example(tokenizer, ex: Example, max_length: int) -> Encoded:
     """Tokenize prompt and response separately (so the boundary is exact), add EOS, cut from the right.

@@ -13,13 +13,22 @@ With N processes each step's batch is split evenly (batch_size must be a multipl
 is weighted so that the gradient equals the one a single process computes on the whole batch (SAM
 under DDP excepted: each process perturbs with its own gradient; under FSDP SAM perturbs with the
 whole batch's gradient, as one process does).
+
+`out` holds one run. Before any model is loaded, `run` checks the options (bad values, missing inputs,
+outputs that would overwrite an input) and what `out` already holds: train.meta.json records what made
+the run there (`checkpoint.resume_identity`: the settings that decide the numbers and the contents of
+the model, data and validation data). The same work is resumed or its summary returned; other work is
+refused, or with `overwrite` replaced (only the paths train writes, `train_outputs`, are removed).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +36,20 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from datalever import checkpoint, rundir
+from datalever import checkpoint, checks, rundir
 from datalever.checkpoint import Progress
 from datalever.examples import Example, load_examples
 from datalever.launch import make_accelerator, prepare
 from datalever.losses import ResponseLoss
-from datalever.models import count_parameters, load_model, load_tokenizer, resolve_model
+from datalever.models import (
+    DTYPES,
+    EMBEDDED_PREFIX,
+    count_parameters,
+    is_preset,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from datalever.optim import (
     SAM,
     MultiOptimizer,
@@ -44,10 +61,16 @@ from datalever.optim import (
     set_lr,
 )
 from datalever.sampler import epoch_order
-from datalever.tokens import IGNORE, Encoded, collate, encode_example
+from datalever.tokens import IGNORE, Encoded, Truncation, collate, encode_example
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"  # names its provenance files: train.config.yaml, train.meta.json
+TRACKER_PROJECT = "datalever"  # Accelerate's trackers (TensorBoard) write under out/<this>
+MIXED_PRECISIONS = ("no", "bf16", "auto")
 
 
 @dataclass
@@ -63,6 +86,16 @@ class LoraConfig:
     target_modules: list[str] | None = None
     """Module names to adapt, e.g. [q_proj, v_proj], or [all-linear]; None picks peft's default for the architecture."""
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        checks.positive("lora.r", self.r)
+        checks.positive("lora.alpha", self.alpha)
+        checks.non_negative("lora.dropout", self.dropout)
+        if self.dropout >= 1:  # dropout 1 zeroes every adapter input: the adapters would never learn
+            raise checks.ConfigError(f"lora.dropout must be < 1, got {self.dropout!r}")
+
 
 @dataclass
 class TrainConfig:
@@ -71,10 +104,11 @@ class TrainConfig:
     model: str = "embedded:demo-base"
     """HF checkpoint directory or hub id; `preset:NAME` builds a small model from scratch (once, into the preset cache
     $DATALEVER_CACHE/presets); `embedded:demo-base` is the pretrained demo model shipped with the package."""
-    data: str = "runs/demo/data/train.jsonl"
-    """Training examples (JSONL, JSON, Parquet, CSV or a datasets directory)."""
+    data: str | None = None
+    """Training examples (JSONL, JSON, Parquet, CSV or a datasets directory); required."""
     out: str = "runs/train"
-    """Output directory: checkpoints, the final model, train_log.jsonl, train_summary.json."""
+    """Output directory: checkpoints, the final model, train_log.jsonl, train_summary.json. A run there of the same
+    settings and inputs is resumed (or, finished, returned); one of others is refused unless `overwrite`."""
     manifest: str | None = None
     """Optional multiplicity manifest (from `datalever upsample`): draw each example that many times per epoch without
     copying the data."""
@@ -120,6 +154,32 @@ class TrainConfig:
     """Show progress bars."""
     trust_remote_code: bool = False
     """Allow custom model code from the checkpoint (only for checkpoints you trust)."""
+    overwrite: bool = False
+    """If `out` holds a run of other settings or inputs (what train.meta.json records), delete what train wrote there
+    (checkpoints/, model/, adapter/, train_log.jsonl, train_summary.json, train.config.yaml, train.meta.json, the
+    trackers' logs) and train again; without it such a run is refused. A run of the same work is always resumed or
+    returned, never redone."""
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values that cannot work (the input paths are checked by `run`: a config may name data that a
+        stage generates later)."""
+        for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "keep_checkpoints"):
+            checks.positive(name, getattr(self, name))
+        checks.positive("max_steps", self.max_steps, optional=True)
+        checks.positive("max_grad_norm", self.max_grad_norm, optional=True)  # a negative norm would flip the step
+        checks.non_negative("eval_every", self.eval_every)
+        checks.non_negative("save_every", self.save_every)
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            checks.non_negative(name, getattr(self, name))
+            checks.at_most(name, getattr(self, name), 1)
+        checks.non_negative("seed", self.seed)
+        checks.at_most("seed", self.seed, 2**32 - 1)  # numpy's seed range (accelerate seeds numpy too)
+        checks.one_of("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        checks.one_of("dtype", self.dtype, DTYPES)
+        self.lora.check()
 
 
 # ----------------------------------------------------------------------------- data
@@ -160,6 +220,118 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[Example], list[int]]:
 
 def load_validation_data(cfg: TrainConfig) -> list[Example]:
     return load_examples(cfg.val_data) if cfg.val_data else []
+
+
+@dataclass
+class TrainInputs:
+    """The data a run trains and validates on, and its identity (settings and input contents)."""
+
+    examples: list[Example]
+    multiplicities: list[int]
+    val_examples: list[Example]
+    identity: str  # `checkpoint.resume_identity`: what a checkpoint or a finished run must share to be reused
+
+
+def load_inputs(cfg: TrainConfig) -> TrainInputs:
+    """Read the data and fingerprint the inputs (a local model directory by its files)."""
+    model = checkpoint.model_identity(cfg.model)
+    examples, multiplicities = load_training_data(cfg)
+    val_examples = load_validation_data(cfg)
+    fingerprints = {
+        "model": model,
+        "data": rundir.content_fingerprint(examples),
+        "multiplicities": checkpoint.counts_fingerprint(multiplicities),
+        "val_data": rundir.content_fingerprint(val_examples) if cfg.val_data else None,
+    }
+    return TrainInputs(examples, multiplicities, val_examples, checkpoint.resume_identity(cfg, fingerprints))
+
+
+# ----------------------------------------------------------------------------- the output directory
+
+
+class OtherRunError(RuntimeError):
+    """`out` holds a run of other settings or inputs."""
+
+
+def train_outputs(layout: rundir.TrainDir) -> list[Path]:
+    """Every path train writes under `out`: all that `overwrite` removes (and all an input must stay clear of)."""
+    config_file, meta_file = rundir.provenance_files(layout.root, STAGE)
+    return [
+        layout.checkpoints,
+        layout.model,
+        layout.adapter,
+        layout.log,
+        layout.summary,
+        config_file,
+        meta_file,
+        layout.root / TRACKER_PROJECT,
+    ]
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Before anything is read: the options' values (again: a stage may have set fields after construction), the
+    inputs exist, and no output would land on an input."""
+    cfg.check()
+    if cfg.data is None:
+        raise checks.ConfigError("data is required: the training examples to fine-tune on (--data FILE)")
+    checks.existing_path("data", cfg.data)
+    checks.existing_path("val_data", cfg.val_data, optional=True)
+    checks.existing_path("manifest", cfg.manifest, optional=True)
+    if not is_preset(cfg.model):  # a missing local model directory is refused here (a preset is built later)
+        resolve_model(cfg.model)
+    check_no_overlap(cfg)
+
+
+def input_paths(cfg: TrainConfig) -> dict[str, str]:
+    """The options that name local inputs (a preset, embedded or hub model is no path of the user's)."""
+    paths = {"data": cfg.data, "val_data": cfg.val_data, "manifest": cfg.manifest}
+    local_model = not is_preset(cfg.model) and not cfg.model.startswith(EMBEDDED_PREFIX)
+    if local_model and Path(cfg.model).expanduser().exists():
+        paths["model"] = cfg.model
+    return {option: path for option, path in paths.items() if path is not None}
+
+
+def check_no_overlap(cfg: TrainConfig) -> None:
+    """Refuse an `out` where train would write over, around or inside one of its inputs (`--model D/model --out D`
+    would replace the model being fine-tuned)."""
+    written = [path.resolve() for path in train_outputs(rundir.TrainDir(Path(cfg.out).expanduser()))]
+    for option, given in input_paths(cfg).items():
+        source = Path(given).expanduser().resolve()
+        for path in written:
+            if path == source or source.is_relative_to(path) or path.is_relative_to(source):
+                raise checks.ConfigError(
+                    f"out={cfg.out}: train would write {path}, which overlaps {option}={given}; "
+                    f"choose an --out apart from the inputs"
+                )
+
+
+def other_run(layout: rundir.TrainDir, identity: str) -> str | None:
+    """What `out` holds if it is other work than this run, in a phrase; None if it holds nothing of train's or a run
+    of the same work (to resume, or finished)."""
+    found = [path.name for path in train_outputs(layout) if path.exists()]
+    if not found:
+        return None
+    meta_file = rundir.provenance_files(layout.root, STAGE)[1]
+    recorded = rundir.read_json(meta_file).get("identity") if meta_file.exists() else None
+    if recorded is None:  # made by an earlier version, or not by train: nothing says what made it
+        return f"{', '.join(found)} but no record of the run that made them ({meta_file.name})"
+    differences = checkpoint.identity_differences(recorded, identity)
+    if not differences:
+        return None
+    shown = "; ".join(differences[:4]) + (f"; ... ({len(differences) - 4} more)" if len(differences) > 4 else "")
+    return f"a training run with other settings or inputs ({shown})"
+
+
+def remove_earlier_run(layout: rundir.TrainDir, accelerator: Accelerator) -> None:
+    """Delete what train wrote in `out` (and the temporary files a killed write left beside them), nothing else."""
+    if accelerator.is_main_process:
+        for path in train_outputs(layout):
+            for found in [path, *layout.root.glob(f".{path.name}.*.tmp")]:
+                if found.is_dir() and not found.is_symlink():
+                    shutil.rmtree(found)
+                elif found.exists() or found.is_symlink():
+                    found.unlink()
+    accelerator.wait_for_everyone()
 
 
 def total_steps(cfg: TrainConfig, epoch_len: int) -> int:
@@ -215,8 +387,9 @@ class TrainJob:
     stream: ExampleStream
     steps: int
     warmup: int
-    identity: str  # the settings a checkpoint must share to be resumed (`checkpoint.resume_identity`)
+    identity: str  # what a checkpoint must share to be resumed (`checkpoint.resume_identity`)
     progress: Progress  # where the run stands: updated by every step, saved by every checkpoint
+    truncation: Truncation  # how many trained examples max_length cut
 
 
 def apply_lora(model, lora: LoraConfig):
@@ -250,28 +423,29 @@ def load_trainable_model(cfg: TrainConfig, accelerator: Accelerator):
     return model_path, tokenizer, hf_model
 
 
-def setup(cfg: TrainConfig) -> TrainJob:
-    """The launch, the model and its optimizer, the data, and the progress of the latest checkpoint."""
+def setup(cfg: TrainConfig, inputs: TrainInputs, *, replace: bool = False) -> TrainJob:
+    """The launch, the model and its optimizer, the encoded data, and the progress of the latest checkpoint;
+    `replace`: first delete the run of other work in `out` (`remove_earlier_run`)."""
     layout = rundir.TrainDir(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.log_with, str(layout.root))
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(
             f"batch_size={cfg.batch_size} must be a multiple of the number of processes ({accelerator.num_processes})"
         )
+    if replace:
+        remove_earlier_run(layout, accelerator)
     model_path, tokenizer, hf_model = load_trainable_model(cfg, accelerator)
     n_params, trainable = count_parameters(hf_model), count_parameters(hf_model, trainable_only=True)
-    identity = checkpoint.resume_identity(cfg)
     last = checkpoint.latest(layout)
-    saved = checkpoint.read_state(last, identity) if last is not None else None
+    saved = checkpoint.read_state(last, inputs.identity) if last is not None else None
     if last is not None:
         checkpoint.load_weights(last, hf_model)  # before wrapping: FSDP shards what is loaded here
     opt = build_optimizer(hf_model, cfg.optim)
     model = prepare(accelerator, ResponseLoss(hf_model), opt)
 
-    examples, multiplicities = load_training_data(cfg)
-    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
-    val_encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in load_validation_data(cfg)]
-    stream = ExampleStream(multiplicities, seed=cfg.seed)
+    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in inputs.examples]
+    val_encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in inputs.val_examples]
+    stream = ExampleStream(inputs.multiplicities, seed=cfg.seed)
     steps = total_steps(cfg, stream.epoch_len)
     progress = checkpoint.restore(last, saved, accelerator, model, opt) if saved is not None else Progress()
     job = TrainJob(
@@ -284,37 +458,44 @@ def setup(cfg: TrainConfig) -> TrainJob:
         model_path=model_path,
         n_params=n_params,
         trainable=trainable,
-        n_examples=len(examples),
+        n_examples=len(inputs.examples),
         encoded=encoded,
         val_encoded=val_encoded,
         stream=stream,
         steps=steps,
         warmup=warmup_steps(cfg, steps),
-        identity=identity,
+        identity=inputs.identity,
         progress=progress,
+        # Only the examples the stream draws (a manifest may give some multiplicity 0) are trained on.
+        truncation=Truncation.of([e for e, m in zip(encoded, inputs.multiplicities) if m > 0], cfg.max_length),
     )
-    start_logs(job, examples)
+    start_logs(job, inputs.examples)
     return job
 
 
 def start_logs(job: TrainJob, examples: list[Example]) -> None:
-    """Cut the JSONL log back to the checkpoint, record the run's provenance, start the trackers."""
+    """Cut the JSONL log back to the checkpoint, record the run's provenance and identity, say how much max_length
+    cuts, start the trackers."""
     cfg, accelerator = job.cfg, job.accelerator
     if accelerator.is_main_process:
         checkpoint.truncate_log(job.layout.log, job.progress.step)  # lines after the checkpoint are redone
         rundir.record_provenance(
             job.layout.root,
-            "train",
+            STAGE,
             cfg,
+            identity=json.loads(job.identity),
             data_fingerprint=rundir.fingerprint(examples),
             model_path=job.model_path,
             n_params=job.n_params,
             total_steps=job.steps,
             world_size=accelerator.num_processes,
+            truncation=dataclasses.asdict(job.truncation),
         )
+        if job.truncation.warning():
+            log.warning("train: %s", job.truncation.warning())
     accelerator.wait_for_everyone()
     tracked = {"lr": cfg.optim.lr, "optimizer": cfg.optim.name, "batch_size": cfg.batch_size, "lora": cfg.lora.enabled}
-    accelerator.init_trackers("datalever", config=tracked)
+    accelerator.init_trackers(TRACKER_PROJECT, config=tracked)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -341,6 +522,7 @@ def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[in
             start += time.perf_counter() - hook_start  # compute.wall_s counts training, not the caller's hook
         step = progress.step
         if (cfg.save_every and step % cfg.save_every == 0) or step == job.steps or step in checkpoint_steps:
+            sync_log(job)
             checkpoint.save(
                 job.layout,
                 job.accelerator,
@@ -352,6 +534,14 @@ def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[in
                 keep=cfg.keep_checkpoints,
             )
     bar.close()
+
+
+def sync_log(job: TrainJob) -> None:
+    """Put the log on disk before the checkpoint that resumes after its last line: a power loss can then tear only
+    lines that the resume redoes."""
+    if job.accelerator.is_main_process and job.layout.log.exists():
+        with open(job.layout.log, "a") as f:
+            os.fsync(f.fileno())
 
 
 def train_step(job: TrainJob) -> tuple[StepStats, int]:
@@ -492,6 +682,7 @@ def finish(job: TrainJob) -> dict:
         "lora": job.cfg.lora.enabled,
         "world_size": accelerator.num_processes,
         "distributed_type": accelerator.distributed_type.value,
+        "truncation": dataclasses.asdict(job.truncation),
     }
     save_model(job)
     if accelerator.is_main_process:
@@ -503,11 +694,9 @@ def finish(job: TrainJob) -> dict:
 def final_losses(log_path: Path) -> tuple[float | None, float | None]:
     """The last training loss and the last validation loss in the JSONL log."""
     loss = val_loss = None
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            record = json.loads(line)
-            val_loss = record.get("val_loss", val_loss)
-            loss = record.get("loss", loss)
+    for record in checkpoint.read_log(log_path) if log_path.exists() else []:
+        val_loss = record.get("val_loss", val_loss)
+        loss = record.get("loss", loss)
     return loss, val_loss
 
 
@@ -544,16 +733,24 @@ def merge_lora(job: TrainJob, peft_model, state_dict: dict):
 
 
 def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set[int] | None = None) -> dict:
-    """Train, checkpoint, resume if a checkpoint exists; returns the summary (also written to out).
+    """Train, checkpoint, resume if a checkpoint of the same work exists; returns the summary (also written to out).
 
     `on_step(step, record, model, accelerator)` runs after every optimizer step, before that step's
     checkpoint (the profile stage records losses there); `checkpoint_steps` adds steps at which a
     resumable checkpoint is saved.
     """
-    summary_path = rundir.TrainDir(cfg.out).summary
-    if summary_path.exists():
-        return rundir.read_json(summary_path)  # finished before: nothing to do
-    job = setup(cfg)
+    check_inputs(cfg)
+    inputs = load_inputs(cfg)
+    layout = rundir.TrainDir(cfg.out)
+    other = other_run(layout, inputs.identity)
+    if other and not cfg.overwrite:
+        raise OtherRunError(
+            f"{layout.root} holds {other}: use a new --out, or --overwrite true to delete train's files there "
+            f"and train again"
+        )
+    if other is None and layout.summary.exists():
+        return rundir.read_json(layout.summary)  # the same work, finished before: nothing to do
+    job = setup(cfg, inputs, replace=other is not None)
     train_loop(job, on_step, checkpoint_steps or set())
     summary = finish(job)
     # Not accelerator.end_training(): it also destroys the process group, which a caller running several
