@@ -170,3 +170,104 @@ def test_the_demo_runs_the_shipped_study_config_with_its_own_arms_and_seeds(tmp_
     assert ran[0].arms == ["base", "hard"] and ran[0].seeds == [4] and ran[0].run_dir == str(tmp_path)
     assert ran[0].train == study.train and ran[0].profile == study.profile and ran[0].synth == study.synth
     assert study.train.model == "embedded:demo-base" and study.train.epochs == 6  # README's chosen settings
+
+
+def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_again(tmp_path):
+    """An experiment rerun with a new lr once reused every finished arm and rewrote its config."""
+    from datalever import rundir
+    from datalever.checks import ConfigError
+
+    cfg = _config(tmp_path)
+    rundir.record_provenance(tmp_path, "experiment", cfg)
+    finished = rundir.RunDir(tmp_path).seed_dir("base", 0).eval.metrics
+    rundir.write_json(finished, {"accuracy": 0.5})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.jsonl").write_text("{}\n")  # not made by `data synth`: never removed
+
+    more = _config(tmp_path)
+    more.seeds, more.arms = [0, 1, 2], ["base", "hard", "random"]
+    experiment.check_same_settings(more)  # more seeds and arms: the same work, continued
+    more.train.data, more.profile.train_file = "set/per/arm.jsonl", "set/by/experiment.jsonl"
+    assert experiment.settings_differences(rundir.to_jsonable(cfg), more) == []  # the experiment sets these
+
+    other = _config(tmp_path)
+    other.train.optim.lr *= 2
+    other.eval_limit = 5
+    with pytest.raises(ConfigError, match=r"eval_limit: None -> 5; train\.optim\.lr: 0\.001 -> 0\.002"):
+        experiment.check_same_settings(other)
+    assert finished.exists()
+
+    other.overwrite = True
+    experiment.check_same_settings(other)
+    assert not finished.exists() and not (tmp_path / "arms").exists()
+    assert (tmp_path / "data" / "mine.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"arms": []}, "arms is empty"),
+        ({"arms": ["base", "hardest"]}, "unknown arm 'hardest'"),
+        ({"eval_split": "dev"}, "eval_split must be one of test, validation"),
+        ({"train_file": "/no/such/train.jsonl"}, "train_file: no such file"),
+        ({"seeds": []}, "seeds must name one seed"),
+        ({"m": 1_000_000}, "m must be <= 100"),
+    ],
+)
+def test_the_whole_experiment_is_checked_before_any_work(tmp_path, change, match):
+    """An unknown eval_split or a missing test file once failed only after profiling and training."""
+    import dataclasses
+
+    from datalever.checks import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(_config(tmp_path), **change)
+
+
+@pytest.mark.parametrize("name", ["../../x", "/abs/path", "a/b", ".hidden", ""])
+def test_an_arm_name_cannot_leave_the_run_directory(name):
+    from datalever.checks import ConfigError
+
+    with pytest.raises(ConfigError, match="arm name"):
+        experiment.ArmConfig(name=name, data="hard")
+
+
+def test_user_defined_arms_work_from_yaml_and_the_command_line(tmp_path):
+    """extra_arms from a YAML file once arrived as dicts ('dict' object has no attribute 'name')."""
+    from datalever.cli import read_config
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(
+        "run_dir: runs/x\narms: [base, hard-adam3]\n"
+        "extra_arms:\n  - {name: hard-adam3, data: hard, optimizer: adamw, features: final}\n"
+    )
+    cfg = read_config(experiment.ExperimentConfig, config)
+    arm = experiment.arm_spec(cfg, "hard-adam3")
+    assert isinstance(arm, experiment.ArmConfig) and arm.data == "hard" and arm.features == "final"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms: [x]\nextra_arms:\n  - {name: x, data: hardest}\n")
+    with pytest.raises(ValueError, match="arm x: data must be one of"):
+        read_config(experiment.ExperimentConfig, bad)
+
+
+def test_overlapping_splits_are_refused_before_any_work_and_recorded_when_allowed(tmp_path, monkeypatch):
+    """A test file equal to the train file once ran without a word."""
+    import dataclasses
+
+    from datalever import synth
+    from datalever.examples import DataError
+
+    files = synth.write_splits(str(tmp_path / "data"), n_train=8, n_val=4, n_test=4, seed=0)
+    cfg = dataclasses.replace(
+        _config(tmp_path / "run"), train_file=files["train"], val_file=files["validation"], test_file=files["train"]
+    )
+    monkeypatch.setattr(experiment, "run_method", lambda *a: pytest.fail("work started before the check"))
+    with pytest.raises(DataError, match="test shares 8 of 8 examples with train"):
+        experiment.run(cfg)
+    clean = experiment.check_splits_apart(
+        dataclasses.replace(cfg, test_file=files["test"]),
+        experiment.data_files(dataclasses.replace(cfg, test_file=files["test"])),
+    )
+    assert clean == {"splits": ["train", "validation", "test"], "overlaps": []}
+    allowed = experiment.check_splits_apart(dataclasses.replace(cfg, allow_overlap=True), experiment.data_files(cfg))
+    assert [(o["first"], o["second"], o["count"]) for o in allowed["overlaps"]] == [("train", "test", 8)]

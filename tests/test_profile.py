@@ -195,7 +195,7 @@ def test_every_column_equals_brute_force_loss_of_the_weights_at_that_step(refere
 
 def test_store_format_step_order_and_flagged_examples(reference):
     table, meta = reference["table"], reference["meta"]
-    assert table.column_names == ["id", "source", "n_tokens", "flag"] + [loss_column(s) for s in STEPS]
+    assert table.column_names == ["id", "source", "n_tokens", "n_cut", "flag"] + [loss_column(s) for s in STEPS]
     assert meta["steps"] == meta["planned_steps"] == STEPS and meta["complete"] is True
     assert meta["loss_columns"] == [loss_column(s) for s in STEPS]
     assert meta["proxy_steps"] == 7 and meta["seed"] == 0 and meta["proxy"]["model_type"] == "llama"
@@ -207,6 +207,14 @@ def test_store_format_step_order_and_flagged_examples(reference):
     assert [r["id"] for r in rows] == [ex.id for ex in examples]  # the training file's order
     flagged = [r for r in rows if r["flag"]]
     assert len(flagged) == 1 and flagged[0]["flag"] == "truncated" and flagged[0]["n_tokens"] == 0
+    # The response tokens max_length cut, counted by hand: what does not fit after the prompt (+ EOS).
+    tokenizer = load_tokenizer(resolve_model("preset:tiny"))
+    for ex, r in zip(examples, rows):
+        n_prompt = len(tokenizer(ex.prompt)["input_ids"])
+        n_response = len(tokenizer(ex.response, add_special_tokens=False)["input_ids"]) + 1
+        assert r["n_cut"] == n_response - min(n_response, max(MAX_LENGTH - n_prompt, 0)), ex.id
+    assert meta["truncation"]["n_cut"] == sum(r["n_cut"] > 0 for r in rows) and meta["truncation"]["n_cut_whole"] == 1
+    assert meta["truncation"]["needed_length"] > MAX_LENGTH
     assert all(math.isnan(flagged[0][loss_column(s)]) for s in STEPS)
     assert meta["n_flagged"] == 1 and meta["flag_counts"] == {"truncated": 1}
     for r in rows:

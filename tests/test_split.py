@@ -337,3 +337,18 @@ def test_plot_legends_mark_the_hard_cluster():
     assert _group_label(df, "0", df["hard"] == False) == "cluster 0, n=2"  # noqa: E712
     assert _group_label(df, "1", df["hard"]) == "cluster 1 (hard), n=3"
     assert _group_label(df, "gsm8k", df["hard"]) == "gsm8k (hard), n=3"
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"features": "shape"}, "features must be one of"),
+        ({"k": 1}, "k must be an integer >= 2"),
+        ({"min_source_size": 0}, "min_source_size must be > 0"),
+    ],
+)
+def test_bad_split_options_are_refused_when_the_config_is_built(options, match):
+    from datalever.checks import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        SplitConfig(**options)

@@ -203,3 +203,20 @@ def test_variants_are_deterministic_and_round_trip_through_the_gsm8k_loader(load
 def test_variants_need_a_synth_example():
     with pytest.raises(ValueError, match="kind"):
         synth.variants(Example("x", "2+2=", "4"), n=1)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"n_train": -5}, "n_train must be > 0"),
+        ({"n_test": -1}, "n_test must be >= 0"),
+        ({"mix": (0.5, 0.5, 0.5)}, "mix must be three"),
+    ],
+)
+def test_bad_synth_options_are_refused_before_any_file_is_written(tmp_path, options, match):
+    """`data synth --n_train -5` once wrote an empty training file."""
+    from datalever.checks import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        synth.SynthConfig(out=str(tmp_path / "data"), **options)
+    assert not (tmp_path / "data").exists()

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datalever import rundir
+from datalever.checks import ConfigError
 from datalever.examples import Example, load_examples, save_examples
 from datalever.upsample import UpsampleConfig, UpsampleError, load_callable, multiplicities, run
 
@@ -264,11 +265,24 @@ def test_run_errors(tmp_path, monkeypatch):
     with pytest.raises(UpsampleError, match="no split"):
         run(UpsampleConfig(run_dir=str(tmp_path)))
     examples = make_run(tmp_path)
-    with pytest.raises(UpsampleError, match="base"):
-        run(UpsampleConfig(run_dir=str(tmp_path), arm="base", synth_fn="mysynth:clash"))
     save_examples(str(tmp_path / "data" / "train.jsonl"), examples[:-1])
     with pytest.raises(UpsampleError, match="disagree"):
         run(UpsampleConfig(run_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"arm": "medium"}, "arm must be one of"),
+        ({"m": -1}, "m must be >= 0"),
+        ({"m": 1_000_000}, "m must be <= 100"),  # once ran for minutes without a word
+        ({"synth_per_hard": -2}, "synth_per_hard must be >= 0"),
+        ({"arm": "base", "synth_fn": "datalever.synth:variants"}, "base arm selects no examples"),
+    ],
+)
+def test_bad_options_are_refused_when_the_config_is_built(options, match):
+    with pytest.raises(ConfigError, match=match):
+        UpsampleConfig(**options)
 
 
 def test_default_generator_on_embedded_data(tmp_path):

@@ -112,9 +112,12 @@ def _subparser(config_cls, help_text: str) -> ArgumentParser:
 
 def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
     """The parser; only the chosen command's module is imported (the others get a help line), so start-up is fast."""
+    from datalever import __version__
+
     parser = ArgumentParser(
         prog="datalever", description="datalever: the training-data distribution as a lever on LLM fine-tuning."
     )
+    parser.add_argument("--version", action="version", version=f"datalever {__version__}")
     top = parser.add_subcommands(dest="command")
     groups: dict[str, typing.Any] = {}
     # Level order: first all top-level names, then the second level (jsonargparse requires it).
@@ -138,18 +141,24 @@ def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
 
 
 def _to_dataclass(cls, values: dict):
-    """Build a (possibly nested) config dataclass from parsed values."""
+    """Build a (possibly nested) config dataclass from parsed values: nested configs and lists of
+    them (e.g. an experiment's extra_arms) arrive as dicts."""
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         key = f.name if f.name in values else "\u200b" + f.name  # jsonargparse escapes names like `keys`
-        if key not in values:
-            continue
-        value = values[key]
-        if dataclasses.is_dataclass(hints[f.name]) and isinstance(value, dict):
-            value = _to_dataclass(hints[f.name], value)
-        kwargs[f.name] = value
+        if key in values:
+            kwargs[f.name] = _to_value(hints[f.name], values[key])
     return cls(**kwargs)
+
+
+def _to_value(hint, value):
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        return _to_dataclass(hint, value)
+    item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
+    if dataclasses.is_dataclass(item) and isinstance(value, list):
+        return [_to_dataclass(item, v) if isinstance(v, dict) else v for v in value]
+    return value
 
 
 def read_config(config_cls, path: str | os.PathLike):
@@ -191,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     config_cls, run = _load(path)
     values = {k: v for k, v in node.as_dict().items() if k != "config"}
     try:
-        result = run(_to_dataclass(config_cls, values))
+        config = _to_dataclass(config_cls, values)  # checks every option before any work starts
+        _warn_if_busy()
+        result = run(config)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         # Bad input or a refused run: the message names the file, line and problem; a traceback
         # would only bury it. DATALEVER_DEBUG=1 shows the traceback.
@@ -202,6 +213,19 @@ def main(argv: list[str] | None = None) -> None:
     if isinstance(result, str):
         print(result)
     _leave_process_group()
+
+
+def _warn_if_busy() -> None:
+    """Say so when other work already keeps every core busy: two torch processes sharing two cores ran 12x
+    slower. The thread count is not changed behind the user's back: on a CPU it decides the numbers too."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load >= cores:
+        print(
+            f"datalever: warning: the machine is busy (load {load:.1f} on {cores} cores): this run may be several "
+            "times slower; run alone, or give each process its share of threads (OMP_NUM_THREADS)",
+            file=sys.stderr,
+        )
 
 
 def _leave_process_group() -> None:

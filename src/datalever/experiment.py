@@ -9,23 +9,30 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 
-from datalever import rundir
+from datalever import checks, rundir
 from datalever.evaluate import EvalConfig
 from datalever.evaluate import run as eval_run
+from datalever.examples import check_overlap, load_examples
+from datalever.optim import NAMES as OPTIMIZERS
 from datalever.profile import ProfileConfig
 from datalever.profile import run as profile_run
 from datalever.report import write_report
 from datalever.rundir import ArmDir, RunDir, SplitDir
-from datalever.split import SplitConfig
+from datalever.split import FEATURES, SplitConfig
 from datalever.split import run as split_run
 from datalever.synth import SPLITS, SynthConfig, run_synth
 from datalever.train import TrainConfig, total_steps
 from datalever.train import run as train_run
-from datalever.upsample import UpsampleConfig
+from datalever.upsample import ARMS as upsample_arms
+from datalever.upsample import MAX_M, UpsampleConfig
 from datalever.upsample import run as upsample_run
+
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -45,6 +52,18 @@ class ArmConfig:
     features: str | None = None
     """Split features for this arm: trajectory | final | relative; None: the experiment's. The same profile is split
     again under splits/<features>/."""
+
+    def __post_init__(self) -> None:
+        # The name becomes a directory under arms/: one plain path component, never a way out of the run.
+        if not ARM_NAME.fullmatch(self.name or ""):
+            raise checks.ConfigError(
+                f"arm name {self.name!r}: use letters, digits, '.', '_' and '-' (it names a directory under arms/)"
+            )
+        checks.one_of(f"arm {self.name}: data", self.data, upsample_arms)
+        if self.optimizer is not None:
+            checks.one_of(f"arm {self.name}: optimizer", self.optimizer, OPTIMIZERS)
+        if self.features is not None:
+            checks.one_of(f"arm {self.name}: features", self.features, FEATURES)
 
 
 BUILTIN_ARMS: dict[str, ArmConfig] = {
@@ -103,6 +122,52 @@ class ExperimentConfig:
     """Evaluate only the first N examples (quick checks)."""
     progress: bool = True
     """Show progress bars."""
+    allow_overlap: bool = False
+    """Run even when the train, validation and test files share examples (same content id or same prompt up to
+    case and spacing); without it such an experiment is refused. The report records the check either way."""
+    overwrite: bool = False
+    """Rerun with settings that differ from the ones recorded in run_dir: delete the outputs the experiment wrote
+    there and start again (without it such a rerun is refused, so no result is reused under other settings)."""
+
+    def __post_init__(self) -> None:
+        """The whole experiment is checked here, before any data is generated or model trained."""
+        checks.one_of("features", self.features, FEATURES)
+        checks.non_negative("m", self.m)
+        checks.at_most("m", self.m, MAX_M)
+        checks.one_of("eval_split", self.eval_split, ("test", "validation"))
+        checks.positive("eval_max_new_tokens", self.eval_max_new_tokens)
+        checks.positive("eval_batch_size", self.eval_batch_size)
+        checks.positive("eval_limit", self.eval_limit, optional=True)
+        self._check_arms()
+        self._check_seeds()
+        self._check_files()
+
+    def _check_arms(self) -> None:
+        if not self.arms:
+            raise checks.ConfigError("arms is empty: name at least one arm (e.g. [base, hard])")
+        if len(set(self.arms)) != len(self.arms):
+            raise checks.ConfigError(f"arms names an arm twice: {self.arms}")
+        for name in self.arms:
+            arm = arm_spec(self, name)
+            if arm.match_steps_of is not None:
+                arm_spec(self, arm.match_steps_of)
+
+    def _check_seeds(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise checks.ConfigError(f"seeds must name one seed at least, each once; got {self.seeds}")
+
+    def _check_files(self) -> None:
+        if self.train_file is None:
+            if self.val_file or self.test_file:
+                raise checks.ConfigError("val_file/test_file without train_file: give train_file too")
+            return  # the embedded dataset is generated
+        checks.existing_path("train_file", self.train_file)
+        checks.existing_path("val_file", self.val_file, optional=True)
+        checks.existing_path("test_file", self.test_file, optional=True)
+        eval_file = {"test": self.test_file, "validation": self.val_file}[self.eval_split]
+        if eval_file is None:
+            option = "test_file" if self.eval_split == "test" else "val_file"
+            raise checks.ConfigError(f"eval_split={self.eval_split} needs {option}")
 
 
 def arm_spec(cfg: ExperimentConfig, name: str) -> ArmConfig:
@@ -111,7 +176,7 @@ def arm_spec(cfg: ExperimentConfig, name: str) -> ArmConfig:
         return extra[name]
     if name in BUILTIN_ARMS:
         return BUILTIN_ARMS[name]
-    raise ValueError(f"unknown arm {name!r}: built-in {sorted(BUILTIN_ARMS)}, or define it in extra_arms")
+    raise checks.ConfigError(f"unknown arm {name!r}: built-in {sorted(BUILTIN_ARMS)}, or define it in extra_arms")
 
 
 def data_files(cfg: ExperimentConfig) -> dict[str, str]:
@@ -221,10 +286,77 @@ def check_existing_split(out: SplitDir, features: str, stratify: bool) -> None:
         )
 
 
+# Settings that only choose which arms and seeds to run, or how to show progress (more arms or seeds in the
+# same run directory is more of the same work), and the stage settings the experiment sets itself for every
+# arm. Every other setting decides the numbers.
+_NOT_IDENTITY = {"run_dir", "arms", "seeds", "progress", "overwrite"}
+_NOT_IDENTITY |= {f"train.{k}" for k in ("data", "manifest", "val_data", "out", "seed", "progress", "overwrite")}
+_NOT_IDENTITY |= {f"profile.{k}" for k in ("run_dir", "train_file", "progress")}
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _ignored(key: str) -> bool:
+    return key.split(".")[0] in _NOT_IDENTITY or key in _NOT_IDENTITY
+
+
+def settings_differences(recorded: dict, cfg: ExperimentConfig) -> list[str]:
+    """The settings (dotted names) in which `cfg` differs from a recorded experiment config."""
+    now = {k: v for k, v in _flat(rundir.to_jsonable(cfg)).items() if not _ignored(k)}
+    before = {k: v for k, v in _flat(recorded).items() if not _ignored(k)}
+    return [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(now) | set(before))
+        if now.get(k) != before.get(k)
+    ]
+
+
+def check_same_settings(cfg: ExperimentConfig) -> None:
+    """Results in run_dir are reused only if made with these settings; otherwise refuse, or with
+    `overwrite` delete what the experiment wrote there and start again."""
+    import yaml
+
+    run_dir = RunDir(cfg.run_dir)
+    recorded_file = rundir.provenance_files(run_dir.root, "experiment")[0]
+    if not recorded_file.exists():
+        return
+    diffs = settings_differences(yaml.safe_load(recorded_file.read_text()) or {}, cfg)
+    if not diffs:
+        return
+    if not cfg.overwrite:
+        raise checks.ConfigError(
+            f"{run_dir.root} holds results made with other settings ({'; '.join(diffs[:4])}"
+            f"{'; ...' if len(diffs) > 4 else ''}): use a new run_dir, or --overwrite true to delete them and rerun"
+        )
+    for path in run_dir.experiment_outputs():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def check_splits_apart(cfg: ExperimentConfig, files: dict) -> dict:
+    """Train, validation and test must not share examples: a shared example makes a validation or test
+    score measure memory. Refused unless allow_overlap; the result goes into the report either way."""
+    named = {split: load_examples(path) for split, path in files.items() if path}
+    overlaps = check_overlap(named, allow_overlap=cfg.allow_overlap)
+    return {"splits": list(named), "overlaps": [o.to_dict() for o in overlaps]}
+
+
 def run(cfg: ExperimentConfig) -> str:
     run_dir = RunDir(cfg.run_dir)
+    check_same_settings(cfg)
     rundir.record_provenance(run_dir.root, "experiment", cfg)
     files = data_files(cfg)
+    overlap = check_splits_apart(cfg, files)
     t0 = time.perf_counter()
     run_method(cfg, files)
     arms = [arm_spec(cfg, name) for name in cfg.arms]
@@ -232,7 +364,12 @@ def run(cfg: ExperimentConfig) -> str:
         for seed in cfg.seeds:
             run_arm(cfg, arm, seed, files)
     report = write_report(
-        run_dir.root, [a.name for a in arms], cfg.seeds, controls=CONTROL_ARMS, eval_split=cfg.eval_split
+        run_dir.root,
+        [a.name for a in arms],
+        cfg.seeds,
+        controls=CONTROL_ARMS,
+        eval_split=cfg.eval_split,
+        data_checks={"overlap": overlap},
     )
     return (
         report["markdown"] + f"\n\nresults: {run_dir.results_md} (plots: {run_dir.plot('*')}); "

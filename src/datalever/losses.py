@@ -9,6 +9,7 @@ is recorded for the proxy and what the target model minimizes are one definition
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -17,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datalever import checks
 from datalever.examples import Example
 from datalever.models import unwrap
-from datalever.tokens import IGNORE, Encoded, collate, encode_example, token_budget_batches
+from datalever.tokens import IGNORE, Encoded, Truncation, collate, encode_example, token_budget_batches
+
+log = logging.getLogger(__name__)
 
 # Configs whose logits are post-processed after the output projection (scaling, soft-capping):
 # for these the engine takes the model's own logits instead of projecting hidden states itself.
@@ -236,7 +240,8 @@ class ScoreConfig:
     data: str = "runs/demo/data/train.jsonl"
     """Examples to score."""
     out: str = "runs/score/losses.parquet"
-    """Output Parquet table: id, loss, n_tokens, flag."""
+    """Output Parquet table: id, loss, n_tokens (response tokens scored), n_cut (response tokens max_length cut),
+    flag."""
     max_length: int = 512
     """Maximum tokens per example; an example whose response is cut away entirely is flagged."""
     token_budget: int | None = None
@@ -247,6 +252,14 @@ class ScoreConfig:
     """Seed of a preset's initialization."""
     trust_remote_code: bool = False
     """Allow custom model code from the checkpoint (only for checkpoints you trust)."""
+
+    def __post_init__(self) -> None:
+        from datalever.models import DTYPES
+
+        checks.positive("max_length", self.max_length)
+        checks.positive("token_budget", self.token_budget, optional=True)
+        if self.dtype is not None:
+            checks.one_of("dtype", self.dtype, DTYPES)
 
 
 def run(cfg: ScoreConfig) -> str:
@@ -262,27 +275,27 @@ def run(cfg: ScoreConfig) -> str:
     model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     examples = load_examples(cfg.data)
-    scores = score_examples(
+    encoded = encode_all(tokenizer, examples, cfg.max_length)
+    truncation = Truncation.of(encoded, cfg.max_length)
+    if accelerator.is_main_process and truncation.warning():
+        log.warning("score: %s", truncation.warning())
+    scores = score_encoded(
         model,
-        tokenizer,
-        examples,
-        max_length=cfg.max_length,
+        encoded,
+        pad_id=tokenizer.pad_token_id,
         token_budget=cfg.token_budget,
         accelerator=accelerator,
         progress=True,
     )
     if accelerator.is_main_process:
         rows = [scores[ex.id] for ex in examples]
-        rundir.write_parquet(
-            cfg.out,
-            pa.table(
-                {
-                    "id": [r.id for r in rows],
-                    "loss": [r.loss for r in rows],
-                    "n_tokens": [r.n_tokens for r in rows],
-                    "flag": [r.flag for r in rows],
-                }
-            ),
-        )
+        table = {
+            "id": [r.id for r in rows],
+            "loss": [r.loss for r in rows],
+            "n_tokens": [r.n_tokens for r in rows],
+            "n_cut": [e.n_cut for e in encoded],
+            "flag": [r.flag for r in rows],
+        }
+        rundir.write_parquet(cfg.out, pa.table(table))
     flagged = sum(1 for s in scores.values() if s.flag)
     return f"{cfg.out}: {len(examples)} examples scored, {flagged} flagged (response cut away by max_length)"

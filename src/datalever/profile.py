@@ -8,7 +8,8 @@ steps, so a run killed at any moment continues from the last recorded step and e
 table as an uninterrupted run. Under several processes (torchrun / accelerate) each process scores
 its share of the batches; the main process writes.
 
-Store columns: id, source, n_tokens, flag ("" or "truncated"), loss_stepNNNNNN (one per
+Store columns: id, source, n_tokens (response tokens with a loss), n_cut (response tokens that
+max_length cut away), flag ("" or "truncated"), loss_stepNNNNNN (one per
 checkpoint, increasing step order; NaN only where flag is set).
 
 `RUN/trajectories.meta.json` is the commit record: it is written before training starts (settings,
@@ -19,6 +20,8 @@ after the proxy run has finished (its final model and `RUN/profile/train_summary
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,17 +30,19 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datalever import rundir
+from datalever import checks, rundir
 from datalever.examples import load_examples
 from datalever.losses import score_encoded
 from datalever.models import load_tokenizer, model_config_summary, resolve_model
 from datalever.optim import OptimConfig
 from datalever.rundir import RunDir
-from datalever.tokens import encode_example
+from datalever.tokens import Truncation, encode_example
 from datalever.train import TrainConfig, total_steps
 from datalever.train import run as train_run
 
-BASE_COLUMNS = ["id", "source", "n_tokens", "flag"]
+BASE_COLUMNS = ["id", "source", "n_tokens", "n_cut", "flag"]
+
+log = logging.getLogger(__name__)
 
 # Settings that do not change a single number of the store (where it lives, how it is shown).
 _NOT_IDENTITY = ("run_dir", "train_file", "progress")
@@ -75,6 +80,18 @@ class ProfileConfig:
     progress: bool = True
     """Show progress bars."""
 
+    def __post_init__(self) -> None:
+        checks.positive("fraction", self.fraction)
+        checks.positive("checkpoints", self.checkpoints)
+        checks.positive("batch_size", self.batch_size)
+        checks.positive("micro_batch_size", self.micro_batch_size)
+        checks.positive("lr", self.lr)
+        checks.non_negative("warmup_ratio", self.warmup_ratio)
+        checks.at_most("warmup_ratio", self.warmup_ratio, 1)
+        checks.positive("max_length", self.max_length)
+        checks.positive("token_budget", self.token_budget, optional=True)
+        checks.existing_path("train_file", self.train_file, optional=True)
+
 
 class ProfileError(RuntimeError):
     """A run directory whose store cannot be continued with these settings."""
@@ -99,20 +116,7 @@ def loss_column(step: int) -> str:
 def _identity(cfg: ProfileConfig, examples) -> dict:
     """What must match for an existing store to be continued rather than refused."""
     settings = {k: v for k, v in rundir.to_jsonable(cfg).items() if k not in _NOT_IDENTITY}
-    return {"config": settings, "data_fingerprint": _data_fingerprint(examples)}
-
-
-def _data_fingerprint(examples) -> str:
-    """Ids in order (rundir.fingerprint) plus a hash of the text and sources, so edited content under kept ids
-    differs."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for ex in examples:
-        for part in (ex.id, ex.prompt, ex.response, ex.source or ""):
-            h.update(part.encode("utf-8"))
-            h.update(b"\x1f")
-    return f"{rundir.fingerprint(examples)}-{h.hexdigest()[:16]}"
+    return {"config": settings, "data_fingerprint": rundir.content_fingerprint(examples)}
 
 
 def _check_identity(meta_path: Path, meta: dict, identity: dict) -> None:
@@ -170,6 +174,9 @@ def run(cfg: ProfileConfig) -> dict:
         model_path = resolve_model(cfg.proxy, seed=cfg.seed)
     tokenizer = load_tokenizer(model_path)
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
+    truncation = Truncation.of(encoded, cfg.max_length)
+    if state.is_main_process and truncation.warning():
+        log.warning("profile: %s", truncation.warning())
     if state.is_main_process and not meta_path.exists():
         rundir.write_json(
             meta_path,
@@ -182,6 +189,7 @@ def run(cfg: ProfileConfig) -> dict:
                 "proxy_steps": n_steps,
                 "complete": False,
                 "n_examples": len(examples),
+                "truncation": dataclasses.asdict(truncation),
                 "proxy": {"spec": cfg.proxy, "path": str(model_path), **model_config_summary(str(model_path))},
                 "proxy_dir": run_dir.proxy.root.name,
                 "versions": rundir.versions(),
@@ -192,6 +200,7 @@ def run(cfg: ProfileConfig) -> dict:
     if planned != steps:
         raise ProfileError(f"{meta_path} plans steps {planned}, these settings give {steps}")
     n_record_tokens = sum(len(e.input_ids) for e in encoded if not e.fully_truncated)
+    n_cut = {e.id: e.n_cut for e in encoded}
 
     def record(step, _log_record, model, accelerator):
         if step not in steps:
@@ -208,7 +217,9 @@ def run(cfg: ProfileConfig) -> dict:
         )
         if accelerator.is_main_process:
             wall_s = time.perf_counter() - t0
-            append_column(run_dir, examples, scores, step, steps, identity, wall_s, record_tokens=n_record_tokens)
+            append_column(
+                run_dir, examples, scores, step, steps, identity, wall_s, record_tokens=n_record_tokens, n_cut=n_cut
+            )
         accelerator.wait_for_everyone()
 
     train_run(train_cfg, on_step=record, checkpoint_steps=set(steps))
@@ -234,6 +245,7 @@ def append_column(
     wall_s: float = 0.0,
     *,
     record_tokens: int | None = None,
+    n_cut: dict[str, int] | None = None,
 ) -> None:
     """Add (or replace) the column of `step` in the store, keeping columns in step order.
 
@@ -254,6 +266,7 @@ def append_column(
             "id": pa.array(ids, pa.string()),
             "source": pa.array([ex.source for ex in examples], pa.string()),
             "n_tokens": pa.array([scores[ex.id].n_tokens for ex in examples], pa.int32()),
+            "n_cut": pa.array([(n_cut or {}).get(ex.id, 0) for ex in examples], pa.int32()),
             "flag": pa.array([scores[ex.id].flag for ex in examples], pa.string()),
         }
     losses = [scores[ex.id].loss for ex in examples]

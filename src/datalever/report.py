@@ -117,7 +117,20 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"- {name}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])} ({d['wins']}/{d['ties']}/{d['losses']})"
             )
+    lines += _data_check_lines(results.get("data_checks") or {})
     return "\n".join(lines)
+
+
+def _data_check_lines(checks: dict) -> list[str]:
+    overlap = checks.get("overlap")
+    if not overlap:
+        return []
+    if not overlap["overlaps"]:
+        return ["", f"Data check: {', '.join(overlap['splits'])} share no example (by content id or prompt)."]
+    shared = "; ".join(
+        f"{o['second']} shares {o['count']} of {o['size']} with {o['first']}" for o in overlap["overlaps"]
+    )
+    return ["", f"Data check: SPLITS OVERLAP (run with allow_overlap): {shared}."]
 
 
 def plot(results: dict, run_dir: RunDir) -> list[str]:
@@ -200,7 +213,13 @@ def plot_loss_curves(run_dir: RunDir, arms: list[str], seed: int) -> str:
 
 
 def write_report(
-    run_dir: str | Path, arms: list[str], seeds: list[int], *, controls: Sequence[str], eval_split: str = "test"
+    run_dir: str | Path,
+    arms: list[str],
+    seeds: list[int],
+    *,
+    controls: Sequence[str],
+    eval_split: str = "test",
+    data_checks: dict | None = None,
 ) -> dict:
     """Collect every arm's results, summarize them, pair each non-control arm with each control, write
     results.json, results.md and the plots into the run directory."""
@@ -222,6 +241,7 @@ def write_report(
         "arms": summaries,
         "paired": comparisons,
         "proxy_compute": proxy_compute(run_dir),
+        "data_checks": data_checks or {},
     }
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
     results["markdown"] = markdown(results)

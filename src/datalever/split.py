@@ -44,7 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from datalever import rundir
+from datalever import checks, rundir
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE
 
 FEATURES = ("trajectory", "final", "relative")
@@ -76,6 +76,14 @@ class SplitConfig:
     out: str | None = None
     """Directory for split.parquet, split_summary.json and the plots (default: the run directory; the experiment puts a
     split with other features under RUN/splits/<features>)."""
+
+    def __post_init__(self) -> None:
+        checks.one_of("features", self.features, FEATURES)
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2:
+            raise checks.ConfigError(
+                f"k must be an integer >= 2 (two clusters at least: easy and hard), got {self.k!r}"
+            )
+        checks.positive("min_source_size", self.min_source_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,6 +506,7 @@ def run(cfg: SplitConfig) -> dict:
         steps=steps,
         metas=metas,
     )
+    summary["truncation"] = meta.get("truncation")  # the profile's count of examples cut by max_length
     table = pa.Table.from_pandas(df, preserve_index=False)
     out = rundir.SplitDir(cfg.out) if cfg.out else run_dir.split()
     out.root.mkdir(parents=True, exist_ok=True)

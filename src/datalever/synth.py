@@ -25,7 +25,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
-from datalever import rundir
+from datalever import checks, rundir
 from datalever.examples import DEFAULT_TEMPLATES, Example, content_id
 
 LEVELS = ("easy", "medium", "hard")
@@ -841,10 +841,14 @@ def _generate(n: int, rng: random.Random, mix, seen: set) -> list[dict]:
     return records
 
 
+def _check_mix(mix) -> None:
+    if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
+        raise checks.ConfigError(f"mix must be three non-negative shares (easy, medium, hard) summing to 1, got {mix}")
+
+
 def _level_counts(n: int, mix) -> list[int]:
     """Exact counts by largest remainder, so the proportions hold for small n too."""
-    if len(mix) != 3 or min(mix) < 0 or abs(sum(mix) - 1) > 1e-6:
-        raise ValueError(f"mix must be three non-negative shares (easy, medium, hard) summing to 1, got {mix}")
+    _check_mix(mix)
     raw = [n * m for m in mix]
     counts = [int(r) for r in raw]
     by_remainder = sorted(range(3), key=lambda i: raw[i] - counts[i], reverse=True)
@@ -900,10 +904,16 @@ class SynthConfig:
     mix: tuple[float, float, float] = (0.6, 0.25, 0.15)
     """Shares of easy, medium and hard problems."""
 
+    def __post_init__(self) -> None:
+        checks.positive("n_train", self.n_train)
+        checks.non_negative("n_val", self.n_val)
+        checks.non_negative("n_test", self.n_test)
+        _check_mix(tuple(self.mix))
+
 
 def run_synth(cfg: SynthConfig) -> str:
     paths = write_splits(
         cfg.out, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, seed=cfg.seed, mix=tuple(cfg.mix)
     )
-    rundir.write_yaml(Path(cfg.out) / "synth.config.yaml", cfg)
+    rundir.write_yaml(rundir.provenance_files(cfg.out, "synth")[0], cfg)
     return "\n".join(f"{split}: {path}" for split, path in paths.items())

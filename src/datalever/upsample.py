@@ -45,13 +45,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from datalever import rundir
+from datalever import checks, rundir
 from datalever.answers import extract_answer
 from datalever.examples import Example
 from datalever.rundir import ArmDir, RunDir
 
 # The training distributions an arm can draw: the original data, or hard/easy/random examples upsampled.
 ARMS = ("hard", "easy", "random", "base")
+MAX_M = 100  # extra uses of a selected example
 
 
 class UpsampleError(ValueError):
@@ -83,6 +84,16 @@ class UpsampleConfig:
     validation.jsonl and test.jsonl beside the training file, where they exist."""
     out: str | None = None
     """Output directory of the arm; default RUN/arms/<arm>."""
+
+    def __post_init__(self) -> None:
+        checks.one_of("arm", self.arm, ARMS)
+        checks.non_negative("m", self.m)
+        # Each selected example is used 1 + m times: beyond MAX_M the arm is one example repeated, not a
+        # reweighted dataset (the paper's question stops at 10x), and building it takes minutes.
+        checks.at_most("m", self.m, MAX_M)
+        checks.non_negative("synth_per_hard", self.synth_per_hard)
+        if self.synth_fn and self.arm == "base":
+            raise checks.ConfigError("synth_fn with arm 'base': the base arm selects no examples to synthesize from")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,12 +248,6 @@ def run(cfg: UpsampleConfig) -> dict:
 
     from datalever.examples import load_examples, save_examples
 
-    if cfg.arm not in ARMS:
-        raise UpsampleError(f"unknown arm {cfg.arm!r}; choose one of {ARMS}")
-    if cfg.synth_fn and cfg.arm == "base":
-        raise UpsampleError("synth_fn with arm 'base': the base arm selects no examples to synthesize from")
-    if cfg.synth_per_hard < 0:
-        raise UpsampleError(f"synth_per_hard must be >= 0, got {cfg.synth_per_hard}")
     run_dir = RunDir(cfg.run_dir)
     split_path = Path(cfg.split) if cfg.split else run_dir.split().split
     if not split_path.exists():
