@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datalever import rundir
+from datalever.checks import ConfigError
 from datalever.examples import Example, save_examples
 from datalever.split import SplitConfig, SplitError, compute_features, read_trajectories, run, split_trajectories
 
@@ -316,6 +317,11 @@ def test_run_writes_outputs_and_difficulty(tmp_path):
     for png in ("split_trajectories.png", "split_datamap.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "split.config.yaml").exists()
+    # Rerun: the same work is redone in place; other settings are refused unless overwrite.
+    assert run(SplitConfig(run_dir=str(tmp_path))) == s
+    with pytest.raises(ConfigError, match=r"other settings \(features: 'trajectory' -> 'final'\)"):
+        run(SplitConfig(run_dir=str(tmp_path), features="final"))
+    assert run(SplitConfig(run_dir=str(tmp_path), features="final", overwrite=True))["features"] == "final"
 
 
 def test_run_refuses_an_unfinished_profile(tmp_path):

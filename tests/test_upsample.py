@@ -140,7 +140,7 @@ def test_materialized_order_is_shuffled_and_seeded(tmp_path):
     first = [r["id"] for r in read_lines(tmp_path / "arms" / "hard" / "train.jsonl")]
     run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, seed=1))
     assert [r["id"] for r in read_lines(tmp_path / "arms" / "hard" / "train.jsonl")] == first
-    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, seed=2))
+    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, seed=2, overwrite=True))
     other = [r["id"] for r in read_lines(tmp_path / "arms" / "hard" / "train.jsonl")]
     assert other != first and sorted(other) == sorted(first)
     grouped = [i for i in IDS for _ in range(3 if i in ALL_HARD else 1)]
@@ -202,7 +202,7 @@ def test_synth_variants_added_and_marked(tmp_path, monkeypatch):
     assert man["id"].is_unique and list(man.loc[man["origin"] == "synth", "id"]) == ["same"]
     assert counts["n_synth"] == 1 and counts["n_synth_dropped_duplicates"] == 2 * len(ALL_HARD) - 1
     # a generator taking only the example: its list is cut to synth_per_hard
-    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:one_arg", synth_per_hard=1))
+    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:one_arg", synth_per_hard=1, overwrite=True))
     man = pq.read_table(arm_dir / "manifest.parquet").to_pandas()
     assert set(man.loc[man["origin"] == "synth", "id"]) == {f"{p}~x" for p in ALL_HARD}
 
@@ -315,3 +315,13 @@ def test_default_generator_on_embedded_data(tmp_path):
     assert all(
         by_id[i].meta["kind"] == by_id[p].meta["kind"] for i, p in zip(synth_rows["id"], synth_rows["parent_id"])
     )
+
+
+def test_an_arm_is_replaced_only_by_the_same_work_unless_overwrite(tmp_path):
+    make_run(tmp_path)
+    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=1))
+    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=1))  # the same work: redone in place
+    with pytest.raises(ConfigError, match=r"holds upsample outputs made with other settings \(m: 1 -> 2\)"):
+        run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2))
+    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, overwrite=True))
+    assert counts["m"] == 2 and rundir.recorded_settings(tmp_path / "arms" / "hard", "upsample")["m"] == 2

@@ -289,53 +289,17 @@ def check_existing_split(out: SplitDir, features: str, stratify: bool) -> None:
 # Settings that only choose which arms and seeds to run, or how to show progress (more arms or seeds in the
 # same run directory is more of the same work), and the stage settings the experiment sets itself for every
 # arm. Every other setting decides the numbers.
-_NOT_IDENTITY = {"run_dir", "arms", "seeds", "progress", "overwrite"}
-_NOT_IDENTITY |= {f"train.{k}" for k in ("data", "manifest", "val_data", "out", "seed", "progress", "overwrite")}
-_NOT_IDENTITY |= {f"profile.{k}" for k in ("run_dir", "train_file", "progress")}
-
-
-def _flat(settings: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _ignored(key: str) -> bool:
-    return key.split(".")[0] in _NOT_IDENTITY or key in _NOT_IDENTITY
-
-
-def settings_differences(recorded: dict, cfg: ExperimentConfig) -> list[str]:
-    """The settings (dotted names) in which `cfg` differs from a recorded experiment config."""
-    now = {k: v for k, v in _flat(rundir.to_jsonable(cfg)).items() if not _ignored(k)}
-    before = {k: v for k, v in _flat(recorded).items() if not _ignored(k)}
-    return [
-        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
-        for k in sorted(set(now) | set(before))
-        if now.get(k) != before.get(k)
-    ]
+NOT_COMPARED = {"run_dir", "arms", "seeds", "progress", "overwrite"}
+NOT_COMPARED |= {f"train.{k}" for k in ("data", "manifest", "val_data", "out", "seed", "progress", "overwrite")}
+NOT_COMPARED |= {f"profile.{k}" for k in ("run_dir", "train_file", "progress")}
 
 
 def check_same_settings(cfg: ExperimentConfig) -> None:
     """Results in run_dir are reused only if made with these settings; otherwise refuse, or with
     `overwrite` delete what the experiment wrote there and start again."""
-    import yaml
-
     run_dir = RunDir(cfg.run_dir)
-    recorded_file = rundir.provenance_files(run_dir.root, "experiment")[0]
-    if not recorded_file.exists():
+    if not rundir.refuse_other_settings(run_dir.root, "experiment", cfg, ignore=NOT_COMPARED):
         return
-    diffs = settings_differences(yaml.safe_load(recorded_file.read_text()) or {}, cfg)
-    if not diffs:
-        return
-    if not cfg.overwrite:
-        raise checks.ConfigError(
-            f"{run_dir.root} holds results made with other settings ({'; '.join(diffs[:4])}"
-            f"{'; ...' if len(diffs) > 4 else ''}): use a new run_dir, or --overwrite true to delete them and rerun"
-        )
     for path in run_dir.experiment_outputs():
         if path.is_dir():
             shutil.rmtree(path)

@@ -362,6 +362,56 @@ def content_fingerprint(examples: Iterable) -> str:
     return f"{fingerprint(examples)}-{h.hexdigest()[:16]}"
 
 
+def recorded_settings(out_dir: str | os.PathLike, stage: str) -> dict | None:
+    """The settings a stage recorded in its directory (`<stage>.config.yaml`), or None if it has none."""
+    config_file = provenance_files(out_dir, stage)[0]
+    return (yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else None
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_differences(recorded: dict, config: Any, ignore: Iterable[str] = ()) -> list[str]:
+    """The settings (dotted names, `old -> new`) in which `config` differs from recorded settings; a name in
+    `ignore` (a top-level option or a dotted one) does not count."""
+    ignore = set(ignore)
+
+    def kept(settings: dict) -> dict:
+        return {k: v for k, v in _flat(settings).items() if k not in ignore and k.split(".")[0] not in ignore}
+
+    now, before = kept(to_jsonable(config)), kept(recorded)
+    return [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(now) | set(before))
+        if now.get(k) != before.get(k)
+    ]
+
+
+def refuse_other_settings(
+    out_dir: str | os.PathLike, stage: str, config: Any, *, ignore: Iterable[str] = ()
+) -> list[str]:
+    """Outputs are replaced only by the same work: if `out_dir` holds this stage's outputs made with other
+    settings, raise one line naming them, unless the config says `overwrite`. Returns the differences."""
+    from datalever.checks import ConfigError
+
+    recorded = recorded_settings(out_dir, stage)
+    diffs = [] if recorded is None else settings_differences(recorded, config, {*ignore, "overwrite", "progress"})
+    if diffs and not getattr(config, "overwrite", False):
+        shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+        raise ConfigError(
+            f"{out_dir} holds {stage} outputs made with other settings ({shown}): use another output directory, "
+            "or --overwrite true to replace them"
+        )
+    return diffs
+
+
 def record_provenance(out_dir: str | os.PathLike, stage: str, config: Any, **extra: Any) -> None:
     """Write the stage's settings and facts (with the library versions) into its directory."""
     config_file, meta_file = provenance_files(out_dir, stage)

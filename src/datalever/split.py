@@ -76,6 +76,8 @@ class SplitConfig:
     out: str | None = None
     """Directory for split.parquet, split_summary.json and the plots (default: the run directory; the experiment puts a
     split with other features under RUN/splits/<features>)."""
+    overwrite: bool = False
+    """Replace a split made in the same place with other settings (without it such a rerun is refused)."""
 
     def __post_init__(self) -> None:
         checks.one_of("features", self.features, FEATURES)
@@ -467,6 +469,8 @@ def run(cfg: SplitConfig) -> dict:
     import pyarrow as pa
 
     run_dir = rundir.RunDir(cfg.run_dir)
+    out = rundir.SplitDir(cfg.out) if cfg.out else run_dir.split()
+    rundir.refuse_other_settings(out.root, "split", cfg)
     ids, sources, losses, flags, meta = read_trajectories(run_dir.trajectories)
     if meta.get("complete") is False:
         raise SplitError(
@@ -508,7 +512,6 @@ def run(cfg: SplitConfig) -> dict:
     )
     summary["truncation"] = meta.get("truncation")  # the profile's count of examples cut by max_length
     table = pa.Table.from_pandas(df, preserve_index=False)
-    out = rundir.SplitDir(cfg.out) if cfg.out else run_dir.split()
     out.root.mkdir(parents=True, exist_ok=True)
     rundir.record_provenance(
         out.root,

@@ -84,6 +84,8 @@ class UpsampleConfig:
     validation.jsonl and test.jsonl beside the training file, where they exist."""
     out: str | None = None
     """Output directory of the arm; default RUN/arms/<arm>."""
+    overwrite: bool = False
+    """Replace an arm built in the same place with other settings (without it such a rerun is refused)."""
 
     def __post_init__(self) -> None:
         checks.one_of("arm", self.arm, ARMS)
@@ -249,6 +251,8 @@ def run(cfg: UpsampleConfig) -> dict:
     from datalever.examples import load_examples, save_examples
 
     run_dir = RunDir(cfg.run_dir)
+    arm_dir = ArmDir(cfg.out) if cfg.out else run_dir.arm(cfg.arm)
+    rundir.refuse_other_settings(arm_dir.root, "upsample", cfg)
     split_path = Path(cfg.split) if cfg.split else run_dir.split().split
     if not split_path.exists():
         raise UpsampleError(f"no split at {split_path} (run the split stage first)")
@@ -295,7 +299,6 @@ def run(cfg: UpsampleConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     order = [order[j] for j in rng.permutation(len(order))]
 
-    arm_dir = ArmDir(cfg.out) if cfg.out else run_dir.arm(cfg.arm)
     arm_dir.root.mkdir(parents=True, exist_ok=True)
     save_examples(str(arm_dir.train_jsonl), [unique[j] for j in order])
     save_examples(str(arm_dir.examples), unique)
