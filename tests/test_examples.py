@@ -546,3 +546,24 @@ def test_overlap_error_names_the_counts_and_examples():
     assert check_overlap(named, allow_overlap=True) == overlaps
     with pytest.raises(ValueError):
         overlap_error([])
+
+
+def test_trl_prompt_completion_and_math_problem_solution_are_detected(tmp_path):
+    """TRL's prompt/completion and MATH's problem/solution files were refused as 'cannot detect the schema'."""
+    from datalever.answers import extract_answer
+
+    trl = tmp_path / "trl.jsonl"
+    trl.write_text(json.dumps({"prompt": "What is 2+2?\n", "completion": "It is 4.\n#### 4"}) + "\n")
+    (ex,) = load_examples(str(trl))
+    assert (ex.prompt, ex.response) == ("What is 2+2?\n", "It is 4.\n#### 4")
+    math_file = tmp_path / "math.jsonl"
+    row = {
+        "problem": "Compute $\\frac{1}{2}+\\frac{1}{4}$.",
+        "solution": "We get $\\boxed{\\frac{3}{4}}$.",
+        "level": "Level 2",
+        "type": "Prealgebra",
+    }
+    math_file.write_text(json.dumps(row) + "\n")
+    (ex,) = load_examples(str(math_file))
+    assert ex.prompt == "Problem: Compute $\\frac{1}{2}+\\frac{1}{4}$.\nSolution:\n"
+    assert ex.meta["level"] == "Level 2" and extract_answer(ex.response) == "\\frac{3}{4}"

@@ -95,6 +95,8 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "alpaca": "### Instruction:\n{instruction}\n\n### Response:\n",
     "alpaca_input": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
     "prompt_response": "{prompt}",
+    "prompt_completion": "{prompt}",  # TRL's format: the prompt is used as written
+    "math": "Problem: {problem}\nSolution:\n",
     "datalever": "{prompt}",  # the prompt was rendered when the file was written
 }
 
@@ -122,6 +124,9 @@ SCHEMAS: dict[str, Schema] = {
         # input column does not change ids.
         Schema("alpaca", ("instruction", "output"), ("input", "source"), "output", ("instruction", "input", "output")),
         Schema("prompt_response", ("prompt", "response"), ("source",), "response", ("prompt", "response")),
+        Schema("prompt_completion", ("prompt", "completion"), ("source",), "completion", ("prompt", "completion")),
+        # MATH (Hendrycks et al.): the gold answer is the solution's last \boxed{...}.
+        Schema("math", ("problem", "solution"), ("source",), "solution", ("problem", "solution")),
     ]
 }
 
@@ -905,7 +910,7 @@ class CheckConfig:
     path: str = "runs/demo/data/train.jsonl"
     """Dataset file or directory (JSONL, JSON, Parquet, CSV, a datasets directory) or hub name."""
     schema: str = "auto"
-    """auto | gsm8k | alpaca | prompt_response | datalever."""
+    """auto | gsm8k | alpaca | prompt_response | prompt_completion | math | datalever."""
     split: str | None = None
     """Split to read from a DatasetDict directory or hub dataset."""
 
