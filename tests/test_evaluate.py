@@ -12,10 +12,14 @@ from datalever.checks import ConfigError
 from datalever.evaluate import (
     EvalConfig,
     compute_metrics,
+    cut_at_stop,
     encode_prompts,
     evaluate_examples,
     generate,
     generate_ids,
+    length_sorted_batches,
+    stop_triggers,
+    supports_static_cache,
 )
 from datalever.examples import NO_SOURCE, Example
 
@@ -74,6 +78,122 @@ def test_each_row_stops_at_its_own_eos(tiny):
         cut = before.index(stop_token) if stop_token in before else len(before)
         assert after == before[:cut]  # rows that did not stop continue unchanged
     assert len(stopped[row]) <= 3
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-qwen3", "tiny-gemma3"])
+def family(request):
+    """A tiny preset of each family whose cache differs: Llama, Qwen3 (q/k norms), Gemma 3 (sliding-window layers)."""
+    from datalever.models import load_model, load_tokenizer, resolve_model
+
+    path = resolve_model(f"preset:{request.param}", seed=0)
+    return load_model(path).eval(), load_tokenizer(path)
+
+
+def _one_at_a_time(model, tok, prompts, **kw):
+    return [generate_ids(model, tok, [p], batch_size=1, progress=False, **kw)[0] for p in prompts]
+
+
+def _stops_from(texts: list[str]) -> list[str]:
+    """Two ASCII stop strings taken from inside two of the free generations (so they really stop rows)."""
+    stops = []
+    for text in sorted(texts, key=len, reverse=True):
+        for start in range(4, len(text) - 3):
+            piece = text[start : start + 3]
+            if piece.isascii() and piece.isprintable() and piece.strip() == piece and piece not in stops:
+                stops.append(piece)
+                break
+        if len(stops) == 2:
+            return stops
+    raise AssertionError(f"no stop strings found in {texts!r}")
+
+
+def test_static_cache_and_stop_strings_match_one_at_a_time_decoding(family):
+    """Batched, static-cache decoding stopped at stop strings gives each row's one-at-a-time dynamic-cache tokens,
+    cut where its text first contains a stop string (and not one token later)."""
+    model, tok = family
+    assert supports_static_cache(model)
+    free = generate_ids(model, tok, PROMPTS, max_new_tokens=24, batch_size=3, progress=False, cache="static")
+    assert free == _one_at_a_time(model, tok, PROMPTS, max_new_tokens=24, cache="dynamic")
+    texts = tok.batch_decode(free, skip_special_tokens=True)
+    stops = _stops_from(texts)
+
+    stopped = generate_ids(model, tok, PROMPTS, max_new_tokens=24, batch_size=3, progress=False, stop=stops)
+    assert stopped == _one_at_a_time(model, tok, PROMPTS, max_new_tokens=24, stop=stops, cache="dynamic")
+    assert stopped == _one_at_a_time(model, tok, PROMPTS, max_new_tokens=24, stop=stops, cache="static")
+    n_cut = 0
+    for before, after in zip(free, stopped):
+        assert after == before[: len(after)]  # stopping only ends a row early
+        if len(after) < len(before):
+            n_cut += 1
+            assert any(s in tok.decode(after, skip_special_tokens=True) for s in stops)
+            assert not any(s in tok.decode(after[:-1], skip_special_tokens=True) for s in stops)
+    assert n_cut >= 1
+    cut = generate(model, tok, PROMPTS, max_new_tokens=24, batch_size=4, progress=False, stop=stops)
+    assert cut == [cut_at_stop(text, stops) for text in texts]
+    assert sum(text != c for text, c in zip(texts, cut)) >= 2  # both stop strings cut something
+
+
+def test_a_stop_string_straddling_the_prompt_does_not_stop(tiny):
+    """Only the continuation is searched: HF's stop_strings, matching the whole sequence's end, would stop here."""
+    model, tok, _ = tiny
+    prompt = PROMPTS[0]
+    free = generate(model, tok, [prompt], max_new_tokens=12, progress=False)[0]
+    straddling = prompt[-3:] + free[:2]
+    assert straddling not in free
+    assert generate(model, tok, [prompt], max_new_tokens=12, progress=False, stop=[straddling]) == [free]
+
+
+def test_stop_triggers_are_the_tokens_that_can_complete_a_stop_string(tiny):
+    model, tok, _ = tiny
+    table = stop_triggers(tok, ["Question:"], 600)
+    assert table.shape == (601,) and not table[len(tok) :].any()  # ids past the vocabulary never trigger
+    assert not table[tok.eos_token_id] and not table[tok.pad_token_id]
+    for i in range(len(tok)):
+        text = tok.decode([i], skip_special_tokens=True)
+        if ":" in text:
+            assert table[i], text
+        elif text.isascii() and text:
+            assert not table[i], text
+
+
+def test_unsupported_models_decode_with_the_dynamic_cache(tiny, monkeypatch):
+    model, tok, _ = tiny
+    seen = []
+    real = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("cache_implementation"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    static = generate_ids(model, tok, PROMPTS, max_new_tokens=6, batch_size=8, progress=False)
+    generate_ids(model, tok, PROMPTS, max_new_tokens=6, batch_size=8, progress=False, cache="dynamic")
+    monkeypatch.setattr(model, "_can_compile_fullgraph", False, raising=False)  # e.g. custom model code
+    assert not supports_static_cache(model)
+    assert generate_ids(model, tok, PROMPTS, max_new_tokens=6, batch_size=8, progress=False) == static
+    assert seen == ["static", None, None]
+
+
+def test_batches_group_prompts_of_similar_length_longest_first():
+    encoded = [[1] * n for n in (3, 9, 1, 7, 3, 5)]
+    assert length_sorted_batches(encoded, 2) == [[1, 3], [5, 0], [4, 2]]
+    assert length_sorted_batches([], 4) == []
+
+
+def test_cut_at_stop():
+    assert cut_at_stop("7\n\nQuestion: next", ["\n\nQuestion:", "Question:"]) == "7"
+    assert cut_at_stop("a Question: b \n\nQuestion:", ["\n\nQuestion:", "Question:"]) == "a "
+    assert cut_at_stop("no stop here", ["Question:"]) == "no stop here"
+    assert cut_at_stop("x", []) == "x"
+
+
+def test_eval_dtype_follows_training_on_a_gpu(monkeypatch):
+    assert ev.eval_dtype(None, torch.device("cpu")) is None  # the loader's default, as before
+    assert ev.eval_dtype("float32", torch.device("cuda")) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert ev.eval_dtype(None, torch.device("cuda")) == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert ev.eval_dtype(None, torch.device("cuda")) is None
 
 
 def test_long_prompts_are_cut_from_the_left(tiny):
@@ -275,6 +395,9 @@ def data_file(tmp_path):
         ("batch_size", -2),
         ("max_prompt_length", 0),
         ("dtype", "fp16"),
+        ("cache", "paged"),
+        ("stop", [""]),  # would stop every generation at once
+        ("stop", "Question:"),  # a string, not a list of them
     ],
 )
 def test_bad_options_are_refused_when_the_config_is_built(data_file, option, value):
@@ -289,8 +412,9 @@ def test_data_is_checked_when_it_is_a_local_path(tmp_path, data_file):
     # hub dataset names are left to the loader
     assert EvalConfig(data="openai/gsm8k").data == "openai/gsm8k"
     assert EvalConfig(data="gsm8k").data == "gsm8k"
-    cfg = EvalConfig(data=data_file, limit=3, max_prompt_length=None, dtype="bfloat16")
-    assert cfg.limit == 3 and EvalConfig(data=str(tmp_path), dtype=None).dtype is None
+    cfg = EvalConfig(data=data_file, limit=3, max_prompt_length=None, dtype="bfloat16", stop=["Question:"])
+    assert cfg.limit == 3 and cfg.stop == ["Question:"] and cfg.cache == "static"
+    assert EvalConfig(data=str(tmp_path), dtype=None).dtype is None
 
 
 def test_the_command_line_names_a_bad_option_in_one_line(data_file, capsys):
@@ -351,6 +475,35 @@ def test_run_writes_predictions_and_metrics(tiny, tmp_path, monkeypatch):
     assert set(metrics) >= {"accuracy", "n", "n_correct", "per_source", "per_difficulty", "n_no_answer"}
     assert set(metrics) >= {"n_no_marker", "n_ungradable", "n_grading_timeout"}
     assert set(rows[0]) >= {"answer_from", "grading"}
+
+
+def test_run_passes_the_generation_and_loading_options(tiny, tmp_path, monkeypatch):
+    from datalever import models
+    from datalever.examples import save_examples
+
+    data = tmp_path / "test.jsonl"
+    save_examples(str(data), EXAMPLES)
+    loaded, generated = {}, {}
+    real_model, real_tokenizer, real_generate = models.load_model, models.load_tokenizer, ev.generate
+    monkeypatch.setattr(models, "load_model", lambda path, **kw: loaded.setdefault("model", kw) and real_model(path))
+    monkeypatch.setattr(
+        models, "load_tokenizer", lambda path, **kw: loaded.setdefault("tokenizer", kw) and real_tokenizer(path)
+    )
+    monkeypatch.setattr(ev, "generate", lambda *a, **kw: generated.update(kw) or real_generate(*a, **kw))
+    cfg = EvalConfig(
+        model=str(tiny[2]),
+        data=str(data),
+        out=str(tmp_path / "out"),
+        max_new_tokens=4,
+        limit=2,
+        progress=False,
+        stop=["Question:"],
+        cache="dynamic",
+        trust_remote_code=True,
+    )
+    ev.run(cfg)
+    assert loaded == {"tokenizer": {"trust_remote_code": True}, "model": {"dtype": None, "trust_remote_code": True}}
+    assert generated["stop"] == ["Question:"] and generated["cache"] == "dynamic"
 
 
 def test_config_fields_have_docstrings():

@@ -3,7 +3,9 @@
 The pipeline, one function each:
 
 - `generate`: batched greedy decoding of each example's prompt (tokenized exactly as in training),
-  prompts left-padded, rows of similar length batched together, each row stopped at EOS.
+  prompts left-padded, rows of similar length batched together, a static KV cache where the model
+  supports one, each row stopped at EOS or at a stop string (its text cut before it); a row's
+  tokens are those of decoding it alone.
 - `grade_example`: the answer in a generation (`answers.find_answer`) and in the reference response,
   and whether they agree (`answers.grade`); an example that cannot be graded is counted, never fatal.
 - `evaluate_examples` / `compute_metrics`: accuracy overall, per source and per difficulty
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from datalever import checks, rundir
 from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade
@@ -88,6 +91,106 @@ def _left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return input_ids.to(device), attention_mask.to(device)
 
 
+CACHES = ("static", "dynamic")  # KV caches generation can use (`generate_ids`' `cache`)
+
+
+def supports_static_cache(model) -> bool:
+    """Whether HF can decode `model` with a preallocated static KV cache (custom-code models often cannot)."""
+    base = unwrap(model)
+    if hasattr(base, "_supports_default_dynamic_cache") and not base._supports_default_dynamic_cache():
+        return False  # models with their own cache (Mamba-like): generate would ignore the request anyway
+    # `_supports_static_cache` before transformers 4.54, `_can_compile_fullgraph` since.
+    return bool(getattr(base, "_can_compile_fullgraph", False) or getattr(base, "_supports_static_cache", False))
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string (the stop string itself removed)."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def _vocab_size(model, tokenizer) -> int:
+    """How many token ids the model can emit (its output rows may outnumber the tokenizer's vocabulary)."""
+    base = unwrap(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    rows = head.weight.shape[0] if head is not None and hasattr(head, "weight") else 0
+    return max(rows, len(tokenizer))
+
+
+def stop_triggers(tokenizer, stop: Sequence[str], size: int) -> torch.Tensor:
+    """Token ids after which a continuation may newly contain a stop string, as a (size + 1) bool table.
+
+    A stop string first appears when the token holding its last character arrives, so only after these
+    tokens is the continuation decoded and searched. Conservative: a token that decodes alone to
+    nothing (a SentencePiece "▁" loses its space) or, for non-ASCII stop strings, to a partial
+    character also triggers. Ids past the tokenizer's vocabulary decode to nothing and never trigger;
+    the extra last entry is where ids past `size` are clamped to.
+    """
+    last_chars = {s[-1] for s in stop}
+    partial = any(not c.isascii() for c in last_chars)
+    special = set(tokenizer.all_special_ids)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    table = torch.zeros(size + 1, dtype=torch.bool)
+    for i, text in enumerate(texts):
+        if i in special:
+            continue
+        if not text or any(c in text for c in last_chars) or (partial and "\ufffd" in text):
+            table[i] = True
+    return table
+
+
+class StopStrings(StoppingCriteria):
+    """Stops a row once its decoded continuation (the text after `prompt_width` tokens) contains a stop string.
+
+    Only rows whose newest token is a trigger (`stop_triggers`) are decoded, so a step costs one small
+    device-to-host copy, not a decode of every row. Each row's verdict depends on its own tokens alone:
+    batching changes nothing. (HF's `stop_strings` matches the end of the whole sequence, so a stop
+    string straddling the prompt and the continuation would stop a row too early.) `lengths`: row ->
+    continuation length when it stopped; HF pads a stopped row afterwards, with tokens that are no EOS.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], triggers: torch.Tensor, prompt_width: int):
+        self.tokenizer, self.stop, self.triggers, self.prompt_width = tokenizer, list(stop), triggers, prompt_width
+        self.lengths: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        last = input_ids[:, -1].clamp(max=len(self.triggers) - 1)
+        rows = self.triggers[last].nonzero().flatten().tolist()
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if rows:
+            texts = self.tokenizer.batch_decode(input_ids[rows, self.prompt_width :].tolist(), skip_special_tokens=True)
+            hits = [row for row, text in zip(rows, texts) if any(s in text for s in self.stop)]
+            if hits:
+                done[hits] = True
+            for row in hits:
+                self.lengths.setdefault(row, input_ids.shape[1] - self.prompt_width)
+        return done
+
+
+def length_sorted_batches(encoded: Sequence[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of `encoded` in batches of similar length, longest first.
+
+    Similar lengths waste little on padding; longest first shows an out-of-memory at once and sizes a
+    static KV cache for every later batch (HF reuses the longest length), so it is allocated once.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _prompt_room(model, max_new_tokens: int) -> int | None:
+    """The longest prompt the model's positions leave room for with `max_new_tokens` more (None: no limit)."""
+    positions = _max_positions(model)
+    if positions is None:
+        return None
+    if positions - max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {positions} positions")
+    return positions - max_new_tokens
+
+
+def _until_eos(row: list[int], eos: Sequence[int]) -> list[int]:
+    return row[: next((j for j, t in enumerate(row) if t in eos), len(row))]
+
+
 @torch.no_grad()
 def generate_ids(
     model,
@@ -98,59 +201,71 @@ def generate_ids(
     batch_size: int = 32,
     max_prompt_length: int | None = None,
     progress: bool = True,
+    stop: Sequence[str] = (),
+    cache: str = "static",
+    min_new_tokens: int = 0,
 ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (EOS and what follows it removed), in order.
 
     Prompts are sorted by length and cut into batches of `batch_size`, longest first (an
     out-of-memory shows at once); each batch is left-padded with an attention mask. Without
     `max_prompt_length`, prompts are cut to what the model's positions allow with
-    `max_new_tokens` more.
+    `max_new_tokens` more. A row also stops once its decoded continuation contains one of the `stop`
+    strings (its ids then end with the token that completed it; `generate` cuts the text).
+    `cache`: "static" decodes with a preallocated KV cache (on a GPU HF then compiles the decoding
+    step) where the model supports it, else with the dynamic cache; "dynamic" always with the latter.
+    `min_new_tokens` suppresses EOS until that many tokens are out (benchmarks: a known token count).
+    A row's tokens do not depend on its batch or the cache beyond floating-point rounding: identical to
+    decoding it alone in float32 on a CPU (tested); in bf16 on a GPU, kernels chosen per shape can flip
+    a near-tie.
     """
     from tqdm.auto import tqdm
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)}; got {cache!r}")
+    if any(not s for s in stop):
+        raise ValueError("an empty stop string would stop every row at once")
     gen_model = unwrap(model, through_peft=False)  # a peft model generates with its adapters
     if max_prompt_length is None:
-        positions = _max_positions(gen_model)
-        if positions is not None:
-            max_prompt_length = positions - max_new_tokens
-            if max_prompt_length < 1:
-                raise ValueError(
-                    f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {positions} positions"
-                )
+        max_prompt_length = _prompt_room(gen_model, max_new_tokens)
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
     if any(not ids for ids in encoded):
         raise ValueError("a prompt encodes to no tokens and the tokenizer adds no BOS: nothing to condition on")
     eos = _eos_ids(gen_model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = next(gen_model.parameters()).device
+    options = dict(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    if min_new_tokens:
+        options["min_new_tokens"] = min(min_new_tokens, max_new_tokens)
+    if cache == "static" and supports_static_cache(gen_model):
+        options["cache_implementation"] = "static"
+    triggers = stop_triggers(tokenizer, stop, _vocab_size(gen_model, tokenizer)).to(device) if stop else None
 
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     results: list[list[int]] = [[] for _ in encoded]
     was_training = gen_model.training
     gen_model.eval()
     try:
-        with tqdm(total=len(order), desc="generate", unit="ex", disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
+        with tqdm(total=len(encoded), desc="generate", unit="ex", disable=not progress) as bar:
+            for idx in length_sorted_batches(encoded, batch_size):
                 input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad, device)
-                out = gen_model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    do_sample=False,
-                    num_beams=1,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-                new = out[:, input_ids.shape[1] :].tolist()
-                for i, row in zip(idx, new):
-                    stop = next((j for j, t in enumerate(row) if t in eos), len(row))
-                    results[i] = row[:stop]
+                stopping = StopStrings(tokenizer, stop, triggers, input_ids.shape[1]) if stop else None
+                if stopping is not None:
+                    options["stopping_criteria"] = StoppingCriteriaList([stopping])
+                out = gen_model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+                for k, (i, row) in enumerate(zip(idx, out[:, input_ids.shape[1] :].tolist())):
+                    stopped_at = stopping.lengths.get(k, len(row)) if stopping is not None else len(row)
+                    results[i] = _until_eos(row[:stopped_at], eos)
                 bar.update(len(idx))
     finally:
         gen_model.train(was_training)
@@ -166,8 +281,11 @@ def generate(
     batch_size: int = 32,
     progress: bool = True,
     max_prompt_length: int | None = None,
+    stop: Sequence[str] = (),
+    cache: str = "static",
 ) -> list[str]:
-    """Greedy continuation of each prompt, decoded without special tokens (only the new text)."""
+    """Greedy continuation of each prompt, decoded without special tokens (only the new text), cut before
+    the first stop string."""
     ids = generate_ids(
         model,
         tokenizer,
@@ -176,8 +294,11 @@ def generate(
         batch_size=batch_size,
         max_prompt_length=max_prompt_length,
         progress=progress,
+        stop=stop,
+        cache=cache,
     )
-    return tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+    return [cut_at_stop(text, stop) for text in texts]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -277,13 +398,15 @@ def evaluate_examples(
     accelerator=None,
     max_prompt_length: int | None = None,
     progress: bool = True,
+    stop: Sequence[str] = (),
+    cache: str = "static",
 ) -> tuple[dict, list[dict]]:
     """Generate, extract and score every example; return (metrics, one record per example, in order).
 
     With an `accelerator` (an `Accelerator` or accelerate's `PartialState`) of several processes,
     each process generates for its shard (examples[rank::world]) and the records are gathered,
     so every process returns the full result. Records: id, source, meta, prompt, generation, extracted,
-    answer_from, gold, correct, grading (see `grade_example`).
+    answer_from, gold, correct, grading (see `grade_example`). `stop` and `cache` as in `generate_ids`.
     """
     examples = list(examples)
     world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
@@ -298,6 +421,8 @@ def evaluate_examples(
         batch_size=batch_size,
         max_prompt_length=max_prompt_length,
         progress=progress and (accelerator is None or accelerator.is_local_main_process),
+        stop=stop,
+        cache=cache,
     )
     records = []
     for pos, ex, text in zip(positions, shard, generations):
@@ -366,7 +491,18 @@ class EvalConfig:
     max_prompt_length: int | None = None
     """Cut longer prompts from the left to this many tokens; default: what the model's positions allow."""
     dtype: str | None = None
-    """Weights dtype: float32, bfloat16, float16, auto; default: the loader's default."""
+    """Weights dtype: float32, bfloat16, float16, auto (the checkpoint's); default: bfloat16 on a GPU that supports
+    it (training's bf16 autocast computes in it too), elsewhere the loader's default (the checkpoint's dtype: float32
+    for presets and the embedded model)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings besides EOS: a generation ends once its text contains one and is cut before it, e.g.
+    ["Question:"] for base models that go on to write the next problem; default: none (EOS only)."""
+    cache: str = "static"
+    """KV cache for decoding: static (preallocated; on a GPU the decoding step is compiled) where the model supports
+    it, else dynamic; dynamic: grown step by step. Both give the same generations (up to floating-point rounding
+    on a GPU)."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the checkpoint (only for checkpoints you trust)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -377,8 +513,21 @@ class EvalConfig:
         checks.positive("limit", self.limit, optional=True)
         checks.positive("max_prompt_length", self.max_prompt_length, optional=True)
         checks.one_of("dtype", self.dtype, (*DTYPES, None))
+        checks.one_of("cache", self.cache, CACHES)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise checks.ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if not self.data or _looks_local(self.data):
             checks.existing_path("data", self.data)
+
+
+def eval_dtype(dtype: str | None, device: torch.device) -> str | None:
+    """The dtype to load in: `dtype` if given, else bfloat16 on a GPU that supports it, else None (the loader's
+    default, so CPU results are those of before this default existed)."""
+    if dtype is not None:
+        return dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return None
 
 
 def _records_jsonl(records: Sequence[dict]) -> str:
@@ -407,8 +556,9 @@ def run(cfg: EvalConfig) -> dict:
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
     model_path = resolve_model(cfg.model, seed=cfg.seed)
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, dtype=cfg.dtype).to(device)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+    dtype = eval_dtype(cfg.dtype, torch.device(device))
+    model = load_model(model_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code).to(device)
     metrics, records = evaluate_examples(
         model,
         tokenizer,
@@ -419,6 +569,8 @@ def run(cfg: EvalConfig) -> dict:
         accelerator=accelerator,
         max_prompt_length=cfg.max_prompt_length,
         progress=cfg.progress,
+        stop=cfg.stop,
+        cache=cfg.cache,
     )
     if accelerator is None or accelerator.is_main_process:
         out = rundir.EvalDir(cfg.out)
