@@ -22,6 +22,7 @@ from datalever.optim import (
     MultiOptimizer,
     OptimConfig,
     build_optimizer,
+    fused_adamw,
     lr_factor,
     muon_param_split,
     optimizer_step,
@@ -472,6 +473,27 @@ def test_n_tokens_must_be_what_the_loss_function_counts():
             optimizer_step(model, opt, split(batch, 2), lm_loss_fn, n_tokens=tokens_in([batch]) + 1)
 
 
+def tensor_count_loss_fn(model, mb):
+    """lm_loss_fn with its token count left a tensor, as the training loop's loss function returns it."""
+    loss, _ = lm_loss_fn(model, mb)
+    return loss, (mb["labels"][:, 1:] != -100).sum()
+
+
+@pytest.mark.parametrize("key", list(ALL_CONFIGS))
+def test_token_counts_may_stay_tensors(key):
+    batch = token_batch(ragged=True)
+    a, b = TinyLM(seed=8), TinyLM(seed=8)
+    oa, ob = (build_optimizer(m, OptimConfig(**ALL_CONFIGS[key], lr=1e-2)) for m in (a, b))
+    for _ in range(2):
+        sa = take_step(a, oa, split(batch, 4), lm_loss_fn)
+        sb = take_step(b, ob, split(batch, 4), tensor_count_loss_fn)
+    assert (sa.loss, sa.grad_norm) == (sb.loss, sb.grad_norm)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="n_tokens"):
+        optimizer_step(b, ob, split(batch, 2), tensor_count_loss_fn, n_tokens=tokens_in([batch]) - 1)
+
+
 def test_sam_restores_weights_exactly_and_rejects_misuse():
     model = Toy([0.1, 0.2, 0.3])
     opt = build_optimizer(model, OptimConfig(name="sam", sam_base="sgd", lr=0.0, sam_rho=0.5))
@@ -600,6 +622,55 @@ def test_config_validation():
         OptimConfig(name="lion")
     with pytest.raises(ValueError):
         OptimConfig(name="sam", sam_base="lion")
+    with pytest.raises(ValueError, match="fused"):
+        OptimConfig(fused="yes")
+
+
+# --------------------------------------------------------------------------- fused AdamW
+
+
+def adamw_of(opt) -> torch.optim.AdamW | None:
+    base = opt.base if isinstance(opt, SAM) else opt
+    return base.optimizers.get("adamw")
+
+
+@pytest.mark.parametrize("key", list(ALL_CONFIGS))
+def test_fused_adamw_only_where_the_parameters_train_on_cuda(key):
+    model = tiny_llama()
+    cfg = OptimConfig(**ALL_CONFIGS[key])
+    assert adamw_of(build_optimizer(model, cfg)).defaults["fused"] is None  # a CPU: torch's default, as before
+    assert adamw_of(build_optimizer(model, cfg, device="cuda")).defaults["fused"] is True
+    off = OptimConfig(**ALL_CONFIGS[key], fused=False)
+    assert adamw_of(build_optimizer(model, off, device="cuda")).defaults["fused"] is None
+    sgd = build_optimizer(model, OptimConfig(name="sam", sam_base="sgd"), device="cuda")
+    assert adamw_of(sgd) is None
+
+
+def test_fused_adamw_needs_every_parameter_floating():
+    cfg = OptimConfig()
+    floats = [nn.Parameter(torch.zeros(2))]
+    assert fused_adamw(floats, cfg, "cuda") and not fused_adamw(floats, cfg) and not fused_adamw([], cfg, "cuda")
+    assert not fused_adamw([*floats, torch.zeros(2, dtype=torch.long)], cfg, "cuda")
+
+
+def test_fused_adamw_steps_as_the_default_kernels():
+    """The fused path (forced here with the CUDA hint: torch has fused AdamW kernels for CPUs too) through our
+    groups, lr schedule and state dict, against torch's default kernels."""
+    batch = token_batch(ragged=True)
+    a, b = TinyLM(seed=9), TinyLM(seed=9)
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    oa, ob = build_optimizer(a, cfg), build_optimizer(b, cfg, device="cuda")
+    for factor in (0.5, 1.0, 0.25):
+        set_lr(oa, factor)
+        set_lr(ob, factor)
+        take_step(a, oa, split(batch, 2), lm_loss_fn)
+        take_step(b, ob, split(batch, 2), lm_loss_fn)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    buffer = io.BytesIO()
+    torch.save(ob.state_dict(), buffer)
+    buffer.seek(0)
+    oa.load_state_dict(torch.load(buffer, weights_only=True))  # the fused state loads into the default kernels
 
 
 # --------------------------------------------------------------------------- accelerate

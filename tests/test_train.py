@@ -503,6 +503,11 @@ def test_outputs_never_overlap_inputs(data, preset, tmp_path, where):
         ("seed", -1),
         ("dtype", "float64"),
         ("mixed_precision", "fp8"),
+        ("attn_implementation", "flash_attention_3"),
+        ("tf32", "yes"),
+        ("gradient_checkpointing", None),
+        ("group_by_length", "no"),
+        ("torch_compile", 1.5),
     ],
 )
 def test_bad_values_are_refused_when_the_config_is_built(name, value):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from datalever import rundir
-from datalever.launch import resolve_mixed_precision
+from datalever.launch import resolve_mixed_precision, tf32_in_effect
 from datalever.optim import StepStats, is_dtensor
 
 MODEL = "model"
@@ -50,7 +50,15 @@ IDENTITY_SETTINGS = (
     "dtype",
     "mixed_precision",
     "eval_every",  # which steps the log holds a validation loss for
+    "attn_implementation",
+    "tf32",
+    "torch_compile",
 )
+# The speed settings that pick other kernels or another float32 precision, hence other rounding, as they computed
+# before they existed: each enters the identity only with another value, so the runs recorded then keep theirs.
+# Left out: gradient_checkpointing (the same kernels, run again in the backward: the same numbers) and
+# group_by_length (another split of the step into passes, like micro_batch_size).
+KERNELS_BEFORE = {"attn_implementation": "sdpa", "tf32": False, "torch_compile": False}
 DIRECTORY = "directory sha256:"  # how `model_identity` marks a hash of a directory's files
 IDENTITY_FORMAT = 2  # 1: settings only (paths, no contents); such checkpoints cannot be checked and are refused
 
@@ -105,19 +113,31 @@ def resume_identity(cfg, inputs: dict[str, str | None]) -> str:
     settings["optim"] = _optimizer_settings(settings["optim"])
     # bf16 autocast and float32 compute give other numbers: a run continues only with the one it was made with.
     settings["mixed_precision"] = resolve_mixed_precision(cfg.mixed_precision)
+    _keep_other_kernels(settings)
     return json.dumps({"format": IDENTITY_FORMAT, "settings": settings, "inputs": inputs}, sort_keys=True)
 
 
 def _optimizer_settings(optim: dict) -> dict:
     """OptimConfig's values without the muon_* ones unless Muon is built (alone or under SAM) and without the sam_*
-    ones unless SAM is (optim.build_optimizer)."""
+    ones unless SAM is (optim.build_optimizer); `fused` as it is in effect (CUDA and an AdamW built)."""
     base = optim["sam_base"] if optim["name"] == "sam" else optim["name"]
     unused = []
     if base != "muon":
         unused.append("muon_")
     if optim["name"] != "sam":
         unused.append("sam_")
-    return {k: v for k, v in optim.items() if not k.startswith(tuple(unused))}
+    kept = {k: v for k, v in optim.items() if not k.startswith(tuple(unused))}
+    # Fused AdamW is other kernels only where it runs (optim.fused_adamw); elsewhere it computes as before it existed.
+    fused = kept.pop("fused", False) and base in ("adamw", "muon") and torch.cuda.is_available()
+    return {**kept, "fused": True} if fused else kept
+
+
+def _keep_other_kernels(settings: dict) -> None:
+    """Drop the kernel settings that compute as before they existed (`KERNELS_BEFORE`); tf32 as it is in effect."""
+    settings["tf32"] = tf32_in_effect(settings["tf32"])
+    for name, before in KERNELS_BEFORE.items():
+        if settings[name] == before:
+            del settings[name]
 
 
 def identity_differences(saved: str | dict, now: str | dict) -> list[str]:

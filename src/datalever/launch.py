@@ -3,6 +3,9 @@
 `python -m datalever train` (one process: CPU or one GPU), `torchrun --nproc_per_node N -m datalever
 train` (DDP; without GPUs the processes talk over gloo), or `accelerate launch --config_file
 configs/accelerate/fsdp2.yaml -m datalever train` (FSDP2, also on CPUs): one code path for all of them.
+
+Also the speed settings a launch applies before wrapping the model: the attention kernels (`check_attention`),
+TensorFloat-32 (`set_tf32`), activation checkpointing and per-block torch.compile.
 """
 
 from __future__ import annotations
@@ -10,6 +13,11 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
+
+from datalever import checks
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")  # transformers' names
 
 
 def no_accelerator_device() -> bool:
@@ -102,3 +110,89 @@ def prepare(accelerator, model, opt):
         model._no_split_modules = getattr(model.model, "_no_split_modules", None)
         return accelerator.prepare(model, *opt.torch_optimizers())[0]
     return accelerator.prepare(model)
+
+
+# ----------------------------------------------------------------------------- speed settings
+
+
+def check_attention(attn_implementation: str, mixed_precision: str, dtype: str) -> None:
+    """Refuse an attention implementation this machine or these precisions cannot run, in one line."""
+    checks.one_of("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+    if attn_implementation != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():  # also False without a CUDA GPU
+        raise checks.ConfigError(
+            "attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            "(pip install flash-attn --no-build-isolation); use sdpa"
+        )
+    if resolve_mixed_precision(mixed_precision) == "no" and dtype == "float32":
+        raise checks.ConfigError(
+            "attn_implementation=flash_attention_2 computes in bf16 or fp16 only: use mixed_precision bf16 (or auto) "
+            "or dtype bfloat16"
+        )
+
+
+def tf32_in_effect(tf32: bool) -> bool:
+    """Whether the tf32 setting changes anything here: only CUDA has TensorFloat-32 matmuls."""
+    return bool(tf32) and torch.cuda.is_available()
+
+
+def set_tf32(tf32: bool) -> None:
+    """float32 matmuls on CUDA in TensorFloat-32 (tensor cores, 10-bit mantissa) or in IEEE float32 (torch's default).
+
+    On a CPU nothing is touched (torch's global float32 precision would also reach oneDNN's CPU kernels). The flag
+    is process-wide, so every run sets it either way rather than inherit an earlier run's. Through the older
+    `allow_tf32` flag, which both APIs read back: once torch 2.9's `fp32_precision` is set, reading the older
+    settings raises, and Accelerate still sets `allow_tf32` and inductor reads `torch.get_float32_matmul_precision()`.
+    """
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+
+
+def enable_gradient_checkpointing(hf_model: nn.Module) -> None:
+    """Recompute every block's activations in the backward (transformers' activation checkpointing).
+
+    Non-reentrant: it needs no input that requires grad (LoRA's frozen embeddings), replays the recompute with the
+    first forward's RNG state (the same dropout masks, the same numbers), and is the kind DDP, FSDP2 and
+    torch.compile support.
+    """
+    kwargs = {"use_reentrant": False}
+    enable = getattr(hf_model, "activation_checkpointing_enable", None)  # transformers >= 5's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an HF model (the classes it names in `_no_split_modules`), under a peft model too."""
+    from datalever.models import unwrap
+
+    names = set(getattr(unwrap(model), "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every transformer block in place (`nn.Module.compile`); returns how many.
+
+    In place, so module names, state dicts and checkpoints stay as they are and DDP or FSDP2 wrap the model as
+    before. Blocks rather than the whole model: the loss module around the model gathers the response positions
+    (a data-dependent shape, which would break the graph), and the blocks share one code object, so one
+    compilation serves all of them.
+    """
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"torch_compile: no transformer blocks found in {type(model).__name__} (_no_split_modules)")
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
+def check_compile_available() -> None:
+    """Refuse torch_compile where torch.compile cannot run (e.g. a Python version dynamo does not support yet)."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise checks.ConfigError("torch_compile=true: torch.compile is not supported on this Python/torch; use false")

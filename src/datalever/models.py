@@ -268,15 +268,24 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 
 def load_model(
-    path: str, *, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    path: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """Load an HF causal LM. Weights come from safetensors when the checkpoint has them."""
+    """Load an HF causal LM. Weights come from safetensors when the checkpoint has them.
+
+    `attn_implementation`: sdpa | flash_attention_2 | eager; None: transformers' choice (sdpa where the model
+    supports it)."""
     if isinstance(dtype, str):
         checks.one_of("dtype", dtype, DTYPES)
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[dtype]
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 

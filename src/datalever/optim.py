@@ -1,6 +1,7 @@
 """Optimizers for fine-tuning causal LMs: AdamW, Muon (+AdamW), SAM; the LR schedule; one optimizer step.
 
-* ``adamw``: AdamW on every trainable parameter (weight decay on matrices only, not on norms/biases).
+* ``adamw``: AdamW on every trainable parameter (weight decay on matrices only, not on norms/biases); torch's
+  fused kernels where every parameter trains on CUDA (``OptimConfig.fused``).
 * ``muon``: ``torch.optim.Muon`` on the 2-D hidden weight matrices (attention/MLP projections, LoRA A/B);
   AdamW on embeddings, the output head (2-D or tied, found via ``get_input/output_embeddings``),
   every ``nn.Embedding``, norms and biases. Muon uses ``adjust_lr_fn="match_rms_adamw"`` by default,
@@ -76,6 +77,9 @@ class OptimConfig:
     """SAM perturbation radius rho (0 = base optimizer at twice the cost)."""
     sam_base: str = "adamw"
     """Base optimizer under SAM: adamw | muon | sgd (plain SGD, for closed-form checks)."""
+    fused: bool = True
+    """Fused AdamW (torch's one-kernel implementation, its fastest) where every AdamW parameter trains on a CUDA
+    device in a floating dtype; elsewhere (a CPU) torch's default AdamW, whatever this says."""
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
@@ -86,6 +90,8 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.muon_adjust_lr: unknown {self.muon_adjust_lr!r}")
         if self.sam_rho < 0:
             raise ValueError("OptimConfig.sam_rho must be >= 0")
+        if self.fused not in (True, False):
+            raise ValueError(f"OptimConfig.fused must be true or false, got {self.fused!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 
 
@@ -313,14 +319,28 @@ class SAM:
         return f"SAM(rho={self.rho}, base={self.base!r})"
 
 
-def _build_base(model: nn.Module, cfg: OptimConfig, name: str) -> MultiOptimizer:
+def fused_adamw(params: Sequence[nn.Parameter], cfg: OptimConfig, device: torch.device | str | None = None) -> bool:
+    """Whether AdamW over `params` runs fused: asked for (cfg.fused), and every parameter floating-point and training
+    on CUDA (`device`, where they will train, or else where they are). Never on a CPU: torch's default AdamW there
+    keeps CPU numbers as they were."""
+    if not cfg.fused or not params:
+        return False
+    device_types = {torch.device(device).type} if device is not None else {p.device.type for p in params}
+    return device_types == {"cuda"} and all(p.is_floating_point() for p in params)
+
+
+def _adamw(params: list[nn.Parameter], cfg: OptimConfig, device) -> torch.optim.AdamW:
+    # fused=None, not False, off CUDA: torch then picks its default kernels, exactly as before this option existed.
+    fused = True if fused_adamw(params, cfg, device) else None
+    return torch.optim.AdamW(_decay_groups(params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused)
+
+
+def _build_base(model: nn.Module, cfg: OptimConfig, name: str, device=None) -> MultiOptimizer:
     if name == "adamw":
         params = _trainable(model)
         if not params:
             raise ValueError("model has no trainable parameters")
-        return MultiOptimizer(
-            {"adamw": torch.optim.AdamW(_decay_groups(params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)}
-        )
+        return MultiOptimizer({"adamw": _adamw(params, cfg, device)})
     if name == "sgd":
         params = _trainable(model)
         if not params:
@@ -342,15 +362,16 @@ def _build_base(model: nn.Module, cfg: OptimConfig, name: str) -> MultiOptimizer
                 adjust_lr_fn=cfg.muon_adjust_lr,
             )
         if adamw_params:
-            opts["adamw"] = torch.optim.AdamW(
-                _decay_groups(adamw_params, cfg, "adamw"), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps
-            )
+            opts["adamw"] = _adamw(adamw_params, cfg, device)
         return MultiOptimizer(opts)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MultiOptimizer | SAM:
-    """The optimizer named by ``cfg.name`` over the trainable parameters of ``model``.
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device | str | None = None
+) -> MultiOptimizer | SAM:
+    """The optimizer named by ``cfg.name`` over the trainable parameters of ``model``; ``device``: where the
+    parameters will train, if not where they are now (it decides fused AdamW, ``fused_adamw``).
 
     Build it on the model after ``accelerator.prepare(model)`` (DDP wrappers are unwrapped for the split)
     or before; the parameter objects are the same. Under FSDP2 build it before and pass
@@ -358,8 +379,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MultiOptimizer | SAM:
     sharded parameters (``launch.prepare`` does this).
     """
     if cfg.name == "sam":
-        return SAM(_build_base(model, cfg, cfg.sam_base), rho=cfg.sam_rho)
-    return _build_base(model, cfg, cfg.name)
+        return SAM(_build_base(model, cfg, cfg.sam_base, device), rho=cfg.sam_rho)
+    return _build_base(model, cfg, cfg.name, device)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -432,7 +453,8 @@ def _grad_pass(
 
     `n_tokens` is this rank's token count, known before the first forward, so every micro-batch's loss is
     normalized before its backward: under FSDP every backward reduce-scatters and .grad mixes all ranks,
-    so nothing accumulated there could be rescaled afterwards.
+    so nothing accumulated there could be rescaled afterwards. The loss function's counts (ints, or tensors
+    on the device) are read back once, after the last backward is queued: no host sync per micro-batch.
     Under DDP the last backward is the one that syncs: each rank contributes its gradient normalized by
     its own token count, and all ranks end with the same averaged gradient.
     """
@@ -443,13 +465,14 @@ def _grad_pass(
         ctx = contextlib.nullcontext() if (sync and i == last) else _no_sync(model, accelerator)
         with ctx:
             loss_sum, n = loss_fn(model, mb)
-            total_n += int(n)
+            total_n = total_n + n
             total_loss = loss_sum.detach().double() if total_loss is None else total_loss + loss_sum.detach().double()
             loss = loss_sum / max(n_tokens, 1)
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
                 loss.backward()
+    total_n = int(total_n)
     if total_n != n_tokens:
         raise ValueError(f"n_tokens={n_tokens} but the loss function counted {total_n} tokens")
     return float(total_loss) / total_n if total_n > 0 else float("nan")
@@ -470,7 +493,8 @@ def optimizer_step(
     accelerator: Any = None,
     max_grad_norm: float | None = 1.0,
 ) -> StepStats:
-    """One update from ``micro_batches``; ``loss_fn(model, mb) -> (sum of token losses, n_tokens)``.
+    """One update from ``micro_batches``; ``loss_fn(model, mb) -> (sum of token losses, n_tokens)`` (n_tokens an int
+    or a 0-dim tensor, left on the device: it is read once per pass).
 
     The loss is normalized by ``n_tokens``, the token count of all micro-batches together (this rank's; it
     must equal what ``loss_fn`` counts), so accumulation equals one big batch. All but the last backward run

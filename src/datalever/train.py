@@ -9,6 +9,10 @@ stream position, optimizer state, RNG and weights are checkpointed together (`ch
 killed run resumes where it stopped and ends where an uninterrupted run ends. `finish` saves the
 final model and the summary.
 
+The speed settings (attn_implementation, tf32, optim.fused, gradient_checkpointing, group_by_length,
+torch_compile) choose kernels and schedules, never the data or the optimizer: at their defaults a CPU computes what
+it computed before they existed, and those that pick other kernels enter the resume identity.
+
 With N processes each step's batch is split evenly (batch_size must be a multiple of N) and the loss
 is weighted so that the gradient equals the one a single process computes on the whole batch (SAM
 under DDP excepted: each process perturbs with its own gradient; under FSDP SAM perturbs with the
@@ -36,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from datalever import checkpoint, checks, rundir
+from datalever import checkpoint, checks, launch, rundir
 from datalever.checkpoint import Progress
 from datalever.examples import Example, load_examples
 from datalever.launch import make_accelerator, prepare
@@ -61,7 +65,7 @@ from datalever.optim import (
     set_lr,
 )
 from datalever.sampler import epoch_order
-from datalever.tokens import IGNORE, Encoded, Truncation, collate, encode_example
+from datalever.tokens import Encoded, Truncation, collate, encode_example
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -147,6 +151,23 @@ class TrainConfig:
     dtype: str = "float32"
     """Dtype of the trained weights: float32 (master weights; autocast does the bf16 math) | bfloat16 | auto (the
     checkpoint's)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernels: sdpa (PyTorch's scaled_dot_product_attention, flash/memory-efficient kernels on a GPU) |
+    flash_attention_2 (the flash-attn package; a CUDA GPU and bf16) | eager (the model's own matmul-softmax-matmul)."""
+    tf32: bool = True
+    """On CUDA, float32 matmuls in TensorFloat-32 (tensor cores, 10-bit mantissa): faster where float32 math remains
+    (mixed_precision no); false: IEEE float32. No effect on a CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward instead of keeping them: about a third more compute for
+    much less activation memory (bigger micro-batches, longer sequences). The same numbers."""
+    group_by_length: bool = True
+    """Sort each step's examples (this process's share) by length before cutting them into micro-batches, so rows of
+    similar length are padded together; the step's gradient is the same sum. Never across steps: which examples a
+    step takes, and the order of the steps, stay the seeded stream's. False: micro-batches in stream order."""
+    torch_compile: bool = False
+    """torch.compile every transformer block (in place: the same module names and checkpoints). The first steps pay
+    the compilation (and a recompilation for new shapes); later ones run the fused kernels. Dropout inside the blocks
+    (LoRA's) then draws other masks than without compiling."""
     log_with: list[str] | None = None
     """Accelerate trackers, e.g. [tensorboard] (pip install 'datalever[tensorboard]') or [wandb]; written under `out`;
     the JSONL log is always written."""
@@ -179,6 +200,11 @@ class TrainConfig:
         checks.at_most("seed", self.seed, 2**32 - 1)  # numpy's seed range (accelerate seeds numpy too)
         checks.one_of("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         checks.one_of("dtype", self.dtype, DTYPES)
+        for name in ("tf32", "gradient_checkpointing", "group_by_length", "torch_compile"):
+            checks.one_of(name, getattr(self, name), (True, False))
+        launch.check_attention(self.attn_implementation, self.mixed_precision, self.dtype)
+        if self.torch_compile:
+            launch.check_compile_available()
         self.lora.check()
 
 
@@ -345,9 +371,10 @@ def warmup_steps(cfg: TrainConfig, steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * steps)
 
 
-def micro_batches(encoded: Sequence[Encoded], size: int, pad_id: int, device) -> list[dict]:
-    # Sorting by length inside a step changes nothing in the gradient (it is a sum) but pads less.
-    rows = sorted(encoded, key=lambda e: len(e.input_ids))
+def micro_batches(encoded: Sequence[Encoded], size: int, pad_id: int, device, sort: bool = True) -> list[dict]:
+    # Sorting by length inside a step changes nothing in the gradient (it is a sum) but pads less: for micro-batches
+    # of a fixed size, consecutive runs of the sorted rows pad the least.
+    rows = sorted(encoded, key=lambda e: len(e.input_ids)) if sort else list(encoded)
     return [
         {k: v.to(device) for k, v in collate(rows[i : i + size], pad_id).items()} for i in range(0, len(rows), size)
     ]
@@ -357,10 +384,11 @@ def scaled_loss_fn(scale: float) -> Callable:
     """The loss function for `optim.optimizer_step`: the micro-batch's response-loss sum times `scale`, and its
     response-token count."""
 
-    def loss_fn(model, batch) -> tuple[torch.Tensor, int]:
+    def loss_fn(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         sums, counts = model(**batch)
         loss = sums.sum()
-        return (loss if scale == 1.0 else loss * scale), int(counts.sum())
+        # The count stays a device tensor: optimizer_step reads it once per pass, not once per micro-batch.
+        return (loss if scale == 1.0 else loss * scale), counts.sum()
 
     return loss_fn
 
@@ -414,11 +442,20 @@ def load_trainable_model(cfg: TrainConfig, accelerator: Accelerator):
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     # transformers >= 5 loads a checkpoint in its stored dtype by default: a bf16 checkpoint would be
     # trained in pure bf16. cfg.dtype (float32 by default) keeps float32 master weights.
-    hf_model = load_model(model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    hf_model = load_model(
+        model_path,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+    )
     # Seeded after loading, so the LoRA init and dropout do not depend on whether a preset was just built.
     set_seed(cfg.seed)
+    if cfg.gradient_checkpointing:
+        launch.enable_gradient_checkpointing(hf_model)
     if cfg.lora.enabled:
         hf_model = apply_lora(hf_model, cfg.lora)
+    if cfg.torch_compile:  # last: the blocks compiled are the ones that train (LoRA layers and checkpointing in them)
+        launch.compile_blocks(hf_model)
     hf_model.train()  # from_pretrained returns a model in eval mode (dropout off)
     return model_path, tokenizer, hf_model
 
@@ -428,6 +465,7 @@ def setup(cfg: TrainConfig, inputs: TrainInputs, *, replace: bool = False) -> Tr
     `replace`: first delete the run of other work in `out` (`remove_earlier_run`)."""
     layout = rundir.TrainDir(cfg.out)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.log_with, str(layout.root))
+    launch.set_tf32(cfg.tf32)
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(
             f"batch_size={cfg.batch_size} must be a multiple of the number of processes ({accelerator.num_processes})"
@@ -440,7 +478,8 @@ def setup(cfg: TrainConfig, inputs: TrainInputs, *, replace: bool = False) -> Tr
     saved = checkpoint.read_state(last, inputs.identity) if last is not None else None
     if last is not None:
         checkpoint.load_weights(last, hf_model)  # before wrapping: FSDP shards what is loaded here
-    opt = build_optimizer(hf_model, cfg.optim)
+    # The parameters move to the accelerator's device in `prepare`: the optimizer is told where they will train.
+    opt = build_optimizer(hf_model, cfg.optim, device=accelerator.device)
     model = prepare(accelerator, ResponseLoss(hf_model), opt)
 
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in inputs.examples]
@@ -574,25 +613,33 @@ def optimize_batch(job: TrainJob, idx: list[int]) -> tuple[StepStats, int]:
     # Every process knows the whole batch, hence the global response-token count: scaling this process's
     # loss sum by world * n_mine / n_all makes DDP's gradient mean equal the token-weighted mean of the
     # whole batch, i.e. exactly what one process computes with the same batch.
-    n_resp = [max(job.encoded[i].n_response, 0) for i in idx]
+    n_resp = [response_tokens(job.encoded[i]) for i in idx]
     n_all, n_mine = sum(n_resp), sum(n_resp[rank::world])
     scale = world * n_mine / n_all if world > 1 and n_all > 0 else 1.0
-    batches = micro_batches(mine, cfg.micro_batch_size, job.tokenizer.pad_token_id, accelerator.device)
-    # This process's loss-carrying tokens, counted before the first forward: each micro-batch's loss is
-    # normalized before its backward (required under FSDP, where .grad already mixes all processes).
-    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
+    batches = micro_batches(
+        mine, cfg.micro_batch_size, job.tokenizer.pad_token_id, accelerator.device, sort=cfg.group_by_length
+    )
+    # n_mine is this process's loss-carrying tokens, known before the first forward: each micro-batch's loss is
+    # normalized before its backward (required under FSDP, where .grad already mixes all processes). Counted from
+    # the encoded lengths, it is exactly the labels' count (`response_tokens`) without reading the device.
     stats = optimizer_step(
         job.model,
         job.opt,
         batches,
         scaled_loss_fn(scale),
-        n_tokens=n_tokens,
+        n_tokens=n_mine,
         accelerator=accelerator,
         max_grad_norm=cfg.max_grad_norm,
     )
     if world > 1:
         stats = batch_losses(accelerator, stats)
     return stats, len(batches)
+
+
+def response_tokens(encoded: Encoded) -> int:
+    """The loss-carrying positions of an example, as `tokens.collate` labels them (none when max_length cut the
+    response away), from its lengths alone."""
+    return max(encoded.n_response, 0)
 
 
 def batch_losses(accelerator: Accelerator, stats: StepStats) -> StepStats:
