@@ -146,7 +146,7 @@ def identity_differences(saved: str | dict, now: str | dict) -> list[str]:
     now = json.loads(now) if isinstance(now, str) else now
     if saved.get("format") != now.get("format"):
         return ["made by an earlier datalever version, whose record holds no input contents"]
-    before, after = _flat(saved["settings"]), _flat(now["settings"])
+    before, after = rundir.flatten(saved["settings"]), rundir.flatten(now["settings"])
     keys = sorted(before.keys() | after.keys())
     changed = [k for k in keys if k not in before or k not in after or before[k] != after[k]]
     diffs = [f"{k} {_shown(before, k)} -> {_shown(after, k)}" for k in changed]
@@ -167,16 +167,6 @@ def _input_change(name: str, old: str | None, new: str | None) -> str:
     if name == "model" and not (old.startswith(DIRECTORY) and new.startswith(DIRECTORY)):
         return f"{old!r} -> {new!r}"  # specs (preset, hub id) or a spec for a directory: say which
     return "other content"
-
-
-def _flat(settings: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # ----------------------------------------------------------------------------- input fingerprints

@@ -368,11 +368,12 @@ def recorded_settings(out_dir: str | os.PathLike, stage: str) -> dict | None:
     return (yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else None
 
 
-def _flat(settings: dict, prefix: str = "") -> dict:
+def flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one dict with dotted names (`optim.lr`)."""
     out = {}
     for key, value in settings.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -384,7 +385,7 @@ def settings_differences(recorded: dict, config: Any, ignore: Iterable[str] = ()
     ignore = set(ignore)
 
     def kept(settings: dict) -> dict:
-        return {k: v for k, v in _flat(settings).items() if k not in ignore and k.split(".")[0] not in ignore}
+        return {k: v for k, v in flatten(settings).items() if k not in ignore and k.split(".")[0] not in ignore}
 
     now, before = kept(to_jsonable(config)), kept(recorded)
     return [
