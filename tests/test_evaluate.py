@@ -596,3 +596,12 @@ def test_eval_resolves_a_model_spec_as_train_does(tmp_path):
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n"] == 3 and len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    # A rerun with other settings into the same place is refused, in one line, unless --overwrite true.
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--model", "embedded:demo-base", "--data", data, "--out", str(out), "--limit", "2"])
+    assert exit_.value.code == 2 and json.loads((out / "metrics.json").read_text())["n"] == 3
+    main(
+        ["eval", "--model", "embedded:demo-base", "--data", data, "--out", str(out), "--limit", "2"]
+        + ["--max_new_tokens", "4", "--progress", "false", "--overwrite", "true"]
+    )
+    assert json.loads((out / "metrics.json").read_text())["n"] == 2

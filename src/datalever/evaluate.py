@@ -505,6 +505,8 @@ class EvalConfig:
     """Allow custom model code from the checkpoint (only for checkpoints you trust)."""
     progress: bool = True
     """Show a progress bar."""
+    overwrite: bool = False
+    """Replace an evaluation made in the same place with other settings (without it such a rerun is refused)."""
 
     def __post_init__(self) -> None:
         # Refused here, before any data or model is loaded: `--limit -1` once evaluated 49 of 50.
@@ -541,6 +543,7 @@ def run(cfg: EvalConfig) -> dict:
     from datalever.examples import load_examples
     from datalever.models import load_model, load_tokenizer, resolve_model
 
+    rundir.refuse_other_settings(cfg.out, "evaluate", cfg)
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Launched with torchrun/accelerate: the process state already set up (e.g. by training in
