@@ -23,12 +23,20 @@ Bounds: what any engine could reach over the S2L loop on this machine.
   S2L time split   the share of the S2L loop's time in the body (the body alone, one example at a
                    time) and, the rest, in the full-vocabulary logits and the loss.
 
+Host time: the engine's host work alone (padding each batch, copying it to the device, bringing the
+per-example results back), in ms per million tokens, against the old collate path (one tensor per
+example, padding row by row, a blocking copy per tensor, two result syncs per batch) on the same
+batches, with stand-in results in place of the forward; measured here without a GPU, and its share of
+the engine's scoring time says how much of a run it weighs (on a GPU the engine overlaps it with the
+forward of the batch before).
+
 Every method is timed once per round, the methods interleaved within a round (a warm-up round
 first, which also checks that the engine and the S2L loop give the same losses); each rate is
 from the method's fastest round, so a burst of load from another process skews none of them.
 Absolute times drift on shared machines; the ratios, measured in one run, hold.
 On a GPU (`--device cuda`, the default when one is visible) the token budget defaults to the engine's
-accelerator default (32768); every timed call ends in `.item()`/`.tolist()`, which waits for the GPU.
+accelerator default (32768); every timing waits for the GPU (torch.cuda.synchronize) before it starts and
+before it stops.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import torch
 
 from datalever import synth
 from datalever.examples import Example, content_id
-from datalever.losses import default_token_budget, score_encoded
+from datalever.losses import _example_losses, _send_to_host, _stage, default_token_budget, score_encoded
 from datalever.models import build_preset, load_model, load_tokenizer
 from datalever.tokens import IGNORE, encode_example, token_budget_batches
 
@@ -55,22 +63,33 @@ def examples(n: int) -> list[Example]:
     ]
 
 
-def timed(fn, repeats: int = 2) -> float:
+def timed(fn, repeats: int = 2, sync=lambda: None) -> float:
     """Best of `repeats` timings after a warm-up call (used by benchmarks/profile_cost.py)."""
-    return min(timed_rounds({"fn": fn}, repeats)["fn"])
+    return min(timed_rounds({"fn": fn}, repeats, sync)["fn"])
 
 
-def timed_rounds(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each call, the functions interleaved within each round, after one warm-up round."""
+def timed_rounds(fns: dict, rounds: int, sync=lambda: None) -> dict[str, list[float]]:
+    """Seconds of each call, the functions interleaved within each round, after one warm-up round.
+
+    `sync` waits for the device (torch.cuda.synchronize on a GPU), before the clock starts, so no
+    earlier work is counted, and before it stops, so all of the call's work is.
+    """
     for fn in fns.values():
         fn()  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def device_sync(device: str):
+    """What `timed_rounds` calls to wait for the device: only CUDA runs asynchronously here."""
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
 
 
 def s2l_subset(encoded, k: int):
@@ -132,6 +151,48 @@ def body_only(model, batches):
             body(input_ids=ids, use_cache=False).last_hidden_state.sum().item()
 
 
+def collate_per_example(batch, pad_id: int) -> dict[str, torch.Tensor]:
+    """The old collate, kept as the baseline of the host-time table: one torch.tensor per example,
+    padding written row by row in Python."""
+    width = max(len(e.input_ids) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        attention_mask[row, :n] = 1
+        start = max(e.n_prompt, 1)
+        labels[row, start:n] = input_ids[row, start:n]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def host_work_batches(encoded, token_budget, device) -> list[tuple[list, torch.Tensor, torch.Tensor]]:
+    """The engine's batches, each with stand-in per-example results on the device (sums, counts): the host
+    work of scoring without the forward."""
+    out = []
+    for b in token_budget_batches([len(e.input_ids) for e in encoded], token_budget):
+        rows = [encoded[i] for i in b]
+        sums = torch.rand(len(rows), device=device)
+        counts = torch.randint(1, 100, (len(rows),), device=device)
+        out.append((rows, sums, counts))
+    return out
+
+
+def old_host_path(batches, pad_id: int, device) -> None:
+    """Before: collate per example, three blocking copies in, two syncs out (`tolist` each)."""
+    for rows, sums, counts in batches:
+        {k: v.to(device) for k, v in collate_per_example(rows, pad_id).items()}
+        [(e.id, s / c, c) for e, s, c in zip(rows, sums.tolist(), counts.tolist())]
+
+
+def engine_host_path(batches, pad_id: int, device) -> None:
+    """Now: the engine's own steps, one padded buffer in (pinned, asynchronous on CUDA), one transfer out."""
+    for rows, sums, counts in batches:
+        _stage(rows, pad_id, torch.device(device))
+        _example_losses(rows, _send_to_host(sums, counts))
+
+
 def bench(
     preset: str, n: int, token_budget: int | None, s2l_n: int, rounds: int, device: str = "cpu", dtype: str = "float32"
 ) -> dict:
@@ -140,6 +201,7 @@ def bench(
         model = load_model(path, dtype=dtype).eval().to(device)
         tok = load_tokenizer(path)
     token_budget = token_budget or default_token_budget(torch.device(device))
+    sync = device_sync(device)
     encoded = [encode_example(tok, ex, 512) for ex in examples(n)]
     tokens = sum(len(e.input_ids) for e in encoded)
     sub = s2l_subset(encoded, s2l_n)  # the S2L loop is slow: time a subset, compare per-token rates
@@ -163,6 +225,17 @@ def bench(
             "s2l_body": lambda: s2l_body(model, sub),
         },
         rounds,
+        sync,
+    )
+    # Host work alone (padding, copies, results back): milliseconds, so more rounds cost little.
+    host_batches = host_work_batches(encoded, token_budget, device)
+    host = timed_rounds(
+        {
+            "old": lambda: old_host_path(host_batches, tok.pad_token_id, device),
+            "engine": lambda: engine_host_path(host_batches, tok.pad_token_id, device),
+        },
+        5 * rounds,
+        sync,
     )
     best = {k: min(v) for k, v in times.items()}
     rates = {
@@ -183,6 +256,10 @@ def bench(
         "ceiling/s2l": rates["ceiling"] / rates["s2l"],
         "body/s2l": rates["body"] / rates["s2l"],
         "s2l_body_share": s2l_body_share,
+        "host_old_ms": 1e9 * min(host["old"]) / tokens,  # ms per million tokens
+        "host_engine_ms": 1e9 * min(host["engine"]) / tokens,
+        "host_share": min(host["engine"]) / best["engine"],
+        "host_old_share": min(host["old"]) / best["engine"],
     }
 
 
@@ -216,14 +293,32 @@ def main() -> None:
         "| S2L time: body / logits+loss |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results = []
     for preset in args.presets:
         r = bench(preset, args.n, args.token_budget, args.s2l_n, args.rounds, args.device, args.dtype)
+        results.append(r)
         share = r["s2l_body_share"]
         print(
             f"| {r['preset']} | {r['examples']} | {r['tokens']} | {r['engine']:,.0f} | {r['s2l']:,.0f} | "
             f"{r['ceiling']:,.0f} | {r['engine/s2l']:.1f}x | {r['engine/ceiling']:.2f}x | {r['ceiling/s2l']:.1f}x | "
             f"{r['body/s2l']:.1f}x | {share:.0%} / {1 - share:.0%} |",
             flush=True,
+        )
+    print_host_table(results)
+
+
+def print_host_table(results: list[dict]) -> None:
+    """Host time per million tokens, the old collate path and the engine's, measured in the same run."""
+    print()
+    print(
+        "| preset | host ms / M tokens: old collate path | host ms / M tokens: engine | old/engine "
+        "| host share of engine time: old / engine |"
+    )
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['preset']} | {r['host_old_ms']:,.1f} | {r['host_engine_ms']:,.1f} | "
+            f"{r['host_old_ms'] / r['host_engine_ms']:.1f}x | {r['host_old_share']:.2%} / {r['host_share']:.2%} |"
         )
 
 

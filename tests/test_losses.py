@@ -7,9 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from datalever.examples import Example, content_id
-from datalever.losses import FLAG_TRUNCATED, ResponseLoss, _sliced_token_nll, score_examples
+from datalever.losses import (
+    FLAG_TRUNCATED,
+    ResponseLoss,
+    _example_losses,
+    _send_to_host,
+    _sliced_token_nll,
+    score_encoded,
+    score_examples,
+)
 from datalever.models import load_model, load_tokenizer
-from datalever.tokens import IGNORE, collate, encode_example, token_budget_batches
+from datalever.tokens import IGNORE, Encoded, collate, encode_example, token_budget_batches
 
 
 def make_examples(n=13, seed=0):
@@ -178,3 +186,35 @@ def test_response_loss_gradients_match_labels_loss(tiny_checkpoints):
     model_b(**batch).loss.backward()
     for (name, pa), (_, pb) in zip(model_a.named_parameters(), model_b.named_parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
+
+
+def test_engine_is_bit_identical_to_scoring_each_batch_directly(tiny_checkpoints):
+    """The pipelined engine (one padded buffer in, one transfer out, the next batch staged before the
+    results are read) gives the very floats of a plain loop: collate, forward, sums.tolist() / counts.tolist()."""
+    model = load_model(tiny_checkpoints["tiny"]).eval()
+    tok = load_tokenizer(tiny_checkpoints["tiny"])
+    encoded = [encode_example(tok, ex, 256) for ex in make_examples(17, seed=2)]
+    got = score_encoded(model, encoded, pad_id=tok.pad_token_id, token_budget=300)
+    scorer = ResponseLoss(model)
+    batches = token_budget_batches([len(e.input_ids) for e in encoded], 300)
+    assert len(batches) > 2
+    with torch.no_grad():
+        for b in batches:
+            rows = [encoded[i] for i in b]
+            sums, counts = scorer(**collate(rows, tok.pad_token_id))
+            for e, s, c in zip(rows, sums.tolist(), counts.tolist()):
+                assert (got[e.id].loss, got[e.id].n_tokens) == (s / c, c)
+                assert type(got[e.id].n_tokens) is int
+
+
+def test_results_reach_the_host_exactly():
+    """Sums travel as float32 bit patterns next to the counts: every float32 (negative zero, subnormal,
+    infinity, NaN) and counts far above float32's exact integers come back unchanged."""
+    tiny = torch.finfo(torch.float32).tiny / 4  # subnormal
+    sums = torch.tensor([1.0, -0.0, tiny, 3.4e38, math.inf, math.nan, 0.1], dtype=torch.float32)
+    counts = torch.tensor([1, 2, 3, 2**24 + 1, 5, 6, 2**31 - 1])
+    rows = [Encoded(f"e{i}", [0, 1], 1, 1) for i in range(len(sums))]
+    got = _example_losses(rows, _send_to_host(sums, counts))
+    for (id_, loss, count), e, s, c in zip(got, rows, sums.tolist(), counts.tolist()):
+        assert id_ == e.id and count == c and type(count) is int
+        assert math.isnan(loss) if math.isnan(s) else (loss == s / c and math.copysign(1, loss) == math.copysign(1, s))
