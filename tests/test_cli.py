@@ -1,6 +1,7 @@
 """The command line: every command's --help documents every option; bad input is a clean error."""
 
 import dataclasses
+import json
 import typing
 
 import pytest
@@ -89,3 +90,71 @@ def test_a_busy_machine_is_named_before_the_work_starts(tmp_path, monkeypatch, c
     monkeypatch.setattr(cli.os, "getloadavg", lambda: (cores - 1.0, 0.0, 0.0))
     cli.main(["data", "synth", "--out", str(tmp_path), "--n_train", "2", "--n_val", "1", "--n_test", "1"])
     assert "busy" not in capsys.readouterr().err
+
+
+def test_every_stage_says_what_it_did_and_where_in_one_line(tmp_path, capsys):
+    """train, eval, profile, split and upsample once printed nothing on success."""
+    run, data = tmp_path / "run", tmp_path / "run" / "data"
+
+    def last_line(*argv):
+        quiet = ["--progress", "false"] if argv[0] in ("profile", "train", "eval") else []
+        cli.main([*argv, *quiet])
+        lines = capsys.readouterr().out.strip().splitlines()
+        return lines[-1]
+
+    last_line("data", "synth", "--out", str(data), "--n_train", "24", "--n_val", "4", "--n_test", "4")
+    line = last_line(
+        "profile",
+        "--run_dir",
+        str(run),
+        "--proxy",
+        "preset:tiny",
+        "--fraction",
+        "1",
+        "--checkpoints",
+        "2",
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "8",
+    )
+    assert line == f"24 examples, losses recorded at steps [2, 3]; {run / 'trajectories.parquet'}"
+    line = last_line("split", "--run_dir", str(run))
+    summary = json.loads((run / "split_summary.json").read_text())
+    assert (
+        line == f"{summary['n_hard']} hard and {summary['n_easy']} easy examples (0 flagged, left out); "
+        f"{run / 'split.parquet'}"
+    )
+    line = last_line("upsample", "--run_dir", str(run), "--arm", "hard")
+    assert line.startswith(f"arm hard: {24 + summary['n_hard']} training rows (24 distinct, {summary['n_hard']} extra")
+    train_out = tmp_path / "train"
+    line = last_line(
+        "train",
+        "--model",
+        "preset:tiny",
+        "--data",
+        str(data / "train.jsonl"),
+        "--out",
+        str(train_out),
+        "--max_steps",
+        "2",
+        "--batch_size",
+        "8",
+        "--micro_batch_size",
+        "8",
+    )
+    final = json.loads((train_out / "train_summary.json").read_text())["final_train_loss"]
+    assert line.startswith("trained 2 steps in ") and f"final loss {final:.4f}; model: {train_out / 'model'}" in line
+    line = last_line(
+        "eval",
+        "--model",
+        str(train_out / "model"),
+        "--data",
+        str(data / "test.jsonl"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--max_new_tokens",
+        "4",
+    )
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert line.startswith(f"accuracy {metrics['accuracy']:.1%} on 4 examples")

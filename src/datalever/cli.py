@@ -210,9 +210,42 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"datalever {' '.join(path)}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    if isinstance(result, str):
-        print(result)
+    print(result if isinstance(result, str) else summary_line(path, config, result))
     _leave_process_group()
+
+
+def summary_line(path: tuple[str, ...], config, result: dict) -> str:
+    """What a stage that returns a dict did, and where its outputs are, in one line."""
+    from datalever.rundir import EvalDir, RunDir, SplitDir, TrainDir
+
+    command = path[0]
+    if command == "train":
+        where = TrainDir(config.out)
+        return (
+            f"trained {result['steps']} steps in {result['compute']['wall_s']:.0f} s, final loss "
+            f"{result['final_train_loss']:.4f}; model: {where.model}, log: {where.log}"
+        )
+    if command == "eval":
+        return (
+            f"accuracy {result['accuracy']:.1%} on {result['n']} examples ({result['n_no_answer']} without an "
+            f"answer, {result['n_no_marker']} without an answer marker); {EvalDir(config.out).metrics}"
+        )
+    if command == "profile":
+        store = RunDir(config.run_dir).trajectories
+        return f"{result['n_examples']} examples, losses recorded at steps {result['steps']}; {store}"
+    if command == "split":
+        where = SplitDir(config.out) if config.out else RunDir(config.run_dir).split()
+        return (
+            f"{result['n_hard']} hard and {result['n_easy']} easy examples "
+            f"({result['n_flagged_excluded']} flagged, left out); {where.split}"
+        )
+    if command == "upsample":
+        where = config.out or RunDir(config.run_dir).arm(config.arm).root
+        return (
+            f"arm {result['arm']}: {result['n_rows']} training rows ({result['n_unique']} distinct, "
+            f"{result['n_extra_copies']} extra copies); {where}"
+        )
+    return f"done; outputs in {getattr(config, 'out', None) or getattr(config, 'run_dir', '.')}"
 
 
 def _warn_if_busy() -> None:
