@@ -258,32 +258,19 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
     profile_run(dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"], progress=cfg.progress))
     for features in dict.fromkeys([cfg.features] + [a.features or cfg.features for a in arms]):
         out = split_dir(cfg, features)
-        if out.summary.exists():
-            check_existing_split(out, features, cfg.stratify)
-        else:
-            split_run(
-                SplitConfig(
-                    run_dir=cfg.run_dir,
-                    features=features,
-                    stratify=cfg.stratify,
-                    seed=cfg.profile.seed,
-                    train_file=files["train"],
-                    out=str(out.root),
-                )
-            )
-
-
-def check_existing_split(out: SplitDir, features: str, stratify: bool) -> None:
-    """A split left by an earlier invocation is reused only if it was made with these settings."""
-    import yaml
-
-    recorded = yaml.safe_load(out.config.read_text()) if out.config.exists() else {}
-    made = {"features": recorded.get("features"), "stratify": recorded.get("stratify")}
-    if made != {"features": features, "stratify": stratify}:
-        raise ValueError(
-            f"{out.split} was made with {made}, not features={features!r}, "
-            f"stratify={stratify}: use a new run_dir (arms already trained used that split)"
+        split_cfg = SplitConfig(
+            run_dir=cfg.run_dir,
+            features=features,
+            stratify=cfg.stratify,
+            seed=cfg.profile.seed,
+            train_file=files["train"],
+            out=str(out.root),
         )
+        if out.summary.exists():
+            # Left by an earlier invocation: reused only if made with these settings (else one line, refused).
+            rundir.refuse_other_settings(out.root, "split", split_cfg)
+        else:
+            split_run(split_cfg)
 
 
 # Settings that only choose which arms and seeds to run, or how to show progress (more arms or seeds in the
