@@ -527,7 +527,9 @@ state = PartialState(cpu=True)  # run() reuses the state it finds
 from datalever.evaluate import EvalConfig, run
 metrics = run(EvalConfig(model=sys.argv[1], data=sys.argv[2], out=sys.argv[3], max_new_tokens=6, batch_size=2,
                          progress=False))
-print("EVAL_OK", state.process_index, json.dumps(metrics, sort_keys=True), flush=True)
+# Each rank writes its own file: two ranks printing long lines to one pipe can interleave them.
+with open(f"{sys.argv[4]}/rank{state.process_index}.json", "w") as f:
+    json.dump(metrics, f, sort_keys=True)
 state.wait_for_everyone()
 torch.distributed.destroy_process_group()  # explicit: gloo torn down at interpreter exit can abort
 import os
@@ -561,6 +563,7 @@ def test_run_with_two_cpu_processes_matches_one(tiny, tmp_path):
             str(tiny[2]),
             str(data),
             str(tmp_path / "two"),
+            str(tmp_path),
         ],
         capture_output=True,
         text=True,
@@ -568,7 +571,7 @@ def test_run_with_two_cpu_processes_matches_one(tiny, tmp_path):
         env=env,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    reported = [line.split(" ", 2)[2] for line in out.stdout.splitlines() if line.startswith("EVAL_OK")]
+    reported = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     single = ev.run(
         EvalConfig(
             model=str(tiny[2]),
@@ -579,7 +582,7 @@ def test_run_with_two_cpu_processes_matches_one(tiny, tmp_path):
             progress=False,
         )
     )
-    assert [json.loads(r) for r in reported] == [single, single]
+    assert reported == [single, single]
     assert (tmp_path / "two" / "predictions.jsonl").read_text() == (tmp_path / "one" / "predictions.jsonl").read_text()
 
 
