@@ -56,7 +56,7 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a?", "answer": "#### 1"}\n{"question": "b?" "answer": "x"}\n')
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["data", "check", "--path", str(bad)])
+        cli.main(["data", "check", "--data", str(bad)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "bad.jsonl: line 2: malformed JSON" in err and "Traceback" not in err

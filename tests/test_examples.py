@@ -155,18 +155,24 @@ def test_dataset_dict_split_is_chosen_by_name(tmp_path):
     (ex,) = load_examples(str(tmp_path / "dd"), split="test")
     assert ex.prompt == "Question: What is 6 times 7?\nAnswer:\n"
     assert len(load_examples(str(tmp_path / "dd"), split="train")) == 2
-    with pytest.raises(DataError, match=r"needs split=.*\['train', 'test'\]"):
+    with pytest.raises(DataError, match=r"holds the splits \['train', 'test'\]; choose one with --split"):
         load_examples(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"has no split 'dev'"):
         load_examples(str(tmp_path / "dd"), split="dev")
+    # a stage's role picks its split when none is named: training reads train, evaluation test
+    assert len(load_examples(str(tmp_path / "dd"), default_split="train")) == 2
+    assert len(load_examples(str(tmp_path / "dd"), default_split="test")) == 1
+    with pytest.raises(DataError, match="choose one with --split"):
+        load_examples(str(tmp_path / "dd"), default_split="validation")
 
 
 def test_directory_of_split_files(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", GSM[:2])
     write_jsonl(tmp_path / "test.jsonl", GSM[2:])
     assert len(load_examples(str(tmp_path), split="train")) == 2
-    with pytest.raises(DataError, match=r"needs split=.*\['test', 'train'\]"):
+    with pytest.raises(DataError, match=r"holds the splits \['test', 'train'\]; choose one with --split"):
         load_examples(str(tmp_path))
+    assert len(load_examples(str(tmp_path), default_split="test")) == 1
 
 
 def test_ids_survive_row_order_reruns_and_template_changes(tmp_path):

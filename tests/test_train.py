@@ -533,7 +533,7 @@ def test_a_missing_input_is_refused_before_any_work(data, tmp_path, monkeypatch,
         raise AssertionError("work started before the inputs were checked")
 
     monkeypatch.setattr(train, "load_trainable_model", no_work)
-    monkeypatch.setattr(train, "load_examples", no_work)
+    monkeypatch.setattr(train, "read_data", no_work)
     monkeypatch.setattr(train, "make_accelerator", no_work)
     cfg = config(data, tmp_path / "run", **{option: str(tmp_path / "missing.jsonl")})
     with pytest.raises(checks.ConfigError, match=rf"^{option}: no such file or directory"):

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -28,8 +27,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from datalever import checks, rundir
 from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade
-from datalever.examples import DIFFICULTY_KEYS, FILE_READERS, NO_SOURCE
+from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, read_data
 from datalever.models import DTYPES, unwrap
+from datalever.tokens import Formatter, check_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,20 @@ def _max_positions(model) -> int | None:
     return None
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_length: int | None = None) -> list[list[int]]:
-    """Token ids of each prompt, special tokens as in training; cut from the left if too long.
+def encode_prompts(
+    tokenizer, prompts: Sequence[str] | Sequence[list[int]], max_prompt_length: int | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt, special tokens as in training; cut from the left if too long. Prompts given
+    as token ids (`tokens.Formatter.prompt_ids`: the training prefix, chat template included) are only cut.
 
     A leading BOS survives the cut (the model always saw one there).
     """
     if not prompts:
         return []
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    if all(isinstance(p, str) for p in prompts):
+        encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    else:
+        encoded = [list(p) for p in prompts]
     if max_prompt_length is None:
         return [list(ids) for ids in encoded]
     if max_prompt_length < 1:
@@ -204,6 +210,7 @@ def generate_ids(
     stop: Sequence[str] = (),
     cache: str = "static",
     min_new_tokens: int = 0,
+    end_ids: Sequence[int] = (),
 ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (EOS and what follows it removed), in order.
 
@@ -215,6 +222,7 @@ def generate_ids(
     `cache`: "static" decodes with a preallocated KV cache (on a GPU HF then compiles the decoding
     step) where the model supports it, else with the dynamic cache; "dynamic" always with the latter.
     `min_new_tokens` suppresses EOS until that many tokens are out (benchmarks: a known token count).
+    `end_ids`: tokens that end a row besides EOS (a chat template's end of turn, `Formatter.stop_ids`).
     A row's tokens do not depend on its batch or the cache beyond floating-point rounding: identical to
     decoding it alone in float32 on a CPU (tested); in bf16 on a GPU, kernels chosen per shape can flip
     a near-tie.
@@ -233,7 +241,7 @@ def generate_ids(
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
     if any(not ids for ids in encoded):
         raise ValueError("a prompt encodes to no tokens and the tokenizer adds no BOS: nothing to condition on")
-    eos = _eos_ids(gen_model, tokenizer)
+    eos = sorted(set(_eos_ids(gen_model, tokenizer)) | set(end_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = next(gen_model.parameters()).device
     options = dict(
@@ -275,7 +283,7 @@ def generate_ids(
 def generate(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | list[list[int]],
     *,
     max_new_tokens: int = 256,
     batch_size: int = 32,
@@ -283,9 +291,10 @@ def generate(
     max_prompt_length: int | None = None,
     stop: Sequence[str] = (),
     cache: str = "static",
+    end_ids: Sequence[int] = (),
 ) -> list[str]:
-    """Greedy continuation of each prompt, decoded without special tokens (only the new text), cut before
-    the first stop string."""
+    """Greedy continuation of each prompt (text, or token ids), decoded without special tokens (only the new
+    text), cut before the first stop string."""
     ids = generate_ids(
         model,
         tokenizer,
@@ -296,6 +305,7 @@ def generate(
         progress=progress,
         stop=stop,
         cache=cache,
+        end_ids=end_ids,
     )
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
     return [cut_at_stop(text, stop) for text in texts]
@@ -387,6 +397,13 @@ def grade_example(generation: str, response: str) -> dict:
     return out
 
 
+def _prompt(formatter: Formatter | None, tokenizer, ex) -> str | list[int]:
+    """The prompt as text when plain (generate tokenizes it as training did), else as the training prefix's ids."""
+    if formatter is None and ex.messages is None:
+        return ex.prompt
+    return (formatter or Formatter(tokenizer)).prompt_ids(ex)
+
+
 def evaluate_examples(
     model,
     tokenizer,
@@ -400,6 +417,7 @@ def evaluate_examples(
     progress: bool = True,
     stop: Sequence[str] = (),
     cache: str = "static",
+    formatter: Formatter | None = None,
 ) -> tuple[dict, list[dict]]:
     """Generate, extract and score every example; return (metrics, one record per example, in order).
 
@@ -407,6 +425,7 @@ def evaluate_examples(
     each process generates for its shard (examples[rank::world]) and the records are gathered,
     so every process returns the full result. Records: id, source, meta, prompt, generation, extracted,
     answer_from, gold, correct, grading (see `grade_example`). `stop` and `cache` as in `generate_ids`.
+    `formatter` renders the prompts as training did (default: plain text, the prompts as written).
     """
     examples = list(examples)
     world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
@@ -416,13 +435,14 @@ def evaluate_examples(
     generations = generate(
         model,
         tokenizer,
-        [ex.prompt for ex in shard],
+        [_prompt(formatter, tokenizer, ex) for ex in shard],
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         max_prompt_length=max_prompt_length,
         progress=progress and (accelerator is None or accelerator.is_local_main_process),
         stop=stop,
         cache=cache,
+        end_ids=formatter.stop_ids() if formatter else (),
     )
     records = []
     for pos, ex, text in zip(positions, shard, generations):
@@ -458,24 +478,21 @@ def evaluate_examples(
 # ----------------------------------------------------------------------------- the stage
 
 
-def _looks_local(data: str) -> bool:
-    """Whether `data` names a local file or directory rather than a hub dataset (`openai/gsm8k`): it exists, has
-    a data-file extension, starts like a path (".", "/", "~"), or has a parent directory that exists."""
-    p = Path(data).expanduser()
-    if p.exists() or p.suffix.lower() in FILE_READERS or data.startswith((".", "/", "~")):
-        return True
-    return len(p.parts) > 1 and p.parent.is_dir()
-
-
 @dataclass
-class EvalConfig:
+class EvalConfig(DataFormat):
     """Evaluate a causal LM on math problems: greedy decoding, answer extraction, accuracy."""
 
     model: str = "runs/train/model"
     """HF checkpoint directory or hub id holding the model and its tokenizer; `preset:NAME` or
     `embedded:demo-base` as in train."""
-    data: str = "runs/demo/data/test.jsonl"
-    """Evaluation examples (any file `load_examples` reads); the gold answer is extracted from each response."""
+    data: str | None = None
+    """Evaluation examples: a file, a datasets directory or a hub dataset (`openai/gsm8k:main`); the gold answer
+    is extracted from each response; required."""
+    split: str | None = None
+    """Split of `data` when it holds several (a DatasetDict, a hub dataset); default: test."""
+    chat_template: str = "auto"
+    """How prompts are rendered, as in training: auto (the tokenizer's chat template where it has one, else plain
+    text) | none | FILE (a Jinja chat template). With a template, generation also stops at its end of turn."""
     out: str = "runs/eval"
     """Output directory: predictions.jsonl (one row per example) and metrics.json."""
     seed: int = 0
@@ -518,8 +535,10 @@ class EvalConfig:
         checks.one_of("cache", self.cache, CACHES)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise checks.ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
-        if not self.data or _looks_local(self.data):
-            checks.existing_path("data", self.data)
+        if self.data is None:
+            raise checks.ConfigError("data is required: the examples to evaluate on (--data FILE or a hub dataset)")
+        checks.local_data("data", self.data)
+        check_chat_template(self.chat_template)
 
 
 def eval_dtype(dtype: str | None, device: torch.device) -> str | None:
@@ -540,7 +559,6 @@ def run(cfg: EvalConfig) -> dict:
     """Load the model and the data, evaluate, write out/predictions.jsonl and out/metrics.json."""
     import os
 
-    from datalever.examples import load_examples
     from datalever.models import load_model, load_tokenizer, resolve_model
 
     rundir.refuse_other_settings(cfg.out, "evaluate", cfg)
@@ -555,7 +573,7 @@ def run(cfg: EvalConfig) -> dict:
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    examples = list(load_examples(cfg.data))
+    examples = read_data(cfg.data, cfg.data_format(), split=cfg.split, default_split="test")
     if cfg.limit is not None:
         examples = examples[: cfg.limit]
     model_path = resolve_model(cfg.model, seed=cfg.seed)
@@ -574,6 +592,7 @@ def run(cfg: EvalConfig) -> dict:
         progress=cfg.progress,
         stop=cfg.stop,
         cache=cfg.cache,
+        formatter=Formatter(tokenizer, cfg.chat_template),
     )
     if accelerator is None or accelerator.is_main_process:
         out = rundir.EvalDir(cfg.out)

@@ -69,15 +69,22 @@ class Example:
     response: str
     source: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    # A conversation (role, content) turns, ending with the assistant's, for data in the messages format: a
+    # chat template renders it, and the loss is taken over every assistant turn. `prompt` and `response` then
+    # hold its plain rendering up to the final assistant turn, and that turn's content (the gold answer).
+    messages: tuple[tuple[str, str], ...] | None = field(default=None, hash=False, compare=False)
 
     def to_record(self) -> dict[str, Any]:
-        return {
+        record = {
             "id": self.id,
             "prompt": self.prompt,
             "response": self.response,
             "source": self.source,
             "meta": json.dumps(self.meta, sort_keys=True),
         }
+        if self.messages is not None:  # only then: files of other examples stay as they were, byte for byte
+            record["messages"] = [{"role": r, "content": c} for r, c in self.messages]
+        return record
 
 
 class DataError(ValueError):
@@ -100,6 +107,24 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "datalever": "{prompt}",  # the prompt was rendered when the file was written
 }
 
+ROLES = ("system", "user", "assistant")  # the turns a conversation (the messages format) may hold
+
+
+def plain_turn(role: str, content: str) -> str:
+    """A conversation turn as plain text, for models without a chat template: "User: ...\n"."""
+    return f"{role.capitalize()}: {content}\n"
+
+
+PLAIN_ASSISTANT = "Assistant:\n"  # what a plain rendering puts before each assistant turn's content
+
+
+def plain_prompt(messages: Sequence[tuple[str, str]]) -> str:
+    """The plain rendering of a conversation up to its final assistant turn (whose content is the response)."""
+    parts = []
+    for role, content in messages[:-1]:
+        parts.append(PLAIN_ASSISTANT + content + "\n" if role == "assistant" else plain_turn(role, content))
+    return "".join(parts) + PLAIN_ASSISTANT
+
 
 @dataclass(frozen=True)
 class Schema:
@@ -118,7 +143,7 @@ class Schema:
 SCHEMAS: dict[str, Schema] = {
     s.name: s
     for s in [
-        Schema("datalever", ("id", "prompt", "response"), ("source", "meta"), "response", ("id",)),
+        Schema("datalever", ("id", "prompt", "response"), ("source", "meta", "messages"), "response", ("id",)),
         Schema("gsm8k", ("question", "answer"), ("source",), "answer", ("question", "answer")),
         # Alpaca and MathInstruct; `input` is always hashed ("" when absent) so adding an empty
         # input column does not change ids.
@@ -127,8 +152,12 @@ SCHEMAS: dict[str, Schema] = {
         Schema("prompt_completion", ("prompt", "completion"), ("source",), "completion", ("prompt", "completion")),
         # MATH (Hendrycks et al.): the gold answer is the solution's last \boxed{...}.
         Schema("math", ("problem", "solution"), ("source",), "solution", ("problem", "solution")),
+        # Conversations (TRL's conversational format, OpenAI's chat format): a list of {role, content} turns
+        # ending with the assistant's. The response is the final assistant turn's content.
+        Schema("messages", ("messages",), ("source",), "messages", ("messages",)),
     ]
 }
+STRUCTURED_ROLES = ("meta", "messages")  # roles that hold JSON values, not text
 
 
 def detect_schema(columns: Iterable[str], fields: dict[str, str] | None = None) -> str:
@@ -145,11 +174,12 @@ def detect_schema(columns: Iterable[str], fields: dict[str, str] | None = None) 
     expected = "; ".join(f"{s.name} ({', '.join(s.required)})" for s in SCHEMAS.values())
     if matches:
         raise DataError(
-            f"columns {columns} match several schemas ({', '.join(matches)}); pass schema= or fields= to choose"
+            f"columns {columns} match several schemas ({', '.join(matches)}); choose one with --schema, or map "
+            f"columns with --fields"
         )
     raise DataError(
         f"cannot detect the schema from columns {columns}; expected one of: {expected}; "
-        f"or pass fields={{'prompt': ..., 'response': ...}}"
+        f"or map your columns with --fields '{{prompt: COLUMN, response: COLUMN}}' (or --schema and --fields)"
     )
 
 
@@ -164,6 +194,38 @@ def _mapped_columns(columns: list[str], fields: dict[str, str]) -> set[str]:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class DataFormat:
+    """How the records of a data source become examples: the options every command that reads data shares.
+
+    Files datalever wrote itself (columns id, prompt, response: an arm's examples.jsonl, `data synth`'s splits)
+    are read as written; these options apply to the others."""
+
+    schema: str = "auto"
+    """Data format: auto (detect from the columns) | gsm8k (question/answer) | alpaca (instruction/input/output, as
+    MathInstruct) | prompt_response | prompt_completion (TRL) | math (problem/solution, gold from \\boxed{}) |
+    messages (a list of {role, content} turns) | datalever."""
+    fields: dict[str, str] | None = None
+    """Role -> column, for columns named otherwise, e.g. '{question: problem, answer: solution}' or
+    '{prompt: q, response: a, source: origin}'."""
+    template: str | None = None
+    """Prompt template over the roles and text columns, e.g. 'Q: {question}\\nA:\\n'; default: the schema's own."""
+
+    def __post_init__(self) -> None:
+        if self.schema != "auto":
+            from datalever import checks
+
+            checks.one_of("schema", self.schema, ["auto", *SCHEMAS])
+        if self.fields is not None and not (
+            isinstance(self.fields, dict) and all(isinstance(v, str) for v in self.fields.values())
+        ):
+            raise ValueError(f"fields must map roles to column names, e.g. {{question: problem}}; got {self.fields!r}")
+
+    def data_format(self) -> DataFormat:
+        """These options alone (a stage config that inherits them passes itself through this)."""
+        return DataFormat(self.schema, self.fields, self.template)
+
+
 def load_examples(
     path: str,
     *,
@@ -171,15 +233,18 @@ def load_examples(
     fields: dict[str, str] | None = None,
     template: str | None = None,
     split: str | None = None,
+    default_split: str | None = None,
     on_duplicate: str = "error",
 ) -> list[Example]:
-    """Load examples from a file, a directory or a Hub dataset name.
+    """Load examples from a file, a directory or a Hub dataset name ("openai/gsm8k:main": name and config).
 
     schema: "auto" (detect from columns) or one of SCHEMAS.
     fields: role -> column, e.g. {"prompt": "q", "response": "a", "source": "src"}; overrides detection.
     template: a format string over the roles and the record's text columns, e.g.
         "Question: {question}\\nAnswer:\\n"; default DEFAULT_TEMPLATES[schema].
     split: the split of a DatasetDict, a directory of split files, or a Hub dataset.
+    default_split: the split to read when `split` is None and the source holds several (a stage passes its
+        role's: "train" for training data, "test" for evaluation); a source of one split is read whole.
     on_duplicate: "error" (default) or "keep_first" (drops later copies, with a warning).
 
     JSONL, JSON, CSV and TSV files may be gzip-compressed (data.jsonl.gz, or gzip bytes under any
@@ -188,14 +253,49 @@ def load_examples(
     """
     if on_duplicate not in ("error", "keep_first"):
         raise ValueError(f"on_duplicate must be 'error' or 'keep_first', not {on_duplicate!r}")
-    name, records = _read_records(os.fspath(path), split)
+    name, records = _read_records(os.fspath(path), split, default_split)
     columns = _columns(records)
     if not records:
         raise DataError(f"{name}: empty file (no records)")
+    if _written_by_datalever(columns):  # its prompts were rendered when it was written
+        schema, fields, template = "datalever", None, None
     _check_fields(name, columns, fields)
     chosen = _choose_schema(name, columns, schema, fields)
     examples = [_to_example(name, where, rec, chosen, fields or {}, template) for where, rec in records]
     return _handle_duplicates(name, examples, [w for w, _ in records], on_duplicate)
+
+
+def read_data(
+    path: str,
+    data_format: DataFormat | None = None,
+    *,
+    split: str | None = None,
+    default_split: str | None = None,
+    on_duplicate: str = "error",
+) -> list[Example]:
+    """load_examples with a stage's data options."""
+    fmt = data_format or DataFormat()
+    return load_examples(
+        path,
+        schema=fmt.schema,
+        fields=fmt.fields,
+        template=fmt.template,
+        split=split,
+        default_split=default_split,
+        on_duplicate=on_duplicate,
+    )
+
+
+def examples_written_by_datalever(path: str | os.PathLike) -> bool:
+    """Whether a local file holds datalever's own columns (id, prompt, response, ...)."""
+    try:
+        return _written_by_datalever(_columns(_read_records(os.fspath(path), None)[1]))
+    except DataError:
+        return False
+
+
+def _written_by_datalever(columns: list[str]) -> bool:
+    return set(SCHEMAS["datalever"].required) <= set(columns) <= set(SCHEMAS["datalever"].roles)
 
 
 def save_examples(path: str, examples: list[Example]) -> None:
@@ -240,7 +340,7 @@ _CSV_FIELD_LIMIT = 2**31 - 1  # the largest value csv.field_size_limit accepts o
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff
 
 
-def _read_records(path: str, split: str | None) -> tuple[str, list[Located]]:
+def _read_records(path: str, split: str | None, default_split: str | None = None) -> tuple[str, list[Located]]:
     """Dispatch on what `path` is; returns a display name and the located records."""
     p = Path(path).expanduser()
     try:
@@ -248,14 +348,23 @@ def _read_records(path: str, split: str | None) -> tuple[str, list[Located]]:
     except (OSError, ValueError) as e:  # e.g. a name too long for the file system
         raise DataError(f"{path}: cannot access ({_one_line(e)})") from None
     if is_dir:
-        return _read_directory(p, split)
+        return _read_directory(p, split, default_split)
     if is_file:
         if split is not None:
-            raise DataError(f"{path}: split={split!r} was given, but a single file has no splits")
+            raise DataError(f"{path}: --split {split} was given, but a single file has no splits")
         return str(p), list(_read_file(p))
     if _format_of(p)[0] is not None or path.startswith((".", "/", "~")):
         raise DataError(f"{path}: no such file or directory")
-    return _read_hub(path, split)
+    return _read_hub(path, split, default_split)
+
+
+def looks_local(data: str) -> bool:
+    """Whether `data` names a local file or directory rather than a hub dataset (`openai/gsm8k`): it exists, has
+    a data-file extension, starts like a path (".", "/", "~"), or has a parent directory that exists."""
+    p = Path(data).expanduser()
+    if p.exists() or _format_of(p)[0] is not None or data.startswith((".", "/", "~")):
+        return True
+    return len(p.parts) > 1 and p.parent.is_dir()
 
 
 def _format_of(p: Path) -> tuple[str | None, bool]:
@@ -548,7 +657,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _read_directory(p: Path, split: str | None) -> tuple[str, list[Located]]:
+def _read_directory(p: Path, split: str | None, default_split: str | None) -> tuple[str, list[Located]]:
     """A `save_to_disk` directory (Dataset or DatasetDict), or a directory of split files
     such as synth.write_splits writes (train.jsonl, validation.jsonl, test.jsonl)."""
     if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
@@ -558,14 +667,13 @@ def _read_directory(p: Path, split: str | None) -> tuple[str, list[Located]]:
             ds = datasets.load_from_disk(str(p))
         except Exception as e:
             raise DataError(f"{p}: cannot load the saved dataset ({_one_line(e)})") from None
-        return _from_hf(str(p), ds, split)
+        return _from_hf(str(p), ds, split, default_split)
     try:
         files = sorted(f for f in p.iterdir() if _format_of(f)[0] is not None)
     except OSError as e:
         raise DataError(f"{p}: cannot list the directory ({e.strerror or _one_line(e)})") from None
     names = sorted({_split_of(f) for f in files})
-    if split is None:
-        raise DataError(f"{p}: a directory of split files needs split= (found {names})")
+    split = _choose_split(str(p), names, split, default_split)
     chosen = [f for f in files if _split_of(f) == split]
     if len(chosen) != 1:
         raise DataError(
@@ -574,20 +682,28 @@ def _read_directory(p: Path, split: str | None) -> tuple[str, list[Located]]:
     return str(chosen[0]), list(_read_file(chosen[0]))
 
 
-def _from_hf(name: str, ds: Any, split: str | None) -> tuple[str, list[Located]]:
+def _choose_split(name: str, splits: list[str], split: str | None, default_split: str | None) -> str:
+    """The split to read: the one asked for, else the only one, else the stage's role default (train, test)."""
+    if split is None:
+        if len(splits) == 1:
+            return splits[0]
+        if default_split in splits:
+            return default_split
+        raise DataError(f"{name}: holds the splits {splits}; choose one with --split")
+    if split not in splits:
+        raise DataError(f"{name}: has no split {split!r}; its splits are {splits} (--split)")
+    return split
+
+
+def _from_hf(name: str, ds: Any, split: str | None, default_split: str | None = None) -> tuple[str, list[Located]]:
     """Records from a datasets.Dataset, or from the chosen split of a DatasetDict."""
     import datasets
 
     if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds)
-        if split is None and len(splits) == 1:
-            split = splits[0]
-        if split not in ds:
-            need = "needs split=" if split is None else f"has no split {split!r}"
-            raise DataError(f"{name}: this DatasetDict {need}; its splits are {splits}")
+        split = _choose_split(name, list(ds), split, default_split)
         ds, name = ds[split], f"{name}[{split}]"
     elif split is not None:
-        raise DataError(f"{name}: split={split!r} was given, but this is a single Dataset")
+        raise DataError(f"{name}: --split {split} was given, but this is a single Dataset")
     try:
         rows = ds.to_list()
     except Exception as e:  # arrow raises several types for corrupt files
@@ -595,22 +711,21 @@ def _from_hf(name: str, ds: Any, split: str | None) -> tuple[str, list[Located]]
     return name, [(f"row {i}", rec) for i, rec in enumerate(rows, start=1)]
 
 
-def _read_hub(path: str, split: str | None) -> tuple[str, list[Located]]:
-    """A Hub dataset, "name" or "name:config" (e.g. "openai/gsm8k:main")."""
+def _read_hub(path: str, split: str | None, default_split: str | None = None) -> tuple[str, list[Located]]:
+    """A Hub dataset, "name" or "name:config" (e.g. "openai/gsm8k:main"): every split is loaded (they are
+    downloaded together anyway), then the split chosen as for a saved DatasetDict."""
     import datasets
 
     name, _, config = path.partition(":")
     try:
-        ds = datasets.load_dataset(name, config or None, split=split)
+        ds = datasets.load_dataset(name, config or None)
     except Exception as e:
         raise DataError(
             f"{path}: not a local file or directory, and loading it from the Hugging "
             f"Face Hub failed ({type(e).__name__}: {_one_line(e)}). Offline? Download it elsewhere "
             f"and pass a saved file or directory instead."
         ) from None
-    if split is not None:  # load_dataset returned that split alone
-        return _from_hf(f"{path}[{split}]", ds, None)
-    return _from_hf(path, ds, None)
+    return _from_hf(path, ds, split, default_split)
 
 
 def _columns(records: list[Located]) -> list[str]:
@@ -664,9 +779,40 @@ def _to_example(
     roles = _read_roles(rec, schema, fields, fail)
     used = {fields.get(r, r) for r in schema.roles}
     meta = _meta(rec, used, roles.pop("meta", None), fail)
+    messages = _messages(roles.pop("messages", None), fail)
+    if schema.name == "messages":
+        ex_id = content_id(json.dumps(messages, ensure_ascii=False))
+        return Example(ex_id, plain_prompt(messages), messages[-1][1], roles.get("source"), meta, messages)
     prompt = _render(rec, roles, schema, template, fail)
     ex_id = roles["id"] if schema.name == "datalever" else content_id(*(roles[r] for r in schema.id_parts))
-    return Example(id=ex_id, prompt=prompt, response=roles[schema.response], source=roles.get("source"), meta=meta)
+    return Example(ex_id, prompt, roles[schema.response], roles.get("source"), meta, messages)
+
+
+def _messages(value: Any, fail) -> tuple[tuple[str, str], ...] | None:
+    """A conversation as (role, content) pairs: a list (or its JSON text) of {role, content} objects, roles among
+    ROLES, every content text, ending with a non-empty assistant turn that follows a user turn."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = _loads(value)
+        except (json.JSONDecodeError, _JSONProblem) as e:
+            raise fail(f"field 'messages' is not valid JSON ({e})") from None
+    if not isinstance(value, list) or not value:
+        raise fail(f"field 'messages' must be a non-empty list of {{role, content}} turns, got {_short_repr(value)}")
+    turns = []
+    for i, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise fail(
+                f"messages turn {i}: expected {{role: {'|'.join(ROLES)}, content: text}}, got {_short_repr(turn)}"
+            )
+        turns.append((turn["role"], turn["content"]))
+    if turns[-1][0] != "assistant" or not turns[-1][1].strip():
+        raise fail("messages must end with a non-empty assistant turn (the response the model learns)")
+    first = next((role for role, _ in turns if role != "system"), None)
+    if first != "user":
+        raise fail("messages must begin with a user turn (after any system turn)")
+    return tuple(turns)
 
 
 def _read_roles(rec: dict[str, Any], schema: Schema, fields: dict[str, str], fail) -> dict[str, Any]:
@@ -675,7 +821,9 @@ def _read_roles(rec: dict[str, Any], schema: Schema, fields: dict[str, str], fai
     for role in schema.roles:
         col = fields.get(role, role)
         value = rec.get(col)
-        if role == "meta":
+        if role in STRUCTURED_ROLES:
+            if role in schema.required and col not in rec:
+                raise fail(f"missing field {col!r}")
             roles[role] = value
         elif role in schema.required:
             if col not in rec:
@@ -904,22 +1052,26 @@ def _clip(text: str, n: int) -> str:
 
 
 @dataclass
-class CheckConfig:
+class CheckConfig(DataFormat):
     """Load a dataset as training would, and report what was found (or exactly what is wrong)."""
 
-    path: str = "runs/demo/data/train.jsonl"
-    """Dataset file or directory (JSONL, JSON, Parquet, CSV, a datasets directory) or hub name."""
-    schema: str = "auto"
-    """auto | gsm8k | alpaca | prompt_response | prompt_completion | math | datalever."""
+    data: str | None = None
+    """Dataset file or directory (JSONL, JSON, Parquet, CSV, a datasets directory) or hub dataset
+    (`openai/gsm8k:main`); required."""
     split: str | None = None
     """Split to read from a DatasetDict directory or hub dataset."""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.data is None:
+            raise ValueError("data is required: the dataset to check (--data FILE or a hub dataset)")
+
 
 def run_check(cfg: CheckConfig) -> str:
-    examples = load_examples(cfg.path, schema=cfg.schema, split=cfg.split)
+    examples = read_data(cfg.data, cfg.data_format(), split=cfg.split)
     sources = Counter(ex.source or NO_SOURCE for ex in examples)
     lines = [
-        f"{cfg.path}: {len(examples)} examples",
+        f"{cfg.data}: {len(examples)} examples",
         "sources: " + ", ".join(f"{k}={v}" for k, v in sources.most_common()),
         f"fingerprint: {rundir.fingerprint(examples)}",
     ]

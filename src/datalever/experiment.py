@@ -13,11 +13,19 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from datalever import checks, rundir
 from datalever.evaluate import EvalConfig
 from datalever.evaluate import run as eval_run
-from datalever.examples import check_overlap, load_examples
+from datalever.examples import (
+    DataFormat,
+    check_overlap,
+    examples_written_by_datalever,
+    load_examples,
+    read_data,
+    save_examples,
+)
 from datalever.optim import NAMES as OPTIMIZERS
 from datalever.profile import ProfileConfig
 from datalever.profile import run as profile_run
@@ -82,17 +90,31 @@ CONTROL_ARMS = ("base", "random", "easy", "base-long", "sam")
 
 
 @dataclass
-class ExperimentConfig:
-    """Profile, split, then train and evaluate every arm over every seed; write results and plots."""
+class ExperimentConfig(DataFormat):
+    """Profile, split, then train and evaluate every arm over every seed; write results and plots.
+
+    Given data is read once, with the data options (schema, fields, template), into RUN/data/ as datalever files,
+    which every stage then reads: train.jsonl, validation.jsonl, and one file per test set."""
 
     run_dir: str = "runs/experiment"
     """Run directory for every stage's files."""
     train_file: str | None = None
-    """Training examples; default: generate the embedded dataset into RUN/data."""
+    """Training examples: a file, a datasets directory or a hub dataset (`openai/gsm8k:main`); default: generate
+    the embedded dataset into RUN/data."""
     val_file: str | None = None
     """Validation examples (validation loss during training; choose hyperparameters on these)."""
     test_file: str | None = None
-    """Test examples for the final accuracies."""
+    """Test examples for the final accuracies (a test set named `test`)."""
+    test_files: dict[str, str] | None = None
+    """Several test sets by name, e.g. '{gsm8k: openai/gsm8k:main, math: data/math.jsonl}': each arm is evaluated
+    on each, and the report has a column per test set (the first decides the paired comparisons). Each file's schema
+    is detected from its columns (the data options apply to training and validation data)."""
+    train_split: str | None = None
+    """Split of train_file when it holds several (a DatasetDict, a hub dataset); default: train."""
+    val_split: str | None = None
+    """Split of val_file when it holds several; default: validation."""
+    test_split: str | None = None
+    """Split of each test file when it holds several; default: test."""
     synth: SynthConfig = field(default_factory=SynthConfig)
     """Embedded dataset settings (used when train_file is not given; its `out` is RUN/data)."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -138,9 +160,11 @@ class ExperimentConfig:
         checks.positive("eval_max_new_tokens", self.eval_max_new_tokens)
         checks.positive("eval_batch_size", self.eval_batch_size)
         checks.positive("eval_limit", self.eval_limit, optional=True)
+        super().__post_init__()
         self._check_arms()
         self._check_seeds()
         self._check_files()
+        self._check_stage_data_options()
 
     def _check_arms(self) -> None:
         if not self.arms:
@@ -157,17 +181,36 @@ class ExperimentConfig:
             raise checks.ConfigError(f"seeds must name one seed at least, each once; got {self.seeds}")
 
     def _check_files(self) -> None:
+        if self.test_file and self.test_files:
+            raise checks.ConfigError("give test_file or test_files, not both (test_files: {test: FILE, ...})")
+        for name in self.test_files or {}:
+            if not ARM_NAME.fullmatch(str(name)):
+                raise checks.ConfigError(f"test set name {name!r}: use letters, digits, '.', '_' and '-'")
         if self.train_file is None:
-            if self.val_file or self.test_file:
+            if self.val_file or self.test_file or self.test_files:
                 raise checks.ConfigError("val_file/test_file without train_file: give train_file too")
             return  # the embedded dataset is generated
-        checks.existing_path("train_file", self.train_file)
-        checks.existing_path("val_file", self.val_file, optional=True)
-        checks.existing_path("test_file", self.test_file, optional=True)
-        eval_file = {"test": self.test_file, "validation": self.val_file}[self.eval_split]
-        if eval_file is None:
-            option = "test_file" if self.eval_split == "test" else "val_file"
-            raise checks.ConfigError(f"eval_split={self.eval_split} needs {option}")
+        checks.local_data("train_file", self.train_file)
+        checks.local_data("val_file", self.val_file, optional=True)
+        for name, path in test_sets(self).items():
+            checks.local_data(f"test set {name}", path)
+        if self.eval_split == "validation" and self.val_file is None:
+            raise checks.ConfigError("eval_split=validation needs val_file")
+        if self.eval_split == "test" and not test_sets(self):
+            raise checks.ConfigError("eval_split=test needs test_file (or test_files)")
+
+    def _check_stage_data_options(self) -> None:
+        """The experiment reads the data once and sets each stage's inputs itself: data options given to a stage
+        would be ignored, so they are refused, naming the top-level option to use."""
+        stages = {"train": self.train, "profile": self.profile}
+        for stage, cfg in stages.items():
+            for option in ("schema", "fields", "template", "split") + (("val_split",) if stage == "train" else ()):
+                default = "auto" if option == "schema" else None
+                if getattr(cfg, option) != default:
+                    top = {"split": "train_split", "val_split": "val_split"}.get(option, option)
+                    raise checks.ConfigError(
+                        f"{stage}.{option} is set by the experiment; give the experiment's own --{top} instead"
+                    )
 
 
 def arm_spec(cfg: ExperimentConfig, name: str) -> ArmConfig:
@@ -179,21 +222,82 @@ def arm_spec(cfg: ExperimentConfig, name: str) -> ArmConfig:
     raise checks.ConfigError(f"unknown arm {name!r}: built-in {sorted(BUILTIN_ARMS)}, or define it in extra_arms")
 
 
+def test_sets(cfg: ExperimentConfig) -> dict[str, str]:
+    """The test sets by name: test_files, or test_file as `test`."""
+    if cfg.test_files:
+        return dict(cfg.test_files)
+    return {"test": cfg.test_file} if cfg.test_file else {}
+
+
+def benchmarks(cfg: ExperimentConfig) -> list[str]:
+    """What every arm is evaluated on, by name: the validation set, or each test set."""
+    if cfg.eval_split == "validation":
+        return ["validation"]
+    return list(test_sets(cfg)) if cfg.train_file else ["test"]
+
+
 def data_files(cfg: ExperimentConfig) -> dict[str, str]:
-    """The train/validation/test files, generating the embedded dataset if none are given."""
-    if cfg.train_file:
-        return {"train": cfg.train_file, "validation": cfg.val_file, "test": cfg.test_file}
+    """The run's data files in RUN/data, by role (train, validation) and test set name: the given data read
+    once into datalever files, or the embedded dataset generated there."""
     run_dir = RunDir(cfg.run_dir)
+    if cfg.train_file:
+        return import_data(cfg, run_dir)
     if not run_dir.data_file("test").exists():  # synth writes test last
         run_synth(dataclasses.replace(cfg.synth, out=str(run_dir.data)))
     return {split: str(run_dir.data_file(split)) for split in SPLITS}
+
+
+def import_data(cfg: ExperimentConfig, run_dir: RunDir) -> dict[str, str]:
+    """Read each given data source with its options and write it to RUN/data/<name>.jsonl (atomically, every
+    invocation: an edited source shows up as other data, which the stages refuse to mix with earlier results)."""
+    fmt = cfg.data_format()
+    sources = {
+        "train": (cfg.train_file, fmt, cfg.train_split, "train"),
+        "validation": (cfg.val_file, fmt, cfg.val_split, "validation"),
+    }
+    for name, path in test_sets(cfg).items():
+        sources[test_data_name(name)] = (path, DataFormat(), cfg.test_split, "test")
+    files = {}
+    for name, (path, data_format, split, role) in sources.items():
+        if path is None:
+            continue
+        target = run_dir.data_file(name)
+        examples = read_data(path, data_format, split=split, default_split=role)
+        if not _is_own_file(path, target):
+            save_examples(str(target), examples)
+        files[name] = str(target)
+    rundir.record_provenance(run_dir.data, "import", cfg.data_format(), sources={k: v[0] for k, v in sources.items()})
+    return files
+
+
+def _is_own_file(path: str, target: Path) -> bool:
+    """Whether `path` is the very datalever file the experiment would write (an earlier run's, or `data synth`'s):
+    then it is read as it is. Other data inside RUN/data is refused: the experiment writes there, and
+    `--overwrite` removes what it wrote."""
+    source = Path(path).expanduser()
+    if not source.exists() or not source.resolve().is_relative_to(target.parent.resolve()):
+        return False
+    if source.resolve() == target.resolve() and examples_written_by_datalever(source):
+        return True
+    raise checks.ConfigError(
+        f"{path} lies in {target.parent}, where the experiment writes the data it reads; keep your data elsewhere"
+    )
+
+
+def test_data_name(name: str) -> str:
+    """The data file a test set is read into: test.jsonl for the one test set `test`, else test-<name>.jsonl."""
+    return "test" if name == "test" else f"test-{name}"
+
+
+def eval_data(cfg: ExperimentConfig, files: dict, benchmark: str) -> str:
+    return files["validation" if benchmark == "validation" else test_data_name(benchmark)]
 
 
 def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> ArmDir:
     """Upsample for this arm and seed into arms/<arm>/seed<S>/ (examples.jsonl + manifest.parquet)."""
     out = RunDir(cfg.run_dir).seed_dir(arm.name, seed)
     if not out.counts.exists():
-        heldout = [f for f in (files.get("validation"), files.get("test")) if f]
+        heldout = [f for name, f in files.items() if name != "train"]
         upsample_run(
             UpsampleConfig(
                 run_dir=cfg.run_dir,
@@ -203,7 +307,7 @@ def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: di
                 synth_fn=arm.synth_fn,
                 train_file=files["train"],
                 heldout=heldout,
-                split=str(split_dir(cfg, arm.features).split),
+                split_table=str(split_dir(cfg, arm.features).split),
                 out=str(out.root),
             )
         )
@@ -229,21 +333,30 @@ def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: 
 
 
 def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> dict:
+    """Train (or find trained) and evaluate on every benchmark; returns {benchmark: metrics}."""
     arm_dir = prepare_arm_data(cfg, arm, seed, files)
-    if arm_dir.eval.metrics.exists():
-        return rundir.read_json(arm_dir.eval.metrics)
-    train_run(arm_train_config(cfg, arm, seed, arm_dir, files))
-    return eval_run(
-        EvalConfig(
+    names = benchmarks(cfg)
+    if not all(arm_dir.eval_on(name).metrics.exists() for name in names):
+        train_run(arm_train_config(cfg, arm, seed, arm_dir, files))
+    results = {}
+    for name in names:
+        out = arm_dir.eval_on(name)
+        if out.metrics.exists():
+            results[name] = rundir.read_json(out.metrics)
+            continue
+        eval_cfg = EvalConfig(
             model=str(arm_dir.train.model),
-            data=files[cfg.eval_split],
-            out=str(arm_dir.eval.root),
+            data=eval_data(cfg, files, name),
+            out=str(out.root),
             max_new_tokens=cfg.eval_max_new_tokens,
             batch_size=cfg.eval_batch_size,
             limit=cfg.eval_limit,
+            chat_template=cfg.train.chat_template,
+            trust_remote_code=cfg.train.trust_remote_code,
             progress=cfg.progress,
         )
-    )
+        results[name] = eval_run(eval_cfg)
+    return results
 
 
 def split_dir(cfg: ExperimentConfig, features: str | None) -> SplitDir:
@@ -278,6 +391,8 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
 # arm. Every other setting decides the numbers.
 NOT_COMPARED = {"run_dir", "arms", "seeds", "progress", "overwrite"}
 NOT_COMPARED |= {f"train.{k}" for k in ("data", "manifest", "val_data", "out", "seed", "progress", "overwrite")}
+NOT_COMPARED |= {f"train.{k}" for k in ("split", "val_split", "schema", "fields", "template")}
+NOT_COMPARED |= {f"profile.{k}" for k in ("split", "schema", "fields", "template")}
 NOT_COMPARED |= {f"profile.{k}" for k in ("run_dir", "train_file", "progress")}
 
 
@@ -297,7 +412,7 @@ def check_same_settings(cfg: ExperimentConfig) -> None:
 def check_splits_apart(cfg: ExperimentConfig, files: dict) -> dict:
     """Train, validation and test must not share examples: a shared example makes a validation or test
     score measure memory. Refused unless allow_overlap; the result goes into the report either way."""
-    named = {split: load_examples(path) for split, path in files.items() if path}
+    named = {split: load_examples(path) for split, path in files.items() if path}  # datalever files in RUN/data
     overlaps = check_overlap(named, allow_overlap=cfg.allow_overlap)
     return {"splits": list(named), "overlaps": [o.to_dict() for o in overlaps]}
 
@@ -320,6 +435,7 @@ def run(cfg: ExperimentConfig) -> str:
         cfg.seeds,
         controls=CONTROL_ARMS,
         eval_split=cfg.eval_split,
+        benchmarks=benchmarks(cfg),
         data_checks={"overlap": overlap},
     )
     return (

@@ -20,9 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from datalever import checks
-from datalever.examples import Example
+from datalever.examples import DataFormat, Example, read_data
 from datalever.models import unwrap
-from datalever.tokens import IGNORE, Encoded, Truncation, encode_example, pack, token_budget_batches, unpack
+from datalever.tokens import (
+    IGNORE,
+    Encoded,
+    Formatter,
+    Truncation,
+    check_chat_template,
+    pack,
+    token_budget_batches,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +156,9 @@ class ExampleLoss:
     flag: str = ""  # "" or FLAG_TRUNCATED
 
 
-def encode_all(tokenizer, examples: Sequence[Example], max_length: int) -> list[Encoded]:
-    return [encode_example(tokenizer, ex, max_length) for ex in examples]
+def encode_all(tokenizer, examples: Sequence[Example], max_length: int, chat_template: str = "none") -> list[Encoded]:
+    formatter = Formatter(tokenizer, chat_template)
+    return [formatter.encode(ex, max_length) for ex in examples]
 
 
 def default_token_budget(device: torch.device) -> int:
@@ -279,13 +289,18 @@ def score_examples(
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(DataFormat):
     """Score every example's mean response loss under a model (the per-example loss engine)."""
 
     model: str = "preset:demo"
     """HF checkpoint directory or hub id, or `preset:NAME`."""
-    data: str = "runs/demo/data/train.jsonl"
-    """Examples to score."""
+    data: str | None = None
+    """Examples to score: a file, a datasets directory or a hub dataset (`openai/gsm8k:main`); required."""
+    split: str | None = None
+    """Split of `data` when it holds several (a DatasetDict, a hub dataset)."""
+    chat_template: str = "auto"
+    """How examples are rendered: auto (the tokenizer's chat template where it has one, else plain text) | none |
+    FILE (a Jinja chat template); with a template the loss covers the assistant turns only."""
     out: str = "runs/score/losses.parquet"
     """Output Parquet table: id, loss, n_tokens (response tokens scored), n_cut (response tokens max_length cut),
     flag."""
@@ -303,6 +318,10 @@ class ScoreConfig:
     def __post_init__(self) -> None:
         from datalever.models import DTYPES
 
+        if self.data is None:
+            raise checks.ConfigError("data is required: the examples to score (--data FILE or a hub dataset)")
+        checks.local_data("data", self.data)
+        check_chat_template(self.chat_template)
         checks.positive("max_length", self.max_length)
         checks.positive("token_budget", self.token_budget, optional=True)
         if self.dtype is not None:
@@ -314,15 +333,14 @@ def run(cfg: ScoreConfig) -> str:
     from accelerate import Accelerator
 
     from datalever import rundir
-    from datalever.examples import load_examples
     from datalever.models import load_model, load_tokenizer, resolve_model
 
     accelerator = Accelerator()
     path = resolve_model(cfg.model, seed=cfg.seed)
     model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(accelerator.device)
     tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-    examples = load_examples(cfg.data)
-    encoded = encode_all(tokenizer, examples, cfg.max_length)
+    examples = read_data(cfg.data, cfg.data_format(), split=cfg.split)
+    encoded = encode_all(tokenizer, examples, cfg.max_length, cfg.chat_template)
     truncation = Truncation.of(encoded, cfg.max_length)
     if accelerator.is_main_process and truncation.warning():
         log.warning("score: %s", truncation.warning())

@@ -31,12 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datalever import checks, rundir
-from datalever.examples import load_examples
+from datalever.examples import DataFormat, read_data
 from datalever.losses import score_encoded
 from datalever.models import load_tokenizer, model_config_summary, resolve_model
 from datalever.optim import OptimConfig
 from datalever.rundir import RunDir
-from datalever.tokens import Truncation, encode_example
+from datalever.tokens import Formatter, Truncation, check_chat_template
 from datalever.train import TrainConfig, total_steps
 from datalever.train import run as train_run
 
@@ -49,13 +49,18 @@ _NOT_IDENTITY = ("run_dir", "train_file", "progress")
 
 
 @dataclass
-class ProfileConfig:
+class ProfileConfig(DataFormat):
     """Train a proxy model briefly and record each training example's loss at K checkpoints."""
 
     run_dir: str = "runs/demo"
     """Run directory; the trajectory store is written here."""
     train_file: str | None = None
-    """Training examples to profile (default: RUN/data/train.jsonl)."""
+    """Training examples to profile: a file, a datasets directory or a hub dataset (default: RUN/data/train.jsonl)."""
+    split: str | None = None
+    """Split of `train_file` when it holds several (a DatasetDict, a hub dataset); default: train."""
+    chat_template: str = "auto"
+    """How examples are rendered for the proxy: auto (its tokenizer's chat template where it has one, else plain
+    text) | none | FILE (a Jinja chat template); with a template the loss covers the assistant turns only."""
     proxy: str = "embedded:demo-base"
     """Proxy model: HF checkpoint directory or hub id, `preset:NAME` (built from scratch) or `embedded:demo-base`."""
     fraction: float = 1 / 3
@@ -90,7 +95,8 @@ class ProfileConfig:
         checks.at_most("warmup_ratio", self.warmup_ratio, 1)
         checks.positive("max_length", self.max_length)
         checks.positive("token_budget", self.token_budget, optional=True)
-        checks.existing_path("train_file", self.train_file, optional=True)
+        checks.local_data("train_file", self.train_file, optional=True)
+        check_chat_template(self.chat_template)
 
 
 class ProfileError(RuntimeError):
@@ -140,7 +146,7 @@ def run(cfg: ProfileConfig) -> dict:
 
     run_dir = RunDir(cfg.run_dir)
     train_file = cfg.train_file or str(run_dir.data_file("train"))
-    examples = load_examples(train_file)
+    examples = read_data(train_file, cfg.data_format(), split=cfg.split, default_split="train")
     identity = _identity(cfg, examples)
     meta_path = run_dir.trajectories_meta
     if meta_path.exists():  # every process checks (read-only) so that all raise or return together
@@ -157,6 +163,11 @@ def run(cfg: ProfileConfig) -> dict:
     train_cfg = TrainConfig(
         model=cfg.proxy,
         data=train_file,
+        split=cfg.split,
+        schema=cfg.schema,
+        fields=cfg.fields,
+        template=cfg.template,
+        chat_template=cfg.chat_template,
         out=str(run_dir.proxy.root),
         epochs=cfg.fraction,
         batch_size=cfg.batch_size,
@@ -173,7 +184,8 @@ def run(cfg: ProfileConfig) -> dict:
     with state.main_process_first():  # one process builds a preset; the others then find it built
         model_path = resolve_model(cfg.proxy, seed=cfg.seed)
     tokenizer = load_tokenizer(model_path)
-    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
+    formatter = Formatter(tokenizer, cfg.chat_template)
+    encoded = [formatter.encode(ex, cfg.max_length) for ex in examples]
     truncation = Truncation.of(encoded, cfg.max_length)
     if state.is_main_process and truncation.warning():
         log.warning("profile: %s", truncation.warning())

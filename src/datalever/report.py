@@ -15,16 +15,23 @@ from datalever.stats import t_interval
 from datalever.synth import LEVELS
 
 
-def collect(run_dir: RunDir, arms: list[str], seeds: list[int]) -> dict:
-    """Per arm and seed: test metrics and the training run's compute."""
+def collect(run_dir: RunDir, arms: list[str], seeds: list[int], benchmarks: Sequence[str] = ("test",)) -> dict:
+    """Per arm and seed: the metrics on each benchmark (`metrics`: the first one's) and the training run's compute."""
     rows = {}
     for arm in arms:
         for seed in seeds:
             d = run_dir.seed_dir(arm, seed)
-            metrics = rundir.read_json(d.eval.metrics)
+            by_benchmark = {name: rundir.read_json(d.eval_on(name).metrics) for name in benchmarks}
             summary = rundir.read_json(d.train.summary)
-            rows[(arm, seed)] = {"metrics": metrics, "train": summary}
+            rows[(arm, seed)] = {"metrics": by_benchmark[benchmarks[0]], "benchmarks": by_benchmark, "train": summary}
     return rows
+
+
+def benchmark_accuracy(rows: dict, arm: str, seeds: list[int], benchmark: str) -> dict:
+    accs = [rows[(arm, s)]["benchmarks"][benchmark]["accuracy"] for s in seeds]
+    acc_mean, acc_ci = t_interval(accs)
+    n = rows[(arm, seeds[0])]["benchmarks"][benchmark]["n"]
+    return {"per_seed": dict(zip(map(str, seeds), accs)), "mean": acc_mean, "ci95": acc_ci, "n": n}
 
 
 def proxy_compute(run_dir: RunDir) -> dict:
@@ -59,11 +66,18 @@ def summarize_arm(rows: dict, arm: str, seeds: list[int]) -> dict:
         "compute": compute,
         "final_val_loss": [rows[(arm, s)]["train"].get("final_val_loss") for s in seeds],
         "n_test": rows[(arm, seeds[0])]["metrics"]["n"],
+        "benchmarks": {b: benchmark_accuracy(rows, arm, seeds, b) for b in rows[(arm, seeds[0])]["benchmarks"]},
     }
 
 
-def paired(rows: dict, a: str, b: str, seeds: list[int]) -> dict:
-    diffs = [rows[(a, s)]["metrics"]["accuracy"] - rows[(b, s)]["metrics"]["accuracy"] for s in seeds]
+def paired(rows: dict, a: str, b: str, seeds: list[int], benchmark: str | None = None) -> dict:
+    """a - b in accuracy, seed by seed, on one benchmark (default: the first)."""
+
+    def acc(arm: str, s: int) -> float:
+        metrics = rows[(arm, s)]["benchmarks"][benchmark] if benchmark else rows[(arm, s)]["metrics"]
+        return metrics["accuracy"]
+
+    diffs = [acc(a, s) - acc(b, s) for s in seeds]
     m, ci = t_interval(diffs)
     return {
         "mean_diff": m,
@@ -85,13 +99,19 @@ def markdown(results: dict) -> str:
         {lv for a in arms.values() for lv in a["by_level"]},
         key=lambda v: LEVELS.index(v) if v in LEVELS else len(LEVELS),
     )
+    names = results.get("benchmarks") or ["test"]
+    first = "test" if names[0] in ("test", "validation") else names[0]
+    others = names[1:]
     head = (
-        ["arm", "test acc % (mean ± 95% CI)", "gain vs base"]
+        ["arm", f"{first} acc % (mean ± 95% CI)", "gain vs base"]
         + [f"acc {lv} %" for lv in levels]
+        + [f"{b} acc % (mean ± 95% CI)" for b in others]
         + ["optimizer steps", "fwd passes", "bwd passes", "wall s"]
     )
+    sizes = ", ".join(f"{b} {arms[next(iter(arms))]['benchmarks'][b]['n']}" for b in others)
     lines = [
-        f"Seeds: {results['seeds']}; test examples: {results['n_test']}; split: {results['eval_split']}.",
+        f"Seeds: {results['seeds']}; test examples: {results['n_test']}{'; ' + sizes if others else ''}; "
+        f"split: {results['eval_split']}.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -101,6 +121,7 @@ def markdown(results: dict) -> str:
         gain = a.get("relative_gain_vs_base")
         cells = [name, f"{_pct(acc['mean'])} ± {_pct(acc['ci95'])}", "—" if gain is None else f"{100 * gain:+.1f}%"]
         cells += [_pct(a["by_level"].get(lv, {}).get("mean", math.nan)) for lv in levels]
+        cells += [f"{_pct(a['benchmarks'][b]['mean'])} ± {_pct(a['benchmarks'][b]['ci95'])}" for b in others]
         c = a["compute"]
         cells += [f"{c['optimizer_steps']:.0f}", f"{c['forwards']:.0f}", f"{c['backwards']:.0f}", f"{c['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -114,11 +135,15 @@ def markdown(results: dict) -> str:
     if results["paired"]:
         lines += ["", "Paired differences over the same seeds (accuracy points, mean ± 95% CI; wins/ties/losses):", ""]
         for name, d in results["paired"].items():
-            lines.append(
-                f"- {name}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])} ({d['wins']}/{d['ties']}/{d['losses']})"
-            )
+            lines.append(f"- {name}: {_paired_text(d)}")
+            for b in others:
+                lines.append(f"  - on {b}: {_paired_text(results['paired_by_benchmark'][b][name])}")
     lines += _data_check_lines(results.get("data_checks") or {})
     return "\n".join(lines)
+
+
+def _paired_text(d: dict) -> str:
+    return f"{100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])} ({d['wins']}/{d['ties']}/{d['losses']})"
 
 
 def _data_check_lines(checks: dict) -> list[str]:
@@ -220,11 +245,14 @@ def write_report(
     controls: Sequence[str],
     eval_split: str = "test",
     data_checks: dict | None = None,
+    benchmarks: Sequence[str] | None = None,
 ) -> dict:
     """Collect every arm's results, summarize them, pair each non-control arm with each control, write
-    results.json, results.md and the plots into the run directory."""
+    results.json, results.md and the plots into the run directory. `benchmarks`: what each arm was evaluated on
+    (default: the eval split), the first one deciding the headline accuracy and comparisons."""
     run_dir = RunDir(run_dir)
-    rows = collect(run_dir, arms, seeds)
+    benchmarks = list(benchmarks or [eval_split])
+    rows = collect(run_dir, arms, seeds, benchmarks)
     summaries = {arm: summarize_arm(rows, arm, seeds) for arm in arms}
     if "base" in summaries:
         base = summaries["base"]["accuracy"]["mean"]
@@ -234,9 +262,14 @@ def write_report(
     controls = [a for a in controls if a in summaries]
     treated = [a for a in arms if a not in controls]
     comparisons = {f"{t} - {c}": paired(rows, t, c, seeds) for t in treated for c in controls}
+    by_benchmark = {
+        b: {f"{t} - {c}": paired(rows, t, c, seeds, b) for t in treated for c in controls} for b in benchmarks
+    }
     results = {
         "seeds": seeds,
         "eval_split": eval_split,
+        "benchmarks": benchmarks,
+        "paired_by_benchmark": by_benchmark,
         "n_test": summaries[arms[0]]["n_test"],
         "arms": summaries,
         "paired": comparisons,

@@ -223,6 +223,11 @@ class ArmDir(_Layout):
     def eval(self) -> EvalDir:
         return EvalDir(self.root / "eval")
 
+    def eval_on(self, benchmark: str) -> EvalDir:
+        """The evaluation on one benchmark: eval/ for the test (or validation) split, eval-<name>/ for a named
+        test set."""
+        return self.eval if benchmark in ("test", "validation") else EvalDir(self.root / f"eval-{benchmark}")
+
 
 @dataclass(frozen=True)
 class RunDir(_Layout):
@@ -233,7 +238,8 @@ class RunDir(_Layout):
         return self.root / "data"
 
     def data_file(self, split: str) -> Path:
-        """data/<split>.jsonl: train, validation or test of the embedded dataset."""
+        """data/<split>.jsonl: train, validation, test (or test-<name>): the embedded dataset, or the given data
+        as the experiment read it."""
         return self.data / f"{split}.jsonl"
 
     @property
@@ -275,12 +281,13 @@ class RunDir(_Layout):
 
     def experiment_outputs(self) -> list[Path]:
         """What an experiment's stages wrote here (existing paths only): everything `--overwrite` removes.
-        data/ counts only when `data synth` made it (its synth.config.yaml is there): user data is never removed."""
+        data/ counts only when `data synth` made it or the experiment read the given data into it (its
+        synth.config.yaml or import.config.yaml is there): data of the user's own is never removed."""
         named = [self.trajectories, self.trajectories_meta, self.proxy.root, self.root / "splits", self.root / "arms"]
         named += [self.split().split, self.split().summary, self.split().trajectories_plot, self.split().datamap_plot]
         named += [self.results_json, self.results_md, *self.root.glob("results_*.png")]
         named += [p for stage in ("experiment", "profile", "split") for p in provenance_files(self.root, stage)]
-        if provenance_files(self.data, "synth")[0].exists():
+        if any(provenance_files(self.data, stage)[0].exists() for stage in ("synth", "import")):
             named.append(self.data)
         return [p for p in named if p.exists()]
 

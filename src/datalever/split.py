@@ -5,6 +5,16 @@ Input (written by the profile stage): ``RUN/trajectories.parquet`` with columns 
 checkpoint, in increasing step order; plus ``RUN/trajectories.meta.json`` with ``steps`` and
 ``loss_columns``. Row i's trajectory is ``loss[i, t]``, t = 0..K-1 over the K checkpoints.
 
+Or (``SplitConfig.trajectories``) a Parquet file written by another tool: an ``id`` column holding the
+datalever content ids of the training examples (what ``load_examples`` gives; ``datalever data check``
+prints the first), optional ``source`` and ``flag`` text columns, and the losses: every other column
+except ``n_tokens`` and ``n_cut`` (ignored, so a profile store works too), in file order, which is the
+checkpoint order. Loss columns must be numeric (integer or float); no meta file is needed. Steps (the
+plots' x axis and the feature column names) are the last number in each loss column's name
+(``loss_step000010`` and ``loss_10`` give 10) when every name has one and they increase in file order,
+else 0..K-1. The ids must cover the training file exactly (when it is known): an id the training set
+lacks, or a training example without a trajectory, is an error, since upsample could not match it.
+
 Features (what k-means sees; the choice is ``SplitConfig.features``):
 
 - ``trajectory`` (default): the raw trajectory, ``x_i = (loss[i,0], ..., loss[i,K-1])`` (K values).
@@ -35,6 +45,7 @@ against loss drop = first - last loss, coloured by cluster).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import types
 from dataclasses import dataclass
@@ -70,9 +81,13 @@ class SplitConfig:
     """Cluster each data source separately (sources too small to cluster are labelled hard as a whole)."""
     min_source_size: int = 10
     """With stratify: a source with fewer usable examples than this is not clustered but labelled hard whole."""
+    trajectories: str | None = None
+    """Loss trajectories computed by another tool, instead of RUN/trajectories.parquet: a Parquet file with an 'id'
+    column (datalever content ids of the training examples), optional 'source' and 'flag', and every other numeric
+    column a loss, in checkpoint order (see docs/interop.md). The ids must match train_file's examples exactly."""
     train_file: str | None = None
     """Examples file (JSONL) to read difficulty attributes from (meta keys such as level/steps/digits); default
-    RUN/data/train.jsonl if it exists."""
+    RUN/data/train.jsonl if it exists. With trajectories, the ids are checked against it."""
     out: str | None = None
     """Directory for split.parquet, split_summary.json and the plots (default: the run directory; the experiment puts a
     split with other features under RUN/splits/<features>)."""
@@ -86,6 +101,7 @@ class SplitConfig:
                 f"k must be an integer >= 2 (two clusters at least: easy and hard), got {self.k!r}"
             )
         checks.positive("min_source_size", self.min_source_size)
+        checks.existing_path("trajectories", self.trajectories, optional=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,10 +153,105 @@ def read_trajectories(path: str | Path):
         if len(ids)
         else np.zeros((0, len(loss_cols)))
     )
+    _refuse_nan(path, ids, losses, flags)
+    return ids, sources, losses, flags, meta
+
+
+def _refuse_nan(path: Path, ids: list[str], losses: np.ndarray, flags: list[str]) -> None:
+    """NaN is never replaced by a number (a broken example would look easiest): only flagged rows may hold it."""
     bad = [ids[i] for i in np.flatnonzero(np.isnan(losses).any(axis=1)) if not flags[i]]
     if bad:
-        raise SplitError(f"{path}: {len(bad)} unflagged row(s) have NaN losses, e.g. {bad[:3]}")
-    return ids, sources, losses, flags, meta
+        raise SplitError(f"{path}: {len(bad)} unflagged row(s) have NaN or missing losses, e.g. ids {bad[:3]}")
+
+
+# Columns of a trajectory file that are not losses (n_tokens and n_cut: the profile store's counts).
+NOT_LOSSES = ("id", "source", "flag", "n_tokens", "n_cut")
+LAST_NUMBER = re.compile(r"(\d+)\D*$")
+
+
+def read_external_trajectories(path: str | Path):
+    """Read and validate a trajectory file written by another tool (see the module docstring).
+
+    Returns ``(ids, sources, losses, flags, meta)`` as `read_trajectories` does; meta holds ``steps`` and
+    ``loss_columns``. Raises SplitError naming the file (and the column or rows) on anything it cannot use.
+    """
+    path = Path(path)
+    table = _read_parquet(path)
+    cols = table.column_names
+    if "id" not in cols:
+        raise SplitError(f"{path}: no 'id' column (has {cols}); it must hold the training examples' datalever ids")
+    if table.num_rows == 0:
+        raise SplitError(f"{path}: empty file (no rows)")
+    loss_cols = [c for c in cols if c not in NOT_LOSSES]
+    if not loss_cols:
+        raise SplitError(f"{path}: no loss columns (every column other than {list(NOT_LOSSES)} is a loss)")
+    for c in loss_cols:
+        _require_numeric(path, c, table.schema.field(c).type)
+    ids = _external_ids(path, table.column("id"))
+    sources = _optional_text(path, table, "source")
+    flags = [f or "" for f in _optional_text(path, table, "flag")]
+    # A null loss becomes NaN here, and is refused below like any NaN.
+    losses = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in loss_cols])
+    _refuse_nan(path, ids, losses, flags)
+    return ids, sources, losses, flags, {"steps": steps_from_names(loss_cols), "loss_columns": loss_cols}
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; a directory or a torn file, OSError
+        raise SplitError(f"{path}: cannot read it as Parquet ({e})") from e
+
+
+def _require_numeric(path: Path, column: str, dtype) -> None:
+    import pyarrow as pa
+
+    if not (pa.types.is_integer(dtype) or pa.types.is_floating(dtype)):
+        raise SplitError(
+            f"{path}: column {column!r} is {dtype}, not numeric; every column other than {list(NOT_LOSSES)} "
+            "is read as a loss: drop or rename it"
+        )
+
+
+def _external_ids(path: Path, column) -> list[str]:
+    import pyarrow as pa
+
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise SplitError(f"{path}: column 'id' is {column.type}, not text (datalever content ids)")
+    ids = column.to_pylist()
+    null_rows = [i for i, v in enumerate(ids) if v is None]
+    if null_rows:
+        raise SplitError(f"{path}: {len(null_rows)} null id(s), e.g. at rows {null_rows[:3]} (0-based)")
+    dup = pd.Series(ids)
+    dup = dup[dup.duplicated()].unique().tolist()
+    if dup:
+        raise SplitError(f"{path}: {len(dup)} duplicate id(s), e.g. {dup[:3]}")
+    return ids
+
+
+def _optional_text(path: Path, table, name: str) -> list[str | None]:
+    """A text column that may be absent (then all None) or null in places."""
+    import pyarrow as pa
+
+    if name not in table.column_names:
+        return [None] * table.num_rows
+    column = table.column(name)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        raise SplitError(f"{path}: column {name!r} is {column.type}, not text")
+    return column.to_pylist()
+
+
+def steps_from_names(loss_cols: Sequence[str]) -> list[int]:
+    """The step of each loss column: the last number in every name if all have one and they increase (loss_10,
+    loss_step000020 -> 10, 20), else the position 0..K-1 (file order is the checkpoint order either way)."""
+    found = [LAST_NUMBER.search(c) for c in loss_cols]
+    if all(found):
+        steps = [int(m.group(1)) for m in found]
+        if all(b > a for a, b in zip(steps, steps[1:])):
+            return steps
+    return list(range(len(loss_cols)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +527,13 @@ def _group_label(df: pd.DataFrame, gname: str, mask) -> str:
     return f"{name}{hard}, n={int(mask.sum())}"
 
 
-def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int], out: rundir.SplitDir) -> None:
+def plot_split(
+    df: pd.DataFrame,
+    losses_by_id: pd.DataFrame,
+    steps: Sequence[int],
+    out: rundir.SplitDir,
+    xlabel: str = "proxy training step",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -431,7 +548,7 @@ def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int
         mu, sd = traj.mean(axis=0), traj.std(axis=0)
         ax.plot(steps, mu, marker="o", color=colors(j), label=_group_label(df, gname, mask))
         ax.fill_between(steps, mu - sd, mu + sd, color=colors(j), alpha=0.2)
-    ax.set_xlabel("proxy training step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("response loss (mean ± std)")
     ax.set_title("Loss trajectory per cluster")
     ax.legend(fontsize=8)
@@ -458,25 +575,80 @@ def plot_split(df: pd.DataFrame, losses_by_id: pd.DataFrame, steps: Sequence[int
 # The stage
 
 
-def _read_metas(path: Path) -> dict[str, dict]:
-    from datalever.examples import load_examples
-
-    return {ex.id: dict(ex.meta or {}) for ex in load_examples(path)}
-
-
-def run(cfg: SplitConfig) -> dict:
-    """Run the split stage on `cfg.run_dir`; returns the summary (also written to split_summary.json)."""
-    import pyarrow as pa
-
-    run_dir = rundir.RunDir(cfg.run_dir)
-    out = rundir.SplitDir(cfg.out) if cfg.out else run_dir.split()
-    rundir.refuse_other_settings(out.root, "split", cfg)
+def read_input(cfg: SplitConfig, run_dir: rundir.RunDir):
+    """The trajectories the split clusters: the external file if given, else the profile's store (finished)."""
+    if cfg.trajectories:
+        return read_external_trajectories(cfg.trajectories)
     ids, sources, losses, flags, meta = read_trajectories(run_dir.trajectories)
     if meta.get("complete") is False:
         raise SplitError(
             f"{run_dir.trajectories_meta}: the profile is not finished "
             f"(recorded steps {meta.get('steps')}); run `datalever profile` again to complete it"
         )
+    return ids, sources, losses, flags, meta
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def refuse_other_trajectories(out: rundir.SplitDir, cfg: SplitConfig, digest: str | None) -> None:
+    """refuse_other_settings compares the options, so another file name is refused there; this refuses the same
+    name holding other content (a file rewritten in place), unless overwrite."""
+    meta_file = rundir.provenance_files(out.root, "split")[1]
+    if cfg.overwrite or digest is None or not meta_file.exists():
+        return
+    before = rundir.read_json(meta_file).get("trajectories_sha256")
+    if before is not None and before != digest:
+        raise checks.ConfigError(
+            f"{out.root} holds split outputs made from other trajectories ({cfg.trajectories} has other content "
+            "now): use another output directory, or --overwrite true to replace them"
+        )
+
+
+def refuse_uncovered(ids: Sequence[str], examples: Sequence, trajectories: str, train_file: Path) -> None:
+    """The trajectories must cover the training set exactly: upsample matches split rows to examples by id, so an
+    unknown id, or an example without a trajectory, would leave the split and the arm disagreeing."""
+    train_ids = [ex.id for ex in examples]
+    known, have = set(train_ids), set(ids)
+    unknown = [i for i in ids if i not in known]
+    missing = [i for i in train_ids if i not in have]
+    if unknown or missing:
+        raise SplitError(
+            f"{trajectories} and {train_file} disagree: {len(unknown)} id(s) of the trajectories are not training "
+            f"examples (e.g. {unknown[:3]}), {len(missing)} training example(s) have no trajectory "
+            f"(e.g. {missing[:3]}); the ids must be the examples' datalever ids (`datalever data check --data FILE` "
+            "shows the first)"
+        )
+
+
+def run(cfg: SplitConfig) -> dict:
+    """Run the split stage on `cfg.run_dir`; returns the summary (also written to split_summary.json)."""
+    import pyarrow as pa
+
+    from datalever.examples import load_examples
+
+    run_dir = rundir.RunDir(cfg.run_dir)
+    out = rundir.SplitDir(cfg.out) if cfg.out else run_dir.split()
+    rundir.refuse_other_settings(out.root, "split", cfg)
+    digest = file_sha256(cfg.trajectories) if cfg.trajectories else None
+    refuse_other_trajectories(out, cfg, digest)
+    ids, sources, losses, flags, meta = read_input(cfg, run_dir)
+
+    train_file = Path(cfg.train_file) if cfg.train_file else run_dir.data_file("train")
+    examples = None
+    if train_file.exists():
+        examples = load_examples(str(train_file))
+    elif cfg.train_file:
+        raise SplitError(f"train_file {train_file} does not exist")
+    if cfg.trajectories and examples is not None:
+        refuse_uncovered(ids, examples, cfg.trajectories, train_file)
+    metas = None if examples is None else {ex.id: dict(ex.meta or {}) for ex in examples}
+
     steps = meta["steps"]
     df = split_trajectories(
         ids,
@@ -492,13 +664,6 @@ def run(cfg: SplitConfig) -> dict:
     )
     losses_by_id = pd.DataFrame(losses, index=pd.Index(ids, name="id"))
 
-    train_file = Path(cfg.train_file) if cfg.train_file else run_dir.data_file("train")
-    metas = None
-    if train_file.exists():
-        metas = _read_metas(train_file)
-    elif cfg.train_file:
-        raise SplitError(f"train_file {train_file} does not exist")
-
     summary = summarize(
         df,
         losses_by_id,
@@ -511,6 +676,7 @@ def run(cfg: SplitConfig) -> dict:
         metas=metas,
     )
     summary["truncation"] = meta.get("truncation")  # the profile's count of examples cut by max_length
+    summary["trajectories"] = str(cfg.trajectories or run_dir.trajectories)
     table = pa.Table.from_pandas(df, preserve_index=False)
     out.root.mkdir(parents=True, exist_ok=True)
     rundir.record_provenance(
@@ -518,9 +684,11 @@ def run(cfg: SplitConfig) -> dict:
         "split",
         cfg,
         trajectories=rundir.fingerprint(types.SimpleNamespace(id=i) for i in ids),
+        trajectories_sha256=digest,  # an external file's bytes: a rerun on other content is refused
         train_file=str(train_file) if metas is not None else None,
     )
-    plot_split(df, losses_by_id, steps, out)
+    xlabel = "checkpoint (from the loss column names)" if cfg.trajectories else "proxy training step"
+    plot_split(df, losses_by_id, steps, out, xlabel=xlabel)
     rundir.write_parquet(out.split, table)
     rundir.write_json(out.summary, summary)  # last: its presence marks a finished split
     return summary

@@ -1,15 +1,22 @@
-"""From examples to token ids: the prompt/response boundary, truncation, padding and batching."""
+"""From examples to token ids: the prompt/response boundary, chat templates, truncation, padding and batching.
+
+An example becomes text segments, each with or without loss (`Formatter.segments`): plainly, prompt then
+response then EOS; through a chat template, the rendered conversation with the loss on every assistant turn.
+Each segment is tokenized on its own, so the loss boundaries are exact, and the prompt a model is evaluated on
+is the very prefix it was trained on.
+"""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from datalever.examples import Example
+from datalever.examples import PLAIN_ASSISTANT, Example, plain_turn
 
 IGNORE = -100  # label of a position that carries no loss (prompt and padding)
 
@@ -22,11 +29,14 @@ class Encoded:
     input_ids: list[int]
     n_prompt: int
     n_response_full: int  # response tokens before truncation
+    # [start, end) spans after the prompt that carry no loss: a conversation's later user turns
+    masked: tuple[tuple[int, int], ...] = ()
 
     @property
     def n_response(self) -> int:
         """Response tokens that carry loss (the first token needs a prompt token before it)."""
-        return len(self.input_ids) - max(self.n_prompt, 1)
+        n = len(self.input_ids)
+        return n - max(self.n_prompt, 1) - sum(max(0, min(end, n) - start) for start, end in self.masked if start < n)
 
     @property
     def fully_truncated(self) -> bool:
@@ -77,16 +87,144 @@ class Truncation:
         )
 
 
-def encode_example(tokenizer, ex: Example, max_length: int) -> Encoded:
-    """Tokenize prompt and response separately (so the boundary is exact), add EOS, cut from the right.
+def check_chat_template(value: str) -> None:
+    """`auto`, `none`, or a template file that exists."""
+    from datalever import checks
 
-    The prompt keeps the tokenizer's own special tokens (e.g. a BOS); the response ends with EOS so
-    the model learns to stop.
-    """
-    prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + response_ids)[:max_length]
-    return Encoded(ex.id, ids, len(prompt_ids), len(response_ids))
+    if value not in ("auto", "none") and not Path(value).expanduser().is_file():
+        raise checks.ConfigError(f"chat_template must be auto, none or a template file; no such file: {value}")
+
+
+def chat_template_text(tokenizer, chat_template: str) -> str | None:
+    """The Jinja template the option names (None: plain text)."""
+    if chat_template == "none":
+        return None
+    if chat_template == "auto":
+        return getattr(tokenizer, "chat_template", None) or None
+    return Path(chat_template).expanduser().read_text(encoding="utf-8")
+
+
+Segment = tuple[str, bool]  # text, and whether its tokens carry loss
+
+
+class Formatter:
+    """How examples become token ids under one tokenizer: plainly, or through a chat template."""
+
+    def __init__(self, tokenizer, chat_template: str = "none"):
+        self.tokenizer = tokenizer
+        self.template = chat_template_text(tokenizer, chat_template)
+
+    def describe(self) -> str:
+        return "chat template" if self.template else "plain text"
+
+    # ----------------------------------------------------------------- segments
+
+    def segments(self, ex: Example) -> list[Segment]:
+        """The example as text segments; the final one is the final assistant turn (with EOS when plain)."""
+        if self.template is not None:
+            return self._chat_segments(conversation(ex))
+        if ex.messages is None:
+            return [(ex.prompt, False), (ex.response, True)]
+        return _plain_segments(ex.messages)
+
+    def _render(self, turns: Sequence[tuple[str, str]], *, generation_prompt: bool) -> str:
+        messages = [{"role": role, "content": content} for role, content in turns]
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _chat_segments(self, turns: Sequence[tuple[str, str]]) -> list[Segment]:
+        """Render growing prefixes of the conversation: each assistant turn is the text its own rendering adds to
+        the rendering of what came before it with the generation prompt (the assistant header)."""
+        segments: list[Segment] = []
+        done = ""
+        for i, (role, _) in enumerate(turns):
+            if role != "assistant":
+                continue
+            before = self._render(turns[:i], generation_prompt=True)
+            after = self._render(turns[: i + 1], generation_prompt=False)
+            if not before.startswith(done) or not after.startswith(before):
+                raise ValueError(
+                    "the chat template renders a conversation's beginning differently once more turns follow, so "
+                    "the assistant's tokens cannot be told apart; use --chat_template none or another template FILE"
+                )
+            segments += [(before[len(done) :], False), (after[len(before) :], True)]
+            done = after
+        return segments
+
+    # ----------------------------------------------------------------- token ids
+
+    def _token_segments(self, ex: Example) -> list[tuple[list[int], bool]]:
+        ids = []
+        for j, (text, loss) in enumerate(_merged(self.segments(ex))):
+            # Plain text: the tokenizer's own special tokens (a BOS) before the first segment. A chat template
+            # writes its own (as apply_chat_template tokenizes), so a tokenizer's BOS would be a second one.
+            special = self.template is None and j == 0
+            ids.append((list(self.tokenizer(text, add_special_tokens=special)["input_ids"]), loss))
+        if self.template is None:
+            ids[-1] = (ids[-1][0] + [self.tokenizer.eos_token_id], True)  # the model learns to stop
+        return ids
+
+    def encode(self, ex: Example, max_length: int) -> Encoded:
+        """Token ids cut from the right to max_length; loss on the response segments only."""
+        pieces = self._token_segments(ex)
+        n_prompt = len(pieces[0][0]) if not pieces[0][1] else 0
+        masked, position = [], 0
+        for piece, loss in pieces:
+            if not loss and position >= n_prompt and position > 0:
+                masked.append((position, position + len(piece)))
+            position += len(piece)
+        ids = [t for piece, _ in pieces for t in piece]
+        return Encoded(ex.id, ids[:max_length], n_prompt, len(ids) - n_prompt, tuple(masked))
+
+    def prompt_ids(self, ex: Example) -> list[int]:
+        """What the model is given at evaluation: the tokens before the final assistant turn, exactly as in
+        training (with a chat template, they end with the assistant header)."""
+        pieces = self._token_segments(ex)
+        return [t for piece, _ in pieces[:-1] for t in piece]
+
+    def stop_ids(self) -> list[int]:
+        """Token ids that end an assistant turn besides EOS: with a chat template, the special token it closes
+        a turn with (<|eot_id|>, <|im_end|>), when that is one token."""
+        if self.template is None:
+            return []
+        closing = self._chat_segments((("user", "x"), ("assistant", "y")))[-1][0]
+        tail = closing[closing.rindex("y") + 1 :].strip()
+        ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+        return ids[:1] if ids and ids[0] in set(self.tokenizer.all_special_ids) else []
+
+
+def conversation(ex: Example) -> tuple[tuple[str, str], ...]:
+    """The example as turns: its messages, or its prompt as the user's turn and its response as the assistant's."""
+    return ex.messages if ex.messages is not None else (("user", ex.prompt), ("assistant", ex.response))
+
+
+def _plain_segments(turns: Sequence[tuple[str, str]]) -> list[Segment]:
+    segments: list[Segment] = []
+    for i, (role, content) in enumerate(turns):
+        if role == "assistant":
+            last = i == len(turns) - 1
+            segments += [(PLAIN_ASSISTANT, False), (content if last else content + "\n", True)]
+        else:
+            segments.append((plain_turn(role, content), False))
+    return segments
+
+
+def _merged(segments: list[Segment]) -> list[Segment]:
+    """Neighbouring segments of the same kind as one (tokenized together, as the text reads)."""
+    out: list[Segment] = []
+    for text, loss in segments:
+        if out and out[-1][1] == loss:
+            out[-1] = (out[-1][0] + text, loss)
+        else:
+            out.append((text, loss))
+    return out
+
+
+def encode_example(tokenizer, ex: Example, max_length: int) -> Encoded:
+    """Plain text: prompt and response tokenized separately (so the boundary is exact), EOS added, cut from the
+    right. The prompt keeps the tokenizer's own special tokens (e.g. a BOS); EOS teaches the model to stop."""
+    return Formatter(tokenizer).encode(ex, max_length)
 
 
 FIELDS = ("input_ids", "attention_mask", "labels")  # the planes of `pack`, in order
@@ -123,6 +261,9 @@ def pack(batch: Sequence[Encoded], pad_id: int, *, pin_memory: bool = False) -> 
     np.copyto(attention_mask, real)
     labels.fill(IGNORE)
     np.copyto(labels, input_ids, where=real & (cols >= starts[:, None]))
+    for row, e in enumerate(batch):
+        for start, end in e.masked:  # a conversation's turns between its assistant turns
+            labels[row, start:end] = IGNORE
     return out
 
 

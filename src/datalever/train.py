@@ -42,7 +42,7 @@ import torch
 
 from datalever import checkpoint, checks, launch, rundir
 from datalever.checkpoint import Progress
-from datalever.examples import Example, load_examples
+from datalever.examples import DataFormat, Example, read_data
 from datalever.launch import make_accelerator, prepare
 from datalever.losses import ResponseLoss
 from datalever.models import (
@@ -65,7 +65,7 @@ from datalever.optim import (
     set_lr,
 )
 from datalever.sampler import epoch_order
-from datalever.tokens import Encoded, Truncation, collate, encode_example
+from datalever.tokens import Encoded, Formatter, Truncation, check_chat_template, collate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -102,14 +102,17 @@ class LoraConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataFormat):
     """Fine-tune a causal LM on prompt/response examples with the loss on response tokens only."""
 
     model: str = "embedded:demo-base"
     """HF checkpoint directory or hub id; `preset:NAME` builds a small model from scratch (once, into the preset cache
     $DATALEVER_CACHE/presets); `embedded:demo-base` is the pretrained demo model shipped with the package."""
     data: str | None = None
-    """Training examples (JSONL, JSON, Parquet, CSV or a datasets directory); required."""
+    """Training examples: a JSONL, JSON, Parquet or CSV file, a datasets directory, or a hub dataset
+    (`openai/gsm8k:main`, name:config); required."""
+    split: str | None = None
+    """Split of `data` when it holds several (a DatasetDict, a hub dataset); default: train."""
     out: str = "runs/train"
     """Output directory: checkpoints, the final model, train_log.jsonl, train_summary.json. A run there of the same
     settings and inputs is resumed (or, finished, returned); one of others is refused unless `overwrite`."""
@@ -117,7 +120,12 @@ class TrainConfig:
     """Optional multiplicity manifest (from `datalever upsample`): draw each example that many times per epoch without
     copying the data."""
     val_data: str | None = None
-    """Validation examples for the periodic validation loss."""
+    """Validation examples for the periodic validation loss (read with the same data options)."""
+    val_split: str | None = None
+    """Split of `val_data` when it holds several; default: validation."""
+    chat_template: str = "auto"
+    """How examples are rendered: auto (the tokenizer's chat template where it has one, else plain text) | none |
+    FILE (a Jinja chat template). With a template the loss covers the assistant turns only; see `tokens.Formatter`."""
     epochs: float = 3.0
     """Passes over the (multiplicity-weighted) training data; fractions allowed."""
     max_steps: int | None = None
@@ -187,6 +195,8 @@ class TrainConfig:
     def check(self) -> None:
         """Refuse values that cannot work (the input paths are checked by `run`: a config may name data that a
         stage generates later)."""
+        DataFormat.__post_init__(self)
+        check_chat_template(self.chat_template)
         for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "keep_checkpoints"):
             checks.positive(name, getattr(self, name))
         checks.positive("max_steps", self.max_steps, optional=True)
@@ -234,7 +244,8 @@ class ExampleStream:
 
 def load_training_data(cfg: TrainConfig) -> tuple[list[Example], list[int]]:
     """Examples and their multiplicities (1 each, unless a manifest says otherwise)."""
-    examples = load_examples(cfg.data, on_duplicate="keep_first" if cfg.manifest else "error")
+    on_duplicate = "keep_first" if cfg.manifest else "error"
+    examples = read_data(cfg.data, cfg.data_format(), split=cfg.split, default_split="train", on_duplicate=on_duplicate)
     if not cfg.manifest:
         return examples, [1] * len(examples)
     multiplicity = rundir.read_manifest(cfg.manifest)
@@ -245,7 +256,9 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[Example], list[int]]:
 
 
 def load_validation_data(cfg: TrainConfig) -> list[Example]:
-    return load_examples(cfg.val_data) if cfg.val_data else []
+    if not cfg.val_data:
+        return []
+    return read_data(cfg.val_data, cfg.data_format(), split=cfg.val_split, default_split="validation")
 
 
 @dataclass
@@ -300,8 +313,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     cfg.check()
     if cfg.data is None:
         raise checks.ConfigError("data is required: the training examples to fine-tune on (--data FILE)")
-    checks.existing_path("data", cfg.data)
-    checks.existing_path("val_data", cfg.val_data, optional=True)
+    checks.local_data("data", cfg.data)
+    checks.local_data("val_data", cfg.val_data, optional=True)
     checks.existing_path("manifest", cfg.manifest, optional=True)
     if not is_preset(cfg.model):  # a missing local model directory is refused here (a preset is built later)
         resolve_model(cfg.model)
@@ -482,8 +495,9 @@ def setup(cfg: TrainConfig, inputs: TrainInputs, *, replace: bool = False) -> Tr
     opt = build_optimizer(hf_model, cfg.optim, device=accelerator.device)
     model = prepare(accelerator, ResponseLoss(hf_model), opt)
 
-    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in inputs.examples]
-    val_encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in inputs.val_examples]
+    formatter = Formatter(tokenizer, cfg.chat_template)
+    encoded = [formatter.encode(ex, cfg.max_length) for ex in inputs.examples]
+    val_encoded = [formatter.encode(ex, cfg.max_length) for ex in inputs.val_examples]
     stream = ExampleStream(inputs.multiplicities, seed=cfg.seed)
     steps = total_steps(cfg, stream.epoch_len)
     progress = checkpoint.restore(last, saved, accelerator, model, opt) if saved is not None else Progress()

@@ -47,7 +47,7 @@ import pandas as pd
 
 from datalever import checks, rundir
 from datalever.answers import extract_answer
-from datalever.examples import Example
+from datalever.examples import DataFormat, Example, read_data
 from datalever.rundir import ArmDir, RunDir
 
 # The training distributions an arm can draw: the original data, or hard/easy/random examples upsampled.
@@ -60,7 +60,7 @@ class UpsampleError(ValueError):
 
 
 @dataclass
-class UpsampleConfig:
+class UpsampleConfig(DataFormat):
     run_dir: str = "runs/demo"
     """Run directory: reads split.parquet and the training examples, writes arms/<arm>/."""
     arm: str = "hard"
@@ -76,9 +76,12 @@ class UpsampleConfig:
     synth_per_hard: int = 1
     """With synth_fn: synthesized variants added per selected example (each used once)."""
     train_file: str | None = None
-    """Training examples (JSONL) the split was made from; default RUN/data/train.jsonl."""
+    """Training examples the split was made from (read with the same data options as profile); default
+    RUN/data/train.jsonl."""
     split: str | None = None
-    """The split to read (split.parquet); default RUN/split.parquet."""
+    """Split of `train_file` when it holds several (a DatasetDict, a hub dataset); default: train."""
+    split_table: str | None = None
+    """The easy/hard split to read (split.parquet); default RUN/split.parquet."""
     heldout: list[str] | None = None
     """With synth_fn: held-out example files (validation, test) that variants must not reproduce; default:
     validation.jsonl and test.jsonl beside the training file, where they exist."""
@@ -248,19 +251,19 @@ def run(cfg: UpsampleConfig) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from datalever.examples import load_examples, save_examples
+    from datalever.examples import load_examples, looks_local, save_examples
 
     run_dir = RunDir(cfg.run_dir)
     arm_dir = ArmDir(cfg.out) if cfg.out else run_dir.arm(cfg.arm)
     rundir.refuse_other_settings(arm_dir.root, "upsample", cfg)
-    split_path = Path(cfg.split) if cfg.split else run_dir.split().split
+    split_path = Path(cfg.split_table) if cfg.split_table else run_dir.split().split
     if not split_path.exists():
         raise UpsampleError(f"no split at {split_path} (run the split stage first)")
     split_df = pq.read_table(split_path).to_pandas()
     train_file = Path(cfg.train_file) if cfg.train_file else run_dir.data_file("train")
-    if not train_file.exists():
+    if looks_local(str(train_file)) and not train_file.exists():
         raise UpsampleError(f"training examples not found at {train_file} (set train_file)")
-    examples = load_examples(str(train_file))
+    examples = read_data(str(train_file), cfg.data_format(), split=cfg.split, default_split="train")
     by_id = {ex.id: ex for ex in examples}
     split_ids = set(split_df["id"].astype(str))
     not_in_split = [ex.id for ex in examples if ex.id not in split_ids]
