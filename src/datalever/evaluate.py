@@ -29,6 +29,7 @@ from datalever import checks, rundir
 from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, read_data
 from datalever.models import DTYPES, unwrap
+from datalever.progress import label as progress_label
 from datalever.tokens import Formatter, check_chat_template
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def generate_ids(
     was_training = gen_model.training
     gen_model.eval()
     try:
-        with tqdm(total=len(encoded), desc="generate", unit="ex", disable=not progress) as bar:
+        with tqdm(total=len(encoded), desc=progress_label("generate"), unit="ex", disable=not progress) as bar:
             for idx in length_sorted_batches(encoded, batch_size):
                 input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad, device)
                 stopping = StopStrings(tokenizer, stop, triggers, input_ids.shape[1]) if stop else None

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datalever import checks, rundir
+from datalever import checks, progress, rundir
 from datalever.evaluate import EvalConfig
 from datalever.evaluate import run as eval_run
 from datalever.examples import (
@@ -108,7 +108,8 @@ class ExperimentConfig(DataFormat):
     test_files: dict[str, str] | None = None
     """Several test sets by name, e.g. '{gsm8k: openai/gsm8k:main, math: data/math.jsonl}': each arm is evaluated
     on each, and the report has a column per test set (the first decides the paired comparisons). Each file's schema
-    is detected from its columns (the data options apply to training and validation data)."""
+    is detected from its columns, except a test set from the training data's own source (another split of it),
+    which is read with the data options as the training and validation data are."""
     train_split: str | None = None
     """Split of train_file when it holds several (a DatasetDict, a hub dataset); default: train."""
     val_split: str | None = None
@@ -256,7 +257,10 @@ def import_data(cfg: ExperimentConfig, run_dir: RunDir) -> dict[str, str]:
         "validation": (cfg.val_file, fmt, cfg.val_split, "validation"),
     }
     for name, path in test_sets(cfg).items():
-        sources[test_data_name(name)] = (path, DataFormat(), cfg.test_split, "test")
+        # A test set from the training data's own source (another split of it) is read with the same options;
+        # another is detected from its columns (GSM8K, MATH, ...), whatever the training data's format.
+        own = path in (cfg.train_file, cfg.val_file)
+        sources[test_data_name(name)] = (path, fmt if own else DataFormat(), cfg.test_split, "test")
     files = {}
     for name, (path, data_format, split, role) in sources.items():
         if path is None:
@@ -355,7 +359,8 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> di
             trust_remote_code=cfg.train.trust_remote_code,
             progress=cfg.progress,
         )
-        results[name] = eval_run(eval_cfg)
+        with progress.context(f"eval {name}"):
+            results[name] = eval_run(eval_cfg)
     return results
 
 
@@ -368,7 +373,10 @@ def split_dir(cfg: ExperimentConfig, features: str | None) -> SplitDir:
 def run_method(cfg: ExperimentConfig, files: dict) -> None:
     """The shared front of every arm: one profile, and one split per set of features the arms use."""
     arms = [arm_spec(cfg, name) for name in cfg.arms]
-    profile_run(dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"], progress=cfg.progress))
+    with progress.context("profile"):
+        profile_run(
+            dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"], progress=cfg.progress)
+        )
     for features in dict.fromkeys([cfg.features] + [a.features or cfg.features for a in arms]):
         out = split_dir(cfg, features)
         split_cfg = SplitConfig(
@@ -428,7 +436,8 @@ def run(cfg: ExperimentConfig) -> str:
     arms = [arm_spec(cfg, name) for name in cfg.arms]
     for arm in arms:
         for seed in cfg.seeds:
-            run_arm(cfg, arm, seed, files)
+            with progress.context(f"{arm.name} seed{seed}"):
+                run_arm(cfg, arm, seed, files)
     report = write_report(
         run_dir.root,
         [a.name for a in arms],

@@ -22,6 +22,7 @@ from torch import nn
 from datalever import checks
 from datalever.examples import DataFormat, Example, read_data
 from datalever.models import unwrap
+from datalever.progress import label as progress_label
 from datalever.tokens import (
     IGNORE,
     Encoded,
@@ -249,7 +250,7 @@ def score_encoded(
     # (its kernels are queued), and only then do we wait for batch i's results. A background thread
     # would buy no more overlap: the padding holds the GIL, which the thread launching the kernels needs.
     staged = _stage(rows_of(0), pad_id, device) if rounds else None
-    for i in tqdm(range(rounds), desc=desc, disable=not progress or rank != 0, leave=False):
+    for i in tqdm(range(rounds), desc=progress_label(desc), disable=not progress or rank != 0, leave=False):
         rows, tensors = staged
         on_the_way = _send_to_host(*scorer(**tensors))
         if i + 1 < rounds:

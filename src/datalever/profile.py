@@ -35,6 +35,7 @@ from datalever.examples import DataFormat, read_data
 from datalever.losses import score_encoded
 from datalever.models import load_tokenizer, model_config_summary, resolve_model
 from datalever.optim import OptimConfig
+from datalever.progress import label as progress_label
 from datalever.rundir import RunDir
 from datalever.tokens import Formatter, Truncation, check_chat_template
 from datalever.train import TrainConfig, total_steps
@@ -225,7 +226,7 @@ def run(cfg: ProfileConfig) -> dict:
             token_budget=cfg.token_budget,
             accelerator=accelerator,
             progress=cfg.progress,
-            desc=f"record step {step}",
+            desc=progress_label(f"record step {step}"),
         )
         if accelerator.is_main_process:
             wall_s = time.perf_counter() - t0
