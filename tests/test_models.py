@@ -73,3 +73,27 @@ def test_model_build_never_replaces_a_directory_it_did_not_make(tmp_path):
     with pytest.raises(ValueError, match="is not preset tiny \\(seed 2\\)"):
         models.build_preset("tiny", built, seed=2)  # another seed: refused, not silently reused
     assert models.build_preset("tiny", built, seed=1) == built  # the same preset and seed: found
+
+
+@pytest.mark.parametrize("spec,suggestion", [("qwen3-06b", "preset:qwen3-0.6b"), ("tiny-neo", "preset:tiny-neox")])
+def test_a_mistyped_name_is_answered_at_once_with_the_closest_preset(spec, suggestion):
+    with pytest.raises(FileNotFoundError, match=f"no model directory {spec}; did you mean {suggestion}"):
+        models.resolve_model(spec)
+
+
+def test_an_unreachable_hub_is_one_line_at_once(monkeypatch):
+    """Without the hub, a hub id not in the local cache once took a minute of retries and an 80-line traceback."""
+    import socket
+
+    import huggingface_hub
+
+    def unreachable(*_args, **_kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(
+        FileNotFoundError, match=r"model Org/not-cached: .*cannot be reached \(Network is unreachable\)"
+    ):
+        models.resolve_model("Org/not-cached")

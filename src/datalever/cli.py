@@ -203,12 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         config = _to_dataclass(config_cls, values)  # checks every option before any work starts
         _warn_if_busy()
         result = run(config)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         # Bad input or a refused run: the message names the file, line and problem; a traceback
         # would only bury it. DATALEVER_DEBUG=1 shows the traceback.
         if os.environ.get("DATALEVER_DEBUG"):
             raise
-        print(f"datalever {' '.join(path)}: error: {e}", file=sys.stderr)
+        print(f"datalever {' '.join(path)}: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     print(result if isinstance(result, str) else summary_line(path, config, result))
     _leave_process_group()

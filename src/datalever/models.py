@@ -245,9 +245,41 @@ def resolve_model(spec: str, *, seed: int = 0) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         return str(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"no model directory {spec} (a hub id is written ORG/NAME)")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise FileNotFoundError(f"no model directory {spec}{_did_you_mean(spec)} (a hub id is written ORG/NAME)")
+    check_hub_reachable(spec)
     return spec
+
+
+def _did_you_mean(spec: str) -> str:
+    """ "; did you mean preset:qwen3-0.6b?" for a spec close to a preset's name, else ""."""
+    import difflib
+
+    names = [PRESET_PREFIX + name for name in PRESETS] + [EMBEDDED_PREFIX + "demo-base"]
+    bare = {name.split(":", 1)[1]: name for name in names}
+    close = difflib.get_close_matches(spec.lower(), list(bare), n=1, cutoff=0.6)
+    return f"; did you mean {bare[close[0]]}?" if close else ""
+
+
+def check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:
+    """A hub model that is not in the local cache needs the hub: when it cannot be reached, say so in one line
+    now, not after a minute of retries and a long traceback."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if offline or isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached (or offline mode, where the loader's own error is immediate)
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        raise FileNotFoundError(
+            f"model {repo_id}: not a local directory, not in the Hugging Face cache, and {url.hostname} cannot be "
+            f"reached ({e.strerror or e}); download it where the hub is reachable and pass its directory"
+        ) from None
 
 
 def embedded_checkpoint(name: str) -> str:
