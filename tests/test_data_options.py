@@ -184,3 +184,16 @@ def test_progress_bars_say_what_they_belong_to():
         with progress.context("eval gsm8k"):
             assert progress.label("generate") == "hard seed1 eval gsm8k | generate"
     assert progress.label("generate") == "generate"
+
+
+def test_conversational_prompt_completion_is_a_conversation(tmp_path):
+    """TRL's conversational prompt/completion: the prompt's turns, then the completion's."""
+    path = tmp_path / "conv.jsonl"
+    record = {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}],
+        "completion": [{"role": "assistant", "content": "4"}],
+    }
+    path.write_text(json.dumps(record) + "\n")
+    (ex,) = load_examples(str(path))
+    assert ex.messages == (("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4"))
+    assert ex.prompt == "System: Be brief.\nUser: What is 2+2?\nAssistant:\n" and ex.response == "4"

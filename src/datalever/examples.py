@@ -776,6 +776,8 @@ def _to_example(
     def fail(msg: str) -> DataError:
         return DataError(f"{name}: {where}: {msg}")
 
+    if schema.name == "prompt_completion" and isinstance(rec.get(fields.get("prompt", "prompt")), list):
+        rec, schema, fields = _conversational_prompt_completion(rec, fields), SCHEMAS["messages"], {}
     roles = _read_roles(rec, schema, fields, fail)
     used = {fields.get(r, r) for r in schema.roles}
     meta = _meta(rec, used, roles.pop("meta", None), fail)
@@ -786,6 +788,14 @@ def _to_example(
     prompt = _render(rec, roles, schema, template, fail)
     ex_id = roles["id"] if schema.name == "datalever" else content_id(*(roles[r] for r in schema.id_parts))
     return Example(ex_id, prompt, roles[schema.response], roles.get("source"), meta, messages)
+
+
+def _conversational_prompt_completion(rec: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+    """TRL's conversational prompt/completion (each a list of turns) as one conversation in `messages`."""
+    prompt, completion = fields.get("prompt", "prompt"), fields.get("completion", "completion")
+    turns = list(rec[prompt]) + (rec[completion] if isinstance(rec.get(completion), list) else [rec.get(completion)])
+    rest = {k: v for k, v in rec.items() if k not in (prompt, completion)}
+    return {**rest, "messages": turns, "source": rec.get(fields.get("source", "source"))}
 
 
 def _messages(value: Any, fail) -> tuple[tuple[str, str], ...] | None:
