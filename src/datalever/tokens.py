@@ -28,7 +28,7 @@ class Encoded:
     id: str
     input_ids: list[int]
     n_prompt: int
-    n_response_full: int  # response tokens before truncation
+    n_response_full: int  # tokens after the prompt before truncation (a conversation's later user turns too)
     # [start, end) spans after the prompt that carry no loss: a conversation's later user turns
     masked: tuple[tuple[int, int], ...] = ()
 
@@ -51,8 +51,10 @@ class Encoded:
     @property
     def n_cut(self) -> int:
         """Response tokens the maximum length cut away (0: the example is whole; a prompt cut too counts only
-        its response)."""
-        return min(self.full_length - len(self.input_ids), self.n_response_full)
+        its response). Only tokens that carry loss count: a conversation's user turns cut with them do not."""
+        n = len(self.input_ids)
+        cut_masked = sum(end - max(start, n) for start, end in self.masked if end > n)
+        return min(self.full_length - n, self.n_response_full) - cut_masked
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ def chat_template_text(tokenizer, chat_template: str) -> str | None:
     if chat_template == "none":
         return None
     if chat_template == "auto":
-        return getattr(tokenizer, "chat_template", None) or None
+        template = getattr(tokenizer, "chat_template", None) or None
+        # A tokenizer with several named templates: the one apply_chat_template picks by default.
+        return tokenizer.get_chat_template() if isinstance(template, dict) else template
     return Path(chat_template).expanduser().read_text(encoding="utf-8")
 
 
@@ -189,9 +193,17 @@ class Formatter:
         if self.template is None:
             return []
         closing = self._chat_segments((("user", "x"), ("assistant", "y")))[-1][0]
-        tail = closing[closing.rindex("y") + 1 :].strip()
+        # After the content's first "y": the closing text may hold a "y" of its own (<|end_of_reply|>).
+        tail = closing[closing.index("y") + 1 :].strip()
         ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-        return ids[:1] if ids and ids[0] in set(self.tokenizer.all_special_ids) else []
+        return ids[:1] if ids and ids[0] in _special_ids(self.tokenizer) else []
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """The named special tokens and every added token marked special: a base model's tokenizer (Llama 3's) has its
+    chat tokens (<|eot_id|>) only among the added tokens, where all_special_ids does not look."""
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if token.special}
 
 
 def conversation(ex: Example) -> tuple[tuple[str, str], ...]:
