@@ -34,6 +34,7 @@ from datalever.rundir import ArmDir, RunDir, SplitDir
 from datalever.split import FEATURES, SplitConfig
 from datalever.split import run as split_run
 from datalever.synth import SPLITS, SynthConfig, run_synth
+from datalever.tokens import Formatter
 from datalever.train import TrainConfig, total_steps
 from datalever.train import run as train_run
 from datalever.upsample import ARMS as upsample_arms
@@ -143,6 +144,13 @@ class ExperimentConfig(DataFormat):
     """Prompts per generation batch."""
     eval_limit: int | None = None
     """Evaluate only the first N examples (quick checks)."""
+    curve_every: float = 1.0
+    """Learning curves: validation accuracy (greedy, the eval settings) every this many epochs of the training data
+    as given (the same optimizer steps in every arm, so arms are compared at equal steps), and at each arm's last
+    step; 0: none. Where validation accuracy is the best so far, the test sets are evaluated too (test accuracy
+    at the point chosen on validation). Needs val_file (the embedded data has one)."""
+    curve_limit: int | None = None
+    """Validation examples per curve point (the first N); default: all."""
     progress: bool = True
     """Show progress bars."""
     allow_overlap: bool = False
@@ -161,6 +169,8 @@ class ExperimentConfig(DataFormat):
         checks.positive("eval_max_new_tokens", self.eval_max_new_tokens)
         checks.positive("eval_batch_size", self.eval_batch_size)
         checks.positive("eval_limit", self.eval_limit, optional=True)
+        checks.non_negative("curve_every", self.curve_every)
+        checks.positive("curve_limit", self.curve_limit, optional=True)
         super().__post_init__()
         self._check_arms()
         self._check_seeds()
@@ -341,7 +351,12 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> di
     arm_dir = prepare_arm_data(cfg, arm, seed, files)
     names = benchmarks(cfg)
     if not all(arm_dir.eval_on(name).metrics.exists() for name in names):
-        train_run(arm_train_config(cfg, arm, seed, arm_dir, files))
+        tcfg = arm_train_config(cfg, arm, seed, arm_dir, files)
+        recorder = CurveRecorder.for_arm(cfg, tcfg, arm_dir, files)
+        if recorder is None:
+            train_run(tcfg)
+        else:
+            train_run(tcfg, on_step=recorder, checkpoint_steps=set(recorder.steps))
     results = {}
     for name in names:
         out = arm_dir.eval_on(name)
@@ -362,6 +377,85 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: dict) -> di
         with progress.context(f"eval {name}"):
             results[name] = eval_run(eval_cfg)
     return results
+
+
+class CurveRecorder:
+    """Validation accuracy along one arm's training (a `train.run` on_step hook), kept in the arm's curve.json.
+
+    Each point records the optimizer step, the epoch, the tokens and FLOPs spent so far and the accuracy; a point
+    whose validation accuracy is the best so far also records the test sets' accuracies (what the checkpoint chosen
+    on validation scores on test). A resumed run finds its earlier points in the file; points are computed on the
+    live model, and a checkpoint follows each, so a kill loses no point."""
+
+    def __init__(self, cfg: ExperimentConfig, tcfg: TrainConfig, arm_dir: ArmDir, files: dict, steps: list[int]):
+        self.cfg, self.tcfg, self.arm_dir, self.files, self.steps = cfg, tcfg, arm_dir, files, steps
+        self.points = (
+            {p["step"]: p for p in rundir.read_json(arm_dir.curve)["points"]} if arm_dir.curve.exists() else {}
+        )
+        self._formatter = None
+
+    @classmethod
+    def for_arm(cls, cfg: ExperimentConfig, tcfg: TrainConfig, arm_dir: ArmDir, files: dict) -> CurveRecorder | None:
+        if not cfg.curve_every or not files.get("validation"):
+            return None
+        epoch_len = sum(rundir.read_manifest(arm_dir.manifest).values())
+        n_train = len(load_examples(files["train"]))
+        return cls(cfg, tcfg, arm_dir, files, curve_steps(cfg, tcfg, n_train, epoch_len))
+
+    def __call__(self, step: int, record: dict, model, accelerator) -> None:
+        if step not in self.steps or step in self.points:
+            return
+        generator = accelerator.unwrap_model(model).model  # the HF (or peft) model under the loss wrapper
+        point = {
+            "step": step,
+            "epoch": record["epoch"],
+            "tokens": record["compute_tokens"],
+            "flops": record["compute_flops"],
+            "val_accuracy": self._accuracy(generator, accelerator, "validation", self.cfg.curve_limit),
+        }
+        best = max((p["val_accuracy"] for p in self.points.values()), default=-1.0)
+        if point["val_accuracy"] > best:  # the checkpoint chosen on validation so far: its test accuracy
+            point["test_accuracy"] = {
+                name: self._accuracy(generator, accelerator, name, self.cfg.eval_limit)
+                for name in test_sets(self.cfg) or ["test"]
+                if self.cfg.eval_split == "test"
+            }
+        self.points[step] = point
+        if accelerator.is_main_process:
+            rundir.write_json(self.arm_dir.curve, {"steps": self.steps, "points": sorted_points(self.points)})
+
+    def _accuracy(self, generator, accelerator, benchmark: str, limit: int | None) -> float:
+        from datalever.evaluate import evaluate_examples
+        from datalever.models import load_tokenizer, resolve_model
+
+        if self._formatter is None:
+            tokenizer = load_tokenizer(resolve_model(self.tcfg.model, seed=self.tcfg.seed))
+            self._formatter = Formatter(tokenizer, self.tcfg.chat_template)
+        examples = load_examples(eval_data(self.cfg, self.files, benchmark))[:limit]
+        with progress.context(f"curve {benchmark}"):
+            metrics, _ = evaluate_examples(
+                generator,
+                self._formatter.tokenizer,
+                examples,
+                max_new_tokens=self.cfg.eval_max_new_tokens,
+                batch_size=self.cfg.eval_batch_size,
+                accelerator=accelerator if accelerator.num_processes > 1 else None,
+                progress=self.cfg.progress,
+                formatter=self._formatter,
+            )
+        return metrics["accuracy"]
+
+
+def sorted_points(points: dict) -> list[dict]:
+    return [points[s] for s in sorted(points)]
+
+
+def curve_steps(cfg: ExperimentConfig, tcfg: TrainConfig, n_train: int, epoch_len: int) -> list[int]:
+    """Every `curve_every` epochs of the training data as given (n_train examples: one grid for all arms, so they
+    meet at equal steps), up to and including the arm's last step."""
+    last = total_steps(tcfg, epoch_len)
+    interval = max(1, round(cfg.curve_every * n_train / tcfg.batch_size))
+    return sorted({*range(interval, last + 1, interval), last})
 
 
 def split_dir(cfg: ExperimentConfig, features: str | None) -> SplitDir:

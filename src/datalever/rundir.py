@@ -223,6 +223,12 @@ class ArmDir(_Layout):
     def eval(self) -> EvalDir:
         return EvalDir(self.root / "eval")
 
+    @property
+    def curve(self) -> Path:
+        """The learning curve: validation accuracy at points along training (and test accuracy where the
+        validation accuracy was the best so far)."""
+        return self.root / "curve.json"
+
     def eval_on(self, benchmark: str) -> EvalDir:
         """The evaluation on one benchmark: eval/ for the test (or validation) split, eval-<name>/ for a named
         test set."""
