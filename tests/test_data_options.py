@@ -197,3 +197,32 @@ def test_conversational_prompt_completion_is_a_conversation(tmp_path):
     (ex,) = load_examples(str(path))
     assert ex.messages == (("system", "Be brief."), ("user", "What is 2+2?"), ("assistant", "4"))
     assert ex.prompt == "System: Be brief.\nUser: What is 2+2?\nAssistant:\n" and ex.response == "4"
+
+
+def test_a_question_copied_into_another_format_is_found_as_overlap():
+    """A GSM8K test question inside Alpaca-format training data: different ids, different rendered prompts."""
+    from datalever.examples import Example, find_overlap
+
+    question = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+    train = [Example("a", f"### Instruction:\n{question}\n\n### Response:\n", "7")]
+    test = [Example("b", f"Question: {question.upper()}\nAnswer:\n", "#### 7")]
+    (overlap,) = find_overlap({"train": train, "test": test})
+    assert (overlap.same_id, overlap.same_prompt) == (0, 1)
+    other = [Example("c", "Question: Something else entirely?\nAnswer:\n", "#### 1")]
+    assert find_overlap({"train": train, "test": other}) == []
+
+
+def test_test_templates_ask_a_test_set_as_the_training_data_was(tmp_path):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 2 plus 2?", "answer": "2+2=4\n#### 4"}) + "\n")
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"instruction": "What is 3 plus 3?", "output": "6"}) + "\n")
+    template = "### Instruction:\n{question}\n\n### Response:\n"
+    cfg = _experiment(tmp_path / "run", train_file=str(train), test_files={"gsm8k": str(gsm)},
+                      test_templates={"gsm8k": template})  # fmt: skip
+    files = experiment.data_files(cfg)
+    (ex,) = load_examples(files["test-gsm8k"])
+    assert ex.prompt == "### Instruction:\nWhat is 2 plus 2?\n\n### Response:\n"
+    with pytest.raises(ValueError, match=r"test_templates names \['math'\], which are not test sets"):
+        _experiment(tmp_path / "run", train_file=str(train), test_files={"gsm8k": str(gsm)},
+                    test_templates={"math": template})  # fmt: skip

@@ -11,6 +11,7 @@ import pytest
 
 from datalever import experiment, rundir
 from datalever.cli import read_config
+from datalever.examples import load_examples
 from datalever.models import PRESETS
 from datalever.rundir import RunDir
 from datalever.split import SplitConfig
@@ -188,6 +189,10 @@ def test_recipe_runs_end_to_end_on_tiny_stand_ins(name, tmp_path):
     header = run.results_md.read_text().split("\n| arm |")[1].splitlines()[0]
     assert all(f"{t} acc %" in header for t in tests), header
     assert set(results["arms"]) == set(recipe.arms)
+    # The test sets are asked in the training data's Alpaca format.
+    for t in tests:
+        prompts = [ex.prompt for ex in load_examples(str(run.data_file(f"test-{t}")))]
+        assert all(p.startswith("### Instruction:\n") and p.endswith("\n\n### Response:\n") for p in prompts), t
     for arm in recipe.arms:
         assert set(results["arms"][arm]["benchmarks"]) == set(tests)
         for seed in cfg.seeds:

@@ -991,8 +991,30 @@ class Overlap:
 
 
 def normalize_prompt(prompt: str) -> str:
-    """The prompt with case and whitespace folded: what a reworded copy usually keeps."""
-    return " ".join(prompt.casefold().split())
+    """The prompt's own text (out of a default template: the question, not "Question: ...\\nAnswer:") with case
+    and whitespace folded: what a copy keeps when it is reworded, respaced or asked in another format (a GSM8K
+    test question copied into Alpaca-format training data)."""
+    return " ".join(prompt_core(prompt).casefold().split())
+
+
+def _template_pattern(template: str) -> re.Pattern | None:
+    """A default template with one field as a regex capturing that field's text (None for "{prompt}")."""
+    parts = re.split(r"\{\w+\}", template)
+    if len(parts) != 2 or not (parts[0] or parts[1]):
+        return None
+    return re.compile(re.escape(parts[0]) + "(.*)" + re.escape(parts[1]), re.DOTALL)
+
+
+_CORE_PATTERNS = [p for p in map(_template_pattern, DEFAULT_TEMPLATES.values()) if p is not None]
+
+
+def prompt_core(prompt: str) -> str:
+    """The field a default template wrapped ("Question: X\\nAnswer:\\n" -> "X"), else the prompt as it is."""
+    for pattern in _CORE_PATTERNS:
+        match = pattern.fullmatch(prompt)
+        if match:
+            return match.group(1)
+    return prompt
 
 
 def find_overlap(named_sets: Mapping[str, Sequence[Example]], *, max_samples: int = 3) -> list[Overlap]:

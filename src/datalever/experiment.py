@@ -111,6 +111,10 @@ class ExperimentConfig(DataFormat):
     on each, and the report has a column per test set (the first decides the paired comparisons). Each file's schema
     is detected from its columns, except a test set from the training data's own source (another split of it),
     which is read with the data options as the training and validation data are."""
+    test_templates: dict[str, str] | None = None
+    """Prompt templates for test sets by name, so that a test set is asked as the training data was, e.g. for
+    MathInstruct training (Alpaca prompts): '{gsm8k: "### Instruction:\\n{question}\\n\\n### Response:\\n"}';
+    default: each test set's own format's template."""
     train_split: str | None = None
     """Split of train_file when it holds several (a DatasetDict, a hub dataset); default: train."""
     val_split: str | None = None
@@ -197,6 +201,11 @@ class ExperimentConfig(DataFormat):
         for name in self.test_files or {}:
             if not ARM_NAME.fullmatch(str(name)):
                 raise checks.ConfigError(f"test set name {name!r}: use letters, digits, '.', '_' and '-'")
+        unknown = sorted(set(self.test_templates or {}) - set(test_sets(self)))
+        if unknown:
+            raise checks.ConfigError(
+                f"test_templates names {unknown}, which are not test sets ({list(test_sets(self))})"
+            )
         if self.train_file is None:
             if self.val_file or self.test_file or self.test_files:
                 raise checks.ConfigError("val_file/test_file without train_file: give train_file too")
@@ -270,7 +279,11 @@ def import_data(cfg: ExperimentConfig, run_dir: RunDir) -> dict[str, str]:
         # A test set from the training data's own source (another split of it) is read with the same options;
         # another is detected from its columns (GSM8K, MATH, ...), whatever the training data's format.
         own = path in (cfg.train_file, cfg.val_file)
-        sources[test_data_name(name)] = (path, fmt if own else DataFormat(), cfg.test_split, "test")
+        template = (cfg.test_templates or {}).get(name)
+        test_format = fmt if own else DataFormat()
+        if template is not None:
+            test_format = dataclasses.replace(test_format, template=template)
+        sources[test_data_name(name)] = (path, test_format, cfg.test_split, "test")
     files = {}
     for name, (path, data_format, split, role) in sources.items():
         if path is None:
