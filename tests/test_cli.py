@@ -121,9 +121,10 @@ def test_every_stage_says_what_it_did_and_where_in_one_line(tmp_path, capsys):
     assert line == f"24 examples, losses recorded at steps [2, 3]; {run / 'trajectories.parquet'}"
     line = last_line("split", "--run_dir", str(run))
     summary = json.loads((run / "split_summary.json").read_text())
+    warnings = "".join(f"; warning: {w}" for w in summary["audit_warnings"])
     assert (
         line == f"{summary['n_hard']} hard and {summary['n_easy']} easy examples (0 flagged, left out); "
-        f"{run / 'split.parquet'}"
+        f"{run / 'split.parquet'}, audit: {run / 'split_audit.json'}{warnings}"
     )
     line = last_line("upsample", "--run_dir", str(run), "--arm", "hard")
     assert line.startswith(f"arm hard: {24 + summary['n_hard']} training rows (24 distinct, {summary['n_hard']} extra")

@@ -235,9 +235,10 @@ def summary_line(path: tuple[str, ...], config, result: dict) -> str:
         return f"{result['n_examples']} examples, losses recorded at steps {result['steps']}; {store}"
     if command == "split":
         where = SplitDir(config.out) if config.out else RunDir(config.run_dir).split()
+        warnings = "".join(f"; warning: {w}" for w in result.get("audit_warnings", []))
         return (
             f"{result['n_hard']} hard and {result['n_easy']} easy examples "
-            f"({result['n_flagged_excluded']} flagged, left out); {where.split}"
+            f"({result['n_flagged_excluded']} flagged, left out); {where.split}, audit: {where.audit}{warnings}"
         )
     if command == "upsample":
         where = config.out or RunDir(config.run_dir).arm(config.arm).root

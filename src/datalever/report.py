@@ -1,6 +1,7 @@
 """The experiment's report: accuracy per arm with 95% confidence intervals over seeds, accuracy by
-difficulty, relative gain over base, compute spent (the proxy's share included), and paired
-comparisons of `hard` against each control over the same seeds."""
+difficulty, relative gain over base, compute spent (the proxy's share included), paired
+comparisons of `hard` against each control over the same seeds, and each split's audit (what the hard
+cluster tracks: difficulty, or length and token composition)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Sequence
 
-from datalever import rundir
+from datalever import audit, rundir
 from datalever.rundir import RunDir
 from datalever.stats import t_interval
 from datalever.synth import LEVELS
@@ -43,6 +44,15 @@ def proxy_compute(run_dir: RunDir) -> dict:
     if meta_path.exists():
         out["record_wall_s"] = sum(rundir.read_json(meta_path).get("record_wall_s", {}).values())
     return out
+
+
+def split_audits(run_dir: RunDir) -> dict[str, dict]:
+    """The audit of every split the experiment made, by where it lives ("split": the run directory's own,
+    "splits/<features>": the others), for splits that wrote one."""
+    found = {"split": run_dir.split().audit}
+    for d in sorted(p for p in (run_dir.root / "splits").glob("*") if p.is_dir()):
+        found[f"splits/{d.name}"] = run_dir.split(d.name).audit
+    return {name: rundir.read_json(path) for name, path in found.items() if path.exists()}
 
 
 def summarize_arm(rows: dict, arm: str, seeds: list[int]) -> dict:
@@ -138,6 +148,9 @@ def markdown(results: dict) -> str:
             lines.append(f"- {name}: {_paired_text(d)}")
             for b in others:
                 lines.append(f"  - on {b}: {_paired_text(results['paired_by_benchmark'][b][name])}")
+    for name, found in (results.get("split_audits") or {}).items():
+        title = "Split audit" if name == "split" else f"Split audit ({name})"
+        lines += ["", *audit.markdown_lines(found, title)]
     lines += _data_check_lines(results.get("data_checks") or {})
     return "\n".join(lines)
 
@@ -274,6 +287,7 @@ def write_report(
         "arms": summaries,
         "paired": comparisons,
         "proxy_compute": proxy_compute(run_dir),
+        "split_audits": split_audits(run_dir),
         "data_checks": data_checks or {},
     }
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]

@@ -179,6 +179,11 @@ class SplitDir(_Layout):
         return self.root / "split_summary.json"
 
     @property
+    def audit(self) -> Path:
+        """What hard membership tracks: AUROCs against length, composition and difficulty columns (audit.py)."""
+        return self.root / "split_audit.json"
+
+    @property
     def config(self) -> Path:
         return self.root / "split.config.yaml"
 
@@ -285,12 +290,26 @@ class RunDir(_Layout):
     def plot(self, name: str) -> Path:
         return self.root / f"results_{name}.png"
 
+    def sweep_point(self, name: str) -> Path:
+        """sweep/<axis>=<value>,...: the run directory of one point of a sweep."""
+        return self.root / "sweep" / name
+
+    @property
+    def sweep_md(self) -> Path:
+        return self.root / "sweep_results.md"
+
+    @property
+    def sweep_json(self) -> Path:
+        return self.root / "sweep_results.json"
+
     def experiment_outputs(self) -> list[Path]:
         """What an experiment's stages wrote here (existing paths only): everything `--overwrite` removes.
         data/ counts only when `data synth` made it or the experiment read the given data into it (its
         synth.config.yaml or import.config.yaml is there): data of the user's own is never removed."""
         named = [self.trajectories, self.trajectories_meta, self.proxy.root, self.root / "splits", self.root / "arms"]
+        named += [self.root / "sweep", self.sweep_md, self.sweep_json]
         named += [self.split().split, self.split().summary, self.split().trajectories_plot, self.split().datamap_plot]
+        named += [self.split().audit]
         named += [self.results_json, self.results_md, *self.root.glob("results_*.png")]
         named += [p for stage in ("experiment", "profile", "split") for p in provenance_files(self.root, stage)]
         if any(provenance_files(self.data, stage)[0].exists() for stage in ("synth", "import")):

@@ -22,11 +22,22 @@ Features (what k-means sees; the choice is ``SplitConfig.features``):
 - ``relative``: the step-to-step ratios, ``x_i = (loss[i,1]/loss[i,0], ..., loss[i,K-1]/loss[i,K-2])``
   (K-1 values; needs K >= 2 and strictly positive losses). It describes the *shape* of the curve
   (how fast the loss falls), not its level.
+- ``residual``: each checkpoint's loss minus a per-token-kind baseline, ``x_i[t] = loss[i,t] - c_i . b_t``, where
+  ``c_i`` is example i's composition (``audit.composition_covariates``: its response's fractions of digit, letter
+  and symbol characters) and ``b_t`` the per-kind losses, fitted by least squares on ``loss[:,t]`` over the
+  clustered examples (one fit for all sources). A mean loss that mixes per-kind losses is linear in the kind
+  fractions, so the residual is how far the example's loss is above or below what its composition predicts
+  (K values; needs the training examples).
 
-Features are clustered as they are (no rescaling). Whatever the feature, the "hard" cluster is the
-one whose members have the highest mean loss over their raw trajectories (mean over all members and
-all checkpoints). Cluster labels are then renumbered by that mean, so cluster 0 is the easiest and
-cluster k-1 the hardest: with stratification, label j means "the j-th easiest within its source".
+The mean per-token loss rewards text the proxy cannot model (an example with more prose than digits has a higher
+loss at every step, whatever its difficulty): ``split_audit.json`` measures how much of the split that explains,
+and ``residual`` removes the level that the mix of token kinds sets.
+
+Features are clustered as they are (no rescaling). The "hard" cluster is the one whose members have the highest
+mean of a hardness value: for ``trajectory``, ``final`` and ``relative`` the raw loss (mean over all members and
+all checkpoints); for ``residual`` the residual (hard = more loss than the composition predicts; ranking it by raw
+loss would bring the composition back). Cluster labels are then renumbered by that mean, so cluster 0 is the
+easiest and cluster k-1 the hardest: with stratification, label j means "the j-th easiest within its source".
 
 Stratification (``stratify=True``) clusters each source separately. A source with fewer than
 ``max(min_source_size, k)`` usable examples is not clustered: all of it is labelled hard (so it is
@@ -39,13 +50,16 @@ never replaced by a number; a NaN in an unflagged row is an error.
 
 Outputs in the run directory: ``split.parquet`` (one row per input row: id, source, flag, cluster,
 hard, assigned, mean_loss, loss_drop, then the feature columns ``feat_*``), ``split_summary.json``,
-``split_trajectories.png`` (mean ± std trajectory per cluster) and ``split_datamap.png`` (mean loss
-against loss drop = first - last loss, coloured by cluster).
+``split_audit.json`` (``audit.audit_split``: AUROC with 95% CI of hard membership against length, composition,
+truncation and the difficulty columns; the proxy's per-token loss against an untrained model's; warnings, also
+in the summary's ``audit_warnings``), ``split_trajectories.png`` (mean ± std trajectory per cluster) and
+``split_datamap.png`` (mean loss against loss drop = first - last loss, coloured by cluster).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import types
 from dataclasses import dataclass
@@ -55,11 +69,13 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from datalever import checks, rundir
+from datalever import audit, checks, rundir
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE
 
-FEATURES = ("trajectory", "final", "relative")
+FEATURES = ("trajectory", "final", "relative", "residual")
 LOSS_COLUMN = re.compile(r"^loss_step(\d{6})$")
+
+log = logging.getLogger(__name__)
 
 
 class SplitError(ValueError):
@@ -71,10 +87,11 @@ class SplitConfig:
     run_dir: str = "runs/demo"
     """Run directory: reads trajectories.parquet (+ .meta.json), writes split.parquet, split_summary.json and plots."""
     features: str = "trajectory"
-    """What k-means clusters: 'trajectory' (raw losses per checkpoint), 'final' (last loss only) or 'relative' (ratios
-    loss[t+1]/loss[t])."""
+    """What k-means clusters: 'trajectory' (raw losses per checkpoint), 'final' (last loss only), 'relative' (ratios
+    loss[t+1]/loss[t]) or 'residual' (losses minus a per-token-kind baseline fitted on the examples' mix of digit,
+    letter and symbol characters; hard = the most loss above the baseline)."""
     k: int = 2
-    """Number of k-means clusters; the one with the highest mean loss is 'hard'."""
+    """Number of k-means clusters; the one with the highest mean loss (with 'residual': residual) is 'hard'."""
     seed: int = 0
     """Seed of k-means (scikit-learn KMeans, n_init=10)."""
     stratify: bool = False
@@ -258,8 +275,9 @@ def steps_from_names(loss_cols: Sequence[str]) -> list[int]:
 # Features and clustering (pure)
 
 
-def compute_features(losses: np.ndarray, features: str) -> np.ndarray:
-    """The feature matrix for `losses` [n, K] (see the module docstring). NaN rows stay NaN."""
+def compute_features(losses: np.ndarray, features: str, covariates: np.ndarray | None = None) -> np.ndarray:
+    """The feature matrix for `losses` [n, K] (see the module docstring). NaN rows stay NaN. `covariates` [n, c]:
+    the composition the 'residual' baseline is fitted on (only that feature uses them)."""
     losses = np.asarray(losses, dtype=np.float64)
     if losses.ndim != 2:
         raise SplitError(f"losses must be 2-D [n, K], got shape {losses.shape}")
@@ -273,7 +291,32 @@ def compute_features(losses: np.ndarray, features: str) -> np.ndarray:
         prev = losses[:, :-1]
         with np.errstate(divide="ignore", invalid="ignore"):
             return losses[:, 1:] / prev
+    if features == "residual":
+        return composition_residuals(losses, covariates)
     raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+
+
+def composition_residuals(losses: np.ndarray, covariates: np.ndarray | None) -> np.ndarray:
+    """Each checkpoint's loss minus its least-squares fit on the covariates, fitted over the rows where both are
+    finite (the others stay NaN). No intercept is added: the kind fractions sum to 1 and play its part."""
+    if covariates is None:
+        raise SplitError("features='residual' needs the examples' composition (a train_file with the examples)")
+    c = np.asarray(covariates, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != losses.shape[0]:
+        raise SplitError(f"covariates {c.shape} do not match losses {losses.shape}")
+    ok = np.isfinite(losses).all(axis=1) & np.isfinite(c).all(axis=1)
+    out = np.full(losses.shape, np.nan)
+    if ok.sum() <= c.shape[1]:
+        raise SplitError(f"features='residual': {int(ok.sum())} scored example(s) cannot fit {c.shape[1]} covariates")
+    beta, *_ = np.linalg.lstsq(c[ok], losses[ok], rcond=None)  # one fit per checkpoint (column of losses)
+    out[ok] = losses[ok] - c[ok] @ beta
+    return out
+
+
+def hardness(losses: np.ndarray, feats: np.ndarray, features: str) -> np.ndarray:
+    """What ranks the clusters (highest cluster mean = hardest): the raw losses, except for 'residual' (the loss
+    above what the composition predicts)."""
+    return feats if features == "residual" else losses
 
 
 def feature_names(features: str, steps: Sequence[int]) -> list[str]:
@@ -284,11 +327,14 @@ def feature_names(features: str, steps: Sequence[int]) -> list[str]:
         return [f"feat_loss_step{steps[-1]:06d}"]
     if features == "relative":
         return [f"feat_ratio_step{b:06d}_{a:06d}" for a, b in zip(steps, steps[1:])]
+    if features == "residual":
+        return [f"feat_residual_step{s:06d}" for s in steps]
     raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
 
 
 def _kmeans_ranked(x: np.ndarray, raw: np.ndarray, k: int, seed: int, what: str) -> np.ndarray:
-    """k-means labels for rows of `x`, renumbered so label order = order of mean raw loss (k-1 = hardest)."""
+    """k-means labels for rows of `x`, renumbered so label order = order of the cluster's mean of `raw` (its
+    hardness values; k-1 = hardest)."""
     from sklearn.cluster import KMeans
 
     n = x.shape[0]
@@ -322,13 +368,14 @@ def split_trajectories(
     min_source_size: int = 10,
     flags: Sequence[str] | None = None,
     steps: Sequence[int] | None = None,
+    covariates: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Cluster the trajectories; the core of the split stage, pure.
 
     Returns a frame with one row per input row, in input order: ``id, source, flag, cluster, hard,
     assigned, mean_loss, loss_drop`` and the feature columns. Rows with a non-empty flag are excluded
     from clustering. Without `flags`, every row must be NaN-free. `steps` only names the feature
-    columns (default 0..K-1).
+    columns (default 0..K-1). `covariates` [n, c]: each row's composition, for features='residual'.
     """
     losses = np.asarray(losses, dtype=np.float64)
     n = len(ids)
@@ -349,7 +396,8 @@ def split_trajectories(
     if len(steps) != losses.shape[1]:
         raise SplitError(f"{len(steps)} steps for {losses.shape[1]} loss columns")
 
-    feats = compute_features(losses, features)
+    usable_rows = np.array([not f for f in flags])
+    feats = compute_features(losses, features, _masked(covariates, usable_rows))
     fnames = feature_names(features, steps)
     frame = pd.DataFrame(
         {
@@ -364,6 +412,9 @@ def split_trajectories(
     input_order = frame.index.copy()
     raw_cols = [f"_raw{t}" for t in range(losses.shape[1])]
     frame[raw_cols] = losses  # positional assignment once, while the frame is still in input order
+    rank = hardness(losses, feats, features)
+    rank_cols = [f"_rank{t}" for t in range(rank.shape[1])]
+    frame[rank_cols] = rank
     frame[fnames] = feats
     frame["mean_loss"] = losses.mean(axis=1)  # NaN stays NaN for flagged rows
     frame["loss_drop"] = losses[:, 0] - losses[:, -1]
@@ -398,7 +449,7 @@ def split_trajectories(
             continue
         sub = frame.loc[member_ids]
         assert list(sub.index) == list(member_ids)
-        labels = _kmeans_ranked(sub[fnames].to_numpy(), sub[raw_cols].to_numpy(), k, seed, what)
+        labels = _kmeans_ranked(sub[fnames].to_numpy(), sub[rank_cols].to_numpy(), k, seed, what)
         result = pd.Series(labels, index=member_ids)  # labels keyed by id: no positions leave this block
         frame.loc[member_ids, "cluster"] = result
         frame.loc[member_ids, "hard"] = result == k - 1
@@ -406,10 +457,21 @@ def split_trajectories(
         assert (frame.loc[member_ids, "cluster"].to_numpy() == result.loc[member_ids].to_numpy()).all()
 
     assert frame.index.equals(input_order)
-    out = frame.drop(columns=raw_cols).reset_index(drop=True)
+    out = frame.drop(columns=raw_cols + rank_cols).reset_index(drop=True)
     out["cluster"] = out["cluster"].astype("int64")
     out["hard"] = out["hard"].astype(bool)
     return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *fnames]]
+
+
+def _masked(covariates: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    """The covariates with the rows that are not clustered (flagged) set to NaN, so the baseline is fitted on the
+    clustered rows only."""
+    if covariates is None:
+        return None
+    c = np.array(covariates, dtype=np.float64)
+    if c.ndim == 2 and c.shape[0] == len(rows):
+        c[~rows] = np.nan
+    return c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,6 +712,9 @@ def run(cfg: SplitConfig) -> dict:
     metas = None if examples is None else {ex.id: dict(ex.meta or {}) for ex in examples}
 
     steps = meta["steps"]
+    covariates = None
+    if cfg.features == "residual" and examples is not None:
+        covariates = audit.composition_covariates(examples, ids)
     df = split_trajectories(
         ids,
         sources,
@@ -661,6 +726,7 @@ def run(cfg: SplitConfig) -> dict:
         min_source_size=cfg.min_source_size,
         flags=flags,
         steps=steps,
+        covariates=covariates,
     )
     losses_by_id = pd.DataFrame(losses, index=pd.Index(ids, name="id"))
 
@@ -677,6 +743,10 @@ def run(cfg: SplitConfig) -> dict:
     )
     summary["truncation"] = meta.get("truncation")  # the profile's count of examples cut by max_length
     summary["trajectories"] = str(cfg.trajectories or run_dir.trajectories)
+    split_audit = audit_of(cfg, run_dir, df, examples, ids, losses, meta)
+    summary["audit_warnings"] = split_audit["warnings"]
+    for warning in split_audit["warnings"]:
+        log.warning("split: %s", warning)
     table = pa.Table.from_pandas(df, preserve_index=False)
     out.root.mkdir(parents=True, exist_ok=True)
     rundir.record_provenance(
@@ -690,5 +760,24 @@ def run(cfg: SplitConfig) -> dict:
     xlabel = "checkpoint (from the loss column names)" if cfg.trajectories else "proxy training step"
     plot_split(df, losses_by_id, steps, out, xlabel=xlabel)
     rundir.write_parquet(out.split, table)
+    rundir.write_json(out.audit, split_audit)
     rundir.write_json(out.summary, summary)  # last: its presence marks a finished split
     return summary
+
+
+def audit_of(cfg: SplitConfig, run_dir: rundir.RunDir, df: pd.DataFrame, examples, ids, losses, meta) -> dict:
+    """The split's audit (see datalever.audit): the trajectory file's token counts, and for a profile store the
+    proxy's per-token loss against an untrained model's (another tool's file says nothing of its model)."""
+    store = Path(cfg.trajectories) if cfg.trajectories else run_dir.trajectories
+    counts = audit.store_counts(store)
+    proxy = None
+    if not cfg.trajectories:
+        facts = audit.proxy_facts(meta, run_dir.proxy.root)
+        n_tokens = counts["n_tokens"].reindex(ids).to_numpy() if "n_tokens" in counts else None
+        unigram = None
+        if examples is not None and facts["tokenizer_json"] is not None:
+            unigram = audit.unigram_loss((ex.response for ex in examples), facts["tokenizer_json"])
+        proxy = audit.proxy_language(
+            audit.per_token_loss(losses, n_tokens), meta["steps"], facts["vocab_size"], facts["initial_loss"], unigram
+        )
+    return audit.audit_split(df, examples, counts, proxy)
