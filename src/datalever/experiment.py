@@ -59,8 +59,8 @@ class ArmConfig:
     synth_fn: str | None = None
     """Add synthesized variants of the selected examples, e.g. datalever.synth:variants."""
     features: str | None = None
-    """Split features for this arm: trajectory | final | relative; None: the experiment's. The same profile is split
-    again under splits/<features>/."""
+    """Split features for this arm: trajectory | final | relative | residual; None: the experiment's. The same
+    profile is split again under splits/<features>/."""
 
     def __post_init__(self) -> None:
         # The name becomes a directory under arms/: one plain path component, never a way out of the run.
@@ -126,7 +126,8 @@ class ExperimentConfig(DataFormat):
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """Proxy settings (its run_dir and train_file are set by the experiment)."""
     features: str = "trajectory"
-    """Split features: trajectory | final | relative."""
+    """Split features: trajectory | final | relative | residual (the loss left after a fit on each response's mix of
+    digits, letters and symbols: what the proxy finds hard beyond the composition of the text)."""
     stratify: bool = False
     """Cluster within each data source."""
     m: int = 1
@@ -155,6 +156,11 @@ class ExperimentConfig(DataFormat):
     at the point chosen on validation). Needs val_file (the embedded data has one)."""
     curve_limit: int | None = None
     """Validation examples per curve point (the first N); default: all."""
+    sweep: dict[str, list[float]] | None = None
+    """Sweep points in one config: lists for epochs, m, fraction (the proxy's share of an epoch) and checkpoints
+    (K), e.g. '{m: [1, 2, 4, 9]}' (the paper's 2x, 3x, 5x, 10x); every combination runs as an experiment of its own
+    under RUN/sweep/<axis>=<value>,.../ and one report compares them (a table per point, and accuracy against
+    compute: the frontier)."""
     progress: bool = True
     """Show progress bars."""
     allow_overlap: bool = False
@@ -176,6 +182,7 @@ class ExperimentConfig(DataFormat):
         checks.non_negative("curve_every", self.curve_every)
         checks.positive("curve_limit", self.curve_limit, optional=True)
         super().__post_init__()
+        self._check_sweep()
         self._check_arms()
         self._check_seeds()
         self._check_files()
@@ -190,6 +197,17 @@ class ExperimentConfig(DataFormat):
             arm = arm_spec(self, name)
             if arm.match_steps_of is not None:
                 arm_spec(self, arm.match_steps_of)
+
+    def _check_sweep(self) -> None:
+        for axis, values in (self.sweep or {}).items():
+            checks.one_of("sweep axis", axis, SWEEP_AXES)
+            if not isinstance(values, list) or not values or len(set(values)) != len(values):
+                raise checks.ConfigError(f"sweep.{axis} must list distinct values, got {values!r}")
+            for value in values:
+                if axis in ("m", "checkpoints") and (isinstance(value, bool) or int(value) != value):
+                    raise checks.ConfigError(f"sweep.{axis} takes whole numbers, got {value!r}")
+        for point in sweep_points(self):  # each point is checked as a config of its own, before any work
+            sweep_config(self, point)
 
     def _check_seeds(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -532,7 +550,55 @@ def check_splits_apart(cfg: ExperimentConfig, files: dict) -> dict:
     return {"splits": list(named), "overlaps": [o.to_dict() for o in overlaps]}
 
 
+# What a sweep may vary: axis -> (the nested config holding it, or None for the experiment's own, field name).
+SWEEP_AXES = {"epochs": ("train", "epochs"), "m": (None, "m"), "fraction": ("profile", "fraction"),
+              "checkpoints": ("profile", "checkpoints")}  # fmt: skip
+
+
+def sweep_points(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """Every combination of the sweep's values, in the order given (axes as listed)."""
+    import itertools
+
+    if not cfg.sweep:
+        return []
+    axes = list(cfg.sweep)
+    return [dict(zip(axes, values)) for values in itertools.product(*(cfg.sweep[a] for a in axes))]
+
+
+def point_name(point: dict[str, float]) -> str:
+    """m=2,epochs=3: a sweep point's directory under RUN/sweep/."""
+    return ",".join(f"{axis}={value:g}" for axis, value in point.items())
+
+
+def sweep_config(cfg: ExperimentConfig, point: dict[str, float]) -> ExperimentConfig:
+    """The experiment of one sweep point: the same settings with the point's values, in its own run directory."""
+    sub = copy.deepcopy(cfg)
+    for axis, value in point.items():
+        holder_name, name = SWEEP_AXES[axis]
+        holder = sub if holder_name is None else getattr(sub, holder_name)
+        setattr(holder, name, int(value) if axis in ("m", "checkpoints") else float(value))
+    changes = {"run_dir": str(RunDir(cfg.run_dir).sweep_point(point_name(point))), "sweep": None}
+    return dataclasses.replace(sub, **changes)  # checked again as it is built
+
+
+def run_sweep(cfg: ExperimentConfig) -> str:
+    """Each sweep point as an experiment of its own, then one report over all of them."""
+    from datalever.report import write_sweep_report
+
+    run_dir = RunDir(cfg.run_dir)
+    check_same_settings(cfg)
+    rundir.record_provenance(run_dir.root, "experiment", cfg)
+    names = []
+    for point in sweep_points(cfg):
+        with progress.context(point_name(point)):
+            run(sweep_config(cfg, point))
+        names.append(point_name(point))
+    return write_sweep_report(run_dir.root, names)
+
+
 def run(cfg: ExperimentConfig) -> str:
+    if cfg.sweep:
+        return run_sweep(cfg)
     run_dir = RunDir(cfg.run_dir)
     check_same_settings(cfg)
     rundir.record_provenance(run_dir.root, "experiment", cfg)
@@ -553,6 +619,7 @@ def run(cfg: ExperimentConfig) -> str:
         eval_split=cfg.eval_split,
         benchmarks=benchmarks(cfg),
         data_checks={"overlap": overlap},
+        split_arms=[a.name for a in arms if a.data != "base"],
     )
     return (
         report["markdown"] + f"\n\nresults: {run_dir.results_md} (plots: {run_dir.plot('*')}); "

@@ -39,11 +39,150 @@ def proxy_compute(run_dir: RunDir) -> dict:
     """What profiling cost: the proxy's training plus the recording passes."""
     summary_path, meta_path = run_dir.proxy.summary, run_dir.trajectories_meta
     out = {}
+    n_params = 0
     if summary_path.exists():
-        out.update(rundir.read_json(summary_path)["compute"])
+        summary = rundir.read_json(summary_path)
+        out.update(summary["compute"])
+        n_params = summary.get("n_params", 0)
     if meta_path.exists():
-        out["record_wall_s"] = sum(rundir.read_json(meta_path).get("record_wall_s", {}).values())
+        meta = rundir.read_json(meta_path)
+        out["record_wall_s"] = sum(meta.get("record_wall_s", {}).values())
+        # Each recorded step is one forward over the examples: ~2 * params * tokens.
+        out["record_flops"] = 2.0 * n_params * (meta.get("record_tokens") or 0) * len(meta.get("steps", []))
+    out["total_flops"] = out.get("flops", 0.0) + out.get("record_flops", 0.0)
     return out
+
+
+# ----------------------------------------------------------------------------- learning curves
+
+
+def read_curves(run_dir: RunDir, arms: list[str], seeds: list[int]) -> dict[str, dict[int, list[dict]]]:
+    """Each arm's curve points by seed (arms or seeds without curve.json are left out)."""
+    curves: dict[str, dict[int, list[dict]]] = {}
+    for arm in arms:
+        for seed in seeds:
+            path = run_dir.seed_dir(arm, seed).curve
+            if path.exists():
+                curves.setdefault(arm, {})[seed] = rundir.read_json(path)["points"]
+    return curves
+
+
+def summarize_curve(by_seed: dict[int, list[dict]], proxy_flops: float) -> dict:
+    """Validation accuracy per step (mean, 95% CI over the seeds that reached it), FLOPs with the proxy's share, and
+    test accuracy at the point each seed's validation accuracy chose (its best, the earliest on a tie)."""
+    steps = sorted({p["step"] for points in by_seed.values() for p in points})
+    table = []
+    for step in steps:
+        at = [p for points in by_seed.values() for p in points if p["step"] == step]
+        m, ci = t_interval([p["val_accuracy"] for p in at])
+        flops = mean(p["flops"] for p in at) + proxy_flops
+        table.append({"step": step, "val_mean": m, "val_ci95": ci, "n_seeds": len(at), "flops": flops,
+                      "tokens": mean(p["tokens"] for p in at), "epoch": mean(p["epoch"] for p in at)})  # fmt: skip
+    chosen = {}
+    for seed, points in by_seed.items():
+        best = max(points, key=lambda p: (p["val_accuracy"], -p["step"]))
+        chosen[str(seed)] = {
+            "step": best["step"],
+            "val_accuracy": best["val_accuracy"],
+            "test": best.get("test_accuracy"),
+        }
+    return {"points": table, "chosen": chosen, "proxy_flops": proxy_flops}
+
+
+def chosen_test_accuracy(curve: dict) -> dict[str, dict]:
+    """Per test set: test accuracy at the checkpoint chosen on validation, mean and 95% CI over seeds."""
+    names = {n for c in curve["chosen"].values() for n in (c["test"] or {})}
+    out = {}
+    for name in sorted(names):
+        accs = [c["test"][name] for c in curve["chosen"].values() if c["test"] and name in c["test"]]
+        m, ci = t_interval(accs)
+        out[name] = {"mean": m, "ci95": ci, "n_seeds": len(accs)}
+    return out
+
+
+def paired_at_equal_steps(curves: dict, a: str, b: str, seeds: list[int]) -> list[dict]:
+    """a - b in validation accuracy, seed by seed, at every step both reached in every seed."""
+
+    def by_step(arm: str, seed: int) -> dict[int, float]:
+        return {p["step"]: p["val_accuracy"] for p in curves[arm].get(seed, [])}
+
+    both = [s for s in seeds if s in curves.get(a, {}) and s in curves.get(b, {})]
+    if not both:
+        return []
+    common = set.intersection(*(set(by_step(a, s)) & set(by_step(b, s)) for s in both))
+    out = []
+    for step in sorted(common):
+        diffs = [by_step(a, s)[step] - by_step(b, s)[step] for s in both]
+        m, ci = t_interval(diffs)
+        out.append({"step": step, "mean_diff": m, "ci95": ci, "n_seeds": len(both)})
+    return out
+
+
+def curve_results(run_dir: RunDir, arms: list[str], seeds: list[int], split_arms: Sequence[str], pairs) -> dict:
+    curves = read_curves(run_dir, arms, seeds)
+    if not curves:
+        return {}
+    proxy = proxy_compute(run_dir).get("total_flops", 0.0)
+    summaries = {arm: summarize_curve(by_seed, proxy if arm in split_arms else 0.0) for arm, by_seed in curves.items()}
+    for s in summaries.values():
+        s["chosen_test"] = chosen_test_accuracy(s)
+    equal_steps = {f"{a} - {b}": paired_at_equal_steps(curves, a, b, seeds) for a, b in pairs}
+    return {"arms": summaries, "paired_at_equal_steps": {k: v for k, v in equal_steps.items() if v}}
+
+
+def curve_lines(curves: dict) -> list[str]:
+    if not curves:
+        return []
+    arms = curves["arms"]
+    lines = ["", "Learning curves: validation accuracy % (mean ± 95% CI over seeds) at each optimizer step:", ""]
+    steps = sorted({p["step"] for a in arms.values() for p in a["points"]})
+    lines += ["| step | " + " | ".join(arms) + " |", "|" + "---|" * (len(arms) + 1)]
+    for step in steps:
+        cells = []
+        for a in arms.values():
+            p = next((p for p in a["points"] if p["step"] == step), None)
+            cells.append("" if p is None else f"{_pct(p['val_mean'])} ± {_pct(p['val_ci95'])}")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    lines += ["", "Test accuracy % at the checkpoint chosen on validation (its best point), per test set:", ""]
+    for name, a in arms.items():
+        chosen = "; ".join(f"{t} {_pct(v['mean'])} ± {_pct(v['ci95'])}" for t, v in a["chosen_test"].items())
+        at = ", ".join(str(c["step"]) for c in a["chosen"].values())
+        lines.append(f"- {name}: {chosen or 'n/a'} (chosen steps {at})")
+    if curves["paired_at_equal_steps"]:
+        lines += ["", "At equal optimizer steps (validation accuracy points, mean ± 95% CI):", ""]
+        for name, diffs in curves["paired_at_equal_steps"].items():
+            cells = ", ".join(f"step {d['step']}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])}" for d in diffs)
+            lines.append(f"- {name}: {cells}")
+    return lines
+
+
+def plot_curves(curves: dict, run_dir: RunDir) -> list[str]:
+    """Validation accuracy against optimizer steps and against FLOPs (the proxy's share included), 95% bands."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    axes = (("step", "optimizer step", "curves_steps"), ("flops", "FLOPs (proxy included)", "curves_flops"))
+    for axis, label, name in axes:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for arm, a in curves["arms"].items():
+            xs = [p[axis] for p in a["points"]]
+            ys = [100 * p["val_mean"] for p in a["points"]]
+            ci = [0.0 if math.isnan(p["val_ci95"]) else 100 * p["val_ci95"] for p in a["points"]]
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=arm)
+            ax.fill_between(xs, [y - c for y, c in zip(ys, ci)], [y + c for y, c in zip(ys, ci)],
+                            color=line.get_color(), alpha=0.15)  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title("Learning curves (mean, 95% band over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(str(run_dir.plot(name)))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
 
 
 def split_audits(run_dir: RunDir) -> dict[str, dict]:
@@ -151,6 +290,7 @@ def markdown(results: dict) -> str:
     for name, found in (results.get("split_audits") or {}).items():
         title = "Split audit" if name == "split" else f"Split audit ({name})"
         lines += ["", *audit.markdown_lines(found, title)]
+    lines += curve_lines(results.get("curves") or {})
     lines += _data_check_lines(results.get("data_checks") or {})
     return "\n".join(lines)
 
@@ -259,10 +399,12 @@ def write_report(
     eval_split: str = "test",
     data_checks: dict | None = None,
     benchmarks: Sequence[str] | None = None,
+    split_arms: Sequence[str] = (),
 ) -> dict:
     """Collect every arm's results, summarize them, pair each non-control arm with each control, write
     results.json, results.md and the plots into the run directory. `benchmarks`: what each arm was evaluated on
-    (default: the eval split), the first one deciding the headline accuracy and comparisons."""
+    (default: the eval split), the first one deciding the headline accuracy and comparisons. `split_arms`: the arms
+    whose data came from the split, whose compute includes the proxy's."""
     run_dir = RunDir(run_dir)
     benchmarks = list(benchmarks or [eval_split])
     rows = collect(run_dir, arms, seeds, benchmarks)
@@ -289,9 +431,103 @@ def write_report(
         "proxy_compute": proxy_compute(run_dir),
         "split_audits": split_audits(run_dir),
         "data_checks": data_checks or {},
+        "split_arms": list(split_arms),
+        "curves": curve_results(run_dir, arms, seeds, split_arms, [tuple(k.split(" - ")) for k in comparisons]),
     }
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
+    if results["curves"]:
+        results["plots"] += plot_curves(results["curves"], run_dir)
     results["markdown"] = markdown(results)
     rundir.atomic_write_text(run_dir.results_md, "# Results\n\n" + results["markdown"] + "\n")
     rundir.write_json(run_dir.results_json, results)
     return results
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def arm_flops(results: dict, arm: str) -> float:
+    """An arm's training FLOPs (mean over seeds), plus the proxy's when its data came from the split."""
+    proxy = (
+        (results.get("proxy_compute") or {}).get("total_flops", 0.0) if arm in results.get("split_arms", []) else 0.0
+    )
+    return results["arms"][arm]["compute"]["flops"] + proxy
+
+
+def frontier(entries: list[dict]) -> list[dict]:
+    """The entries no other entry beats on both axes (more accuracy for no more FLOPs), by FLOPs."""
+    best, out = -math.inf, []
+    for e in sorted(entries, key=lambda e: (e["flops"], -e["accuracy"])):
+        if e["accuracy"] > best:
+            out.append(e)
+            best = e["accuracy"]
+    return out
+
+
+def write_sweep_report(run_dir: str | Path, points: list[str]) -> str:
+    """One report over a sweep's points: each point's table, and accuracy against compute over every point and arm
+    (sweep_results.md / .json, results_frontier.png)."""
+    run_dir = RunDir(run_dir)
+    summary, sections, entries = {"points": []}, [], []
+    for name in points:
+        results = rundir.read_json(RunDir(run_dir.sweep_point(name)).results_json)
+        arms = {}
+        for arm, a in results["arms"].items():
+            arms[arm] = {
+                "accuracy": a["accuracy"]["mean"],
+                "ci95": a["accuracy"]["ci95"],
+                "flops": arm_flops(results, arm),
+            }
+            entries.append({"point": name, "arm": arm, **arms[arm]})
+        summary["points"].append({"point": name, "arms": arms})
+        sections += [f"## {name}", "", results["markdown"], ""]
+    summary["frontier"] = frontier(entries)
+    lines = [
+        "# Sweep",
+        "",
+        "Accuracy against compute (FLOPs, the proxy's share included for arms built from the split); the frontier is",
+        "every point and arm that no other beats on both:",
+        "",
+        "| point | arm | test acc % (mean ± 95% CI) | FLOPs | on the frontier |",
+        "|---|---|---|---|---|",
+    ]
+    on_frontier = {(e["point"], e["arm"]) for e in summary["frontier"]}
+    for e in sorted(entries, key=lambda e: e["flops"]):
+        mark = "yes" if (e["point"], e["arm"]) in on_frontier else ""
+        lines.append(
+            f"| {e['point']} | {e['arm']} | {_pct(e['accuracy'])} ± {_pct(e['ci95'])} | {e['flops']:.3g} | {mark} |"
+        )
+    markdown = "\n".join(lines + [""] + sections)
+    summary["plot"] = plot_frontier(entries, summary["frontier"], run_dir)
+    rundir.atomic_write_text(run_dir.sweep_md, markdown)
+    rundir.write_json(run_dir.sweep_json, summary)
+    return markdown + f"\n\nsweep results: {run_dir.sweep_md} (plot: {summary['plot']})"
+
+
+def plot_frontier(entries: list[dict], front: list[dict], run_dir: RunDir) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arm in dict.fromkeys(e["arm"] for e in entries):
+        mine = [e for e in entries if e["arm"] == arm]
+        errs = [0.0 if math.isnan(e["ci95"]) else 100 * e["ci95"] for e in mine]
+        ax.errorbar([e["flops"] for e in mine], [100 * e["accuracy"] for e in mine], yerr=errs, fmt="o", capsize=3,
+                    label=arm)  # fmt: skip
+        for e in mine:
+            ax.annotate(
+                e["point"], (e["flops"], 100 * e["accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.plot([e["flops"] for e in front], [100 * e["accuracy"] for e in front], "k--", lw=0.8, label="frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs (proxy included)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy against compute, every sweep point and arm")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = run_dir.plot("frontier")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

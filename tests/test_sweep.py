@@ -1,0 +1,118 @@
+"""Sweeps in one config: every combination of the listed values runs as an experiment of its own, and one report
+compares them (a table per point, accuracy against compute); learning curves meet at equal steps."""
+
+import dataclasses
+import json
+
+import pytest
+
+from datalever import experiment
+from datalever.demo import shipped_config
+
+
+def _config(run_dir, **changes):
+    cfg = shipped_config("quick")
+    cfg.run_dir, cfg.seeds, cfg.arms, cfg.progress = str(run_dir), [0], ["base", "hard"], False
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_sweep_points_are_every_combination_in_order(tmp_path):
+    cfg = _config(tmp_path, sweep={"m": [1, 2], "epochs": [1, 2]})
+    points = experiment.sweep_points(cfg)
+    assert points == [{"m": 1, "epochs": 1}, {"m": 1, "epochs": 2}, {"m": 2, "epochs": 1}, {"m": 2, "epochs": 2}]
+    sub = experiment.sweep_config(cfg, points[3])
+    assert (sub.m, sub.train.epochs, sub.sweep) == (2, 2.0, None)
+    assert sub.run_dir == str(tmp_path / "sweep" / "m=2,epochs=2")
+    assert cfg.m == 1 and cfg.train.epochs == 1  # the sweep's own config is left as it was
+
+
+@pytest.mark.parametrize(
+    "sweep,message",
+    [
+        ({"lr": [1e-3]}, "sweep axis must be one of"),
+        ({"m": []}, "sweep.m must list distinct values"),
+        ({"m": [1, 1]}, "sweep.m must list distinct values"),
+        ({"m": [1.5]}, "sweep.m takes whole numbers"),
+        ({"m": [101]}, "m must be <="),  # a point is checked as a config of its own
+    ],
+)
+def test_a_bad_sweep_is_refused_before_any_work(tmp_path, sweep, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, sweep=sweep)
+    assert not any(tmp_path.iterdir())
+
+
+def test_curve_steps_are_one_grid_for_every_arm():
+    """Arms of different lengths meet at the same steps: every curve_every epochs of the data as given."""
+    cfg = _config("unused", curve_every=1.0)
+    tcfg = dataclasses.replace(cfg.train, epochs=3, batch_size=10)
+    # 100 training examples: a point every 10 steps; the base arm ends at 30, an arm with 150 rows per epoch at 45.
+    assert experiment.curve_steps(cfg, tcfg, 100, 100) == [10, 20, 30]
+    assert experiment.curve_steps(cfg, tcfg, 100, 150) == [10, 20, 30, 40, 45]
+    half = dataclasses.replace(cfg, curve_every=0.5)
+    assert experiment.curve_steps(half, tcfg, 100, 100) == [5, 10, 15, 20, 25, 30]
+
+
+def test_a_sweep_runs_each_point_and_reports_them_together(tmp_path):
+    cfg = _config(tmp_path, sweep={"m": [1, 3]})
+    experiment.run(cfg)
+    summary = json.loads((tmp_path / "sweep_results.json").read_text())
+    assert [p["point"] for p in summary["points"]] == ["m=1", "m=3"]
+    for point, m in (("m=1", 1), ("m=3", 3)):
+        sub = tmp_path / "sweep" / point
+        results = json.loads((sub / "results.json").read_text())
+        n_train = len((sub / "data" / "train.jsonl").read_text().splitlines())
+        manifest = json.loads((sub / "arms" / "hard" / "seed0" / "manifest.json").read_text())
+        n_hard = json.loads((sub / "split_summary.json").read_text())["n_hard"]
+        assert manifest["n_rows"] == n_train + m * n_hard  # the point's own m
+        entry = next(p for p in summary["points"] if p["point"] == point)
+        assert entry["arms"]["hard"]["accuracy"] == results["arms"]["hard"]["accuracy"]["mean"]
+    markdown = (tmp_path / "sweep_results.md").read_text()
+    assert "## m=1" in markdown and "## m=3" in markdown
+    assert (tmp_path / "results_frontier.png").exists()
+
+
+def test_the_chosen_checkpoint_is_the_best_on_validation_and_its_test_accuracy_is_reported():
+    from datalever.report import chosen_test_accuracy, summarize_curve
+
+    def point(step, val, test=None):
+        p = {"step": step, "epoch": step / 10, "tokens": 100 * step, "flops": 1e6 * step, "val_accuracy": val}
+        return p | ({"test_accuracy": {"test": test}} if test is not None else {})
+
+    by_seed = {
+        0: [point(10, 0.2, 0.25), point(20, 0.4, 0.35), point(30, 0.3)],  # best at 20
+        1: [point(10, 0.5, 0.45), point(20, 0.5), point(30, 0.1)],  # a tie: the earlier, 10
+    }
+    curve = summarize_curve(by_seed, proxy_flops=5e5)
+    assert {s: c["step"] for s, c in curve["chosen"].items()} == {"0": 20, "1": 10}
+    assert [p["val_mean"] for p in curve["points"]] == pytest.approx([0.35, 0.45, 0.2])
+    assert curve["points"][0]["flops"] == pytest.approx(1e7 + 5e5)  # the proxy's share added
+    chosen = chosen_test_accuracy(curve)["test"]
+    assert chosen["mean"] == pytest.approx((0.35 + 0.45) / 2) and chosen["n_seeds"] == 2
+
+
+def test_arms_are_compared_at_the_steps_both_reached_in_every_seed():
+    from datalever.report import paired_at_equal_steps
+
+    def points(vals):
+        return [{"step": s, "val_accuracy": v} for s, v in vals]
+
+    curves = {
+        "hard": {0: points([(10, 0.3), (20, 0.5), (30, 0.6)]), 1: points([(10, 0.2), (20, 0.4), (30, 0.5)])},
+        "base": {0: points([(10, 0.1), (20, 0.4)]), 1: points([(10, 0.2), (20, 0.2)])},
+    }
+    diffs = paired_at_equal_steps(curves, "hard", "base", [0, 1])
+    assert [d["step"] for d in diffs] == [10, 20]  # base never reached 30
+    assert [d["mean_diff"] for d in diffs] == pytest.approx([0.1, 0.15])
+
+
+def test_the_frontier_keeps_what_nothing_beats_on_both_axes():
+    from datalever.report import frontier
+
+    entries = [
+        {"point": "a", "arm": "base", "flops": 1.0, "accuracy": 0.3},
+        {"point": "a", "arm": "hard", "flops": 2.0, "accuracy": 0.25},  # more compute, less accuracy: off
+        {"point": "b", "arm": "base", "flops": 3.0, "accuracy": 0.4},
+        {"point": "b", "arm": "hard", "flops": 3.0, "accuracy": 0.35},  # same compute, less accuracy: off
+    ]
+    assert [(e["point"], e["arm"]) for e in frontier(entries)] == [("a", "base"), ("b", "base")]
