@@ -85,6 +85,9 @@ def test_the_chosen_checkpoint_is_the_best_on_validation_and_its_test_accuracy_i
     }
     curve = summarize_curve(by_seed, proxy_flops=5e5)
     assert {s: c["step"] for s, c in curve["chosen"].items()} == {"0": 20, "1": 10}
+    # Best at the last point: the evaluation stage measured those weights, and its numbers are taken.
+    last = summarize_curve({2: [point(10, 0.1, 0.1), point(30, 0.6)]}, 0.0, final={2: {"test": 0.55}})
+    assert last["chosen"]["2"] == {"step": 30, "val_accuracy": 0.6, "test": {"test": 0.55}}
     assert [p["val_mean"] for p in curve["points"]] == pytest.approx([0.35, 0.45, 0.2])
     assert curve["points"][0]["flops"] == pytest.approx(1e7 + 5e5)  # the proxy's share added
     chosen = chosen_test_accuracy(curve)["test"]

@@ -445,7 +445,9 @@ class CurveRecorder:
             "val_accuracy": self._accuracy(generator, accelerator, "validation", self.cfg.curve_limit),
         }
         best = max((p["val_accuracy"] for p in self.points.values()), default=-1.0)
-        if point["val_accuracy"] > best:  # the checkpoint chosen on validation so far: its test accuracy
+        # The checkpoint chosen on validation so far: its test accuracy (at the last step the evaluation stage
+        # measures the same weights; the report takes its numbers).
+        if point["val_accuracy"] > best and step != self.steps[-1]:
             point["test_accuracy"] = {
                 name: self._accuracy(generator, accelerator, name, self.cfg.eval_limit)
                 for name in test_sets(self.cfg) or ["test"]

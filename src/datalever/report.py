@@ -67,9 +67,10 @@ def read_curves(run_dir: RunDir, arms: list[str], seeds: list[int]) -> dict[str,
     return curves
 
 
-def summarize_curve(by_seed: dict[int, list[dict]], proxy_flops: float) -> dict:
+def summarize_curve(by_seed: dict[int, list[dict]], proxy_flops: float, final: dict | None = None) -> dict:
     """Validation accuracy per step (mean, 95% CI over the seeds that reached it), FLOPs with the proxy's share, and
-    test accuracy at the point each seed's validation accuracy chose (its best, the earliest on a tie)."""
+    test accuracy at the point each seed's validation accuracy chose (its best, the earliest on a tie; at the last
+    point, the evaluation stage's: `final`, {seed: {test set: accuracy}})."""
     steps = sorted({p["step"] for points in by_seed.values() for p in points})
     table = []
     for step in steps:
@@ -81,11 +82,10 @@ def summarize_curve(by_seed: dict[int, list[dict]], proxy_flops: float) -> dict:
     chosen = {}
     for seed, points in by_seed.items():
         best = max(points, key=lambda p: (p["val_accuracy"], -p["step"]))
-        chosen[str(seed)] = {
-            "step": best["step"],
-            "val_accuracy": best["val_accuracy"],
-            "test": best.get("test_accuracy"),
-        }
+        test = best.get("test_accuracy")
+        if test is None and best["step"] == points[-1]["step"]:
+            test = (final or {}).get(seed)
+        chosen[str(seed)] = {"step": best["step"], "val_accuracy": best["val_accuracy"], "test": test}
     return {"points": table, "chosen": chosen, "proxy_flops": proxy_flops}
 
 
@@ -118,12 +118,16 @@ def paired_at_equal_steps(curves: dict, a: str, b: str, seeds: list[int]) -> lis
     return out
 
 
-def curve_results(run_dir: RunDir, arms: list[str], seeds: list[int], split_arms: Sequence[str], pairs) -> dict:
+def curve_results(rows: dict, run_dir: RunDir, seeds: list[int], split_arms: Sequence[str], pairs) -> dict:
+    arms = list(dict.fromkeys(arm for arm, _ in rows))
     curves = read_curves(run_dir, arms, seeds)
     if not curves:
         return {}
     proxy = proxy_compute(run_dir).get("total_flops", 0.0)
-    summaries = {arm: summarize_curve(by_seed, proxy if arm in split_arms else 0.0) for arm, by_seed in curves.items()}
+    summaries = {}
+    for arm, by_seed in curves.items():
+        final = {s: {b: m["accuracy"] for b, m in rows[(arm, s)]["benchmarks"].items()} for s in by_seed}
+        summaries[arm] = summarize_curve(by_seed, proxy if arm in split_arms else 0.0, final)
     for s in summaries.values():
         s["chosen_test"] = chosen_test_accuracy(s)
     equal_steps = {f"{a} - {b}": paired_at_equal_steps(curves, a, b, seeds) for a, b in pairs}
@@ -432,7 +436,7 @@ def write_report(
         "split_audits": split_audits(run_dir),
         "data_checks": data_checks or {},
         "split_arms": list(split_arms),
-        "curves": curve_results(run_dir, arms, seeds, split_arms, [tuple(k.split(" - ")) for k in comparisons]),
+        "curves": curve_results(rows, run_dir, seeds, split_arms, [tuple(k.split(" - ")) for k in comparisons]),
     }
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
     if results["curves"]:
