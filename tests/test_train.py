@@ -103,6 +103,7 @@ def test_lora_changes_only_adapters_and_final_model_is_merged(data, preset, tmp_
         data,
         out,
         lora=LoraConfig(enabled=True, r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"]),
+        save_dtype="float32",  # compared with float32 weights below (on a GPU, auto would save bf16)
     )
     seen: dict[str, torch.Tensor] = {}
 
@@ -288,7 +289,8 @@ def test_bf16_checkpoint_is_trained_with_float32_weights(data, preset, tmp_path)
     src = load_model(preset)
     src.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     load_tokenizer(preset).save_pretrained(tmp_path / "bf16")
-    cfg = config(data, tmp_path / "run", model=str(tmp_path / "bf16"), max_steps=1, val_data=None)
+    # save_dtype float32: on a GPU, bf16 autocast would save the final model in bf16 (save_dtype auto)
+    cfg = config(data, tmp_path / "run", model=str(tmp_path / "bf16"), max_steps=1, val_data=None, save_dtype="float32")
     train.run(cfg)
     assert {v.dtype for v in weights(TrainDir(cfg.out).model).values()} == {torch.float32}
 
@@ -348,7 +350,7 @@ def test_a_finished_run_of_other_work_is_refused_not_returned(data, tmp_path, ch
 
 
 def test_settings_that_change_no_number_return_the_finished_run(data, tmp_path):
-    """progress, log_with, save_every, keep_checkpoints, micro_batch_size (the same sum in other passes),
+    """progress, log_with, save_every, keep_last, micro_batch_size (the same sum in other passes),
     trust_remote_code, overwrite, the data's path (a copy of the same content), and values left unused (epochs under
     max_steps, LoRA's rank with LoRA off, Muon's lr under AdamW) are not other work."""
     first = config(data, tmp_path / "run", max_steps=2)
@@ -359,7 +361,7 @@ def test_settings_that_change_no_number_return_the_finished_run(data, tmp_path):
         progress=True,
         log_with=["tensorboard"],
         save_every=1,
-        keep_checkpoints=3,
+        keep_last=3,
         micro_batch_size=2,
         trust_remote_code=True,
         overwrite=True,
@@ -376,7 +378,7 @@ def test_overwrite_replaces_only_what_train_wrote(data, tmp_path):
     """--overwrite true: the earlier run's files go (all of them: checkpoints, tracker logs), the user's stay, and
     the new run is exactly a fresh run in an empty directory."""
     out = tmp_path / "run"
-    train.run(config(data, out, max_steps=2, save_every=1, keep_checkpoints=5, log_with=["tensorboard"]))
+    train.run(config(data, out, max_steps=2, save_every=1, keep_last=5, log_with=["tensorboard"]))
     assert (out / train.TRACKER_PROJECT).is_dir()
     (out / "notes.txt").write_text("mine")
     (out / "mine").mkdir()
@@ -496,7 +498,7 @@ def test_outputs_never_overlap_inputs(data, preset, tmp_path, where):
         ("batch_size", 0),
         ("micro_batch_size", 0),
         ("max_length", 0),
-        ("keep_checkpoints", 0),
+        ("keep_last", 0),
         ("warmup_ratio", -0.1),
         ("warmup_ratio", 1.5),
         ("min_lr_ratio", 1.01),
@@ -833,7 +835,8 @@ def test_tensorboard_tracker_receives_the_logged_scalars(data, tmp_path):
 def test_fsdp_bf16_keeps_float32_master_weights_and_losses(data, tmp_path):
     """FSDP2 with --mixed_precision bf16 (here on CPUs, gloo carrying the bf16 all-gathers): bf16 compute
     on float32 shards runs end to end, the logged losses stay within bf16 compute error of a float32
-    run (and differ from it), and the saved weights are float32."""
+    run (and differ from it), the checkpoint keeps the float32 master weights and the final model is saved in
+    bf16 (save_dtype auto)."""
     one = config(data, tmp_path / "one", max_steps=4, micro_batch_size=2)
     bf16 = config(data, tmp_path / "bf16", max_steps=4, micro_batch_size=2, mixed_precision="bf16")
     train.run(one)
@@ -841,7 +844,8 @@ def test_fsdp_bf16_keeps_float32_master_weights_and_losses(data, tmp_path):
     log1, log2 = read_log(one.out), read_log(bf16.out)
     assert [r["loss"] for r in log2] == pytest.approx([r["loss"] for r in log1], abs=3e-2)
     assert any(abs(a["loss"] - b["loss"]) > 1e-6 for a, b in zip(log1, log2))  # bf16 compute really ran
-    assert {v.dtype for v in weights(TrainDir(bf16.out).model).values()} == {torch.float32}
+    assert {v.dtype for v in weights(TrainDir(bf16.out).checkpoint(4) / "model").values()} == {torch.float32}
+    assert {v.dtype for v in weights(TrainDir(bf16.out).model).values()} == {torch.bfloat16}
 
 
 def test_resume_refuses_optimizer_state_saved_in_the_other_mode(data, tmp_path):

@@ -6,9 +6,15 @@ A checkpoint is a directory `TrainDir.checkpoint(step)`:
     trainer_state.pt        step, stream position, optimizer state, compute, the run's identity
     rng-<rank>.pt           each process's RNG state
 
-Every process writes into one temporary directory beside it, which then replaces the final name in one
-rename, so a directory under a step's name is always complete. Under FSDP2 weights and optimizer state
-are gathered into their full, unsharded form, so a checkpoint resumes on any number of processes.
+Every process writes into one temporary directory beside it (`.step-N.tmp`); trainer_state.pt is written last
+(itself through a rename), so a temporary that holds it is complete; the temporary then replaces the final name in
+one rename, so a directory under a step's name is always complete. Temporaries a killed save left are cleared at
+the start of the next run (`clean_temporaries`). Under FSDP2 weights and optimizer state are gathered into their
+full, unsharded form, so a checkpoint resumes on any number of processes.
+
+A finished run is returned, never resumed: once its final model and summary are written its checkpoints' resume
+state (trainer_state.pt, the optimizer state, and the RNG files) is deleted unless asked to keep it
+(`drop_resume_state`); their weights (model/, the master weights in the dtype they trained in) stay.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ RNG_STATE = "rng-{rank}.pt"
 
 # The settings that decide what a run computes: its weights, its logged losses and its summary. A run (finished or
 # checkpointed) is resumed or returned only for the same values and the same inputs (`resume_identity`).
-# Left out, as they change no number: out, progress, log_with, save_every, keep_checkpoints, trust_remote_code,
-# overwrite; and, like the number of processes, micro_batch_size (how a batch is split into passes: the gradient is
-# the same sum, only its rounding moves). The paths model, data, val_data and manifest are left out too: what they
-# hold counts instead (`train.load_inputs`: a moved copy is the same work, data edited in place is not).
+# Left out, as they change no number: out, progress, log_with, run_name, save_every, save_every_minutes, keep_last,
+# keep_optimizer_state, trust_remote_code, overwrite; and, like the number of processes, micro_batch_size (how a
+# batch is split into passes: the gradient is the same sum, only its rounding moves). The paths model, data,
+# val_data and manifest are left out too: what they hold counts instead (`train.load_inputs`: a moved copy is the
+# same work, data edited in place is not).
 IDENTITY_SETTINGS = (
     "epochs",
     "max_steps",
@@ -53,6 +60,7 @@ IDENTITY_SETTINGS = (
     "attn_implementation",
     "tf32",
     "torch_compile",
+    "save_dtype",  # the final model's weights; only as it is in effect (`cast_dtype`), None (as trained) left out
 )
 # The speed settings that pick other kernels or another float32 precision, hence other rounding, as they computed
 # before they existed: each enters the identity only with another value, so the runs recorded then keep theirs.
@@ -114,7 +122,21 @@ def resume_identity(cfg, inputs: dict[str, str | None]) -> str:
     # bf16 autocast and float32 compute give other numbers: a run continues only with the one it was made with.
     settings["mixed_precision"] = resolve_mixed_precision(cfg.mixed_precision)
     _keep_other_kernels(settings)
+    # The final model as trained computes as before save_dtype existed: the setting enters only where it casts.
+    settings["save_dtype"] = cast_dtype(cfg.save_dtype, cfg.mixed_precision, cfg.dtype)
+    if settings["save_dtype"] is None:
+        del settings["save_dtype"]
     return json.dumps({"format": IDENTITY_FORMAT, "settings": settings, "inputs": inputs}, sort_keys=True)
+
+
+def cast_dtype(save_dtype: str, mixed_precision: str, dtype: str) -> str | None:
+    """The dtype the final model is cast to when saved, None for none (the weights' own dtype, `dtype`).
+
+    auto: bfloat16 where the run computed in bf16 (bf16 autocast over float32 master weights: what inference loads,
+    at half the size), else as trained."""
+    if save_dtype == "auto":
+        save_dtype = "bfloat16" if resolve_mixed_precision(mixed_precision) == "bf16" else dtype
+    return None if save_dtype in (dtype, "auto") else save_dtype
 
 
 def _optimizer_settings(optim: dict) -> dict:
@@ -332,6 +354,9 @@ def save(
         )
         tokenizer.save_pretrained(tmp / MODEL)  # so a full fine-tune's checkpoint loads as it is
     optimizer_state = opt_state_dict(accelerator, model, opt)  # all processes: a collective under FSDP
+    accelerator.wait_for_everyone()
+    torch.save(rng_state(), tmp / RNG_STATE.format(rank=accelerator.process_index))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
             "step": progress.step,
@@ -342,14 +367,17 @@ def save(
             "world_size": accelerator.num_processes,
             "optimizer_format": optimizer_format(accelerator),
         }
-        torch.save(state, tmp / TRAINER_STATE)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / RNG_STATE.format(rank=accelerator.process_index))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+        _save_last(state, tmp / TRAINER_STATE)
         rundir.replace_dir(tmp, path)
         prune(layout, keep)
     accelerator.wait_for_everyone()
+
+
+def _save_last(state: dict, path: Path) -> None:
+    """torch.save through a rename: the file's presence says that everything else in the directory is written."""
+    part = path.with_name(f".{path.name}.part")
+    torch.save(state, part)
+    part.replace(path)
 
 
 def _checkpoints(layout: rundir.TrainDir) -> list[Path]:
@@ -372,6 +400,44 @@ def prune(layout: rundir.TrainDir, keep: int) -> None:
     done = _checkpoints(layout)
     for path in done[:-keep] if keep > 0 else done:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _temporary_step(path: Path) -> int | None:
+    """N for a save's temporary directory `.step-N.tmp`, else None."""
+    name = path.name
+    if not (name.startswith(".step-") and name.endswith(".tmp")):
+        return None
+    step = name[len(".step-") : -len(".tmp")]
+    return int(step) if step.isdigit() else None
+
+
+def clean_temporaries(layout: rundir.TrainDir) -> None:
+    """Clear the temporary directories killed saves left under checkpoints/ (each up to a model and its optimizer
+    state). One that is complete (trainer_state.pt, written last, is there) and newer than every checkpoint in
+    place is the latest checkpoint itself, caught between `rundir.replace_dir`'s removal of an older directory of
+    its name and its rename: it is put in place, not removed. Main process only, before the run's first save."""
+    if not layout.checkpoints.is_dir():
+        return
+    newest = latest(layout)
+    newest_step = int(newest.name.rpartition("-")[2]) if newest is not None else -1
+    steps = {path: _temporary_step(path) for path in layout.checkpoints.iterdir()}
+    temporaries = sorted(((step, path) for path, step in steps.items() if step is not None), reverse=True)
+    for step, path in temporaries:  # newest first: only the newest complete one can be the latest checkpoint
+        if step > newest_step and (path / TRAINER_STATE).exists():
+            rundir.replace_dir(path, layout.checkpoint(step))  # what is there under its name resumes nothing
+            newest_step = step
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def drop_resume_state(layout: rundir.TrainDir) -> None:
+    """Delete the checkpoints' resume state (trainer_state.pt with the optimizer state, 2-3x the model's size under
+    AdamW, and the RNG files), keeping their weights: for a finished run, which is returned and never resumed.
+    Call only after the final model and the summary are written."""
+    for path in _checkpoints(layout):
+        (path / TRAINER_STATE).unlink()  # first: without it the directory is no longer a checkpoint to resume
+        for rng_file in path.glob(RNG_STATE.format(rank="*")):
+            rng_file.unlink()
 
 
 # ----------------------------------------------------------------------------- resume

@@ -140,7 +140,7 @@ class ExperimentConfig(DataFormat):
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Training seeds (model initialization of a preset, data order, the random arm's draw)."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """Target training settings for every arm (data, out, manifest, seed are set per arm)."""
+    """Target training settings for every arm (data, out, manifest, seed and run_name are set per arm)."""
     eval_split: str = "test"
     """Which split the reported accuracies use: test (final numbers) or validation (choosing settings)."""
     eval_max_new_tokens: int = 200
@@ -367,6 +367,7 @@ def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: 
     tcfg.out = str(arm_dir.train.root)
     tcfg.seed = seed
     tcfg.progress = cfg.progress
+    tcfg.run_name = f"{Path(cfg.run_dir).name}/{arm.name}/seed{seed}"  # the trackers' run: experiment/arm/seed
     if arm.optimizer:
         tcfg.optim = dataclasses.replace(tcfg.optim, name=arm.optimizer)
     if arm.match_steps_of:
@@ -526,7 +527,10 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
 # arm. Every other setting decides the numbers.
 NOT_COMPARED = {"run_dir", "arms", "seeds", "progress", "overwrite"}
 NOT_COMPARED |= {f"train.{k}" for k in ("data", "manifest", "val_data", "out", "seed", "progress", "overwrite")}
-NOT_COMPARED |= {f"train.{k}" for k in ("split", "val_split", "schema", "fields", "template")}
+NOT_COMPARED |= {f"train.{k}" for k in ("split", "val_split", "schema", "fields", "template", "run_name")}
+# How often a run saves and what it keeps change no number.
+NOT_COMPARED |= {f"train.{k}" for k in ("save_every", "save_every_minutes", "keep_last", "keep_optimizer_state")}
+NOT_COMPARED |= {"train.log_with"}
 NOT_COMPARED |= {f"profile.{k}" for k in ("split", "schema", "fields", "template")}
 NOT_COMPARED |= {f"profile.{k}" for k in ("run_dir", "train_file", "progress")}
 

@@ -6,8 +6,11 @@ checkpoint if there is one. `train_loop` runs the optimizer steps: each takes th
 examples of a seeded stream (every example as many times per epoch as its multiplicity, reshuffled
 each epoch), splits them over processes and micro-batches, and calls `optim.optimizer_step`; the
 stream position, optimizer state, RNG and weights are checkpointed together (`checkpoint`), so a
-killed run resumes where it stopped and ends where an uninterrupted run ends. `finish` saves the
-final model and the summary.
+killed run resumes where it stopped and ends where an uninterrupted run ends. A checkpoint is saved every
+`save_every_minutes` (the main process's clock, its decision shared by every process), every `save_every` steps
+and at the end; the newest `keep_last` are kept. `finish` saves the final model (in `save_dtype`) and the summary,
+then deletes the checkpoints' optimizer state (a finished run is returned, never resumed) and sends the final
+metrics to the trackers (`log_with`, the run named by `run_name`).
 
 The speed settings (attn_implementation, tf32, optim.fused, gradient_checkpointing, group_by_length,
 torch_compile) choose kernels and schedules, never the data or the optimizer: at their defaults a CPU computes what
@@ -27,6 +30,7 @@ refused, or with `overwrite` replaced (only the paths train writes, `train_outpu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -73,8 +77,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGE = "train"  # names its provenance files: train.config.yaml, train.meta.json
-TRACKER_PROJECT = "datalever"  # Accelerate's trackers (TensorBoard) write under out/<this>
+TRACKER_PROJECT = "datalever"  # the trackers' project (wandb's); TensorBoard writes under out/<this>/<run name>
 MIXED_PRECISIONS = ("no", "bf16", "auto")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -151,14 +156,29 @@ class TrainConfig(DataFormat):
     eval_every: int = 0
     """Compute the validation loss every this many steps (0: only at the end)."""
     save_every: int = 0
-    """Save a resumable checkpoint every this many steps (0: only at the end)."""
-    keep_checkpoints: int = 1
-    """How many resumable checkpoints to keep."""
+    """Also save a resumable checkpoint every this many optimizer steps (0: by time only, `save_every_minutes`, and at
+    the end). A step count fits no default: a step takes 0.1 s on a CPU demo and seconds for a 3B model."""
+    save_every_minutes: float = 30.0
+    """Save a resumable checkpoint once this many minutes have passed since the last one (0: never by time). The
+    default bounds what a kill or a preemption loses to half an hour of training on any model or hardware, while a
+    checkpoint of a 3B model with AdamW state (~36 GB) costs about a minute to write: a few percent of the time.
+    The main process's clock decides, for every process (they save together)."""
+    keep_last: int = 1
+    """How many resumable checkpoints to keep (the newest; older ones are deleted as new ones are saved)."""
+    keep_optimizer_state: bool = False
+    """Keep the checkpoints' resume state (trainer_state.pt: the optimizer state, 2-3x the model's size under AdamW;
+    the RNG files) after the run has finished. False: once the final model and train_summary.json are written it is
+    deleted, and the checkpoints keep their weights only (checkpoints/step-N/model, the master weights): a finished
+    run is returned by a rerun, never resumed."""
     mixed_precision: str = "auto"
     """no | bf16 | auto (bf16 autocast on a GPU that supports it, else float32)."""
     dtype: str = "float32"
     """Dtype of the trained weights: float32 (master weights; autocast does the bf16 math) | bfloat16 | auto (the
     checkpoint's)."""
+    save_dtype: str = "auto"
+    """Dtype of the final model (model/): auto (bfloat16 when the run computed in bf16, i.e. bf16 mixed precision or
+    dtype bfloat16: half the size of float32 and what inference loads; else the weights' own dtype, float32 on a CPU)
+    | float32 | bfloat16 | float16. Checkpoints keep the master weights as they trained."""
     attn_implementation: str = "sdpa"
     """Attention kernels: sdpa (PyTorch's scaled_dot_product_attention, flash/memory-efficient kernels on a GPU) |
     flash_attention_2 (the flash-attn package; a CUDA GPU and bf16) | eager (the model's own matmul-softmax-matmul)."""
@@ -177,8 +197,14 @@ class TrainConfig(DataFormat):
     the compilation (and a recompilation for new shapes); later ones run the fused kernels. Dropout inside the blocks
     (LoRA's) then draws other masks than without compiling."""
     log_with: list[str] | None = None
-    """Accelerate trackers, e.g. [tensorboard] (pip install 'datalever[tensorboard]') or [wandb]; written under `out`;
-    the JSONL log is always written."""
+    """Accelerate trackers, e.g. [tensorboard] (pip install 'datalever[tensorboard]', written under
+    out/datalever/<run_name>) or [wandb] (project datalever); they get the full config, every step's scalars and at
+    the end the final metrics (final_train_loss, final_val_loss, final_steps, final_wall_s). The JSONL log is
+    always written."""
+    run_name: str | None = None
+    """The run's name in the trackers (wandb's run name, TensorBoard's run directory); default: from `out`,
+    <run>/<arm>/seed<S> for an experiment's arm (out RUN/arms/<arm>/seed<S>/train), else out's last two path
+    components (runs/train)."""
     progress: bool = True
     """Show progress bars."""
     trust_remote_code: bool = False
@@ -197,12 +223,13 @@ class TrainConfig(DataFormat):
         stage generates later)."""
         DataFormat.__post_init__(self)
         check_chat_template(self.chat_template)
-        for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "keep_checkpoints"):
+        for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "keep_last"):
             checks.positive(name, getattr(self, name))
         checks.positive("max_steps", self.max_steps, optional=True)
         checks.positive("max_grad_norm", self.max_grad_norm, optional=True)  # a negative norm would flip the step
         checks.non_negative("eval_every", self.eval_every)
         checks.non_negative("save_every", self.save_every)
+        checks.non_negative("save_every_minutes", self.save_every_minutes)
         for name in ("warmup_ratio", "min_lr_ratio"):
             checks.non_negative(name, getattr(self, name))
             checks.at_most(name, getattr(self, name), 1)
@@ -210,12 +237,23 @@ class TrainConfig(DataFormat):
         checks.at_most("seed", self.seed, 2**32 - 1)  # numpy's seed range (accelerate seeds numpy too)
         checks.one_of("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         checks.one_of("dtype", self.dtype, DTYPES)
-        for name in ("tf32", "gradient_checkpointing", "group_by_length", "torch_compile"):
+        checks.one_of("save_dtype", self.save_dtype, SAVE_DTYPES)
+        check_run_name(self.run_name)
+        for name in ("tf32", "gradient_checkpointing", "group_by_length", "torch_compile", "keep_optimizer_state"):
             checks.one_of(name, getattr(self, name), (True, False))
         launch.check_attention(self.attn_implementation, self.mixed_precision, self.dtype)
         if self.torch_compile:
             launch.check_compile_available()
         self.lora.check()
+
+
+def check_run_name(name: str | None) -> None:
+    """A run name becomes TensorBoard's run directory under out/datalever: relative, and never a way out of it."""
+    if name is None:
+        return
+    parts = Path(name).parts if isinstance(name, str) else ()
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise checks.ConfigError(f"run_name must be a relative name without '..' (e.g. exp1/base/seed0), got {name!r}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -365,11 +403,32 @@ def remove_earlier_run(layout: rundir.TrainDir, accelerator: Accelerator) -> Non
     """Delete what train wrote in `out` (and the temporary files a killed write left beside them), nothing else."""
     if accelerator.is_main_process:
         for path in train_outputs(layout):
-            for found in [path, *layout.root.glob(f".{path.name}.*.tmp")]:
-                if found.is_dir() and not found.is_symlink():
-                    shutil.rmtree(found)
-                elif found.exists() or found.is_symlink():
-                    found.unlink()
+            for found in [path, *stale_temporaries(layout, path)]:
+                remove_path(found)
+    accelerator.wait_for_everyone()
+
+
+def stale_temporaries(layout: rundir.TrainDir, output: Path) -> list[Path]:
+    """The temporaries a killed atomic write of `output` left beside it (`rundir.atomic_dir`, `atomic_write_bytes`)."""
+    return list(layout.root.glob(f".{output.name}.*.tmp"))
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_temporaries(layout: rundir.TrainDir, accelerator: Accelerator) -> None:
+    """Before a run starts or resumes: clear what killed writes left (a final model's or a checkpoint's temporary
+    directory is as big as the model); a complete checkpoint caught before its rename is put in place instead
+    (`checkpoint.clean_temporaries`). Only this run writes in `out`, so no temporary there is in use."""
+    if accelerator.is_main_process:
+        for path in train_outputs(layout):
+            for found in stale_temporaries(layout, path):
+                remove_path(found)
+        checkpoint.clean_temporaries(layout)
     accelerator.wait_for_everyone()
 
 
@@ -477,7 +536,7 @@ def setup(cfg: TrainConfig, inputs: TrainInputs, *, replace: bool = False) -> Tr
     """The launch, the model and its optimizer, the encoded data, and the progress of the latest checkpoint;
     `replace`: first delete the run of other work in `out` (`remove_earlier_run`)."""
     layout = rundir.TrainDir(cfg.out)
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.log_with, str(layout.root))
+    accelerator = make_accelerator(cfg.mixed_precision, trackers(cfg), str(layout.root))
     launch.set_tf32(cfg.tf32)
     if cfg.batch_size % accelerator.num_processes:
         raise ValueError(
@@ -485,6 +544,7 @@ def setup(cfg: TrainConfig, inputs: TrainInputs, *, replace: bool = False) -> Tr
         )
     if replace:
         remove_earlier_run(layout, accelerator)
+    remove_temporaries(layout, accelerator)
     model_path, tokenizer, hf_model = load_trainable_model(cfg, accelerator)
     n_params, trainable = count_parameters(hf_model), count_parameters(hf_model, trainable_only=True)
     last = checkpoint.latest(layout)
@@ -547,11 +607,96 @@ def start_logs(job: TrainJob, examples: list[Example]) -> None:
         if job.truncation.warning():
             log.warning("train: %s", job.truncation.warning())
     accelerator.wait_for_everyone()
-    tracked = {"lr": cfg.optim.lr, "optimizer": cfg.optim.name, "batch_size": cfg.batch_size, "lora": cfg.lora.enabled}
-    accelerator.init_trackers(TRACKER_PROJECT, config=tracked)
+    name = run_name(cfg)
+    # Accelerate hands init_kwargs to the trackers it builds itself (TensorBoard's is built in `trackers`).
+    names = {"wandb": {"name": name}, "mlflow": {"run_name": name}}
+    accelerator.init_trackers(TRACKER_PROJECT, config=tracked_config(cfg), init_kwargs=names)
+
+
+# ----------------------------------------------------------------------------- trackers
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """cfg.run_name, or one from `out`: <run>/<arm>/seed<S> for an experiment's arm (`rundir.RunDir.seed_dir`'s
+    train/), else out's last two path components."""
+    if cfg.run_name:
+        return cfg.run_name
+    parts = Path(cfg.out).expanduser().resolve().parts[1:]  # without the root ("/")
+    if len(parts) >= 5 and parts[-1] == "train" and parts[-2].startswith("seed") and parts[-4] == "arms":
+        return "/".join((parts[-5], parts[-3], parts[-2]))
+    return "/".join(parts[-2:])
+
+
+def trackers(cfg: TrainConfig) -> list | None:
+    """cfg.log_with for Accelerate, with TensorBoard's tracker built here to write into out/datalever/<run name>
+    (Accelerate's own writes into out/datalever, one directory whatever the run's name)."""
+    from accelerate.utils import is_tensorboard_available
+
+    if not cfg.log_with or not is_tensorboard_available():  # without it Accelerate's own refusal names the package
+        return cfg.log_with
+    from accelerate.tracking import TensorBoardTracker
+
+    logging_dir = str(rundir.TrainDir(cfg.out).root / TRACKER_PROJECT)
+    return [TensorBoardTracker(run_name(cfg), logging_dir) if str(t) == "tensorboard" else t for t in cfg.log_with]
+
+
+def tracked_config(cfg: TrainConfig) -> dict:
+    """Every setting, flattened (optim.lr), as trackers take hyperparameters: lists as text (TensorBoard keeps only
+    numbers, text and booleans), the run name as in effect."""
+    flat = rundir.flatten(rundir.to_jsonable(cfg))
+    flat["run_name"] = run_name(cfg)
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()}
+
+
+def log_final_metrics(job: TrainJob, summary: dict) -> None:
+    """The run's outcome at its last step, for the trackers' comparisons of runs (a None loss left out)."""
+    metrics = {
+        "final_train_loss": summary["final_train_loss"],
+        "final_val_loss": summary["final_val_loss"],
+        "final_steps": summary["steps"],
+        "final_wall_s": summary["compute"]["wall_s"],
+    }
+    job.accelerator.log({k: v for k, v in metrics.items() if v is not None}, step=job.steps)
 
 
 # ----------------------------------------------------------------------------- the loop
+
+
+def clock() -> float:
+    """Seconds on a monotonic clock: what `SaveTimer` reads (a test replaces it)."""
+    return time.monotonic()
+
+
+class SaveTimer:
+    """Whether a checkpoint is due by time: `minutes` since the last save (or the loop's start), on the main
+    process's clock. Under several processes its decision is broadcast to all: their clocks differ a little, and a
+    save that some processes start and others do not (its gathers are collectives) would hang them all."""
+
+    def __init__(self, minutes: float, accelerator: Accelerator):
+        self.seconds = minutes * 60
+        self.accelerator = accelerator
+        self.last = clock()
+
+    def due(self) -> bool:
+        if not self.seconds:
+            return False
+        due = clock() - self.last >= self.seconds
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            # One int per step, beside a step's own collectives (its gradients' all-reduce): no measurable cost.
+            flag = torch.tensor([int(due)], device=self.accelerator.device)
+            due = bool(broadcast(flag, from_process=0).item())
+        return due
+
+    def saved(self) -> None:
+        self.last = clock()
+
+
+def checkpoint_due(job: TrainJob, checkpoint_steps: set[int], timer: SaveTimer) -> bool:
+    """The same answer on every process: steps all know; the timer's decision is the main process's."""
+    step, every = job.progress.step, job.cfg.save_every
+    return (every and step % every == 0) or step == job.steps or step in checkpoint_steps or timer.due()
 
 
 def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[int]) -> None:
@@ -559,6 +704,7 @@ def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[in
     from tqdm.auto import tqdm
 
     cfg, progress = job.cfg, job.progress
+    timer = SaveTimer(cfg.save_every_minutes, job.accelerator)
     show = cfg.progress and job.accelerator.is_local_main_process
     bar = tqdm(total=job.steps, initial=progress.step, desc=f"train {cfg.optim.name}", disable=not show)
     start = time.perf_counter() - progress.compute.wall_s  # a resumed run continues the checkpoint's clock
@@ -573,8 +719,7 @@ def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[in
             hook_start = time.perf_counter()
             on_step(progress.step, record, job.model, job.accelerator)
             start += time.perf_counter() - hook_start  # compute.wall_s counts training, not the caller's hook
-        step = progress.step
-        if (cfg.save_every and step % cfg.save_every == 0) or step == job.steps or step in checkpoint_steps:
+        if checkpoint_due(job, checkpoint_steps, timer):
             sync_log(job)
             checkpoint.save(
                 job.layout,
@@ -584,8 +729,9 @@ def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[in
                 job.tokenizer,
                 progress,
                 identity=job.identity,
-                keep=cfg.keep_checkpoints,
+                keep=cfg.keep_last,
             )
+            timer.saved()
     bar.close()
 
 
@@ -748,6 +894,9 @@ def finish(job: TrainJob) -> dict:
     save_model(job)
     if accelerator.is_main_process:
         rundir.write_json(job.layout.summary, summary)
+        # Only now: until the summary marks the run finished, a kill resumes it from the last checkpoint.
+        if not job.cfg.keep_optimizer_state:
+            checkpoint.drop_resume_state(job.layout)
     accelerator.wait_for_everyone()
     return summary
 
@@ -762,7 +911,8 @@ def final_losses(log_path: Path) -> tuple[float | None, float | None]:
 
 
 def save_model(job: TrainJob) -> None:
-    """The final model as a plain HF directory with its tokenizer (LoRA merged, the adapter saved beside it).
+    """The final model as a plain HF directory with its tokenizer (LoRA merged, the adapter saved beside it), in
+    `save_dtype`.
 
     Every process calls it (the weights are gathered under FSDP); the main process writes.
     """
@@ -770,12 +920,45 @@ def save_model(job: TrainJob) -> None:
     if not job.accelerator.is_main_process:
         return
     inner = job.accelerator.unwrap_model(job.model).model
+    cfg = job.cfg
+    dtype = checkpoint.cast_dtype(cfg.save_dtype, cfg.mixed_precision, cfg.dtype)
     with rundir.atomic_dir(job.layout.model) as tmp:
-        if job.cfg.lora.enabled:
-            merge_lora(job, inner, state_dict).save_pretrained(tmp, safe_serialization=True)
+        if cfg.lora.enabled:
+            model = merge_lora(job, inner, state_dict)
+            weights = None if dtype is None else cast_weights(model.state_dict(), dtype)  # None: the model's own
         else:
-            inner.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            model, weights = inner, cast_weights(state_dict, dtype)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        if dtype is not None:
+            record_dtype(model, tmp, dtype)
         job.tokenizer.save_pretrained(tmp)
+
+
+def cast_weights(state_dict: dict, dtype: str | None) -> dict:
+    """The floating-point tensors in `dtype` (None: as they are). Tensors that share storage (tied weights) stay one
+    tensor, so save_pretrained still sees them tied."""
+    if dtype is None:
+        return state_dict
+    target = getattr(torch, dtype)
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        if not v.is_floating_point():
+            return v
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key not in cast:
+            cast[key] = v.to(target)
+        return cast[key]
+
+    return {k: one(v) for k, v in state_dict.items()}
+
+
+def record_dtype(model, directory: Path, dtype: str) -> None:
+    """config.json as save_pretrained wrote it but with the saved weights' dtype (it records the live model's), so
+    that a loader asking for the stored dtype gets `dtype`."""
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.save_pretrained(directory)
 
 
 def merge_lora(job: TrainJob, peft_model, state_dict: dict):
@@ -814,6 +997,7 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     job = setup(cfg, inputs, replace=other is not None)
     train_loop(job, on_step, checkpoint_steps or set())
     summary = finish(job)
+    log_final_metrics(job, summary)
     # Not accelerator.end_training(): it also destroys the process group, which a caller running several
     # stages in one torchrun (profile, then every arm) still needs.
     for tracker in job.accelerator.trackers:
