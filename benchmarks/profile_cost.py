@@ -48,7 +48,7 @@ def bench(n: int, preset: str, checkpoints: int, token_budget: int, run_dir: Pat
     files = synth.write_splits(str(run_dir / "data"), n_train=n, n_val=8, n_test=8, seed=0)
     cfg = ProfileConfig(
         run_dir=str(run_dir),
-        train_file=files["train"],
+        data=files["train"],
         proxy=f"preset:{preset}",
         checkpoints=checkpoints,
         token_budget=token_budget,

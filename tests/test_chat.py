@@ -592,7 +592,7 @@ def test_profile_records_the_assistant_tokens_under_the_template(
             "profile",
             "--run_dir",
             str(run_dir),
-            "--train_file",
+            "--data",
             messages_file,
             "--proxy",
             chat_dirs[model_name],

@@ -353,7 +353,7 @@ def test_other_data_is_refused(reference, prepared, tmp_path):
     lines = Path(prepared["train"]).read_text().splitlines()
     other.write_text("\n".join(lines[:-2]) + "\n")
     with pytest.raises(ProfileError, match="training data"):
-        profile.run(config(run_dir, train_file=str(other)))
+        profile.run(config(run_dir, data=str(other)))
 
 
 def test_leftovers_without_meta_are_refused(prepared, tmp_path):

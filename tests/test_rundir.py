@@ -38,3 +38,25 @@ def test_manifest_reads_back_as_id_to_multiplicity(tmp_path):
 
     pq.write_table(pa.table({"id": ["a", "b"], "multiplicity": [1, 3], "origin": ["original"] * 2}), tmp_path / "m")
     assert rundir.read_manifest(tmp_path / "m") == {"a": 1, "b": 3}
+
+
+def test_settings_recorded_by_another_version_count_as_the_same_work():
+    """An option added since, left at its default, and an option no longer there are no difference."""
+    from dataclasses import dataclass, field
+
+    from datalever import rundir
+
+    @dataclass
+    class Inner:
+        lr: float = 0.1
+
+    @dataclass
+    class Now:
+        epochs: int = 3
+        added: str = "auto"
+        inner: Inner = field(default_factory=Inner)
+
+    recorded = {"epochs": 3, "removed": 1, "inner": {"lr": 0.1}}
+    assert rundir.settings_differences(recorded, Now()) == []
+    assert rundir.settings_differences(recorded, Now(added="none")) == ["added: None -> 'none'"]
+    assert rundir.settings_differences(recorded, Now(inner=Inner(lr=0.2))) == ["inner.lr: 0.1 -> 0.2"]

@@ -79,7 +79,7 @@ def test_external_file_gives_the_hard_group_it_was_made_with(tmp_path, train_fil
     hard = hard_set(train_file)
     ext = write_external(tmp_path / "elsewhere.parquet", ids, two_groups(ids, hard))
     run_dir = tmp_path / "run"
-    s = run(SplitConfig(run_dir=str(run_dir), trajectories=ext, train_file=train_file))
+    s = run(SplitConfig(run_dir=str(run_dir), trajectories=ext, data=train_file))
     assert not (tmp_path / "elsewhere.meta.json").exists()  # no meta file was needed
     assert split_rows(run_dir) == {i: i in hard for i in ids}
     assert s["n_hard"] == N_HARD and s["n_easy"] == N_TRAIN - N_HARD and s["n_flagged_excluded"] == 0
@@ -92,7 +92,7 @@ def test_external_file_gives_the_hard_group_it_was_made_with(tmp_path, train_fil
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
     meta = json.loads((run_dir / "split.meta.json").read_text())
     assert len(meta["trajectories_sha256"]) == 64
-    assert run(SplitConfig(run_dir=str(run_dir), trajectories=ext, train_file=train_file)) == s  # same work again
+    assert run(SplitConfig(run_dir=str(run_dir), trajectories=ext, data=train_file)) == s  # same work again
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_source_and_flag_columns_are_used(tmp_path, train_file):
         losses[c][-1] = float("nan")
     flags = [""] * (N_TRAIN - 1) + ["truncated"]
     ext = write_external(tmp_path / "t.parquet", ids, losses, source=["gsm"] * N_TRAIN, flag=flags)
-    s = run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=ext, train_file=train_file))
+    s = run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=ext, data=train_file))
     assert s["n_flagged_excluded"] == 1 and s["flag_counts"] == {"truncated": 1}
     df = pq.read_table(tmp_path / "run" / "split.parquet").to_pandas()
     assert set(df["source"]) == {"gsm"} and df.loc[df["id"] == ids[-1], "assigned"].item() == "flagged"
@@ -131,7 +131,7 @@ def test_ids_that_do_not_match_the_training_file_are_refused_by_name(tmp_path, t
     kept = ids[:-2] + [stranger]  # the last two training examples lack a trajectory; one id is unknown
     ext = write_external(tmp_path / "t.parquet", kept, two_groups(kept, hard_set(train_file)))
     with pytest.raises(SplitError) as err:
-        run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=ext, train_file=train_file))
+        run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=ext, data=train_file))
     msg = str(err.value)
     assert "1 id(s) of the trajectories are not training examples" in msg and stranger in msg
     assert "2 training example(s) have no trajectory" in msg and ids[-2] in msg and ids[-1] in msg
@@ -165,7 +165,7 @@ def test_unusable_files_are_refused_naming_file_and_problem(tmp_path, train_file
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table(columns), path)
     with pytest.raises(SplitError, match=match) as err:
-        run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=str(path), train_file=train_file))
+        run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=str(path), data=train_file))
     assert str(path) in str(err.value)
 
 
@@ -173,11 +173,11 @@ def test_empty_and_non_parquet_files_are_refused(tmp_path, train_file):
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"id": pa.array([], pa.string()), "loss_1": pa.array([], pa.float64())}), empty)
     with pytest.raises(SplitError, match="empty file"):
-        run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=str(empty), train_file=train_file))
+        run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=str(empty), data=train_file))
     text = tmp_path / "losses.parquet"
     text.write_text("id,loss\n")
     with pytest.raises(SplitError, match="cannot read it as Parquet"):
-        run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=str(text), train_file=train_file))
+        run(SplitConfig(run_dir=str(tmp_path / "run"), trajectories=str(text), data=train_file))
     with pytest.raises(ConfigError, match="trajectories: no such file"):
         SplitConfig(trajectories=str(tmp_path / "missing.parquet"))
 
@@ -188,16 +188,16 @@ def test_rerun_with_other_trajectories_is_refused_unless_overwrite(tmp_path, tra
     other_hard = set(ids[-3:])
     second = write_external(tmp_path / "b.parquet", ids, two_groups(ids, other_hard))
     run_dir = str(tmp_path / "run")
-    run(SplitConfig(run_dir=run_dir, trajectories=first, train_file=train_file))
+    run(SplitConfig(run_dir=run_dir, trajectories=first, data=train_file))
     # Another file: the option differs.
     with pytest.raises(ConfigError, match=r"other settings \(trajectories: .*a\.parquet' -> .*b\.parquet'\)"):
-        run(SplitConfig(run_dir=run_dir, trajectories=second, train_file=train_file))
+        run(SplitConfig(run_dir=run_dir, trajectories=second, data=train_file))
     # The same name, rewritten with other losses: the recorded content differs.
     write_external(tmp_path / "a.parquet", ids, two_groups(ids, other_hard))
     with pytest.raises(ConfigError, match=r"a\.parquet has other content"):
-        run(SplitConfig(run_dir=run_dir, trajectories=first, train_file=train_file))
+        run(SplitConfig(run_dir=run_dir, trajectories=first, data=train_file))
     assert split_rows(tmp_path / "run") == {i: i in ids[:N_HARD] for i in ids}  # untouched by the refusals
-    run(SplitConfig(run_dir=run_dir, trajectories=second, train_file=train_file, overwrite=True))
+    run(SplitConfig(run_dir=run_dir, trajectories=second, data=train_file, overwrite=True))
     assert split_rows(tmp_path / "run") == {i: i in other_hard for i in ids}
 
 
@@ -206,8 +206,8 @@ def test_external_split_feeds_upsample(tmp_path, train_file):
     hard = hard_set(train_file)
     ext = write_external(tmp_path / "t.parquet", ids, two_groups(ids, hard))
     run_dir = str(tmp_path / "run")
-    run(SplitConfig(run_dir=run_dir, trajectories=ext, train_file=train_file))
-    counts = upsample(UpsampleConfig(run_dir=run_dir, arm="hard", m=2, train_file=train_file))
+    run(SplitConfig(run_dir=run_dir, trajectories=ext, data=train_file))
+    counts = upsample(UpsampleConfig(run_dir=run_dir, arm="hard", m=2, data=train_file))
     arm = rundir.RunDir(run_dir).arm("hard")
     assert rundir.read_manifest(arm.manifest) == {i: 3 if i in hard else 1 for i in ids}
     lines = [json.loads(line) for line in arm.train_jsonl.read_text().splitlines()]
@@ -219,7 +219,7 @@ def test_the_documented_command_line(tmp_path, train_file, capsys):
     ids = train_ids(train_file)
     ext = write_external(tmp_path / "t.parquet", ids, two_groups(ids, hard_set(train_file)))
     run_dir = str(tmp_path / "run")
-    cli.main(["split", "--run_dir", run_dir, "--trajectories", ext, "--train_file", train_file])
+    cli.main(["split", "--run_dir", run_dir, "--trajectories", ext, "--data", train_file])
     assert f"{N_HARD} hard and {N_TRAIN - N_HARD} easy examples" in capsys.readouterr().out
     assert split_rows(Path(run_dir)) == {i: i in hard_set(train_file) for i in ids}
 
@@ -244,8 +244,8 @@ def test_trl_sft_trainer_recipe_trains_on_the_upsampled_arm(tmp_path, train_file
     hard = hard_set(train_file)
     run_dir = str(tmp_path / "run")
     ext = write_external(tmp_path / "t.parquet", ids, two_groups(ids, hard))
-    run(SplitConfig(run_dir=run_dir, trajectories=ext, train_file=train_file))
-    upsample(UpsampleConfig(run_dir=run_dir, arm="hard", m=1, train_file=train_file))
+    run(SplitConfig(run_dir=run_dir, trajectories=ext, data=train_file))
+    upsample(UpsampleConfig(run_dir=run_dir, arm="hard", m=1, data=train_file))
     arm = rundir.RunDir(run_dir).arm("hard")
 
     # The documented recipe as written, with only the paths and the length of training changed.

@@ -527,6 +527,7 @@ class EvalConfig(DataFormat):
     """Replace an evaluation made in the same place with other settings (without it such a rerun is refused)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # Refused here, before any data or model is loaded: `--limit -1` once evaluated 49 of 50.
         checks.positive("max_new_tokens", self.max_new_tokens)
         checks.positive("batch_size", self.batch_size)

@@ -124,7 +124,7 @@ class ExperimentConfig(DataFormat):
     synth: SynthConfig = field(default_factory=SynthConfig)
     """Embedded dataset settings (used when train_file is not given; its `out` is RUN/data)."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    """Proxy settings (its run_dir and train_file are set by the experiment)."""
+    """Proxy settings (its run_dir and data are set by the experiment)."""
     features: str = "trajectory"
     """Split features: trajectory | final | relative | residual (the loss left after a fit on each response's mix of
     digits, letters and symbols: what the proxy finds hard beyond the composition of the text)."""
@@ -350,7 +350,7 @@ def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int, files: di
                 m=cfg.m,
                 seed=seed,
                 synth_fn=arm.synth_fn,
-                train_file=files["train"],
+                data=files["train"],
                 heldout=heldout,
                 split_table=str(split_dir(cfg, arm.features).split),
                 out=str(out.root),
@@ -502,9 +502,7 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
     """The shared front of every arm: one profile, and one split per set of features the arms use."""
     arms = [arm_spec(cfg, name) for name in cfg.arms]
     with progress.context("profile"):
-        profile_run(
-            dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, train_file=files["train"], progress=cfg.progress)
-        )
+        profile_run(dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, data=files["train"], progress=cfg.progress))
     for features in dict.fromkeys([cfg.features] + [a.features or cfg.features for a in arms]):
         out = split_dir(cfg, features)
         split_cfg = SplitConfig(
@@ -512,7 +510,7 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
             features=features,
             stratify=cfg.stratify,
             seed=cfg.profile.seed,
-            train_file=files["train"],
+            data=files["train"],
             out=str(out.root),
         )
         if out.summary.exists():
@@ -532,7 +530,7 @@ NOT_COMPARED |= {f"train.{k}" for k in ("split", "val_split", "schema", "fields"
 NOT_COMPARED |= {f"train.{k}" for k in ("save_every", "save_every_minutes", "keep_last", "keep_optimizer_state")}
 NOT_COMPARED |= {"train.log_with"}
 NOT_COMPARED |= {f"profile.{k}" for k in ("split", "schema", "fields", "template")}
-NOT_COMPARED |= {f"profile.{k}" for k in ("run_dir", "train_file", "progress")}
+NOT_COMPARED |= {f"profile.{k}" for k in ("run_dir", "data", "progress")}
 
 
 def check_same_settings(cfg: ExperimentConfig) -> None:

@@ -319,6 +319,7 @@ class ScoreConfig(DataFormat):
     def __post_init__(self) -> None:
         from datalever.models import DTYPES
 
+        super().__post_init__()
         if self.data is None:
             raise checks.ConfigError("data is required: the examples to score (--data FILE or a hub dataset)")
         checks.local_data("data", self.data)

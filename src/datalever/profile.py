@@ -46,7 +46,7 @@ BASE_COLUMNS = ["id", "source", "n_tokens", "n_cut", "flag"]
 log = logging.getLogger(__name__)
 
 # Settings that do not change a single number of the store (where it lives, how it is shown).
-_NOT_IDENTITY = ("run_dir", "train_file", "progress")
+_NOT_IDENTITY = ("run_dir", "data", "progress")
 
 
 @dataclass
@@ -55,10 +55,10 @@ class ProfileConfig(DataFormat):
 
     run_dir: str = "runs/demo"
     """Run directory; the trajectory store is written here."""
-    train_file: str | None = None
+    data: str | None = None
     """Training examples to profile: a file, a datasets directory or a hub dataset (default: RUN/data/train.jsonl)."""
     split: str | None = None
-    """Split of `train_file` when it holds several (a DatasetDict, a hub dataset); default: train."""
+    """Split of `data` when it holds several (a DatasetDict, a hub dataset); default: train."""
     chat_template: str = "auto"
     """How examples are rendered for the proxy: auto (its tokenizer's chat template where it has one, else plain
     text) | none | FILE (a Jinja chat template); with a template the loss covers the assistant turns only."""
@@ -87,6 +87,7 @@ class ProfileConfig(DataFormat):
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks.positive("fraction", self.fraction)
         checks.positive("checkpoints", self.checkpoints)
         checks.positive("batch_size", self.batch_size)
@@ -96,7 +97,7 @@ class ProfileConfig(DataFormat):
         checks.at_most("warmup_ratio", self.warmup_ratio, 1)
         checks.positive("max_length", self.max_length)
         checks.positive("token_budget", self.token_budget, optional=True)
-        checks.local_data("train_file", self.train_file, optional=True)
+        checks.local_data("data", self.data, optional=True)
         check_chat_template(self.chat_template)
 
 
@@ -127,10 +128,13 @@ def _identity(cfg: ProfileConfig, examples) -> dict:
 
 
 def _check_identity(meta_path: Path, meta: dict, identity: dict) -> None:
+    stored = meta.get("config", {})
+    defaults = rundir.to_jsonable(rundir.field_defaults(ProfileConfig))
     diffs = [
-        f"{k}: store has {meta.get('config', {}).get(k)!r}, asked {v!r}"
+        f"{k}: store has {stored.get(k)!r}, asked {v!r}"
         for k, v in identity["config"].items()
-        if meta.get("config", {}).get(k) != v
+        if stored.get(k) != v
+        and not (k not in stored and v == defaults.get(k))  # an option added since, at its default
     ]
     if meta.get("data_fingerprint") != identity["data_fingerprint"]:
         diffs.append("training data: the examples differ from those the store was recorded on")
@@ -146,8 +150,8 @@ def run(cfg: ProfileConfig) -> dict:
     from accelerate import PartialState
 
     run_dir = RunDir(cfg.run_dir)
-    train_file = cfg.train_file or str(run_dir.data_file("train"))
-    examples = read_data(train_file, cfg.data_format(), split=cfg.split, default_split="train")
+    data = cfg.data or str(run_dir.data_file("train"))
+    examples = read_data(data, cfg.data_format(), split=cfg.split, default_split="train")
     identity = _identity(cfg, examples)
     meta_path = run_dir.trajectories_meta
     if meta_path.exists():  # every process checks (read-only) so that all raise or return together
@@ -163,7 +167,7 @@ def run(cfg: ProfileConfig) -> dict:
 
     train_cfg = TrainConfig(
         model=cfg.proxy,
-        data=train_file,
+        data=data,
         split=cfg.split,
         schema=cfg.schema,
         fields=cfg.fields,

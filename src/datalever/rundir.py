@@ -413,18 +413,32 @@ def flatten(settings: dict, prefix: str = "") -> dict:
 
 def settings_differences(recorded: dict, config: Any, ignore: Iterable[str] = ()) -> list[str]:
     """The settings (dotted names, `old -> new`) in which `config` differs from recorded settings; a name in
-    `ignore` (a top-level option or a dotted one) does not count."""
+    `ignore` (a top-level option or a dotted one) does not count. Settings recorded by another version count as
+    the same work where they can: an option added since, at its default (what the earlier version did), and an
+    option no longer there."""
     ignore = set(ignore)
 
     def kept(settings: dict) -> dict:
         return {k: v for k, v in flatten(settings).items() if k not in ignore and k.split(".")[0] not in ignore}
 
-    now, before = kept(to_jsonable(config)), kept(recorded)
+    now, before, defaults = kept(to_jsonable(config)), kept(recorded), flatten(to_jsonable(field_defaults(config)))
     return [
         f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
-        for k in sorted(set(now) | set(before))
-        if now.get(k) != before.get(k)
+        for k in sorted(now)
+        if now[k] != before.get(k) and not (k not in before and k in defaults and now[k] == defaults[k])
     ]
+
+
+def field_defaults(config: Any) -> dict:
+    """A config dataclass's defaults, nested configs included (fields without a default are left out)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = field_defaults(value) if dataclasses.is_dataclass(value) else value
+    return out
 
 
 def refuse_other_settings(

@@ -70,7 +70,7 @@ import numpy as np
 import pandas as pd
 
 from datalever import audit, checks, rundir
-from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE
+from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, read_data
 
 FEATURES = ("trajectory", "final", "relative", "residual")
 LOSS_COLUMN = re.compile(r"^loss_step(\d{6})$")
@@ -83,7 +83,9 @@ class SplitError(ValueError):
 
 
 @dataclass
-class SplitConfig:
+class SplitConfig(DataFormat):
+    """Cluster the examples' loss trajectories into easy and hard (k-means), and audit what "hard" tracks."""
+
     run_dir: str = "runs/demo"
     """Run directory: reads trajectories.parquet (+ .meta.json), writes split.parquet, split_summary.json and plots."""
     features: str = "trajectory"
@@ -101,10 +103,13 @@ class SplitConfig:
     trajectories: str | None = None
     """Loss trajectories computed by another tool, instead of RUN/trajectories.parquet: a Parquet file with an 'id'
     column (datalever content ids of the training examples), optional 'source' and 'flag', and every other numeric
-    column a loss, in checkpoint order (see docs/interop.md). The ids must match train_file's examples exactly."""
-    train_file: str | None = None
-    """Examples file (JSONL) to read difficulty attributes from (meta keys such as level/steps/digits); default
-    RUN/data/train.jsonl if it exists. With trajectories, the ids are checked against it."""
+    column a loss, in checkpoint order (see docs/interop.md). The ids must match the examples of `data` exactly."""
+    data: str | None = None
+    """The training examples (read with the data options, as profile read them): their difficulty columns (level,
+    steps, ...) and composition for the audit; default RUN/data/train.jsonl if it exists. With trajectories, the ids
+    are checked against them."""
+    split: str | None = None
+    """Split of `data` when it holds several (a DatasetDict, a hub dataset); default: train."""
     out: str | None = None
     """Directory for split.parquet, split_summary.json and the plots (default: the run directory; the experiment puts a
     split with other features under RUN/splits/<features>)."""
@@ -112,6 +117,8 @@ class SplitConfig:
     """Replace a split made in the same place with other settings (without it such a rerun is refused)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        checks.local_data("data", self.data, optional=True)
         checks.one_of("features", self.features, FEATURES)
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2:
             raise checks.ConfigError(
@@ -300,7 +307,7 @@ def composition_residuals(losses: np.ndarray, covariates: np.ndarray | None) -> 
     """Each checkpoint's loss minus its least-squares fit on the covariates, fitted over the rows where both are
     finite (the others stay NaN). No intercept is added: the kind fractions sum to 1 and play its part."""
     if covariates is None:
-        raise SplitError("features='residual' needs the examples' composition (a train_file with the examples)")
+        raise SplitError("features='residual' needs the examples' composition (--data: the examples)")
     c = np.asarray(covariates, dtype=np.float64)
     if c.ndim != 2 or c.shape[0] != losses.shape[0]:
         raise SplitError(f"covariates {c.shape} do not match losses {losses.shape}")
@@ -701,12 +708,12 @@ def run(cfg: SplitConfig) -> dict:
     refuse_other_trajectories(out, cfg, digest)
     ids, sources, losses, flags, meta = read_input(cfg, run_dir)
 
-    train_file = Path(cfg.train_file) if cfg.train_file else run_dir.data_file("train")
+    train_file = Path(cfg.data) if cfg.data else run_dir.data_file("train")
     examples = None
-    if train_file.exists():
+    if cfg.data:
+        examples = read_data(cfg.data, cfg.data_format(), split=cfg.split, default_split="train")
+    elif train_file.exists():
         examples = load_examples(str(train_file))
-    elif cfg.train_file:
-        raise SplitError(f"train_file {train_file} does not exist")
     if cfg.trajectories and examples is not None:
         refuse_uncovered(ids, examples, cfg.trajectories, train_file)
     metas = None if examples is None else {ex.id: dict(ex.meta or {}) for ex in examples}

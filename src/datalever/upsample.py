@@ -61,6 +61,8 @@ class UpsampleError(ValueError):
 
 @dataclass
 class UpsampleConfig(DataFormat):
+    """Build one arm's training set from the split: every example once, the selected ones 1 + m times."""
+
     run_dir: str = "runs/demo"
     """Run directory: reads split.parquet and the training examples, writes arms/<arm>/."""
     arm: str = "hard"
@@ -75,11 +77,11 @@ class UpsampleConfig(DataFormat):
     'datalever.synth:variants' for the embedded dataset)."""
     synth_per_hard: int = 1
     """With synth_fn: synthesized variants added per selected example (each used once)."""
-    train_file: str | None = None
+    data: str | None = None
     """Training examples the split was made from (read with the same data options as profile); default
     RUN/data/train.jsonl."""
     split: str | None = None
-    """Split of `train_file` when it holds several (a DatasetDict, a hub dataset); default: train."""
+    """Split of `data` when it holds several (a DatasetDict, a hub dataset); default: train."""
     split_table: str | None = None
     """The easy/hard split to read (split.parquet); default RUN/split.parquet."""
     heldout: list[str] | None = None
@@ -91,6 +93,7 @@ class UpsampleConfig(DataFormat):
     """Replace an arm built in the same place with other settings (without it such a rerun is refused)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checks.one_of("arm", self.arm, ARMS)
         checks.non_negative("m", self.m)
         # Each selected example is used 1 + m times: beyond MAX_M the arm is one example repeated, not a
@@ -260,9 +263,9 @@ def run(cfg: UpsampleConfig) -> dict:
     if not split_path.exists():
         raise UpsampleError(f"no split at {split_path} (run the split stage first)")
     split_df = pq.read_table(split_path).to_pandas()
-    train_file = Path(cfg.train_file) if cfg.train_file else run_dir.data_file("train")
+    train_file = Path(cfg.data) if cfg.data else run_dir.data_file("train")
     if looks_local(str(train_file)) and not train_file.exists():
-        raise UpsampleError(f"training examples not found at {train_file} (set train_file)")
+        raise UpsampleError(f"training examples not found at {train_file} (set --data)")
     examples = read_data(str(train_file), cfg.data_format(), split=cfg.split, default_split="train")
     by_id = {ex.id: ex for ex in examples}
     split_ids = set(split_df["id"].astype(str))
