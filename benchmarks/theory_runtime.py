@@ -1,7 +1,7 @@
 """Runtime of `datalever theory`: the per-step cost of the vectorized trainer and the default run.
 
 python benchmarks/theory_runtime.py            # per-step cost only (a few seconds)
-python benchmarks/theory_runtime.py --full     # also the default run, written to a temp dir
+python benchmarks/theory_runtime.py --full     # also the default run (sweep, search, rerun: minutes), to a temp dir
 """
 
 from __future__ import annotations

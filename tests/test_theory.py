@@ -2,6 +2,7 @@
 token-level model, finite differences, closed forms of the reduced ODEs and of the population
 loss), never against the module's own saved output."""
 
+import dataclasses
 import json
 import math
 
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from datalever import theory as th
+from datalever.checks import ConfigError
+from datalever.theory import runs, sweep
 
 torch.set_num_threads(1)
 
@@ -92,6 +95,27 @@ def test_weights_equal_duplication():
     assert a.c == pytest.approx(b.c, rel=1e-12)
 
 
+def test_upsampled_stats_equal_weights_and_train_alike():
+    lam, lam_t, U, feat, g, tokens, y = _setup([1.0, 0.5, 0.25], N=6, P=200, seed=7)
+    F = feat.of_tokens(tokens)
+    hard = torch.rand(200, generator=g) < 0.2
+    whole, part = th.pool_stats(F, y), th.pool_stats(F[hard], y[hard])
+    for factor in (2.0, 5.0):
+        ref = th.pool_stats(F, y, torch.where(hard, factor, 1.0).to(torch.float64))
+        got = th.upsampled_stats(whole, part, 200, int(hard.sum()), factor).dense()
+        torch.testing.assert_close(got.M, ref.M, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got.b, ref.b, rtol=1e-12, atol=1e-14)
+        assert got.c == pytest.approx(ref.c, rel=1e-12)
+    # training on the mixture (each matrix read once per step) equals training on its dense moments
+    mix = th.upsampled_stats(whole, part, 200, int(hard.sum()), 3.0)
+    theta = th.random_init(3, 2, 3, 0.1, g)
+    args = ([0, 2, 1], [0.0, 0.05, 0.03], 0.1, 60, 10, lam_t, U)
+    a = th.train(feat, theta, [(slice(0, 1), whole), (slice(1, 3), mix)], *args)
+    b = th.train(feat, theta, [(slice(0, 1), whole), (slice(1, 3), mix.dense())], *args)
+    torch.testing.assert_close(a[0], b[0], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(a[1]["train"], b[1]["train"], rtol=1e-10, atol=1e-13)
+
+
 def test_effective_map_counts_both_pathways():
     """A head that carries y through its key (k_y, v_x) predicts s^T Gamma x_q exactly, and the
     measured map sees it; so does a head that carries y through its value."""
@@ -144,6 +168,60 @@ def test_entropy():
     assert np.isnan(th.entropy([1.0, np.nan]))
 
 
+def test_entropy_fraction_of_uniform_and_one_hot():
+    for d in (2, 4, 8):
+        assert th.fraction_of_max(th.distribution_entropy(np.full(d, 1 / d)), d) == pytest.approx(1.0)
+        assert th.fraction_of_max(th.distribution_entropy(np.eye(d)[0]), d) == 0.0
+    assert th.fraction_of_max(th.distribution_entropy([0.5, 0.5, 0.0, 0.0]), 4) == pytest.approx(0.5)
+    assert th.entropy_fraction([3.0, 3.0, 3.0]) == pytest.approx(1.0)
+    assert th.entropy_fraction([1.0, 2.0, 7.0]) == pytest.approx(th.entropy([1.0, 2.0, 7.0]) / math.log(3))
+    assert np.isnan(th.entropy_fraction([1.0, np.nan]))
+
+
+def test_entropy_beyond_delay():
+    from datalever.theory.report import entropy_beyond_delay
+
+    gd_times = np.array([10.0, 20.0, 40.0, 80.0])
+    gd = {"learning_times": gd_times.tolist(), "first_learning_time": 10.0}
+
+    def run(times):
+        return {"entropy": th.entropy(times), "first_learning_time": float(np.min(times))}
+
+    delayed = gd_times + 30.0  # every direction waits 30 longer: a higher entropy, all of it delay
+    assert th.entropy(delayed) > th.entropy(gd_times) + 0.1
+    assert entropy_beyond_delay(run(delayed), gd) == pytest.approx(0.0, abs=1e-12)
+    evened = np.array([40.0, 45.0, 55.0, 80.0])  # the same wait for the first, the later ones closer together
+    assert entropy_beyond_delay(run(evened), gd) > 0.03
+    assert entropy_beyond_delay(run(2 * gd_times), gd) < 0  # slower overall: longer than a pure delay of 10
+
+
+def _hand_made_curves():
+    """Four directions with optimum 0.8: learned early; never leaving the saddle; rising only at the very end
+    (below half the optimum when the run stops); at the optimum by the end but still rising at 80% of the run."""
+    t = np.linspace(0, 100, 1001)
+    learned = 0.8 / (1 + np.exp(-(t - 20)))
+    at_saddle = np.full_like(t, 0.01)
+    late_partial = 0.3 / (1 + np.exp(-(t - 90)))
+    late_full = 0.8 / (1 + np.exp(-(t - 85)))
+    return t, np.stack([learned, at_saddle, late_partial, late_full], 1), np.full(4, 0.8)
+
+
+def test_stall_detector_on_hand_made_curves():
+    t, m, m_star = _hand_made_curves()
+    times, final = th.learning_times(t, m, m_star)
+    assert list(th.stalled_directions(final, m_star)) == [False, True, True, False]
+    assert times[0] == pytest.approx(20.0, abs=1e-3) and np.isnan(times[1:]).all()
+    # and measure_runs counts them per run: 1 learned, 2 stalled, 1 unsettled (learned late, not stalled)
+    cfg = th.TheoryConfig(d=4, eigenvalues=[1.0, 0.8, 0.6, 0.4], aligned=False, sweep=False, search=False)
+    problem = runs.make_problem(cfg)
+    problem.kap = 1 / m_star
+    R = len(problem.runs)
+    log = runs.TrainingLog(t, np.repeat(m[:, None, :], R, 1), np.zeros((len(t), R)), 0.0)
+    p = runs.measure_runs(problem, log)[0]
+    assert (p["learned"], p["stalled"], p["unsettled"]) == (1, 2, 1)
+    assert np.isnan(p["entropy"]) and p["first_learning_time"] == pytest.approx(20.0, abs=1e-3)
+
+
 def test_select_hard():
     rng = np.random.default_rng(0)
     easy = 1.0 + 0.1 * rng.random((80, 6)) - np.linspace(0, 0.9, 6)  # falls
@@ -154,6 +232,52 @@ def test_select_hard():
         assert mask[80:].all() and not mask[:80].any(), feats
     with pytest.raises(ValueError):
         th.select_hard(np.full((4, 3), np.nan), "loss", 0)
+
+
+def test_proxy_records_over_a_fraction_of_the_run():
+    cfg = th.TheoryConfig(
+        d=3, eigenvalues=[1.0, 0.5, 0.25], context=8, heads=4, steps=300, proxy_checkpoints=4, pool=256, test=64
+    )
+    assert runs.checkpoint_steps(cfg, 1 / 3) == [25, 50, 75, 100]
+    assert runs.proxy_steps(cfg, 0.001) == 4  # at least one step per checkpoint
+    problem = runs.make_problem(cfg)
+    g = torch.Generator().manual_seed(0)
+    tokens, y, _ = th.sample_sequences(256, 8, problem.lam_t, problem.U, g)
+    F = problem.feat.of_tokens(tokens)
+    theta = th.random_init(1, 4, 3, 0.05, g)
+    both = runs._proxy_losses(problem, F, y, th.pool_stats(F, y), theta, [1 / 6, 1 / 2])
+    alone = runs._proxy_losses(problem, F, y, th.pool_stats(F, y), theta, [1 / 6])
+    np.testing.assert_array_equal(both[1 / 6], alone[1 / 6])  # one run to the longest serves the shorter
+    assert both[1 / 2].shape == (256, 4) and not np.array_equal(both[1 / 2], both[1 / 6])
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("rho_global", -0.1),
+        ("rho_per_head", -1.0),
+        ("record_fraction", 0.0),
+        ("record_fraction", 1.5),
+        ("search_record_fraction", [0.5, 2.0]),
+        ("search_upsample", [0.0]),
+        ("sweep_rho_global", [0.0, -0.1]),
+        ("hard_features", ["bogus"]),
+        ("steps", 0),
+    ],
+)
+def test_config_refuses_bad_values(option, value):
+    with pytest.raises(ConfigError, match=option):
+        th.TheoryConfig(**{option: value})
+
+
+def test_best_is_chosen_on_entropy_among_runs_that_learned_everything():
+    def row(gain, loss, seeds_ok):
+        return {"delta_entropy_vs_gd": (gain, 0.01), "final_test_loss": (loss, 0.0), "seeds_with_entropy": seeds_ok}
+
+    rows = [{**row(0.1, 0.5, 5), "runs": 5}, {**row(0.3, 0.9, 5), "runs": 5}, {**row(0.5, 0.4, 3), "runs": 5}]
+    assert sweep.best(rows) is rows[1]  # not the lower test loss, not the one where two seeds stalled
+    assert sweep.best(rows[2:]) is None
+    assert runs.sam_spec("sam_head", 0.0) == runs.sam_spec("sam_global", 0.0) == th.ArmSpec()  # rho 0 is GD
 
 
 # ----------------------------------------------------------------------------- reduced ODEs
@@ -193,6 +317,21 @@ def test_ode_per_head_sam_rescales_uniformly_and_stalls():
     glob = th.ode_learning_times(lam, kap, v0, c * math.sqrt(3), 2)
     assert glob[0] / gd[0] > glob[-1] / gd[-1] > 1
     assert th.entropy(glob) > th.entropy(gd) + 0.01
+
+
+def test_ode_global_sam_is_not_limited_by_the_per_head_stall_radius():
+    """Past sqrt(3) v0 every per-head direction stalls, while global SAM still learns them all; its entropy
+    rises with a long wait of the top directions at the saddle (delay), not by speeding up the last ones."""
+    lam = np.geomspace(1, 0.25, 8)
+    kap = th.kappa(lam, 32)
+    v0 = 0.05
+    rho = 1.2 * math.sqrt(3) * v0
+    assert np.all(np.isnan(th.ode_learning_times(lam, kap, v0, rho, 1)))
+    gd = th.ode_learning_times(lam, kap, v0, 0.0, 0)
+    glob = th.ode_learning_times(lam, kap, v0, rho, 2)
+    assert np.all(np.isfinite(glob))
+    assert glob[0] > 3 * gd[0] and np.all(glob >= gd)
+    assert th.entropy(glob) > th.entropy(gd) + 0.1
 
 
 # ----------------------------------------------------------------------------- training
@@ -240,6 +379,42 @@ def test_gd_learns_in_order_with_plateaus():
     assert L[-1] == pytest.approx(plateau[3], rel=0.03)
 
 
+def test_sweep_over_seeds_equals_separate_runs():
+    """The sweep's runs, batched with every other run and seed, give the numbers of a run of one seed at one
+    radius; its rho 0 is GD's runs."""
+    base = th.TheoryConfig(
+        d=3,
+        eigenvalues=[1.0, 0.7, 0.5],
+        context=8,
+        heads=4,
+        init_scale=0.1,
+        lr=0.2,
+        steps=500,
+        seeds=2,
+        pool=2048,  # with 384 sequences GD drifts at the end and batching's rounding grows to 1e-5
+        test=256,
+        aligned=False,
+        controls=False,
+        hard_features=[],
+        search=False,
+        confirm=False,
+        sweep_rho_per_head=[0.0, 0.05],
+        sweep_rho_global=[0.0, 0.1],
+        progress=False,
+    )
+    batched = th.simulate(runs.make_problem(base), with_ode=False)
+    assert batched.sweep["sam_head"][0]["entropy"] == batched.summary["random/gd"]["entropy"]
+    for s in range(2):
+        one = dataclasses.replace(base, seed=s, seeds=1, sweep=False, rho_per_head=0.05, rho_global=0.1)
+        alone = th.simulate(runs.make_problem(one), with_ode=False)
+        for arm, name in (("gd", "gd"), ("sam_head", "sam_head@0.05"), ("sam_global", "sam_global@0.1")):
+            a = next(p for p in batched.per_run if p["arm"] == name and p["seed"] == s)
+            b = next(p for p in alone.per_run if p["arm"] == arm)
+            np.testing.assert_allclose(a["learning_times"], b["learning_times"], rtol=1e-9)
+            assert a["final_test_loss"] == pytest.approx(b["final_test_loss"], rel=1e-9)
+            assert a["stalled"] == b["stalled"]
+
+
 def test_ode_matches_simulation_small_init():
     """Aligned, balanced init (the ODE ansatz), v0 = 0.03, large pool (2^17 sequences), lr 0.2.
     Stated tolerance: 5% on every learning time for GD and per-head SAM, and on the first
@@ -279,7 +454,11 @@ def test_run_writes_table_and_plots(tmp_path):
         seeds=2,
         pool=512,
         test=256,
-        proxy_steps=40,
+        record_fraction=0.15,
+        sweep_rho_per_head=[0.0, 0.05],
+        sweep_rho_global=[0.0, 0.05, 0.1],
+        search_upsample=[2.0, 5.0],
+        search_record_fraction=[0.15, 0.3],
         progress=False,
     )
     res = th.run(cfg)
@@ -289,9 +468,18 @@ def test_run_writes_table_and_plots(tmp_path):
     table = (out / "results.md").read_text()
     for label in ("GD", "SAM per-head", "SAM global", "reshaped GD (loss)", "reshaped GD (final)", "control: easy"):
         assert f"| random | {label}" in table
-    for name in ("loss.png", "directions.png", "learning_times.png", "ode.png", "entropy_vs_rho.png"):
-        assert (out / name).stat().st_size > 1000
+    for head in ("entropy / ln d", "SAM against rho", "Reshaped pools", "How far the data lever gets", "fresh seeds"):
+        assert head in table
+    for name in ("loss", "directions", "learning_times", "ode", "entropy_vs_rho", "stalls_vs_rho", "search"):
+        assert (out / f"{name}.png").stat().st_size > 1000
     assert res["arms"] == th.arms_of(cfg) and len(res["arms"]) == 7
-    assert set(res["summary"]) == {f"{i}/{a}" for i in ("random", "aligned") for a in res["arms"]}
-    assert len(res["runs"]) == 2 * 7 * 2
+    main = {f"{i}/{a}" for i in ("random", "aligned") for a in res["arms"]}
+    assert main <= set(res["summary"])
+    # the sweep's rho 0 is GD's runs; the search's (loss, x3 would be, 0.15) grid is 2 x 2 x 2 pools
+    assert [r["rho"] for r in res["sweep"]["sam_global"]] == [0.0, 0.05, 0.1]
+    assert res["sweep"]["sam_head"][0]["entropy"] == res["summary"]["random/gd"]["entropy"]
+    assert len(res["search"]) == 8
+    # main arms x inits + 3 new SAM radii + 8 search pools, per seed
+    assert len(res["runs"]) == 2 * (7 * 2 + 3 + 8)
     assert [h["checkpoints"] for h in res["hard"]] == [cfg.proxy_checkpoints] * 2
+    assert res["confirm"]["config"]["seed"] == 2 and len(res["confirm"]["rows"]) in (3, 4)

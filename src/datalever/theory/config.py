@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from datalever import checks
+
 
 @dataclass
 class TheoryConfig:
@@ -36,10 +38,13 @@ class TheoryConfig:
     """Training steps per run (full-batch GD / SAM on the pool)."""
     log_every: int = 10
     """Record the learned map, train and test loss every this many steps."""
-    rho: float = 0.02
-    """SAM radius (both normalizations). Keep it well below the stall radius sqrt(3) x init_scale, where an
-    aligned head stalls at the saddle; per-head SAM from a random init stalls small heads earlier
-    (docs/theory.md)."""
+    rho_per_head: float = 0.02
+    """SAM radius with the perturbation normalized per head (each head moved by rho). An aligned head stalls at
+    the saddle from rho = sqrt(3) x init_scale; from a random init small heads stall earlier (docs/theory.md)."""
+    rho_global: float = 0.15
+    """SAM radius with the perturbation normalized by the run's global gradient norm. Its limit is not sqrt(3) x
+    init_scale: in the default setting every seed learns every direction up to 0.2 (4 x init_scale) and seeds
+    stall from 0.25 (the sweep); the entropy it gains there is a longer wait at the saddle (docs/theory.md)."""
     seeds: int = 5
     """Number of seeds (each: its own pool, test set, proxy and random init, shared by all arms)."""
     seed: int = 0
@@ -48,9 +53,11 @@ class TheoryConfig:
     """Training pool size (sequences) per seed; GD is full-batch on it."""
     test: int = 16384
     """Fresh test sequences per seed."""
-    proxy_steps: int = 600
-    """Steps of the proxy GD run (own random init) whose per-sequence losses pick the hard sequences
-    (600 x lr 0.1: t=60, about the top half of the directions learned)."""
+    record_fraction: float = 0.1
+    """Length of the proxy GD run (own random init) whose per-sequence losses pick the hard sequences, as a
+    fraction of the target's run (`steps`): the practical method records a proxy over 1/3 epoch while the
+    target trains 3 epochs, about 1/9 of the target's passes. 0.1 of the default run is t=60, about the
+    top half of the directions learned."""
     proxy_checkpoints: int = 8
     """Number of evenly spaced checkpoints in the proxy run at which each sequence's loss is recorded."""
     hard_features: list[str] = field(default_factory=lambda: ["loss", "final"])
@@ -69,9 +76,30 @@ class TheoryConfig:
     solver)."""
     final_window: float = 0.05
     """Fraction of the logged trajectory, at its end, averaged to give each direction's final value."""
-    rho_sweep: Optional[list[float]] = None
-    """Radii for the ODE-only curve of entropy against rho (per-head and global). None: 10 values from 0 to
-    0.9 x the per-head stall radius sqrt(3) x init_scale."""
+    sweep: bool = True
+    """Also train SAM (random init, every seed) at each radius of `sweep_rho_per_head` and `sweep_rho_global`,
+    and integrate the reduced ODEs on the same radii: entropy, stalls and test loss against rho."""
+    sweep_rho_per_head: list[float] = field(
+        default_factory=lambda: [0.0, 0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.087, 0.1, 0.13]
+    )
+    """Radii of the per-head sweep: up to and past the aligned stall radius sqrt(3) x init_scale (0.087)."""
+    sweep_rho_global: list[float] = field(
+        default_factory=lambda: [0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4]
+    )
+    """Radii of the global sweep: up to and past where seeds stall."""
+    search: bool = True
+    """Also train GD (random init, every seed) on every reshaped pool of the grid `search_features` x
+    `search_upsample` x `search_record_fraction`: how far the data lever gets toward SAM."""
+    search_features: list[str] = field(default_factory=lambda: ["loss", "final"])
+    """Hard-cluster features of the search (as `hard_features`)."""
+    search_upsample: list[float] = field(default_factory=lambda: [2.0, 3.0, 5.0, 10.0])
+    """Upsampling factors of the search (how many times each hard sequence counts)."""
+    search_record_fraction: list[float] = field(default_factory=lambda: [0.05, 0.1, 1 / 6, 1 / 3, 0.5])
+    """Proxy recording fractions of the search (as `record_fraction`)."""
+    confirm: bool = True
+    """Rerun GD, the best non-stalling SAM of each normalization and the best reshaped pool (chosen on the sweep
+    and search seeds by entropy alone) on as many fresh seeds, so the winners are not measured on the seeds
+    that chose them."""
     device: str = "cpu"
     """Torch device for the simulation ('cpu' or 'cuda')."""
     threads: int = 1
@@ -80,3 +108,36 @@ class TheoryConfig:
     """Write the PNG plots."""
     progress: bool = True
     """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        # Refused here, in a second and naming the option, rather than minutes into the training.
+        for name in ("d", "context", "heads", "init_scale", "lr", "steps", "log_every", "seeds", "pool", "test"):
+            checks.positive(name, getattr(self, name))
+        for name in ("eig_max", "eig_min", "proxy_checkpoints", "upsample", "ode_dt", "final_window", "threads"):
+            checks.positive(name, getattr(self, name))
+        checks.non_negative("rho_per_head", self.rho_per_head)
+        checks.non_negative("rho_global", self.rho_global)
+        checks.non_negative("seed", self.seed)
+        _fraction("record_fraction", self.record_fraction)
+        checks.at_most("final_window", self.final_window, 1.0)
+        for f in self.hard_features:
+            checks.one_of("hard_features", f, HARD_FEATURES)
+        for f in self.search_features:
+            checks.one_of("search_features", f, HARD_FEATURES)
+        for name in ("sweep_rho_per_head", "sweep_rho_global"):
+            for r in getattr(self, name):
+                checks.non_negative(name, r)
+        for u in self.search_upsample:
+            checks.positive("search_upsample", u)
+        for f in self.search_record_fraction:
+            _fraction("search_record_fraction", f)
+        checks.one_of("device", self.device.split(":")[0], ("cpu", "cuda"))
+
+
+HARD_FEATURES = ("loss", "final", "log", "ratio")
+
+
+def _fraction(name: str, value) -> None:
+    """0 < value <= 1."""
+    checks.positive(name, value)
+    checks.at_most(name, value, 1.0)

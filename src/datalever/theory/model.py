@@ -165,28 +165,88 @@ def pool_stats(F, y, weights=None) -> Stats:
     return Stats(Fw.T @ F / n, Fw.T @ y / n, float((wts * y * y).mean()))
 
 
-def _group_loss(t, groups, want_grad: bool, want_loss: bool = True):
-    loss = torch.empty(t.shape[0], dtype=t.dtype, device=t.device) if want_loss else None
-    gt = torch.empty_like(t) if want_grad else None
+@dataclass
+class Mixture:
+    """Pool moments as a weighted sum of other pools' moments (a reweighted pool: its seed's whole pool plus
+    the upsampled part). Training reads each part's matrix once per step for all the pools that mix it."""
+
+    parts: list[tuple[float, Stats]]
+
+    def dense(self) -> Stats:
+        return Stats(
+            sum(w * st.M for w, st in self.parts),
+            sum(w * st.b for w, st in self.parts),
+            float(sum(w * st.c for w, st in self.parts)),
+        )
+
+
+def upsampled_stats(whole: Stats, part: Stats, n: int, n_part: int, factor: float) -> Mixture:
+    """The moments of a pool of n sequences whose n_part sequences in `part` count `factor` times, from the
+    moments of the whole pool and of the part: pool_stats with those weights (tested), without another pass
+    over the pool for each factor."""
+    a, b = float(n), (factor - 1.0) * n_part
+    return Mixture([(a / (a + b), whole), (b / (a + b), part)])
+
+
+@dataclass
+class _Plan:
+    """Groups of runs as the distinct moment matrices they read: per matrix the runs and their weights, and
+    per run the summed linear and constant terms."""
+
+    matrices: list[tuple[torch.Tensor, slice | torch.Tensor, torch.Tensor]]  # (M, rows, weights (n, 1))
+    b: torch.Tensor  # (R, features)
+    c: torch.Tensor  # (R,)
+
+
+def make_plan(groups, R: int, like: torch.Tensor) -> _Plan:
+    """groups: list of (run indices or slice, Stats or Mixture), every run in exactly one group; like: a tensor
+    (any rows, features) with the dtype and device of the model's tensors."""
+    by_matrix: dict[int, tuple[Stats, list, list]] = {}
     for idx, st in groups:
-        tt = t[idx]
-        Mt = tt @ st.M
-        if want_loss:
-            loss[idx] = 0.5 * ((tt * Mt).sum(-1) - 2 * tt @ st.b + st.c)
-        if want_grad:
-            gt[idx] = Mt - st.b
-    return loss, gt
+        rows = _rows(idx, R)
+        for w, base in st.parts if isinstance(st, Mixture) else [(1.0, st)]:
+            entry = by_matrix.setdefault(id(base), (base, [], []))
+            entry[1].extend(rows)
+            entry[2].extend([w] * len(rows))
+    b = torch.zeros(R, like.shape[-1], dtype=like.dtype, device=like.device)
+    c = torch.zeros(R, dtype=like.dtype, device=like.device)
+    matrices = []
+    for base, rows, ws in by_matrix.values():
+        w = torch.tensor(ws, dtype=like.dtype, device=like.device)[:, None]
+        r = torch.tensor(rows, dtype=torch.long, device=like.device)
+        b.index_add_(0, r, w * base.b[None, :])
+        c.index_add_(0, r, w[:, 0] * base.c)
+        matrices.append((base.M, rows_index(rows), w))
+    return _Plan(matrices, b, c)
+
+
+def _group_loss(t, plan: _Plan, want_grad: bool, want_loss: bool = True):
+    Mt = torch.zeros_like(t)
+    for M, idx, w in plan.matrices:
+        prod = w * (t[idx] @ M)
+        if isinstance(idx, slice):
+            Mt[idx] += prod
+        else:
+            Mt.index_add_(0, idx, prod)
+    loss = 0.5 * ((t * Mt).sum(-1) - 2 * (t * plan.b).sum(-1) + plan.c) if want_loss else None
+    return loss, (Mt - plan.b) if want_grad else None
+
+
+def _as_plan(groups, t) -> _Plan:
+    return groups if isinstance(groups, _Plan) else make_plan(groups, t.shape[0], t)
 
 
 def loss_and_grad(feat: Features, theta, groups, want_loss: bool = True):
-    """Pool loss (R,) and its gradient (R, 3, H, d+1); groups: list of (run indices or slice, Stats)."""
+    """Pool loss (R,) and its gradient (R, 3, H, d+1); groups: list of (run indices or slice, Stats or Mixture),
+    or their plan."""
     t = feat.tensor(theta)
-    loss, gt = _group_loss(t, groups, True, want_loss)
+    loss, gt = _group_loss(t, _as_plan(groups, t), True, want_loss)
     return loss, feat.grad_theta(theta, gt)
 
 
 def loss_only(feat: Features, theta, groups):
-    return _group_loss(feat.tensor(theta), groups, False)[0]
+    t = feat.tensor(theta)
+    return _group_loss(t, _as_plan(groups, t), False)[0]
 
 
 def effective_map(theta, lam, U):
@@ -238,7 +298,7 @@ class _SamRuns:
     idx: slice | torch.Tensor  # the SAM runs' rows in the batch
     per_head: torch.Tensor  # (S, 1, 1, 1), True: perturbation normalized per head, False: globally
     rho: torch.Tensor  # (S, 1, 1, 1)
-    groups: list  # the batch's groups, with rows renumbered within the sub-batch
+    groups: list | _Plan  # the batch's groups, with rows renumbered within the sub-batch (then their plan)
 
 
 def _sam_runs(mode, rho, groups, theta) -> _SamRuns | None:
@@ -292,6 +352,13 @@ def train(
     test (L, R)} with t = step * lr."""
     theta = theta.clone()
     sam = _sam_runs(mode, rho, groups, theta)
+    like = feat.tensor(theta[:1])
+    # each moment matrix read once per step (plans built once, not per step)
+    if sam is not None:
+        sam.groups = make_plan(sam.groups, len(_rows(sam.idx, theta.shape[0])), like)
+    groups = make_plan(groups, theta.shape[0], like)
+    if test_groups is not None:
+        test_groups = make_plan(test_groups, theta.shape[0], like)
     logs = {"t": [], "m": [], "train": [], "test": []}
     for step in range(steps + 1):
         if step % log_every == 0 or step == steps:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from datalever.theory.runs import MODES, OPTIMIZER_ARMS, Problem, entropy
+from datalever.theory.runs import MODES, OPTIMIZER_ARMS, Problem, entropy, fraction_of_max
 
 # ----------------------------------------------------------------------------- the reduced ODEs
 
@@ -139,30 +139,53 @@ class OdeArm:
 
 
 def ode_arms(problem: Problem) -> dict[str, OdeArm]:
-    """GD, SAM per head and SAM global in the reduced ODEs, at the runs' init scale and rho."""
+    """GD, SAM per head and SAM global in the reduced ODEs, at the runs' init scale and radii."""
     cfg = problem.cfg
     T = cfg.steps * cfg.lr
     res = {}
     for arm in OPTIMIZER_ARMS:
         mode = MODES[arm]
-        rho = cfg.rho if mode else 0.0
+        rho = problem.specs[arm].rho
         times = ode_learning_times(problem.lam, problem.kap, cfg.init_scale, rho, mode)
         t, m = ode_curves(problem.lam, problem.kap, cfg.init_scale, rho, mode, T, cfg.ode_dt)
         res[arm] = OdeArm(times.tolist(), entropy(times), t, m[:, 0])
     return res
 
 
-def rho_sweep(problem: Problem) -> dict:
-    """ODE learning times and entropy of both SAM normalizations over a range of rho."""
+def sweep_radii(problem: Problem) -> dict[str, list[float]]:
+    """Normalization -> the sweep's radii (the simulated ones; without the simulated sweep, 10 radii from 0
+    to 1.5 x the per-head stall radius sqrt(3) x init_scale, for the ODE alone)."""
     cfg = problem.cfg
-    stall = math.sqrt(3.0) * cfg.init_scale
-    radii = (np.linspace(0.0, 0.9, 10) * stall) if cfg.rho_sweep is None else np.asarray(cfg.rho_sweep, float)
-    sweep = {"stall_rho": stall}
-    for arm in ("sam_head", "sam_global"):
-        lts = [ode_learning_times(problem.lam, problem.kap, cfg.init_scale, float(r), MODES[arm]) for r in radii]
+    if cfg.sweep:
+        return {"sam_head": list(cfg.sweep_rho_per_head), "sam_global": list(cfg.sweep_rho_global)}
+    default = (np.linspace(0.0, 1.5, 10) * math.sqrt(3.0) * cfg.init_scale).tolist()
+    return {"sam_head": default, "sam_global": default}
+
+
+def rho_sweep(problem: Problem) -> dict:
+    """The reduced ODEs of both SAM normalizations over the sweep's radii: learning times, entropy (nats and
+    fraction of ln d), stalled directions (never reaching half their optimum, up to 100 x GD's slowest time),
+    late ones (learned after the simulated run's end T), the first learning time against GD's (the wait at
+    the saddle) and the entropy beyond that of GD's times delayed by the same wait (report.entropy_beyond_delay)."""
+    cfg = problem.cfg
+    lam, kap, v0 = problem.lam, problem.kap, cfg.init_scale
+    gd_times = ode_learning_times(lam, kap, v0, 0.0, 0)
+    gd_first = float(np.min(gd_times))
+    T = cfg.steps * cfg.lr
+    sweep = {"stall_rho_per_head": math.sqrt(3.0) * v0}
+    for arm, radii in sweep_radii(problem).items():
+        lts = [ode_learning_times(lam, kap, v0, float(r), MODES[arm]) for r in radii]
+        ent = [entropy(x) for x in lts]
         sweep[arm] = {
-            "rho": radii.tolist(),
-            "entropy": [entropy(x) for x in lts],
+            "rho": [float(r) for r in radii],
+            "entropy": ent,
+            "entropy_fraction": [fraction_of_max(h, cfg.d) for h in ent],
+            "stalled": [int(np.isnan(x).sum()) for x in lts],
+            "late": [int((x > T).sum()) for x in lts],
+            "first_time_ratio": [float(np.nanmin(x)) / gd_first if np.isfinite(x).any() else math.nan for x in lts],
+            "beyond_delay_fraction": [
+                fraction_of_max(h - entropy(gd_times + (np.min(x) - gd_first)), cfg.d) for h, x in zip(ent, lts)
+            ],
             "learning_times": [x.tolist() for x in lts],
         }
     return sweep

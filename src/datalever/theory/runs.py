@@ -4,6 +4,7 @@ run measures (learning times and their entropy)."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,6 +26,7 @@ from datalever.theory.model import (
     sample_sequences,
     spectrum,
     train,
+    upsampled_stats,
 )
 
 DTYPE = torch.float64
@@ -32,20 +34,82 @@ _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy >= 2 renamed tr
 
 # ----------------------------------------------------------------------------- arms and the grid of runs
 
-# the arms: three optimizers on the uniform pool, plain GD (mode 0, as `train` takes it) on reweighted pools
+# the optimizers, as `train` takes them (mode)
 MODES = {"gd": 0, "sam_head": 1, "sam_global": 2}
 OPTIMIZER_ARMS = ("gd", "sam_head", "sam_global")
 CONTROL_ARMS = ("easy", "random")
 
 
-def is_pool_arm(arm: str) -> bool:
-    """Plain GD on a reweighted pool (reshaped or a control)."""
-    return arm.startswith("reshaped:") or arm in CONTROL_ARMS
+@dataclass(frozen=True)
+class ArmSpec:
+    """What a run trains with: an optimizer and its radius, on the uniform pool or on a reweighted one (a
+    selection of the pool counted `upsample` times, picked from a proxy run of `record_fraction` x steps)."""
+
+    optimizer: str = "gd"
+    rho: float = 0.0
+    selector: str | None = None  # None: the uniform pool; a hard feature ('loss', 'final', ...), 'easy' or 'random'
+    upsample: float = 1.0
+    record_fraction: float = 0.0
+
+    @property
+    def mode(self) -> int:
+        return MODES[self.optimizer]
+
+    @property
+    def pool_key(self) -> tuple | None:
+        """Runs with the same key (and seed) train on the same pool; None: the uniform pool."""
+        return None if self.selector is None else (self.selector, self.upsample, self.record_fraction)
+
+
+def sam_spec(optimizer: str, rho: float) -> ArmSpec:
+    """SAM at radius 0 is GD exactly (tested), so it is GD's spec and shares GD's runs."""
+    return ArmSpec() if rho == 0 else ArmSpec(optimizer, float(rho))
+
+
+def pool_spec(selector: str, upsample: float, record_fraction: float) -> ArmSpec:
+    return ArmSpec("gd", 0.0, selector, float(upsample), float(record_fraction))
 
 
 def arms_of(cfg: TheoryConfig) -> list[str]:
-    """The optimizer arms, one reshaped arm per hard-feature choice, then the controls."""
+    """The main arms (the table's rows): the optimizers, one reshaped arm per hard feature, the controls."""
     return [*OPTIMIZER_ARMS, *(f"reshaped:{f}" for f in cfg.hard_features), *(CONTROL_ARMS if cfg.controls else ())]
+
+
+def main_specs(cfg: TheoryConfig) -> dict[str, ArmSpec]:
+    specs = {
+        "gd": ArmSpec(),
+        "sam_head": sam_spec("sam_head", cfg.rho_per_head),
+        "sam_global": sam_spec("sam_global", cfg.rho_global),
+    }
+    for f in cfg.hard_features:
+        specs[f"reshaped:{f}"] = pool_spec(f, cfg.upsample, cfg.record_fraction)
+    for c in CONTROL_ARMS if cfg.controls else ():
+        specs[c] = pool_spec(c, cfg.upsample, cfg.record_fraction)
+    return specs
+
+
+def sweep_arm_name(optimizer: str, rho: float) -> str:
+    return f"{optimizer}@{rho:g}"
+
+
+def search_arm_name(spec: ArmSpec) -> str:
+    return f"search:{spec.selector}:x{spec.upsample:g}:f{spec.record_fraction:.3g}"
+
+
+def extra_specs(cfg: TheoryConfig) -> dict[str, ArmSpec]:
+    """The sweep's SAM arms and the search's reshaped pools (random init only), by name."""
+    specs = {}
+    if cfg.sweep:
+        for opt, radii in (("sam_head", cfg.sweep_rho_per_head), ("sam_global", cfg.sweep_rho_global)):
+            for rho in radii:
+                specs[sweep_arm_name(opt, rho)] = sam_spec(opt, rho)
+    if cfg.search:
+        for f in cfg.search_features:
+            for frac in cfg.search_record_fraction:
+                for up in cfg.search_upsample:
+                    spec = pool_spec(f, up, frac)
+                    specs[search_arm_name(spec)] = spec
+    return specs
 
 
 class RunSpec(NamedTuple):
@@ -66,7 +130,9 @@ class Problem:
     kap: np.ndarray  # finite-N factors; the optimum of direction i is 1/kappa_i
     feat: Features
     inits: list[str]
-    arms: list[str]
+    arms: list[str]  # the main arms (the table's rows), trained from every init
+    specs: dict[str, ArmSpec]  # every arm that has runs (main arms first), by name
+    alias: dict[str, str]  # sweep or search name -> the arm whose runs it shares (the same spec)
     runs: list[RunSpec]
 
     @property
@@ -75,10 +141,18 @@ class Problem:
 
     @property
     def pool_arms(self) -> list[str]:
-        return [a for a in self.arms if is_pool_arm(a)]
+        return [a for a, spec in self.specs.items() if spec.selector is not None]
+
+    def inits_of(self, arm: str) -> list[str]:
+        """The main arms run from every init; the sweep and the search from the random init only."""
+        return self.inits if arm in self.arms else ["random"]
+
+    def arm_of(self, name: str) -> str:
+        """The arm whose runs a sweep or search name stands for."""
+        return self.alias.get(name, name)
 
     def run_index(self, init: str, arm: str, s: int) -> int:
-        return self.runs.index(RunSpec(init, arm, s))
+        return self.runs.index(RunSpec(init, self.arm_of(arm), s))
 
 
 def make_problem(cfg: TheoryConfig) -> Problem:
@@ -87,7 +161,8 @@ def make_problem(cfg: TheoryConfig) -> Problem:
     _, lam_t, U = covariance(lam, cfg.rotate)
     inits = ["random"] + (["aligned"] if cfg.aligned else [])
     arms = arms_of(cfg)
-    return Problem(
+    specs, alias = _dedupe(main_specs(cfg), extra_specs(cfg))
+    problem = Problem(
         cfg=cfg,
         device=device,
         lam=lam,
@@ -97,15 +172,37 @@ def make_problem(cfg: TheoryConfig) -> Problem:
         feat=Features(cfg.d, device, DTYPE),
         inits=inits,
         arms=arms,
-        runs=_run_grid(cfg.seeds, inits, arms),
+        specs=specs,
+        alias=alias,
+        runs=[],
     )
+    problem.runs = _run_grid(problem)
+    return problem
 
 
-def _run_grid(seeds: int, inits: list[str], arms: list[str]) -> list[RunSpec]:
-    # seed-major order, the uniform-pool runs (GD first, then SAM) before the reweighted ones: every
-    # group of runs sharing a pool is a contiguous slice, in the full batch and in the SAM sub-batch
-    arm_sets = (("gd",), ("sam_head", "sam_global"), *((a,) for a in arms if is_pool_arm(a)))
-    return [RunSpec(init, arm, s) for s in range(seeds) for arm_set in arm_sets for init in inits for arm in arm_set]
+def _dedupe(main: dict[str, ArmSpec], extra: dict[str, ArmSpec]) -> tuple[dict[str, ArmSpec], dict[str, str]]:
+    """An extra arm with the spec of an earlier arm shares its runs (the same numbers, trained once)."""
+    specs, alias = dict(main), {}
+    by_spec = {}
+    for name, spec in main.items():
+        by_spec.setdefault(spec, name)
+    for name, spec in extra.items():
+        if spec in by_spec:
+            alias[name] = by_spec[spec]
+        else:
+            specs[name] = spec
+            by_spec[spec] = name
+    return specs, alias
+
+
+def _run_grid(problem: Problem) -> list[RunSpec]:
+    # seed-major order, the uniform-pool runs (GD first, then SAM) before the reweighted ones: the runs sharing
+    # the uniform pool are a contiguous slice, in the full batch and in the SAM sub-batch
+    specs = problem.specs
+    order = [a for a in specs if specs[a].mode == 0 and specs[a].selector is None]
+    order += [a for a in specs if specs[a].mode > 0]
+    order += [a for a in specs if specs[a].selector is not None]
+    return [RunSpec(init, arm, s) for s in range(problem.cfg.seeds) for arm in order for init in problem.inits_of(arm)]
 
 
 # ----------------------------------------------------------------------------- hard sequences and pools
@@ -113,8 +210,11 @@ def _run_grid(seeds: int, inits: list[str], arms: list[str]) -> list[RunSpec]:
 
 def _kmeans2(X: np.ndarray, seed: int):
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
-    return KMeans(n_clusters=2, n_init=10, random_state=seed).fit(X).labels_
+    # one thread: on a busy two-core machine k-means' OpenMP threads took seconds per fit instead of 0.1 s
+    with threadpool_limits(1):
+        return KMeans(n_clusters=2, n_init=10, random_state=seed).fit(X).labels_
 
 
 def select_hard(traj: np.ndarray, features: str, seed: int) -> np.ndarray:
@@ -140,14 +240,34 @@ def select_hard(traj: np.ndarray, features: str, seed: int) -> np.ndarray:
     return lab == hard
 
 
-def upsampled_sets(cfg: TheoryConfig, traj: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Pool arm -> boolean mask of the sequences it upsamples. The controls take as many sequences as
-    the first hard cluster (a tenth of the pool without one), so they differ only in which ones."""
-    chosen = {f"reshaped:{f}": select_hard(traj, f, seed) for f in cfg.hard_features}
-    n_hard = int(chosen[f"reshaped:{cfg.hard_features[0]}"].sum()) if cfg.hard_features else cfg.pool // 10
-    if cfg.controls:
-        chosen["easy"] = _mask(cfg.pool, np.argsort(traj.mean(1), kind="stable")[:n_hard])  # lowest mean loss
-        chosen["random"] = _mask(cfg.pool, np.random.default_rng(seed).choice(cfg.pool, n_hard, replace=False))
+def proxy_steps(cfg: TheoryConfig, fraction: float) -> int:
+    """The proxy's run: `fraction` of the target's steps, at least one step per checkpoint."""
+    return max(cfg.proxy_checkpoints, int(round(fraction * cfg.steps)))
+
+
+def checkpoint_steps(cfg: TheoryConfig, fraction: float) -> list[int]:
+    """The proxy steps at which each sequence's loss is recorded: evenly spaced, the last at the run's end."""
+    n = proxy_steps(cfg, fraction)
+    return np.linspace(0, n, cfg.proxy_checkpoints + 1).round().astype(int)[1:].tolist()
+
+
+def selections(problem: Problem, trajs: dict[float, np.ndarray], seed: int) -> dict[tuple, np.ndarray]:
+    """(selector, record fraction) -> boolean mask of the sequences a pool arm upsamples. The controls take as
+    many sequences as the first main hard cluster (a tenth of the pool without one), so they differ only in
+    which ones."""
+    cfg = problem.cfg
+    keys = {(spec.selector, spec.record_fraction) for spec in (problem.specs[a] for a in problem.pool_arms)}
+    chosen = {k: select_hard(trajs[k[1]], k[0], seed) for k in keys if k[0] not in CONTROL_ARMS}
+    if any(k[0] in CONTROL_ARMS for k in keys):
+        first = (cfg.hard_features[0], cfg.record_fraction) if cfg.hard_features else None
+        n_hard = int(chosen[first].sum()) if first in chosen else cfg.pool // 10
+        traj = trajs[cfg.record_fraction]
+        chosen[("easy", cfg.record_fraction)] = _mask(
+            cfg.pool, np.argsort(traj.mean(1), kind="stable")[:n_hard]
+        )  # lowest mean loss
+        chosen[("random", cfg.record_fraction)] = _mask(
+            cfg.pool, np.random.default_rng(seed).choice(cfg.pool, n_hard, replace=False)
+        )
     return chosen
 
 
@@ -173,7 +293,7 @@ def build_pools(problem: Problem) -> Pools:
     pools = Pools([], [], [], torch.zeros(len(problem.runs), 3, cfg.heads, cfg.d + 1, dtype=DTYPE))
     for s in tqdm(range(cfg.seeds), desc="theory: pools + proxy", disable=not cfg.progress, mininterval=1.0):
         # one generator per seed draws the pool, the proxy's init, the test set and the random init, in that
-        # order: reordering the draws would change every number
+        # order, whatever the arms: reordering or skipping a draw would change every number
         gen = torch.Generator().manual_seed(1000003 * (cfg.seed + s) + 17)
         groups, info = _training_pools(problem, s, gen, members)
         pools.groups += groups
@@ -185,11 +305,11 @@ def build_pools(problem: Problem) -> Pools:
     return pools
 
 
-def _pool_members(problem: Problem) -> dict[tuple[int, str], list[int]]:
-    """(seed index, pool) -> the runs training on it; the pool is "uniform" or a pool arm."""
-    members: dict[tuple[int, str], list[int]] = {}
+def _pool_members(problem: Problem) -> dict[tuple, list[int]]:
+    """(seed index, pool key) -> the runs training on that pool; the key None is the uniform pool."""
+    members: dict[tuple, list[int]] = {}
     for r, run in enumerate(problem.runs):
-        members.setdefault((run.s, run.arm if is_pool_arm(run.arm) else "uniform"), []).append(r)
+        members.setdefault((run.s, problem.specs[run.arm].pool_key), []).append(r)
     return members
 
 
@@ -200,40 +320,67 @@ def _training_pools(problem: Problem, s: int, gen: torch.Generator, members) -> 
     F = problem.feat.of_tokens(tokens.to(dev))
     y = y.to(dev)
     uniform = pool_stats(F, y)
-    groups = [(rows_index(members[(s, "uniform")]), uniform)]
-    traj = _proxy_losses(problem, F, y, uniform, gen)
-    chosen = upsampled_sets(cfg, traj, cfg.seed + s)
+    groups = [(rows_index(members[(s, None)]), uniform)]
+    proxy_theta = random_init(1, cfg.heads, cfg.d, cfg.init_scale, gen, DTYPE).to(dev)  # drawn with or without arms
+    fractions = sorted({problem.specs[a].record_fraction for a in problem.pool_arms})
+    trajs = _proxy_losses(problem, F, y, uniform, proxy_theta, fractions)
+    chosen = selections(problem, trajs, cfg.seed + s)
     drives = drive(tokens, y.cpu(), problem.U.cpu())
-    info = {"checkpoints": int(traj.shape[1]), "pool_drive_over_lam2": (drives.mean(0) / problem.lam**2).tolist()}
+    info = {"checkpoints": cfg.proxy_checkpoints, "pool_drive_over_lam2": (drives.mean(0) / problem.lam**2).tolist()}
+    groups += _reweighted_groups(problem, s, members, F, y, uniform, chosen)
     for arm in problem.pool_arms:
-        weights = torch.ones(cfg.pool, dtype=DTYPE)
-        weights[torch.from_numpy(chosen[arm])] = cfg.upsample
-        groups.append((rows_index(members[(s, arm)]), pool_stats(F, y, weights.to(dev))))
-        wn = weights.numpy()
-        info[arm] = {
-            "fraction": float(chosen[arm].mean()),
-            "growth_factor": ((drives * wn[:, None]).sum(0) / wn.sum() / drives.mean(0)).tolist(),
-        }
+        spec = problem.specs[arm]
+        info[arm] = _reweighting_facts(drives, chosen[(spec.selector, spec.record_fraction)], spec.upsample)
     return groups, info
 
 
-def _proxy_losses(problem: Problem, F, y, uniform: Stats, gen: torch.Generator) -> np.ndarray:
-    """Per-sequence losses (P, K) at K evenly spaced checkpoints of a proxy: the same architecture,
-    its own random init, a short GD run on the uniform pool."""
+def _reweighted_groups(problem: Problem, s: int, members, F, y, uniform: Stats, chosen: dict) -> list:
+    """One group per distinct reweighted pool of seed s: the uniform pool's moments mixed with those of the
+    upsampled selection (computed once per selection, whatever the number of upsampling factors)."""
+    cfg, dev = problem.cfg, problem.device
+    parts = {}
+    for key, mask in chosen.items():
+        rows = torch.from_numpy(mask).to(dev)
+        parts[key] = (pool_stats(F[rows], y[rows]), int(mask.sum()))
+    groups, done = [], set()
+    for arm in problem.pool_arms:
+        spec = problem.specs[arm]
+        if spec.pool_key in done:
+            continue
+        done.add(spec.pool_key)
+        part, n_part = parts[(spec.selector, spec.record_fraction)]
+        stats = upsampled_stats(uniform, part, cfg.pool, n_part, spec.upsample)
+        groups.append((rows_index(members[(s, spec.pool_key)]), stats))
+    return groups
+
+
+def _reweighting_facts(drives: np.ndarray, mask: np.ndarray, upsample: float) -> dict:
+    """The fraction of the pool upsampled and the growth factor r_i = E_w[drive_i] / E[drive_i]."""
+    wn = np.where(mask, upsample, 1.0)
+    return {
+        "fraction": float(mask.mean()),
+        "growth_factor": ((drives * wn[:, None]).sum(0) / wn.sum() / drives.mean(0)).tolist(),
+    }
+
+
+def _proxy_losses(problem: Problem, F, y, uniform: Stats, theta, fractions: list[float]) -> dict[float, np.ndarray]:
+    """Per recording fraction, per-sequence losses (P, K) at that fraction's K checkpoints of a proxy: the same
+    architecture, its own random init, GD on the uniform pool. One run to the longest fraction serves them all:
+    the proxy's trajectory does not depend on where it stops."""
     cfg, feat = problem.cfg, problem.feat
-    theta = random_init(1, cfg.heads, cfg.d, cfg.init_scale, gen, DTYPE).to(problem.device)
-    checkpoints = set(np.linspace(0, cfg.proxy_steps, cfg.proxy_checkpoints + 1).round().astype(int)[1:].tolist())
-    traj = []
+    if not fractions:
+        return {}
+    wanted = {f: checkpoint_steps(cfg, f) for f in fractions}
+    record_at = set().union(*wanted.values())
+    losses = {}
 
     def record(step, th):
-        if step in checkpoints:
-            traj.append((0.5 * (F @ feat.tensor(th)[0] - y) ** 2).cpu().numpy())
+        if step in record_at:
+            losses[step] = (0.5 * (F @ feat.tensor(th)[0] - y) ** 2).cpu().numpy()
 
-    steps, lam, U = cfg.proxy_steps, problem.lam_t, problem.U
+    steps, lam, U = max(record_at), problem.lam_t, problem.U
     train(feat, theta, [(slice(0, 1), uniform)], [0], [0.0], cfg.lr, steps, max(1, steps), lam, U, callback=record)
-    traj = np.stack(traj, 1)
-    assert traj.shape[1] == len(checkpoints), "one proxy loss per checkpoint"
-    return traj
+    return {f: np.stack([losses[k] for k in ks], 1) for f, ks in wanted.items()}
 
 
 def _test_stats(problem: Problem, gen: torch.Generator) -> Stats:
@@ -268,8 +415,8 @@ def train_runs(problem: Problem, pools: Pools) -> TrainingLog:
     from tqdm.auto import tqdm
 
     cfg = problem.cfg
-    mode = [MODES.get(run.arm, 0) for run in problem.runs]
-    rho = [cfg.rho if run.arm.startswith("sam") else 0.0 for run in problem.runs]
+    mode = [problem.specs[run.arm].mode for run in problem.runs]
+    rho = [problem.specs[run.arm].rho for run in problem.runs]
     start = time.time()
     desc = f"theory: {len(problem.runs)} runs"
     with tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress, mininterval=1.0) as pbar:
@@ -291,12 +438,15 @@ def train_runs(problem: Problem, pools: Pools) -> TrainingLog:
 
 
 def measure_runs(problem: Problem, log: TrainingLog) -> list[dict]:
-    """Per run: learning times, final map, entropy, how many directions were learned, test loss."""
+    """Per run: learning times, final map, entropy (nats and fraction of ln d), how many directions were
+    learned, stalled at the saddle or still rising, when the first was learned, test loss."""
     cfg = problem.cfg
     T = cfg.steps * cfg.lr
     per_run = []
     for r, run in enumerate(problem.runs):
         times, final = learning_times(log.t, log.m[:, r], problem.m_star, cfg.final_window)
+        stalled = int(stalled_directions(final, problem.m_star).sum())
+        learned = int(np.isfinite(times).sum())
         per_run.append(
             {
                 "init": run.init,
@@ -305,7 +455,11 @@ def measure_runs(problem: Problem, log: TrainingLog) -> list[dict]:
                 "learning_times": times.tolist(),
                 "final_map": final.tolist(),
                 "entropy": entropy(times),
-                "learned": int(np.isfinite(times).sum()),
+                "entropy_fraction": entropy_fraction(times),
+                "learned": learned,
+                "stalled": stalled,
+                "unsettled": cfg.d - learned - stalled,
+                "first_learning_time": float(np.nanmin(times)) if learned else float("nan"),
                 "final_test_loss": float(log.test[-1, r]),
                 "mean_test_loss": float(_trapezoid(log.test[:, r], log.t) / T),
             }
@@ -316,16 +470,17 @@ def measure_runs(problem: Problem, log: TrainingLog) -> list[dict]:
 def learning_times(t, m, m_star=None, final_frac: float = 0.05):
     """Learning time of each direction: the first time m_i(t) reaches half of its final value
     (linear interpolation between logged points). Final value: mean of the last `final_frac` of the
-    log. NaN when the direction is not learned (final < m_star/2) or not settled (the value at 80%
+    log. NaN when the direction is not learned (final < m_star/2: stalled) or not settled (the value at 80%
     of the run is below 90% of the final value). t (L,), m (L, d) -> (times (d,), final (d,))."""
     t = np.asarray(t, float)
     m = np.asarray(m, float)
     L, d = m.shape
     final = m[-max(1, int(round(final_frac * L))) :].mean(0)
     at80 = m[int(0.8 * (L - 1))]
+    stalled = stalled_directions(final, m_star) if m_star is not None else final <= 0
     out = np.full(d, np.nan)
     for i in range(d):
-        if final[i] <= 0 or (m_star is not None and final[i] < 0.5 * m_star[i]) or at80[i] < 0.9 * final[i]:
+        if stalled[i] or at80[i] < 0.9 * final[i]:
             continue
         half = 0.5 * final[i]
         k = int(np.argmax(m[:, i] >= half))
@@ -339,10 +494,34 @@ def learning_times(t, m, m_star=None, final_frac: float = 0.05):
     return out, final
 
 
+def stalled_directions(final, m_star) -> np.ndarray:
+    """A direction stalls when its learned map at the end of the run (the mean over the final window) is
+    below half its optimum m*_i: the loss never dropped from that direction's saddle plateau. (At the
+    optimum the plateau's drop is complete; half of m*_i is where a learning time is measured.)"""
+    final = np.asarray(final, float)
+    return ~(final >= 0.5 * np.asarray(m_star, float))  # NaN counts as stalled
+
+
+def distribution_entropy(p) -> float:
+    """Entropy (nats) of a probability vector, with 0 ln 0 = 0."""
+    p = np.asarray(p, float)
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum())
+
+
 def entropy(times) -> float:
-    """Entropy (nats) of the normalized learning times p_i = t_i / sum_j t_j; max ln d (all equal)."""
+    """Entropy (nats) of the normalized learning times p_i = t_i / sum_j t_j; max ln d (all equal). NaN when a
+    direction was not learned."""
     times = np.asarray(times, float)
     if np.any(~np.isfinite(times)) or np.any(times <= 0):
         return float("nan")
-    p = times / times.sum()
-    return float(-(p * np.log(p)).sum())
+    return distribution_entropy(times / times.sum())
+
+
+def fraction_of_max(h: float, d: int) -> float:
+    """An entropy as a fraction of its maximum ln d: 1 for equal learning times, 0 for one direction only."""
+    return h / math.log(d)
+
+
+def entropy_fraction(times) -> float:
+    return fraction_of_max(entropy(times), len(times))
