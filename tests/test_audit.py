@@ -274,12 +274,15 @@ def test_residual_removes_the_loss_composition_sets():
 def profiled(tmp_path_factory):
     """A small real profile: 64 embedded examples, the tiny preset (random init) as proxy, 3 recorded steps."""
     from datalever import synth
+    from datalever.optim import OptimConfig
     from datalever.profile import ProfileConfig
     from datalever.profile import run as profile_run
 
     root = tmp_path_factory.mktemp("audit-run")
     synth.write_splits(str(root / "data"), n_train=64, n_val=4, n_test=4, seed=0)
-    settings = dict(fraction=1.0, checkpoints=3, batch_size=8, micro_batch_size=8, max_length=128, lr=3e-3)
+    settings = dict(
+        fraction=1.0, checkpoints=3, batch_size=8, micro_batch_size=8, max_length=128, optim=OptimConfig(lr=3e-3)
+    )
     profile_run(ProfileConfig(run_dir=str(root), proxy="preset:tiny", progress=False, **settings))
     return root
 

@@ -25,6 +25,7 @@ import torch
 from datalever import profile, rundir, synth
 from datalever.examples import load_examples
 from datalever.models import load_model, load_tokenizer, resolve_model
+from datalever.optim import OptimConfig
 from datalever.profile import ProfileConfig, ProfileError, loss_column, record_steps
 from datalever.rundir import RunDir
 from datalever.tokens import IGNORE, encode_example
@@ -41,7 +42,7 @@ SETTINGS = dict(
     micro_batch_size=4,
     max_length=MAX_LENGTH,
     token_budget=1024,
-    lr=3e-3,
+    optim=OptimConfig(lr=3e-3),
     seed=0,
     progress=False,
 )
@@ -295,7 +296,10 @@ main(sys.argv[1:])
 def cli_args(run_dir: Path) -> list[str]:
     args = ["profile", "--run_dir", str(run_dir)]
     for k, v in SETTINGS.items():
-        args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+        if isinstance(v, OptimConfig):  # a nested config: its options as --optim.name, --optim.lr
+            args += [f"--{k}.name", v.name, f"--{k}.lr", str(v.lr)]
+        else:
+            args += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
     return args
 
 
@@ -344,7 +348,7 @@ def test_completed_run_returns_at_once_and_other_settings_are_refused(reference,
     with pytest.raises(ProfileError, match=r"other settings.*checkpoints: store has 3, asked 4"):
         profile.run(config(run_dir, checkpoints=4))
     with pytest.raises(ProfileError, match="lr"):
-        profile.run(config(run_dir, lr=1e-4))
+        profile.run(config(run_dir, optim=OptimConfig(lr=1e-4)))
 
 
 def test_other_data_is_refused(reference, prepared, tmp_path):
@@ -380,7 +384,8 @@ def test_two_processes_write_the_same_store_as_one(reference, prepared, tmp_path
         "HF_HUB_OFFLINE": "1",
         "CUDA_VISIBLE_DEVICES": "",
     }
-    script = [str(REPO / "tests" / "multiproc" / "profile_run.py"), json.dumps({"run_dir": str(run_dir), **SETTINGS})]
+    settings = rundir.to_jsonable({"run_dir": str(run_dir), **SETTINGS})  # the nested optim config as its fields
+    script = [str(REPO / "tests" / "multiproc" / "profile_run.py"), json.dumps(settings)]
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
     else:

@@ -48,7 +48,7 @@ def test_recipe_holds_the_papers_settings(name):
     # Proxy (paper: Pythia-70M, 1/3 epoch, K=5; prototype: AdamW lr 2e-5, batch 32, warmup 3%, length 512).
     assert p.proxy == "EleutherAI/pythia-70m"
     assert (p.fraction, p.checkpoints) == (1 / 3, 5)
-    assert (p.lr, p.batch_size, p.warmup_ratio, p.max_length) == (2e-5, 32, 0.03, 512)
+    assert (p.optim.name, p.optim.lr, p.batch_size, p.warmup_ratio, p.max_length) == ("adamw", 2e-5, 32, 0.03, 512)
     # Split and upsampling: trajectory features, k=2 (the split stage's k: the experiment has no option for it),
     # within each source, hard examples used twice.
     assert (cfg.features, cfg.stratify, cfg.m, SplitConfig.k) == ("trajectory", True, 1, 2)

@@ -51,6 +51,11 @@ def test_curve_steps_are_one_grid_for_every_arm():
     assert experiment.curve_steps(cfg, tcfg, 100, 150) == [10, 20, 30, 40, 45]
     half = dataclasses.replace(cfg, curve_every=0.5)
     assert experiment.curve_steps(half, tcfg, 100, 100) == [5, 10, 15, 20, 25, 30]
+    # Steps per epoch that are not whole (2000 / 32 = 62.5) round up as the run's length does: the base arm's end
+    # (6 epochs: 375 steps) is a grid point, where the longer arms meet it.
+    six = dataclasses.replace(cfg.train, epochs=6, batch_size=32)
+    assert experiment.curve_steps(cfg, six, 2000, 2000) == [63, 125, 188, 250, 313, 375]
+    assert experiment.curve_steps(dataclasses.replace(cfg, curve_every=6.0), six, 2000, 3000) == [375, 563]
 
 
 def test_a_sweep_runs_each_point_and_reports_them_together(tmp_path):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import math
 import re
 import shutil
 import time
@@ -488,8 +490,9 @@ def curve_steps(cfg: ExperimentConfig, tcfg: TrainConfig, n_train: int, epoch_le
     """Every `curve_every` epochs of the training data as given (n_train examples: one grid for all arms, so they
     meet at equal steps), up to and including the arm's last step."""
     last = total_steps(tcfg, epoch_len)
-    interval = max(1, round(cfg.curve_every * n_train / tcfg.batch_size))
-    return sorted({*range(interval, last + 1, interval), last})
+    # Rounded up as total_steps rounds an epoch count: the base arm's last step is a grid point.
+    grid = (math.ceil(k * cfg.curve_every * n_train / tcfg.batch_size) for k in itertools.count(1))
+    return sorted({*itertools.takewhile(lambda step: step <= last, grid), last})
 
 
 def split_dir(cfg: ExperimentConfig, features: str | None) -> SplitDir:
@@ -561,8 +564,6 @@ SWEEP_AXES = {"epochs": ("train", "epochs"), "m": (None, "m"), "fraction": ("pro
 
 def sweep_points(cfg: ExperimentConfig) -> list[dict[str, float]]:
     """Every combination of the sweep's values, in the order given (axes as listed)."""
-    import itertools
-
     if not cfg.sweep:
         return []
     axes = list(cfg.sweep)

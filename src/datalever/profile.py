@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -72,9 +72,9 @@ class ProfileConfig(DataFormat):
     """Examples per proxy optimizer step."""
     micro_batch_size: int = 8
     """Examples per forward/backward pass."""
-    lr: float = 2e-3
-    """Proxy learning rate (2e-3 suits the ~1M-parameter demo models; use ~2e-5 for a pretrained proxy such as
-    Pythia-70M)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3))
+    """The proxy's optimizer, as train's --optim (e.g. --optim.lr): lr 2e-3 suits the ~1M-parameter demo models;
+    use ~2e-5 for a pretrained proxy such as Pythia-70M."""
     warmup_ratio: float = 0.03
     """Warmup fraction of the proxy's cosine schedule."""
     max_length: int = 512
@@ -92,7 +92,6 @@ class ProfileConfig(DataFormat):
         checks.positive("checkpoints", self.checkpoints)
         checks.positive("batch_size", self.batch_size)
         checks.positive("micro_batch_size", self.micro_batch_size)
-        checks.positive("lr", self.lr)
         checks.non_negative("warmup_ratio", self.warmup_ratio)
         checks.at_most("warmup_ratio", self.warmup_ratio, 1)
         checks.positive("max_length", self.max_length)
@@ -178,7 +177,7 @@ def run(cfg: ProfileConfig) -> dict:
         batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size,
         max_length=cfg.max_length,
-        optim=OptimConfig(name="adamw", lr=cfg.lr),
+        optim=cfg.optim,
         warmup_ratio=cfg.warmup_ratio,
         seed=cfg.seed,
         progress=cfg.progress,

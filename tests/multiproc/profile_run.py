@@ -13,10 +13,14 @@ torch.set_num_threads(1)
 
 from accelerate import PartialState  # noqa: E402
 
+from datalever.optim import OptimConfig  # noqa: E402
 from datalever.profile import ProfileConfig, run  # noqa: E402
 
 PartialState(cpu=True)  # multi-process CPU: gloo; Accelerator() in the proxy's train loop reuses this state
-meta = run(ProfileConfig(**json.loads(sys.argv[1])))
+settings = json.loads(sys.argv[1])
+if "optim" in settings:  # a nested config, given as its fields
+    settings["optim"] = OptimConfig(**settings["optim"])
+meta = run(ProfileConfig(**settings))
 if PartialState().is_main_process:
     print(json.dumps({"steps": meta["steps"], "complete": meta["complete"]}))
 PartialState().wait_for_everyone()
