@@ -194,6 +194,17 @@ def test_every_column_equals_brute_force_loss_of_the_weights_at_that_step(refere
         previous = reference["table"].column(loss_column(step)).to_pylist()
 
 
+def test_the_loss_before_training_is_the_untrained_proxys(reference, prepared):
+    """Token-weighted over the examples that keep a response: each example alone, brute force."""
+    examples = load_examples(str(reference["run_dir"] / "data" / "train.jsonl"))
+    tokenizer = load_tokenizer(str(prepared["model"]))
+    ref = brute_force(load_model(str(prepared["model"])), tokenizer, examples)
+    tokens = {ex.id: encode_example(tokenizer, ex, MAX_LENGTH).n_response for ex in examples}
+    kept = [i for i, loss in ref.items() if not math.isnan(loss)]
+    want = sum(ref[i] * tokens[i] for i in kept) / sum(tokens[i] for i in kept)
+    assert reference["meta"]["initial_per_token_loss"] == pytest.approx(want, rel=1e-5)
+
+
 def test_store_format_step_order_and_flagged_examples(reference):
     table, meta = reference["table"], reference["meta"]
     assert table.column_names == ["id", "source", "n_tokens", "n_cut", "flag"] + [loss_column(s) for s in STEPS]

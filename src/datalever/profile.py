@@ -217,6 +217,8 @@ def run(cfg: ProfileConfig) -> dict:
         raise ProfileError(f"{meta_path} plans steps {planned}, these settings give {steps}")
     n_record_tokens = sum(len(e.input_ids) for e in encoded if not e.fully_truncated)
     n_cut = {e.id: e.n_cut for e in encoded}
+    if "initial_per_token_loss" not in rundir.read_json(meta_path):
+        record_initial_loss(meta_path, model_path, encoded, tokenizer.pad_token_id, cfg, state)
 
     def record(step, _log_record, model, accelerator):
         if step not in steps:
@@ -249,6 +251,31 @@ def run(cfg: ProfileConfig) -> dict:
         rundir.write_json(meta_path, {**meta, "complete": True})
     state.wait_for_everyone()
     return rundir.read_json(meta_path)
+
+
+def record_initial_loss(meta_path: Path, model_path: str, encoded, pad_id: int, cfg: ProfileConfig, state) -> None:
+    """The proxy's per-token loss on the data before any training (the split's audit compares it with the loss after
+    the short training: a proxy that does not know the data's language stays near it). One scoring pass of the
+    untrained proxy, once per store."""
+    from datalever.models import load_model
+
+    model = load_model(model_path).to(state.device)
+    scores = score_encoded(
+        model,
+        encoded,
+        pad_id=pad_id,
+        token_budget=cfg.token_budget,
+        accelerator=state,
+        progress=cfg.progress,
+        desc=progress_label("record before training"),
+    )
+    del model
+    if state.is_main_process:
+        kept = [s for s in scores.values() if not s.flag]
+        n_tokens = sum(s.n_tokens for s in kept)
+        loss = sum(s.loss * s.n_tokens for s in kept) / n_tokens if n_tokens else None
+        rundir.write_json(meta_path, {**rundir.read_json(meta_path), "initial_per_token_loss": loss})
+    state.wait_for_everyone()
 
 
 def append_column(
