@@ -226,3 +226,50 @@ def test_test_templates_ask_a_test_set_as_the_training_data_was(tmp_path):
     with pytest.raises(ValueError, match=r"test_templates names \['math'\], which are not test sets"):
         _experiment(tmp_path / "run", train_file=str(train), test_files={"gsm8k": str(gsm)},
                     test_templates={"math": template})  # fmt: skip
+
+
+def test_a_users_id_prompt_response_file_takes_the_template(tmp_path):
+    """Only the exact columns datalever writes (with source and meta) are read as written."""
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"id": "a1", "prompt": "2+2?", "response": "4"}) + "\n")
+    (ex,) = load_examples(str(path), schema="prompt_response", template="Q: {prompt}\nA:\n")
+    assert ex.prompt == "Q: 2+2?\nA:\n"
+
+
+def test_errors_name_the_split_option_of_the_source(dataset_dict, tmp_path):
+    path, _ = dataset_dict
+    with pytest.raises(ValueError, match="has no split 'dev'.*--val_split"):
+        read_data(path, DataFormat(fields=FIELDS), split="dev", split_option="--val_split")
+
+
+def test_empty_messages_are_a_data_error_naming_the_line(tmp_path):
+    from datalever.examples import DataError
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": None}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: field 'messages' is empty"):
+        load_examples(str(path), schema="messages")
+
+
+def test_reserved_test_set_names_and_foreign_files_in_the_data_directory_are_refused(tmp_path):
+    from datalever.examples import save_examples
+
+    data = tmp_path / "other.jsonl"
+    data.write_text(json.dumps({"question": "What is 1 plus 1?", "answer": "2\n#### 2"}) + "\n")
+    with pytest.raises(ValueError, match="other than train and validation"):
+        _experiment(tmp_path / "run", train_file=str(data), test_files={"validation": str(data)})
+    # A datalever-format file the user put at RUN/data/train.jsonl is not the experiment's own: refused.
+    run = tmp_path / "run2"
+    (run / "data").mkdir(parents=True)
+    save_examples(str(run / "data" / "train.jsonl"), load_examples(str(data)))
+    cfg = _experiment(run, train_file=str(run / "data" / "train.jsonl"), test_file=str(data), allow_overlap=True)
+    with pytest.raises(ValueError, match="keep your data elsewhere"):
+        experiment.data_files(cfg)
+
+
+def test_a_sweep_can_grow_in_the_same_run_directory(tmp_path):
+    from datalever import rundir
+
+    cfg = _experiment(tmp_path, sweep={"m": [1, 2]})
+    rundir.record_provenance(tmp_path, "experiment", cfg)
+    experiment.check_same_settings(_experiment(tmp_path, sweep={"m": [1, 2, 4]}))  # not refused

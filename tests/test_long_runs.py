@@ -459,3 +459,19 @@ def test_processes_with_other_clocks_save_together_at_the_main_process_s_times(d
     assert checkpoint_steps(cfg.out) == [3, 6, 8]
     for step in (3, 6, 8):
         assert {p.name for p in TrainDir(cfg.out).checkpoint(step).glob("rng-*.pt")} == {"rng-0.pt", "rng-1.pt"}
+
+
+def test_the_rendering_is_part_of_the_resume_identity(tmp_path):
+    """Another chat template gives other tokens and masks: never the same run. Plain text is what runs recorded
+    before the option did, so it leaves their identity as it was."""
+    from datalever.checkpoint import resume_identity
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    plain, auto = TrainConfig(chat_template="none"), TrainConfig(chat_template="auto")
+    from_file = TrainConfig(chat_template=str(template))
+    ids = {name: resume_identity(c, {}) for name, c in (("none", plain), ("auto", auto), ("file", from_file))}
+    assert len(set(ids.values())) == 3
+    assert "chat_template" not in ids["none"]
+    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")  # edited in place: other work
+    assert resume_identity(TrainConfig(chat_template=str(template)), {}) != ids["file"]

@@ -97,3 +97,20 @@ def test_an_unreachable_hub_is_one_line_at_once(monkeypatch):
         FileNotFoundError, match=r"model Org/not-cached: .*cannot be reached \(Network is unreachable\)"
     ):
         models.resolve_model("Org/not-cached")
+
+
+def test_a_bare_hub_name_goes_to_the_hub_and_a_proxy_is_not_probed(monkeypatch):
+    import socket
+
+    import huggingface_hub
+
+    assert models.resolve_model("gpt2") == "gpt2"  # not close to a preset: a (legacy) hub id
+
+    def unreachable(*_args, **_kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # egress only through the proxy: no probe
+    assert models.resolve_model("Org/not-cached") == "Org/not-cached"

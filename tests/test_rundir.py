@@ -60,3 +60,24 @@ def test_settings_recorded_by_another_version_count_as_the_same_work():
     assert rundir.settings_differences(recorded, Now()) == []
     assert rundir.settings_differences(recorded, Now(added="none")) == ["added: None -> 'none'"]
     assert rundir.settings_differences(recorded, Now(inner=Inner(lr=0.2))) == ["inner.lr: 0.1 -> 0.2"]
+
+
+def test_an_option_whose_default_changed_behaviour_counts_at_its_earlier_value():
+    """chat_template: runs recorded before it existed rendered plain text ("none"), not the default "auto"."""
+    from dataclasses import dataclass
+
+    from datalever import rundir
+
+    @dataclass
+    class Now:
+        chat_template: str = "auto"
+
+    assert rundir.settings_differences({}, Now(chat_template="none")) == []
+    assert rundir.settings_differences({}, Now()) == ["chat_template: None -> 'auto'"]
+
+
+def test_defaults_of_a_nested_config_are_its_factorys():
+    from datalever import rundir
+    from datalever.profile import ProfileConfig
+
+    assert rundir.field_defaults(ProfileConfig)["optim"]["lr"] == 2e-3  # the proxy's, not OptimConfig's 2e-5

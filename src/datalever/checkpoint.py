@@ -126,7 +126,21 @@ def resume_identity(cfg, inputs: dict[str, str | None]) -> str:
     settings["save_dtype"] = cast_dtype(cfg.save_dtype, cfg.mixed_precision, cfg.dtype)
     if settings["save_dtype"] is None:
         del settings["save_dtype"]
+    # The rendering decides the tokens and the loss mask. Plain text ("none") is what runs did before the option
+    # existed, so it enters only otherwise; a template file by its content (edited in place, it is other work).
+    template = chat_template_identity(getattr(cfg, "chat_template", "none"))
+    if template is not None:
+        settings["chat_template"] = template
     return json.dumps({"format": IDENTITY_FORMAT, "settings": settings, "inputs": inputs}, sort_keys=True)
+
+
+def chat_template_identity(option: str) -> str | None:
+    """None for plain text, "auto" (the tokenizer's template: the model's identity covers it), or a file's hash."""
+    if option == "none":
+        return None
+    if option == "auto":
+        return "auto"
+    return "file:" + hashlib.sha256(Path(option).expanduser().read_bytes()).hexdigest()[:16]
 
 
 def cast_dtype(save_dtype: str, mixed_precision: str, dtype: str) -> str | None:

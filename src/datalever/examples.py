@@ -257,7 +257,9 @@ def load_examples(
     columns = _columns(records)
     if not records:
         raise DataError(f"{name}: empty file (no records)")
-    if _written_by_datalever(columns):  # its prompts were rendered when it was written
+    if _written_by_datalever(columns):  # its prompts were rendered when it was written (an arm's examples.jsonl)
+        if schema != "auto" or fields or template is not None:
+            log.info("%s: written by datalever (id, prompt, response, source, meta): read as written", name)
         schema, fields, template = "datalever", None, None
     _check_fields(name, columns, fields)
     chosen = _choose_schema(name, columns, schema, fields)
@@ -272,18 +274,25 @@ def read_data(
     split: str | None = None,
     default_split: str | None = None,
     on_duplicate: str = "error",
+    split_option: str = "--split",
 ) -> list[Example]:
-    """load_examples with a stage's data options."""
+    """load_examples with a stage's data options; `split_option` is the option that sets `split` for this source
+    (the validation data's is --val_split), which its errors name."""
     fmt = data_format or DataFormat()
-    return load_examples(
-        path,
-        schema=fmt.schema,
-        fields=fmt.fields,
-        template=fmt.template,
-        split=split,
-        default_split=default_split,
-        on_duplicate=on_duplicate,
-    )
+    try:
+        return load_examples(
+            path,
+            schema=fmt.schema,
+            fields=fmt.fields,
+            template=fmt.template,
+            split=split,
+            default_split=default_split,
+            on_duplicate=on_duplicate,
+        )
+    except DataError as e:
+        if split_option == "--split":
+            raise
+        raise DataError(str(e).replace("--split", split_option)) from None
 
 
 def examples_written_by_datalever(path: str | os.PathLike) -> bool:
@@ -295,7 +304,9 @@ def examples_written_by_datalever(path: str | os.PathLike) -> bool:
 
 
 def _written_by_datalever(columns: list[str]) -> bool:
-    return set(SCHEMAS["datalever"].required) <= set(columns) <= set(SCHEMAS["datalever"].roles)
+    """Exactly the columns `save_examples` writes (a user's id/prompt/response file has no `meta` and `source`)."""
+    written = {"id", "prompt", "response", "source", "meta"}
+    return written <= set(columns) <= set(SCHEMAS["datalever"].roles)
 
 
 def save_examples(path: str, examples: list[Example]) -> None:
@@ -782,6 +793,8 @@ def _to_example(
     used = {fields.get(r, r) for r in schema.roles}
     meta = _meta(rec, used, roles.pop("meta", None), fail)
     messages = _messages(roles.pop("messages", None), fail)
+    if schema.name == "messages" and messages is None:
+        raise fail("field 'messages' is empty")
     if schema.name == "messages":
         ex_id = content_id(json.dumps(messages, ensure_ascii=False))
         return Example(ex_id, plain_prompt(messages), messages[-1][1], roles.get("source"), meta, messages)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import logging
 import math
 import re
 import shutil
@@ -42,6 +43,8 @@ from datalever.train import run as train_run
 from datalever.upsample import ARMS as upsample_arms
 from datalever.upsample import MAX_M, UpsampleConfig
 from datalever.upsample import run as upsample_run
+
+log = logging.getLogger(__name__)
 
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -219,8 +222,10 @@ class ExperimentConfig(DataFormat):
         if self.test_file and self.test_files:
             raise checks.ConfigError("give test_file or test_files, not both (test_files: {test: FILE, ...})")
         for name in self.test_files or {}:
-            if not ARM_NAME.fullmatch(str(name)):
-                raise checks.ConfigError(f"test set name {name!r}: use letters, digits, '.', '_' and '-'")
+            if not ARM_NAME.fullmatch(str(name)) or name in ("train", "validation"):
+                raise checks.ConfigError(
+                    f"test set name {name!r}: use letters, digits, '.', '_' and '-', other than train and validation"
+                )
         unknown = sorted(set(self.test_templates or {}) - set(test_sets(self)))
         if unknown:
             raise checks.ConfigError(
@@ -292,8 +297,8 @@ def import_data(cfg: ExperimentConfig, run_dir: RunDir) -> dict[str, str]:
     invocation: an edited source shows up as other data, which the stages refuse to mix with earlier results)."""
     fmt = cfg.data_format()
     sources = {
-        "train": (cfg.train_file, fmt, cfg.train_split, "train"),
-        "validation": (cfg.val_file, fmt, cfg.val_split, "validation"),
+        "train": (cfg.train_file, fmt, cfg.train_split, "train", "--train_split"),
+        "validation": (cfg.val_file, fmt, cfg.val_split, "validation", "--val_split"),
     }
     for name, path in test_sets(cfg).items():
         # A test set from the training data's own source (another split of it) is read with the same options;
@@ -303,13 +308,13 @@ def import_data(cfg: ExperimentConfig, run_dir: RunDir) -> dict[str, str]:
         test_format = fmt if own else DataFormat()
         if template is not None:
             test_format = dataclasses.replace(test_format, template=template)
-        sources[test_data_name(name)] = (path, test_format, cfg.test_split, "test")
+        sources[test_data_name(name)] = (path, test_format, cfg.test_split, "test", "--test_split")
     files = {}
-    for name, (path, data_format, split, role) in sources.items():
+    for name, (path, data_format, split, role, option) in sources.items():
         if path is None:
             continue
         target = run_dir.data_file(name)
-        examples = read_data(path, data_format, split=split, default_split=role)
+        examples = read_data(path, data_format, split=split, default_split=role, split_option=option)
         if not _is_own_file(path, target):
             save_examples(str(target), examples)
         files[name] = str(target)
@@ -324,8 +329,9 @@ def _is_own_file(path: str, target: Path) -> bool:
     source = Path(path).expanduser()
     if not source.exists() or not source.resolve().is_relative_to(target.parent.resolve()):
         return False
-    if source.resolve() == target.resolve() and examples_written_by_datalever(source):
-        return True
+    made_here = any(rundir.provenance_files(target.parent, stage)[0].exists() for stage in ("synth", "import"))
+    if source.resolve() == target.resolve() and made_here and examples_written_by_datalever(source):
+        return True  # written by `data synth` or an earlier import: the experiment's own
     raise checks.ConfigError(
         f"{path} lies in {target.parent}, where the experiment writes the data it reads; keep your data elsewhere"
     )
@@ -430,7 +436,15 @@ class CurveRecorder:
 
     @classmethod
     def for_arm(cls, cfg: ExperimentConfig, tcfg: TrainConfig, arm_dir: ArmDir, files: dict) -> CurveRecorder | None:
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType
+
         if not cfg.curve_every or not files.get("validation"):
+            return None
+        if PartialState().distributed_type == DistributedType.FSDP:
+            # Generation from sharded weights inside the training loop would need every rank in step through
+            # generations of different lengths: not done; the final evaluation still runs.
+            log.warning("learning curves are not recorded under FSDP (curve_every is ignored)")
             return None
         epoch_len = sum(rundir.read_manifest(arm_dir.manifest).values())
         n_train = len(load_examples(files["train"]))
@@ -526,7 +540,7 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
 # Settings that only choose which arms and seeds to run, or how to show progress (more arms or seeds in the
 # same run directory is more of the same work), and the stage settings the experiment sets itself for every
 # arm. Every other setting decides the numbers.
-NOT_COMPARED = {"run_dir", "arms", "seeds", "progress", "overwrite"}
+NOT_COMPARED = {"run_dir", "arms", "seeds", "progress", "overwrite", "sweep"}  # each sweep point checks its own
 NOT_COMPARED |= {f"train.{k}" for k in ("data", "manifest", "val_data", "out", "seed", "progress", "overwrite")}
 NOT_COMPARED |= {f"train.{k}" for k in ("split", "val_split", "schema", "fields", "template", "run_name")}
 # How often a run saves and what it keeps change no number.

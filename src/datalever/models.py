@@ -245,8 +245,9 @@ def resolve_model(spec: str, *, seed: int = 0) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         return str(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise FileNotFoundError(f"no model directory {spec}{_did_you_mean(spec)} (a hub id is written ORG/NAME)")
+    hint = _did_you_mean(spec) if "/" not in spec else ""
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or hint:
+        raise FileNotFoundError(f"no model directory {spec}{hint} (a hub id is written ORG/NAME)")
     check_hub_reachable(spec)
     return spec
 
@@ -270,7 +271,8 @@ def check_hub_reachable(repo_id: str, timeout: float = 5.0) -> None:
     from huggingface_hub import constants, try_to_load_from_cache
 
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if offline or isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if offline or proxied or isinstance(try_to_load_from_cache(repo_id, "config.json"), str):  # proxied: not probed
         return  # cached (or offline mode, where the loader's own error is immediate)
     url = urlparse(constants.ENDPOINT)
     try:

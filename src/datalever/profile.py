@@ -133,7 +133,7 @@ def _check_identity(meta_path: Path, meta: dict, identity: dict) -> None:
         f"{k}: store has {stored.get(k)!r}, asked {v!r}"
         for k, v in identity["config"].items()
         if stored.get(k) != v
-        and not (k not in stored and v == defaults.get(k))  # an option added since, at its default
+        and not (k not in stored and v == rundir.earlier_value(k, defaults))  # an option added since
     ]
     if meta.get("data_fingerprint") != identity["data_fingerprint"]:
         diffs.append("training data: the examples differ from those the store was recorded on")

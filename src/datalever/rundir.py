@@ -425,8 +425,17 @@ def settings_differences(recorded: dict, config: Any, ignore: Iterable[str] = ()
     return [
         f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(now)
-        if now[k] != before.get(k) and not (k not in before and k in defaults and now[k] == defaults[k])
+        if now[k] != before.get(k) and not (k not in before and k in defaults and now[k] == earlier_value(k, defaults))
     ]
+
+
+# Options whose default does not do what runs did before the option existed: the value that does.
+EARLIER_VALUES = {"chat_template": "none"}  # plain text; "auto" renders through a tokenizer's template
+
+
+def earlier_value(key: str, defaults: dict) -> Any:
+    """What a run recorded before `key` (a dotted name) existed did: its earlier value, else today's default."""
+    return EARLIER_VALUES.get(key.rsplit(".", 1)[-1], defaults.get(key))
 
 
 def field_defaults(config: Any) -> dict:
@@ -436,8 +445,7 @@ def field_defaults(config: Any) -> dict:
         if f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-            out[f.name] = field_defaults(value) if dataclasses.is_dataclass(value) else value
+            out[f.name] = to_jsonable(f.default_factory())  # the factory's own values (a proxy's lr 2e-3)
     return out
 
 

@@ -296,7 +296,9 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[Example], list[int]]:
 def load_validation_data(cfg: TrainConfig) -> list[Example]:
     if not cfg.val_data:
         return []
-    return read_data(cfg.val_data, cfg.data_format(), split=cfg.val_split, default_split="validation")
+    return read_data(
+        cfg.val_data, cfg.data_format(), split=cfg.val_split, default_split="validation", split_option="--val_split"
+    )
 
 
 @dataclass
