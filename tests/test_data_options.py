@@ -273,3 +273,21 @@ def test_a_sweep_can_grow_in_the_same_run_directory(tmp_path):
     cfg = _experiment(tmp_path, sweep={"m": [1, 2]})
     rundir.record_provenance(tmp_path, "experiment", cfg)
     experiment.check_same_settings(_experiment(tmp_path, sweep={"m": [1, 2, 4]}))  # not refused
+
+
+def test_profile_split_and_upsample_read_a_dataset_dict_from_the_command_line(dataset_dict, tmp_path):
+    import pyarrow.parquet as pq
+
+    path, parts = dataset_dict
+    fields, run = json.dumps(FIELDS), tmp_path / "run"
+    data = ["--data", path, "--fields", fields]
+    proxy = ["--proxy", "preset:tiny", "--fraction", "1.0", "--checkpoints", "2", "--batch_size", "16"]
+    cli.main(["profile", "--run_dir", str(run), *data, *proxy, "--micro_batch_size", "16", "--progress", "false"])
+    assert pq.read_table(run / "trajectories.parquet").column("id").to_pylist() == _ids(parts["train"])
+    cli.main(["split", "--run_dir", str(run), *data])
+    audit = json.loads((run / "split_audit.json").read_text())
+    assert "level" in json.dumps(audit)  # the difficulty column, read from the DatasetDict's train split
+    cli.main(["upsample", "--run_dir", str(run), "--arm", "hard", *data])
+    n_hard = json.loads((run / "split_summary.json").read_text())["n_hard"]
+    manifest = json.loads((run / "arms" / "hard" / "manifest.json").read_text())
+    assert manifest["n_rows"] == len(parts["train"]) + n_hard
