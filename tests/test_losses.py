@@ -17,7 +17,7 @@ from datalever.losses import (
     score_examples,
 )
 from datalever.models import load_model, load_tokenizer
-from datalever.tokens import IGNORE, Encoded, collate, encode_example, token_budget_batches
+from datalever.tokens import IGNORE, Encoded, collate, encode_example, loss_positions, token_budget_batches
 
 
 def make_examples(n=13, seed=0):
@@ -218,3 +218,27 @@ def test_results_reach_the_host_exactly():
     for (id_, loss, count), e, s, c in zip(got, rows, sums.tolist(), counts.tolist()):
         assert id_ == e.id and count == c and type(count) is int
         assert math.isnan(loss) if math.isnan(s) else (loss == s / c and math.copysign(1, loss) == math.copysign(1, s))
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-neox"])
+def test_positions_found_on_the_host_give_the_same_numbers(tiny_checkpoints, arch):
+    """Training sends the loss positions with the batch (no synchronisation in the forward): the same positions,
+    in the same order, as the labels' mask, so the same sums to the last bit, and the same gradients."""
+    model = load_model(tiny_checkpoints[arch])
+    tok = load_tokenizer(tiny_checkpoints[arch])
+    batch = collate([encode_example(tok, ex, 64) for ex in make_examples(5)], tok.pad_token_id)
+    positions = loss_positions(batch["labels"])
+    width = batch["labels"].shape[1] - 1
+    by_hand = [r * width + c for r in range(batch["labels"].shape[0]) for c in range(width)
+               if batch["labels"][r, c + 1] != IGNORE]  # fmt: skip
+    assert positions.tolist() == by_hand
+    loss = ResponseLoss(model)
+    sums, counts = loss(**batch)
+    sums_h, counts_h = loss(**batch, positions=positions)
+    assert torch.equal(sums, sums_h) and torch.equal(counts, counts_h)
+    grads = []
+    for extra in ({}, {"positions": positions}):
+        model.zero_grad()
+        loss(**batch, **extra)[0].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

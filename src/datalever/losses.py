@@ -68,10 +68,27 @@ class ResponseLoss(nn.Module):
         # attention is not causal over the whole sequence.
         self.padding_mask = padding_mask
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        targets = labels[:, 1:]
-        keep = targets != IGNORE  # position t predicts token t+1
-        rows = keep.nonzero(as_tuple=True)[0]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ):
+        """Per-example sums of the response-token NLL, and the counts of those tokens.
+
+        `positions`: the loss positions as flat indices into the n x (width - 1) predictions
+        (`tokens.loss_positions`, found on the host); given, they are selected without a device-to-host
+        synchronisation (a boolean mask's nonzero waits for the device). The same positions in the same order as
+        the mask's: the same numbers."""
+        keep = labels[:, 1:] != IGNORE  # position t predicts token t+1
+        if positions is None:
+            positions = keep.reshape(-1).nonzero(as_tuple=True)[0]  # synchronises: scoring builds no positions
+        width = labels.shape[1]
+        rows = torch.div(positions, width - 1, rounding_mode="floor")
+        # Indices into the whole n x width grid (contiguous: selecting from it copies only the kept rows).
+        at = positions + rows
+        flat_targets = labels.reshape(-1).index_select(0, at + 1)
         hf = unwrap(self.model)
         if not self.padding_mask:
             attention_mask = None
@@ -79,12 +96,13 @@ class ResponseLoss(nn.Module):
         # use_cache=True (config.use_cache) and builds a KV cache every call (per layer a copy of K
         # and V, kept alive to the end of the forward): ~5-15% of a demo-preset forward on the CPU.
         if _needs_full_logits(hf):
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-            token_nll = _token_nll(logits[keep], targets[keep])
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            token_nll = _token_nll(logits.reshape(-1, logits.shape[-1]).index_select(0, at), flat_targets)
         else:
             body = getattr(hf, hf.base_model_prefix)
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
-            token_nll = self._project_and_score(hf.get_output_embeddings(), hidden[keep], targets[keep])
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            kept = hidden.reshape(-1, hidden.shape[-1]).index_select(0, at)
+            token_nll = self._project_and_score(hf.get_output_embeddings(), kept, flat_targets)
         n = input_ids.shape[0]
         sums = torch.zeros(n, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_nll)
         counts = keep.sum(dim=1)

@@ -279,6 +279,14 @@ def pack(batch: Sequence[Encoded], pad_id: int, *, pin_memory: bool = False) -> 
     return out
 
 
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose next token carries loss, as flat indices into the n x (width - 1) grid of predictions
+    (row-major: the order a boolean mask selects them in). Computed on the host, where the labels are built, and sent
+    with the batch, so the loss needs no device-to-host synchronisation to find them (`ResponseLoss`)."""
+    keep = labels[:, 1:].numpy() != IGNORE
+    return torch.from_numpy(np.flatnonzero(keep))
+
+
 def unpack(packed: torch.Tensor) -> dict[str, torch.Tensor]:
     """`pack`'s buffer (on any device) as collate's dict of views."""
     return dict(zip(FIELDS, packed.unbind(0)))

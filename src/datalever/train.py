@@ -69,7 +69,7 @@ from datalever.optim import (
     set_lr,
 )
 from datalever.sampler import epoch_order
-from datalever.tokens import Encoded, Formatter, Truncation, check_chat_template, collate
+from datalever.tokens import Encoded, Formatter, Truncation, check_chat_template, collate, loss_positions
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -449,9 +449,13 @@ def micro_batches(encoded: Sequence[Encoded], size: int, pad_id: int, device, so
     # Sorting by length inside a step changes nothing in the gradient (it is a sum) but pads less: for micro-batches
     # of a fixed size, consecutive runs of the sorted rows pad the least.
     rows = sorted(encoded, key=lambda e: len(e.input_ids)) if sort else list(encoded)
-    return [
-        {k: v.to(device) for k, v in collate(rows[i : i + size], pad_id).items()} for i in range(0, len(rows), size)
-    ]
+    return [_on_device(collate(rows[i : i + size], pad_id), device) for i in range(0, len(rows), size)]
+
+
+def _on_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """The batch with its loss positions (found on the host: no synchronisation in the forward) on `device`."""
+    batch["positions"] = loss_positions(batch["labels"])
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def scaled_loss_fn(scale: float) -> Callable:
