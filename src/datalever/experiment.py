@@ -433,6 +433,7 @@ class CurveRecorder:
             {p["step"]: p for p in rundir.read_json(arm_dir.curve)["points"]} if arm_dir.curve.exists() else {}
         )
         self._formatter = None
+        self._examples: dict[str, list] = {}  # by benchmark: read once, not at every point
 
     @classmethod
     def for_arm(cls, cfg: ExperimentConfig, tcfg: TrainConfig, arm_dir: ArmDir, files: dict) -> CurveRecorder | None:
@@ -481,7 +482,9 @@ class CurveRecorder:
         if self._formatter is None:
             tokenizer = load_tokenizer(resolve_model(self.tcfg.model, seed=self.tcfg.seed))
             self._formatter = Formatter(tokenizer, self.tcfg.chat_template)
-        examples = load_examples(eval_data(self.cfg, self.files, benchmark))[:limit]
+        if benchmark not in self._examples:
+            self._examples[benchmark] = load_examples(eval_data(self.cfg, self.files, benchmark))[:limit]
+        examples = self._examples[benchmark]
         with progress.context(f"curve {benchmark}"):
             metrics, _ = evaluate_examples(
                 generator,

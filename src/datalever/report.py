@@ -118,16 +118,17 @@ def paired_at_equal_steps(curves: dict, a: str, b: str, seeds: list[int]) -> lis
     return out
 
 
-def curve_results(rows: dict, run_dir: RunDir, seeds: list[int], split_arms: Sequence[str], pairs) -> dict:
+def curve_results(
+    rows: dict, run_dir: RunDir, seeds: list[int], split_arms: Sequence[str], pairs, proxy_flops: float
+) -> dict:
     arms = list(dict.fromkeys(arm for arm, _ in rows))
     curves = read_curves(run_dir, arms, seeds)
     if not curves:
         return {}
-    proxy = proxy_compute(run_dir).get("total_flops", 0.0)
     summaries = {}
     for arm, by_seed in curves.items():
         final = {s: {b: m["accuracy"] for b, m in rows[(arm, s)]["benchmarks"].items()} for s in by_seed}
-        summaries[arm] = summarize_curve(by_seed, proxy if arm in split_arms else 0.0, final)
+        summaries[arm] = summarize_curve(by_seed, proxy_flops if arm in split_arms else 0.0, final)
     for s in summaries.values():
         s["chosen_test"] = chosen_test_accuracy(s)
     equal_steps = {f"{a} - {b}": paired_at_equal_steps(curves, a, b, seeds) for a, b in pairs}
@@ -160,6 +161,16 @@ def curve_lines(curves: dict) -> list[str]:
     return lines
 
 
+def _save_figure(fig, path: Path) -> str:
+    """Lay out, write (PNG, 120 dpi) and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
 def plot_curves(curves: dict, run_dir: RunDir) -> list[str]:
     """Validation accuracy against optimizer steps and against FLOPs (the proxy's share included), 95% bands."""
     import matplotlib
@@ -182,10 +193,7 @@ def plot_curves(curves: dict, run_dir: RunDir) -> list[str]:
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title("Learning curves (mean, 95% band over seeds)")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(str(run_dir.plot(name)))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save_figure(fig, run_dir.plot(name)))
     return paths
 
 
@@ -338,10 +346,7 @@ def plot(results: dict, run_dir: RunDir) -> list[str]:
         )
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy per arm (mean, 95% CI, seeds as dots)")
-    fig.tight_layout()
-    paths.append(str(run_dir.plot("accuracy")))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_figure(fig, run_dir.plot("accuracy")))
 
     levels = sorted({lv for a in arms.values() for lv in a["by_level"]})
     if levels:
@@ -358,10 +363,7 @@ def plot(results: dict, run_dir: RunDir) -> list[str]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("Accuracy by difficulty level")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(str(run_dir.plot("difficulty")))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save_figure(fig, run_dir.plot("difficulty")))
     return paths
 
 
@@ -387,11 +389,7 @@ def plot_loss_curves(run_dir: RunDir, arms: list[str], seed: int) -> str:
     ax.set_yscale("log")
     ax.set_title(f"Training loss per arm, seed {seed} (dots: validation loss)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = run_dir.plot("loss")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save_figure(fig, run_dir.plot("loss"))
 
 
 def write_report(
@@ -420,10 +418,10 @@ def write_report(
     # Every arm that is not a control (hard, hard-final, user arms, ...) against every control, seed by seed.
     controls = [a for a in controls if a in summaries]
     treated = [a for a in arms if a not in controls]
-    comparisons = {f"{t} - {c}": paired(rows, t, c, seeds) for t in treated for c in controls}
-    by_benchmark = {
-        b: {f"{t} - {c}": paired(rows, t, c, seeds, b) for t in treated for c in controls} for b in benchmarks
-    }
+    pairs = [(t, c) for t in treated for c in controls]
+    comparisons = {f"{t} - {c}": paired(rows, t, c, seeds) for t, c in pairs}
+    by_benchmark = {b: {f"{t} - {c}": paired(rows, t, c, seeds, b) for t, c in pairs} for b in benchmarks}
+    proxy = proxy_compute(run_dir)
     results = {
         "seeds": seeds,
         "eval_split": eval_split,
@@ -432,11 +430,11 @@ def write_report(
         "n_test": summaries[arms[0]]["n_test"],
         "arms": summaries,
         "paired": comparisons,
-        "proxy_compute": proxy_compute(run_dir),
+        "proxy_compute": proxy,
         "split_audits": split_audits(run_dir),
         "data_checks": data_checks or {},
         "split_arms": list(split_arms),
-        "curves": curve_results(rows, run_dir, seeds, split_arms, [tuple(k.split(" - ")) for k in comparisons]),
+        "curves": curve_results(rows, run_dir, seeds, split_arms, pairs, proxy.get("total_flops", 0.0)),
     }
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
     if results["curves"]:
@@ -530,8 +528,4 @@ def plot_frontier(entries: list[dict], front: list[dict], run_dir: RunDir) -> st
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy against compute, every sweep point and arm")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = run_dir.plot("frontier")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return _save_figure(fig, run_dir.plot("frontier"))
