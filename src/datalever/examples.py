@@ -235,6 +235,7 @@ def load_examples(
     split: str | None = None,
     default_split: str | None = None,
     on_duplicate: str = "error",
+    split_option: str = "--split",
 ) -> list[Example]:
     """Load examples from a file, a directory or a Hub dataset name ("openai/gsm8k:main": name and config).
 
@@ -246,6 +247,7 @@ def load_examples(
     default_split: the split to read when `split` is None and the source holds several (a stage passes its
         role's: "train" for training data, "test" for evaluation); a source of one split is read whole.
     on_duplicate: "error" (default) or "keep_first" (drops later copies, with a warning).
+    split_option: the option that sets `split` for this source, which errors name (--val_split, ...).
 
     JSONL, JSON, CSV and TSV files may be gzip-compressed (data.jsonl.gz, or gzip bytes under any
     name: read transparently) and must be UTF-8, or UTF-16/UTF-32 with a byte-order mark (decoded).
@@ -253,7 +255,7 @@ def load_examples(
     """
     if on_duplicate not in ("error", "keep_first"):
         raise ValueError(f"on_duplicate must be 'error' or 'keep_first', not {on_duplicate!r}")
-    name, records = _read_records(os.fspath(path), split, default_split)
+    name, records = _read_records(os.fspath(path), SplitRequest(split, default_split, split_option))
     columns = _columns(records)
     if not records:
         raise DataError(f"{name}: empty file (no records)")
@@ -276,29 +278,24 @@ def read_data(
     on_duplicate: str = "error",
     split_option: str = "--split",
 ) -> list[Example]:
-    """load_examples with a stage's data options; `split_option` is the option that sets `split` for this source
-    (the validation data's is --val_split), which its errors name."""
+    """load_examples with a stage's data options."""
     fmt = data_format or DataFormat()
-    try:
-        return load_examples(
-            path,
-            schema=fmt.schema,
-            fields=fmt.fields,
-            template=fmt.template,
-            split=split,
-            default_split=default_split,
-            on_duplicate=on_duplicate,
-        )
-    except DataError as e:
-        if split_option == "--split":
-            raise
-        raise DataError(str(e).replace("--split", split_option)) from None
+    return load_examples(
+        path,
+        schema=fmt.schema,
+        fields=fmt.fields,
+        template=fmt.template,
+        split=split,
+        default_split=default_split,
+        on_duplicate=on_duplicate,
+        split_option=split_option,
+    )
 
 
 def examples_written_by_datalever(path: str | os.PathLike) -> bool:
     """Whether a local file holds datalever's own columns (id, prompt, response, ...)."""
     try:
-        return _written_by_datalever(_columns(_read_records(os.fspath(path), None)[1]))
+        return _written_by_datalever(_columns(_read_records(os.fspath(path), SplitRequest())[1]))
     except DataError:
         return False
 
@@ -351,7 +348,17 @@ _CSV_FIELD_LIMIT = 2**31 - 1  # the largest value csv.field_size_limit accepts o
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800 .. \udfff
 
 
-def _read_records(path: str, split: str | None, default_split: str | None = None) -> tuple[str, list[Located]]:
+@dataclass(frozen=True)
+class SplitRequest:
+    """Which split of a source to read: the one asked for (`split`), else the stage's role default (train, test);
+    `option` is the option that sets it for this source (--val_split for validation data), which errors name."""
+
+    split: str | None = None
+    default: str | None = None
+    option: str = "--split"
+
+
+def _read_records(path: str, request: SplitRequest) -> tuple[str, list[Located]]:
     """Dispatch on what `path` is; returns a display name and the located records."""
     p = Path(path).expanduser()
     try:
@@ -359,14 +366,14 @@ def _read_records(path: str, split: str | None, default_split: str | None = None
     except (OSError, ValueError) as e:  # e.g. a name too long for the file system
         raise DataError(f"{path}: cannot access ({_one_line(e)})") from None
     if is_dir:
-        return _read_directory(p, split, default_split)
+        return _read_directory(p, request)
     if is_file:
-        if split is not None:
-            raise DataError(f"{path}: --split {split} was given, but a single file has no splits")
+        if request.split is not None:
+            raise DataError(f"{path}: {request.option} {request.split} was given, but a single file has no splits")
         return str(p), list(_read_file(p))
     if _format_of(p)[0] is not None or path.startswith((".", "/", "~")):
         raise DataError(f"{path}: no such file or directory")
-    return _read_hub(path, split, default_split)
+    return _read_hub(path, request)
 
 
 def looks_local(data: str) -> bool:
@@ -668,7 +675,7 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _read_directory(p: Path, split: str | None, default_split: str | None) -> tuple[str, list[Located]]:
+def _read_directory(p: Path, request: SplitRequest) -> tuple[str, list[Located]]:
     """A `save_to_disk` directory (Dataset or DatasetDict), or a directory of split files
     such as synth.write_splits writes (train.jsonl, validation.jsonl, test.jsonl)."""
     if (p / "dataset_dict.json").exists() or (p / "state.json").exists():
@@ -678,13 +685,13 @@ def _read_directory(p: Path, split: str | None, default_split: str | None) -> tu
             ds = datasets.load_from_disk(str(p))
         except Exception as e:
             raise DataError(f"{p}: cannot load the saved dataset ({_one_line(e)})") from None
-        return _from_hf(str(p), ds, split, default_split)
+        return _from_hf(str(p), ds, request)
     try:
         files = sorted(f for f in p.iterdir() if _format_of(f)[0] is not None)
     except OSError as e:
         raise DataError(f"{p}: cannot list the directory ({e.strerror or _one_line(e)})") from None
     names = sorted({_split_of(f) for f in files})
-    split = _choose_split(str(p), names, split, default_split)
+    split = _choose_split(str(p), names, request)
     chosen = [f for f in files if _split_of(f) == split]
     if len(chosen) != 1:
         raise DataError(
@@ -693,28 +700,28 @@ def _read_directory(p: Path, split: str | None, default_split: str | None) -> tu
     return str(chosen[0]), list(_read_file(chosen[0]))
 
 
-def _choose_split(name: str, splits: list[str], split: str | None, default_split: str | None) -> str:
+def _choose_split(name: str, splits: list[str], request: SplitRequest) -> str:
     """The split to read: the one asked for, else the only one, else the stage's role default (train, test)."""
-    if split is None:
+    if request.split is None:
         if len(splits) == 1:
             return splits[0]
-        if default_split in splits:
-            return default_split
-        raise DataError(f"{name}: holds the splits {splits}; choose one with --split")
-    if split not in splits:
-        raise DataError(f"{name}: has no split {split!r}; its splits are {splits} (--split)")
-    return split
+        if request.default in splits:
+            return request.default
+        raise DataError(f"{name}: holds the splits {splits}; choose one with {request.option}")
+    if request.split not in splits:
+        raise DataError(f"{name}: has no split {request.split!r}; its splits are {splits} ({request.option})")
+    return request.split
 
 
-def _from_hf(name: str, ds: Any, split: str | None, default_split: str | None = None) -> tuple[str, list[Located]]:
+def _from_hf(name: str, ds: Any, request: SplitRequest) -> tuple[str, list[Located]]:
     """Records from a datasets.Dataset, or from the chosen split of a DatasetDict."""
     import datasets
 
     if isinstance(ds, datasets.DatasetDict):
-        split = _choose_split(name, list(ds), split, default_split)
+        split = _choose_split(name, list(ds), request)
         ds, name = ds[split], f"{name}[{split}]"
-    elif split is not None:
-        raise DataError(f"{name}: --split {split} was given, but this is a single Dataset")
+    elif request.split is not None:
+        raise DataError(f"{name}: {request.option} {request.split} was given, but this is a single Dataset")
     try:
         rows = ds.to_list()
     except Exception as e:  # arrow raises several types for corrupt files
@@ -722,7 +729,7 @@ def _from_hf(name: str, ds: Any, split: str | None, default_split: str | None = 
     return name, [(f"row {i}", rec) for i, rec in enumerate(rows, start=1)]
 
 
-def _read_hub(path: str, split: str | None, default_split: str | None = None) -> tuple[str, list[Located]]:
+def _read_hub(path: str, request: SplitRequest) -> tuple[str, list[Located]]:
     """A Hub dataset, "name" or "name:config" (e.g. "openai/gsm8k:main"): every split is loaded (they are
     downloaded together anyway), then the split chosen as for a saved DatasetDict."""
     import datasets
@@ -736,7 +743,7 @@ def _read_hub(path: str, split: str | None, default_split: str | None = None) ->
             f"Face Hub failed ({type(e).__name__}: {_one_line(e)}). Offline? Download it elsewhere "
             f"and pass a saved file or directory instead."
         ) from None
-    return _from_hf(path, ds, split, default_split)
+    return _from_hf(path, ds, request)
 
 
 def _columns(records: list[Located]) -> list[str]:
