@@ -417,3 +417,15 @@ def test_two_processes_write_the_same_store_as_one(reference, prepared, tmp_path
         got, want = table.column(loss_column(step)).to_pylist(), ref.column(loss_column(step)).to_pylist()
         for g, w in zip(got, want):
             assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, abs=1e-5, rel=1e-5), step
+
+
+def test_the_pass_before_training_counts_in_what_profiling_cost(reference):
+    """K recorded passes and the one of the untrained proxy: K + 1 forwards over the examples."""
+    from datalever.report import proxy_compute
+
+    meta = reference["meta"]
+    summary = rundir.read_json(RunDir(reference["run_dir"]).proxy.summary)
+    got = proxy_compute(RunDir(reference["run_dir"]))
+    assert meta["initial_wall_s"] > 0
+    assert got["record_flops"] == 2.0 * summary["n_params"] * meta["record_tokens"] * (len(STEPS) + 1)
+    assert got["record_wall_s"] == pytest.approx(sum(meta["record_wall_s"].values()) + meta["initial_wall_s"])

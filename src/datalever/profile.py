@@ -260,6 +260,7 @@ def record_initial_loss(meta_path: Path, model_path: str, encoded, pad_id: int, 
     from datalever.models import load_model
 
     model = load_model(model_path).to(state.device)
+    t0 = time.perf_counter()  # the scoring pass, as a recorded step's time counts it
     scores = score_encoded(
         model,
         encoded,
@@ -274,7 +275,9 @@ def record_initial_loss(meta_path: Path, model_path: str, encoded, pad_id: int, 
         kept = [s for s in scores.values() if not s.flag]
         n_tokens = sum(s.n_tokens for s in kept)
         loss = sum(s.loss * s.n_tokens for s in kept) / n_tokens if n_tokens else None
-        rundir.write_json(meta_path, {**rundir.read_json(meta_path), "initial_per_token_loss": loss})
+        # Its time, like a recorded step's, counts in what profiling cost (report.proxy_compute).
+        initial = {"initial_per_token_loss": loss, "initial_wall_s": time.perf_counter() - t0}
+        rundir.write_json(meta_path, {**rundir.read_json(meta_path), **initial})
     state.wait_for_everyone()
 
 

@@ -46,9 +46,11 @@ def proxy_compute(run_dir: RunDir) -> dict:
         n_params = summary.get("n_params", 0)
     if meta_path.exists():
         meta = rundir.read_json(meta_path)
-        out["record_wall_s"] = sum(meta.get("record_wall_s", {}).values())
-        # Each recorded step is one forward over the examples: ~2 * params * tokens.
-        out["record_flops"] = 2.0 * n_params * (meta.get("record_tokens") or 0) * len(meta.get("steps", []))
+        out["record_wall_s"] = sum(meta.get("record_wall_s", {}).values()) + meta.get("initial_wall_s", 0.0)
+        # Each recorded step is one forward over the examples (~2 * params * tokens), and so is the pass of the
+        # untrained proxy before training, where the store has one.
+        passes = len(meta.get("steps", [])) + ("initial_per_token_loss" in meta)
+        out["record_flops"] = 2.0 * n_params * (meta.get("record_tokens") or 0) * passes
     out["total_flops"] = out.get("flops", 0.0) + out.get("record_flops", 0.0)
     return out
 
