@@ -122,8 +122,9 @@ def checkpoints() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
-    # 8 training examples: two batches of 4, the fixed set whose loss training must lower.
-    return synth.write_splits(str(tmp_path_factory.mktemp("data")), n_train=8, n_val=4, n_test=4, seed=0)
+    # 8 training examples: two batches of 4, the fixed set whose loss training must lower. Seed 1: seed 0's
+    # problems give one tiny-gemma3 prompt a near tie in greedy decoding, which the generation test refuses.
+    return synth.write_splits(str(tmp_path_factory.mktemp("data")), n_train=8, n_val=4, n_test=4, seed=1)
 
 
 def load(path: str):

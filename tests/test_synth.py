@@ -7,6 +7,7 @@ import json
 import re
 from collections import Counter
 from fractions import Fraction
+from statistics import mean
 
 import pytest
 
@@ -76,18 +77,17 @@ def test_levels_have_the_promised_shape(records):
     for r in by_level["medium"]:
         assert r["steps"] in (2, 3) and set(r["ops"].split(",")) & {"*", "/"}
     for r in by_level["hard"]:
-        assert 4 <= r["steps"] <= 7 and set(r["ops"].split(",")) & {"*", "/"}
-    assert {r["steps"] for r in by_level["hard"]} == {4, 5, 6, 7}
+        assert 4 <= r["steps"] <= 5 and set(r["ops"].split(",")) & {"*", "/"}
+    five = Counter(r["steps"] for r in by_level["hard"])[5] / len(by_level["hard"])
+    assert 0.2 < five < 0.45  # about half of three kinds of five take the optional 5th step
     mean_digits = {lv: sum(r["digits"] for r in rs) / len(rs) for lv, rs in by_level.items()}
     assert mean_digits["easy"] < mean_digits["medium"] < mean_digits["hard"]
-    assert max(r["digits"] for r in by_level["hard"]) >= 4
+    assert max(r["digits"] for r in by_level["hard"]) <= 4  # small numbers: hard is the chain, not the digits
 
 
 def test_mix_proportions(records):
     counts = Counter(r["level"] for r in records)
-    assert abs(counts["easy"] / 1500 - 0.6) < 0.01
-    assert abs(counts["medium"] / 1500 - 0.25) < 0.01
-    assert abs(counts["hard"] / 1500 - 0.15) < 0.01
+    assert (counts["easy"], counts["medium"], counts["hard"]) == (750, 450, 300)  # the default 0.5/0.3/0.2
     custom = Counter(r["level"] for r in synth.generate(200, seed=1, mix=(0.2, 0.3, 0.5)))
     assert (custom["easy"], custom["medium"], custom["hard"]) == (40, 60, 100)
     with pytest.raises(ValueError, match="mix"):
@@ -98,8 +98,8 @@ def test_texts_are_short(records):
     for r in records:
         assert 60 <= len(r["question"]) <= 250, r["question"]
         assert 25 <= len(r["answer"]) <= 300, r["answer"]
-    mean_answer = {lv: sum(len(r["answer"]) for r in records if r["level"] == lv) for lv in synth.LEVELS}
-    assert mean_answer["easy"] / 900 < 100 < mean_answer["hard"] / 225
+    mean_answer = {lv: mean(len(r["answer"]) for r in records if r["level"] == lv) for lv in synth.LEVELS}
+    assert mean_answer["easy"] < 100 < mean_answer["hard"]
 
 
 def test_wording_varies_within_each_kind(records):
@@ -132,7 +132,8 @@ def test_generation_leaves_global_random_state_alone():
 
 
 def problem_key(rec: dict) -> tuple:
-    return rec["kind"], tuple(sorted(int(x) for x in re.findall(r"\d+", rec["question"])))
+    fractions = tuple(w for w in ("half", "a third", "a quarter") if w in rec["question"])
+    return rec["kind"], tuple(sorted(int(x) for x in re.findall(r"\d+", rec["question"]))), fractions
 
 
 def test_write_splits_are_disjoint_deterministic_and_loadable(tmp_path):
@@ -147,7 +148,7 @@ def test_write_splits_are_disjoint_deterministic_and_loadable(tmp_path):
     for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
         assert not {r["question"] for r in splits[a]} & {r["question"] for r in splits[b]}
         assert not {problem_key(r) for r in splits[a]} & {problem_key(r) for r in splits[b]}
-    assert Counter(r["level"] for r in splits["test"]) == {"easy": 90, "medium": 38, "hard": 22}
+    assert Counter(r["level"] for r in splits["test"]) == {"easy": 75, "medium": 45, "hard": 30}
     for rec in splits["test"]:
         check_record(rec)
     exs = load_examples(str(tmp_path / "a"), split="validation")
@@ -220,3 +221,19 @@ def test_bad_synth_options_are_refused_before_any_file_is_written(tmp_path, opti
     with pytest.raises(ConfigError, match=match):
         synth.SynthConfig(out=str(tmp_path / "data"), **options)
     assert not (tmp_path / "data").exists()
+
+
+def test_every_kind_has_room_for_the_default_dataset():
+    """Problems are distinct by kind and numbers; a kind whose space runs short is under-drawn and skews the mix of
+    kinds within its level (percent_chain once gave 4-9 of 120 hard problems: its fraction, a word, was not part of
+    a problem's identity). Each hard kind should get about a fifth of the hard problems of the default dataset."""
+    records = synth.generate(2800, seed=0)  # the default train + validation + test
+    hard = Counter(r["kind"] for r in records if r["level"] == "hard")
+    assert len(hard) == 5 and min(hard.values()) > 0.14 * sum(hard.values()), hard
+
+
+def test_a_fraction_given_in_words_makes_a_different_problem():
+    half = {"kind": "percent_chain", "question": "A has 40 beads. B has 50% more. C has half as many as B."}
+    third = {**half, "question": half["question"].replace("half", "a third")}
+    assert synth._key(half["kind"], half["question"]) != synth._key(third["kind"], third["question"])
+    assert problem_key(half) != problem_key(third)
