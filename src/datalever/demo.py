@@ -38,14 +38,7 @@ def shipped_config(name: str) -> ExperimentConfig:
     return read_config(ExperimentConfig, files("datalever") / "assets" / "configs" / f"{name}.yaml")
 
 
-# The demo's learning curves are coarser than the study's (every epoch, the whole validation set) to keep it within
-# minutes: one point at the base arm's last step (where the longer arms are compared with it at equal steps) and one
-# at each arm's own end, on the first 150 validation problems.
-DEMO_CURVE = {"curve_every": 6.0, "curve_limit": 150}
-
-
 def run(cfg: DemoConfig) -> str:
     study = shipped_config("quick" if cfg.quick else "embedded")
     changes = dict(run_dir=cfg.run_dir, seeds=cfg.seeds, arms=cfg.arms, progress=cfg.progress)
-    demo = dataclasses.replace(study, **changes, **({} if cfg.quick else DEMO_CURVE))
-    return experiment_run(demo)
+    return experiment_run(dataclasses.replace(study, **changes))
