@@ -114,6 +114,34 @@ def test_arms_are_compared_at_the_steps_both_reached_in_every_seed():
     assert [d["mean_diff"] for d in diffs] == pytest.approx([0.1, 0.15])
 
 
+def test_on_test_arms_are_compared_where_both_were_evaluated_at_the_same_step():
+    """Test accuracy at a step: a curve point evaluated on test, or an arm's last step (the evaluation stage's)."""
+    from datalever.report import paired_on_test_at_equal_steps
+
+    def point(step, val, test=None):
+        return {"step": step, "val_accuracy": val, **({"test_accuracy": {"test": test}} if test is not None else {})}
+
+    curves = {
+        # seed 1's validation did not improve at step 20, so it has no test accuracy there
+        "hard": {0: [point(10, 0.3, 0.32), point(20, 0.5, 0.52), point(30, 0.6)],
+                 1: [point(10, 0.4, 0.40), point(20, 0.3), point(30, 0.5)]},
+        "base": {0: [point(10, 0.2, 0.25), point(20, 0.4)], 1: [point(10, 0.1, 0.20), point(20, 0.2)]},
+    }  # fmt: skip
+    final = {("hard", 0): 0.61, ("hard", 1): 0.55, ("base", 0): 0.45, ("base", 1): 0.35}
+    rows = {key: {"benchmarks": {"test": {"accuracy": acc}}} for key, acc in final.items()}
+    diffs = paired_on_test_at_equal_steps(curves, rows, "test", "hard", "base", [0, 1])
+    # step 10: both curves' test points; step 20: base's end, but hard has no test there in seed 1; step 30: base's
+    # curve never reached it
+    assert [d["step"] for d in diffs] == [10]
+    assert diffs[0]["mean_diff"] == pytest.approx(((0.32 - 0.25) + (0.40 - 0.20)) / 2)
+    assert diffs[0]["wins_ties_losses"] == (2, 0, 0)
+    # with hard's test at 20 in seed 1 too, step 20 pairs hard's curve point with base's final evaluation
+    curves["hard"][1][1] = point(20, 0.45, 0.47)
+    diffs = paired_on_test_at_equal_steps(curves, rows, "test", "hard", "base", [0, 1])
+    assert [d["step"] for d in diffs] == [10, 20]
+    assert diffs[1]["mean_diff"] == pytest.approx(((0.52 - 0.45) + (0.47 - 0.35)) / 2)
+
+
 def test_the_frontier_keeps_what_nothing_beats_on_both_axes():
     from datalever.report import frontier
 

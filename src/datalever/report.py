@@ -108,21 +108,46 @@ def paired_at_equal_steps(curves: dict, a: str, b: str, seeds: list[int]) -> lis
     def by_step(arm: str, seed: int) -> dict[int, float]:
         return {p["step"]: p["val_accuracy"] for p in curves[arm].get(seed, [])}
 
-    both = [s for s in seeds if s in curves.get(a, {}) and s in curves.get(b, {})]
-    if not both:
+    return _paired_by_step(by_step, a, b, [s for s in seeds if s in curves.get(a, {}) and s in curves.get(b, {})])
+
+
+def paired_on_test_at_equal_steps(
+    curves: dict, rows: dict, benchmark: str, a: str, b: str, seeds: list[int]
+) -> list[dict]:
+    """a - b in test accuracy, seed by seed, at every step where both have a test accuracy in every seed: a curve
+    point that was evaluated on test (the best on validation so far), or an arm's last step (the evaluation stage's
+    number). Validation points are few problems; this is the same comparison on the test set, where it exists."""
+
+    def by_step(arm: str, seed: int) -> dict[int, float]:
+        points = curves[arm].get(seed, [])
+        out = {p["step"]: p["test_accuracy"][benchmark] for p in points if benchmark in (p.get("test_accuracy") or {})}
+        if points:  # a curve's last point is the arm's last step: the weights the evaluation stage scored
+            out[points[-1]["step"]] = rows[(arm, seed)]["benchmarks"][benchmark]["accuracy"]
+        return out
+
+    return _paired_by_step(by_step, a, b, [s for s in seeds if s in curves.get(a, {}) and s in curves.get(b, {})])
+
+
+def _paired_by_step(by_step, a: str, b: str, seeds: list[int]) -> list[dict]:
+    """Mean and 95% CI over `seeds` of by_step(a, seed)[step] - by_step(b, seed)[step], at the steps both have in
+    every seed."""
+    if not seeds:
         return []
-    common = set.intersection(*(set(by_step(a, s)) & set(by_step(b, s)) for s in both))
+    common = set.intersection(*(set(by_step(a, s)) & set(by_step(b, s)) for s in seeds))
     out = []
     for step in sorted(common):
-        diffs = [by_step(a, s)[step] - by_step(b, s)[step] for s in both]
+        diffs = [by_step(a, s)[step] - by_step(b, s)[step] for s in seeds]
         m, ci = t_interval(diffs)
-        out.append({"step": step, "mean_diff": m, "ci95": ci, "n_seeds": len(both)})
+        wins = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
+        out.append({"step": step, "mean_diff": m, "ci95": ci, "n_seeds": len(seeds), "wins_ties_losses": wins})
     return out
 
 
 def curve_results(
-    rows: dict, run_dir: RunDir, seeds: list[int], split_arms: Sequence[str], pairs, proxy_flops: float
+    rows: dict, run_dir: RunDir, seeds: list[int], split_arms: Sequence[str], pairs, proxy_flops: float, benchmark: str
 ) -> dict:
+    """The learning curves' summaries, the test accuracy each arm's validation chose, and the paired comparisons at
+    equal optimizer steps: on validation, and on `benchmark` (the first test set) where it was evaluated."""
     arms = list(dict.fromkeys(arm for arm, _ in rows))
     curves = read_curves(run_dir, arms, seeds)
     if not curves:
@@ -134,7 +159,13 @@ def curve_results(
     for s in summaries.values():
         s["chosen_test"] = chosen_test_accuracy(s)
     equal_steps = {f"{a} - {b}": paired_at_equal_steps(curves, a, b, seeds) for a, b in pairs}
-    return {"arms": summaries, "paired_at_equal_steps": {k: v for k, v in equal_steps.items() if v}}
+    on_test = {f"{a} - {b}": paired_on_test_at_equal_steps(curves, rows, benchmark, a, b, seeds) for a, b in pairs}
+    return {
+        "arms": summaries,
+        "paired_at_equal_steps": {k: v for k, v in equal_steps.items() if v},
+        "test_benchmark": benchmark,
+        "test_paired_at_equal_steps": {k: v for k, v in on_test.items() if v},
+    }
 
 
 def curve_lines(curves: dict) -> list[str]:
@@ -157,10 +188,20 @@ def curve_lines(curves: dict) -> list[str]:
         lines.append(f"- {name}: {chosen or 'n/a'} (chosen steps {at})")
     if curves["paired_at_equal_steps"]:
         lines += ["", "At equal optimizer steps (validation accuracy points, mean ± 95% CI):", ""]
-        for name, diffs in curves["paired_at_equal_steps"].items():
-            cells = ", ".join(f"step {d['step']}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])}" for d in diffs)
-            lines.append(f"- {name}: {cells}")
+        lines += _equal_step_lines(curves["paired_at_equal_steps"])
+    if curves.get("test_paired_at_equal_steps"):
+        lines += ["", f"At equal optimizer steps on {curves['test_benchmark']} (accuracy points, mean ± 95% CI; "
+                  "wins/ties/losses), where both arms were evaluated on it at that step:", ""]  # fmt: skip
+        lines += _equal_step_lines(curves["test_paired_at_equal_steps"], counts=True)
     return lines
+
+
+def _equal_step_lines(paired: dict, counts: bool = False) -> list[str]:
+    def cell(d: dict) -> str:
+        text = f"step {d['step']}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])}"
+        return text + (" ({}/{}/{})".format(*d["wins_ties_losses"]) if counts else "")
+
+    return [f"- {name}: " + ", ".join(cell(d) for d in diffs) for name, diffs in paired.items()]
 
 
 def _save_figure(fig, path: Path) -> str:
@@ -436,7 +477,7 @@ def write_report(
         "split_audits": split_audits(run_dir),
         "data_checks": data_checks or {},
         "split_arms": list(split_arms),
-        "curves": curve_results(rows, run_dir, seeds, split_arms, pairs, proxy.get("total_flops", 0.0)),
+        "curves": curve_results(rows, run_dir, seeds, split_arms, pairs, proxy.get("total_flops", 0.0), benchmarks[0]),
     }
     results["plots"] = plot(results, run_dir) + [plot_loss_curves(run_dir, arms, seeds[0])]
     if results["curves"]:
