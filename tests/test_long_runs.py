@@ -348,6 +348,18 @@ def test_run_names(tmp_path, out, run_name, expected):
     assert train.run_name(TrainConfig(out=str(tmp_path / out), run_name=run_name)) == expected
 
 
+def test_wandb_writes_its_files_under_out_not_where_the_command_started(data, tmp_path, monkeypatch):
+    """wandb.init without `dir` writes ./wandb in the working directory, outside the run it belongs to."""
+    import accelerate
+
+    seen = {}
+    monkeypatch.setattr(accelerate.Accelerator, "init_trackers", lambda self, project, **kw: seen.update(kw))
+    cfg = config(data, tmp_path / "run", max_steps=1, val_data=None, run_name="study/a")
+    train.run(cfg)
+    assert seen["init_kwargs"]["wandb"] == {"name": "study/a", "dir": str(tmp_path / "run")}
+    assert seen["init_kwargs"]["mlflow"] == {"run_name": "study/a"}
+
+
 def test_an_explicit_run_name_names_the_tensorboard_directory(data, tmp_path):
     cfg = config(data, tmp_path / "run", max_steps=1, val_data=None, log_with=["tensorboard"], run_name="study/a")
     summary = train.run(cfg)

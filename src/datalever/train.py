@@ -198,9 +198,9 @@ class TrainConfig(DataFormat):
     (LoRA's) then draws other masks than without compiling."""
     log_with: list[str] | None = None
     """Accelerate trackers, e.g. [tensorboard] (pip install 'datalever[tensorboard]', written under
-    out/datalever/<run_name>) or [wandb] (project datalever); they get the full config, every step's scalars and at
-    the end the final metrics (final_train_loss, final_val_loss, final_steps, final_wall_s). The JSONL log is
-    always written."""
+    out/datalever/<run_name>) or [wandb] (project datalever, its files under out/wandb/); they get the full config,
+    every step's scalars and at the end the final metrics (final_train_loss, final_val_loss, final_steps,
+    final_wall_s). The JSONL log is always written."""
     run_name: str | None = None
     """The run's name in the trackers (wandb's run name, TensorBoard's run directory); default: from `out`,
     <run>/<arm>/seed<S> for an experiment's arm (out RUN/arms/<arm>/seed<S>/train), else out's last two path
@@ -613,10 +613,7 @@ def start_logs(job: TrainJob, examples: list[Example]) -> None:
         if job.truncation.warning():
             log.warning("train: %s", job.truncation.warning())
     accelerator.wait_for_everyone()
-    name = run_name(cfg)
-    # Accelerate hands init_kwargs to the trackers it builds itself (TensorBoard's is built in `trackers`).
-    names = {"wandb": {"name": name}, "mlflow": {"run_name": name}}
-    accelerator.init_trackers(TRACKER_PROJECT, config=tracked_config(cfg), init_kwargs=names)
+    accelerator.init_trackers(TRACKER_PROJECT, config=tracked_config(cfg), init_kwargs=tracker_init_kwargs(cfg))
 
 
 # ----------------------------------------------------------------------------- trackers
@@ -631,6 +628,13 @@ def run_name(cfg: TrainConfig) -> str:
     if len(parts) >= 5 and parts[-1] == "train" and parts[-2].startswith("seed") and parts[-4] == "arms":
         return "/".join((parts[-5], parts[-3], parts[-2]))
     return "/".join(parts[-2:])
+
+
+def tracker_init_kwargs(cfg: TrainConfig) -> dict:
+    """What Accelerate hands the trackers it builds itself (TensorBoard's is built in `trackers`): the run's name,
+    and for wandb its files under `out` (out/wandb/), not in whatever directory the command was started from."""
+    name = run_name(cfg)
+    return {"wandb": {"name": name, "dir": str(rundir.TrainDir(cfg.out).root)}, "mlflow": {"run_name": name}}
 
 
 def trackers(cfg: TrainConfig) -> list | None:
