@@ -578,6 +578,9 @@ def test_score_train_and_eval_from_the_command_line(
         assert prompt == ids_and_labels(tok, segments[:-1])[0], ex.id
         assert ex.messages[-1][1] + style.end == segments[-1][0]
     assert captured["end_ids"] == [token_id(tok, style.stop)]
+    # predictions.jsonl shows what the model was given: the rendered turns, not the plain prompt
+    shown = [json.loads(line)["prompt"] for line in (eval_out / "predictions.jsonl").read_text().splitlines()]
+    assert shown == [tok.decode(ids_and_labels(tok, expected_segments(style, ex.messages)[:-1])[0]) for ex in examples]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -424,8 +424,9 @@ def evaluate_examples(
 
     With an `accelerator` (an `Accelerator` or accelerate's `PartialState`) of several processes,
     each process generates for its shard (examples[rank::world]) and the records are gathered,
-    so every process returns the full result. Records: id, source, meta, prompt, generation, extracted,
-    answer_from, gold, correct, grading (see `grade_example`). `stop` and `cache` as in `generate_ids`.
+    so every process returns the full result. Records: id, source, meta, prompt (the text the model was given,
+    chat template included), generation, extracted, answer_from, gold, correct, grading (see `grade_example`).
+    `stop` and `cache` as in `generate_ids`.
     `formatter` renders the prompts as training did (default: plain text, the prompts as written).
     """
     examples = list(examples)
@@ -433,10 +434,11 @@ def evaluate_examples(
     rank = accelerator.process_index if world > 1 else 0
     positions = list(range(rank, len(examples), world))
     shard = [examples[i] for i in positions]
+    prompts = [_prompt(formatter, tokenizer, ex) for ex in shard]
     generations = generate(
         model,
         tokenizer,
-        [_prompt(formatter, tokenizer, ex) for ex in shard],
+        prompts,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         max_prompt_length=max_prompt_length,
@@ -446,14 +448,15 @@ def evaluate_examples(
         end_ids=formatter.stop_ids() if formatter else (),
     )
     records = []
-    for pos, ex, text in zip(positions, shard, generations):
+    for pos, ex, prompt, text in zip(positions, shard, prompts, generations):
         records.append(
             {
                 "_pos": pos,
                 "id": ex.id,
                 "source": ex.source,
                 "meta": dict(ex.meta or {}),
-                "prompt": ex.prompt,
+                # What the model was given: under a chat template the rendered turns, special tokens included.
+                "prompt": prompt if isinstance(prompt, str) else tokenizer.decode(prompt),
                 "generation": text,
                 **grade_example(text, ex.response),
             }
