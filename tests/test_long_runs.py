@@ -175,16 +175,24 @@ def test_the_optimizer_state_goes_once_the_run_is_finished_unless_kept(data, tmp
     assert 1.8 * model_bytes < state_bytes < 2.5 * model_bytes
     for step in (2, 3):
         assert resumable(kept.out, step) and (TrainDir(kept.out).checkpoint(step) / "rng-0.pt").exists()
-        files = {p.name for p in TrainDir(dropped.out).checkpoint(step).iterdir()}
-        assert files == {"model"}, files
-        assert_same_weights(
-            TrainDir(dropped.out).checkpoint(step) / "model", TrainDir(kept.out).checkpoint(step) / "model"
-        )
+    assert {p.name for p in TrainDir(dropped.out).checkpoint(2).iterdir()} == {"model"}
+    assert_same_weights(TrainDir(dropped.out).checkpoint(2) / "model", TrainDir(kept.out).checkpoint(2) / "model")
+    # The last step's checkpoint held the weights model/ holds (float32, no LoRA): it went whole.
+    assert not TrainDir(dropped.out).checkpoint(3).exists()
+    assert_same_weights(TrainDir(dropped.out).model, TrainDir(kept.out).checkpoint(3) / "model")
     assert_same_weights(TrainDir(dropped.out).model, TrainDir(kept.out).model)
 
     steps = []
     assert train.run(dropped, on_step=lambda step, *_: steps.append(step)) == summary
     assert steps == []
+
+
+def test_the_last_checkpoint_stays_when_the_final_model_is_saved_in_another_dtype(data, tmp_path):
+    """model/ in bfloat16 is not the float32 master weights of the last checkpoint: that checkpoint is kept."""
+    cfg = config(data, tmp_path / "run", max_steps=3, save_every=3, save_dtype="bfloat16")
+    train.run(cfg)
+    assert {p.name for p in TrainDir(cfg.out).checkpoint(3).iterdir()} == {"model"}
+    assert not resumable(cfg.out, 3)
 
 
 def test_a_failed_final_save_keeps_the_last_checkpoint_resumable(data, tmp_path, monkeypatch):
@@ -200,13 +208,14 @@ def test_a_failed_final_save_keeps_the_last_checkpoint_resumable(data, tmp_path,
     with pytest.raises(Killed):
         train.run(cfg)
     assert resumable(cfg.out, 3) and not TrainDir(cfg.out).summary.exists()
+    shutil.copytree(TrainDir(cfg.out).checkpoint(3) / "model", tmp_path / "step-3")
 
     monkeypatch.setattr(train, "save_model", real_save_model)
     steps = []
     summary = train.run(cfg, on_step=lambda step, *_: steps.append(step))
     assert steps == [] and summary["steps"] == 3
     assert TrainDir(cfg.out).summary.exists() and not resumable(cfg.out, 3)
-    assert_same_weights(TrainDir(cfg.out).model, TrainDir(cfg.out).checkpoint(3) / "model")
+    assert_same_weights(TrainDir(cfg.out).model, tmp_path / "step-3")  # finished from the checkpoint, no step redone
 
 
 # ----------------------------------------------------------------------------- the final model's dtype

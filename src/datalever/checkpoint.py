@@ -444,14 +444,20 @@ def clean_temporaries(layout: rundir.TrainDir) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def drop_resume_state(layout: rundir.TrainDir) -> None:
+def drop_resume_state(layout: rundir.TrainDir, same_as_model: int | None = None) -> None:
     """Delete the checkpoints' resume state (trainer_state.pt with the optimizer state, 2-3x the model's size under
     AdamW, and the RNG files), keeping their weights: for a finished run, which is returned and never resumed.
-    Call only after the final model and the summary are written."""
+    `same_as_model`: the step whose checkpoint holds the very weights the final model/ holds (the last step, when
+    model/ is saved in the master weights' dtype without a LoRA merge): that checkpoint goes whole, or a 3B run would
+    keep 12 GB of float32 weights twice. Call only after the final model and the summary are written."""
     for path in _checkpoints(layout):
         (path / TRAINER_STATE).unlink()  # first: without it the directory is no longer a checkpoint to resume
         for rng_file in path.glob(RNG_STATE.format(rank="*")):
             rng_file.unlink()
+    if same_as_model is not None and layout.checkpoint(same_as_model).is_dir():
+        shutil.rmtree(layout.checkpoint(same_as_model))
+        if not any(layout.checkpoints.iterdir()):
+            layout.checkpoints.rmdir()
 
 
 # ----------------------------------------------------------------------------- resume

@@ -168,8 +168,9 @@ class TrainConfig(DataFormat):
     keep_optimizer_state: bool = False
     """Keep the checkpoints' resume state (trainer_state.pt: the optimizer state, 2-3x the model's size under AdamW;
     the RNG files) after the run has finished. False: once the final model and train_summary.json are written it is
-    deleted, and the checkpoints keep their weights only (checkpoints/step-N/model, the master weights): a finished
-    run is returned by a rerun, never resumed."""
+    deleted, and the checkpoints keep their weights only (checkpoints/step-N/model, the master weights), except one at
+    the last step whose weights model/ already holds (saved in the master dtype, no LoRA), which goes whole: a
+    finished run is returned by a rerun, never resumed."""
     mixed_precision: str = "auto"
     """no | bf16 | auto (bf16 autocast on a GPU that supports it, else float32)."""
     dtype: str = "float32"
@@ -906,9 +907,15 @@ def finish(job: TrainJob) -> dict:
         rundir.write_json(job.layout.summary, summary)
         # Only now: until the summary marks the run finished, a kill resumes it from the last checkpoint.
         if not job.cfg.keep_optimizer_state:
-            checkpoint.drop_resume_state(job.layout)
+            checkpoint.drop_resume_state(job.layout, same_as_model=job.steps if model_is_master_copy(job.cfg) else None)
     accelerator.wait_for_everyone()
     return summary
+
+
+def model_is_master_copy(cfg: TrainConfig) -> bool:
+    """Whether the final model/ holds the master weights as they are (no cast, no LoRA merge): then it is the same
+    as a checkpoint at the last step."""
+    return not cfg.lora.enabled and checkpoint.cast_dtype(cfg.save_dtype, cfg.mixed_precision, cfg.dtype) is None
 
 
 def final_losses(log_path: Path) -> tuple[float | None, float | None]:
