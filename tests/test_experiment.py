@@ -130,10 +130,12 @@ def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_
     from datalever.rundir import RunDir
 
     acc = {"base": [0.50, 0.60], "random": [0.55, 0.55], "hard": [0.60, 0.58], "hard-final": [0.52, 0.70]}
+    hard_problems = {"base": [0.10, 0.20], "random": [0.10, 0.10], "hard": [0.30, 0.25], "hard-final": [0.2, 0.2]}
     for arm, values in acc.items():
-        for seed, a in zip([0, 1], values):
+        for seed, a in enumerate(values):
             d = RunDir(tmp_path).seed_dir(arm, seed)
-            rundir.write_json(d.eval.metrics, {"accuracy": a, "n": 100, "per_difficulty": {}})
+            levels = {"easy": {"accuracy": 0.9, "n": 50}, "hard": {"accuracy": hard_problems[arm][seed], "n": 50}}
+            rundir.write_json(d.eval.metrics, {"accuracy": a, "n": 100, "per_difficulty": {"level": levels}})
             compute = {k: 1 for k in ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")}
             rundir.write_json(d.train.summary, {"compute": compute, "final_val_loss": 1.0})
             d.train.log.write_text('{"step": 1, "loss": 1.0}\n')
@@ -144,6 +146,10 @@ def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_
     assert got["mean_diff"] == pytest.approx(0.06) and (got["wins"], got["ties"], got["losses"]) == (2, 0, 0)
     got = results["paired"]["hard - random"]
     assert got["per_seed"] == pytest.approx({"0": 0.05, "1": 0.03}) and got["mean_diff"] == pytest.approx(0.04)
+    # the same pairs on the hard problems alone: does an arm learn them, not just more of the easy ones
+    got = results["paired_by_level"]["hard - base"]
+    assert got["hard"]["per_seed"] == pytest.approx({"0": 0.20, "1": 0.05}) and got["easy"]["mean_diff"] == 0
+    assert "  - by level: easy +0.0 ± 0.0 (0/2/0), hard +12.5" in results["markdown"]
 
 
 def test_a_split_made_with_other_features_is_not_reused(tmp_path):

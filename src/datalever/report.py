@@ -274,12 +274,15 @@ def summarize_arm(rows: dict, arm: str, seeds: list[int]) -> dict:
     }
 
 
-def paired(rows: dict, a: str, b: str, seeds: list[int], benchmark: str | None = None) -> dict:
-    """a - b in accuracy, seed by seed, on one benchmark (default: the first)."""
+def paired(
+    rows: dict, a: str, b: str, seeds: list[int], benchmark: str | None = None, level: str | None = None
+) -> dict:
+    """a - b in accuracy, seed by seed, on one benchmark (default: the first), or on its problems of one difficulty
+    `level` (the data's `level` column)."""
 
     def acc(arm: str, s: int) -> float:
         metrics = rows[(arm, s)]["benchmarks"][benchmark] if benchmark else rows[(arm, s)]["metrics"]
-        return metrics["accuracy"]
+        return metrics["per_difficulty"]["level"][level]["accuracy"] if level else metrics["accuracy"]
 
     diffs = [acc(a, s) - acc(b, s) for s in seeds]
     m, ci = t_interval(diffs)
@@ -340,6 +343,9 @@ def markdown(results: dict) -> str:
         lines += ["", "Paired differences over the same seeds (accuracy points, mean ± 95% CI; wins/ties/losses):", ""]
         for name, d in results["paired"].items():
             lines.append(f"- {name}: {_paired_text(d)}")
+            levels = (results.get("paired_by_level") or {}).get(name)
+            if levels:
+                lines.append("  - by level: " + ", ".join(f"{lv} {_paired_text(v)}" for lv, v in levels.items()))
             for b in others:
                 lines.append(f"  - on {b}: {_paired_text(results['paired_by_benchmark'][b][name])}")
     for name, found in (results.get("split_audits") or {}).items():
@@ -463,6 +469,11 @@ def write_report(
     treated = [a for a in arms if a not in controls]
     pairs = [(t, c) for t in treated for c in controls]
     comparisons = {f"{t} - {c}": paired(rows, t, c, seeds) for t, c in pairs}
+    # By difficulty level where every run has each level: whether an arm learns the hard problems, not just more.
+    levels = set.intersection(*(set(r["metrics"].get("per_difficulty", {}).get("level", {})) for r in rows.values()))
+    levels = sorted(levels, key=lambda v: LEVELS.index(v) if v in LEVELS else len(LEVELS))
+    by_level = {name: {lv: paired(rows, t, c, seeds, level=lv) for lv in levels} for (t, c), name in
+                zip(pairs, comparisons)}  # fmt: skip
     by_benchmark = {b: {f"{t} - {c}": paired(rows, t, c, seeds, b) for t, c in pairs} for b in benchmarks}
     proxy = proxy_compute(run_dir)
     results = {
@@ -473,6 +484,7 @@ def write_report(
         "n_test": summaries[arms[0]]["n_test"],
         "arms": summaries,
         "paired": comparisons,
+        "paired_by_level": by_level,
         "proxy_compute": proxy,
         "split_audits": split_audits(run_dir),
         "data_checks": data_checks or {},
