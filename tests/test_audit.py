@@ -17,7 +17,7 @@ import pytest
 
 from datalever import audit, rundir
 from datalever.examples import Example
-from datalever.split import split_trajectories
+from datalever.split import compute_features, split_trajectories
 
 
 @pytest.fixture(autouse=True)
@@ -265,6 +265,38 @@ def test_residual_removes_the_loss_composition_sets():
     with pytest.raises(ValueError, match="needs the examples' composition"):
         split_trajectories(ids, [None] * n, losses, features="residual")
     assert np.isnan(audit.composition_covariates(examples, ["unknown"])).all()
+
+
+def test_with_stratify_the_residual_baseline_is_fitted_within_each_source():
+    """Two sources whose token kinds cost the opposite (source a: digits 1 nat, letters 4; source b: digits 4,
+    letters 1), each with a third of its rows 1 nat harder whatever they are made of. One fit across both sources
+    leaves each source's composition effect in its residuals, larger than the hard rows' nat; a fit per source, as
+    stratify clusters per source, finds exactly the hard rows."""
+    rng = np.random.default_rng(1)
+    n = 120
+    n_digits = rng.integers(2, 19, n)
+    source = np.where(np.arange(n) < n // 2, "a", "b")
+    hard = np.arange(n) % 3 == 0
+    examples = [Example(f"e{i}", "Q\n", "7" * d + "x" * (20 - d), source=src) for i, (d, src) in
+                enumerate(zip(n_digits, source))]  # fmt: skip
+    ids = [ex.id for ex in examples]
+    covariates = audit.composition_covariates(examples, ids)
+    digit = n_digits / 20
+    per_digit, per_letter = np.where(source == "a", 1.0, 4.0), np.where(source == "a", 4.0, 1.0)
+    level = per_digit * digit + per_letter * (1 - digit) + 1.0 * hard
+    losses = level[:, None] * np.array([1.0, 0.8, 0.7])[None, :] + rng.normal(0, 0.02, (n, 3))
+    want = {i for i, h in zip(ids, hard) if h}
+
+    stratified = split_trajectories(
+        ids, list(source), losses, features="residual", covariates=covariates, stratify=True
+    )
+    assert set(stratified.loc[stratified["hard"], "id"]) == want
+    # The fit across both sources, clustered within source a as stratify would: it does not find a's hard rows.
+    across = compute_features(losses, "residual", covariates)
+    in_a = source == "a"
+    ids_a = list(np.array(ids)[in_a])
+    a_only = split_trajectories(ids_a, ["a"] * len(ids_a), across[in_a], features="trajectory")
+    assert set(a_only.loc[a_only["hard"], "id"]) != want & set(ids_a)
 
 
 # ------------------------------------------------------------------------------ the stage and the report

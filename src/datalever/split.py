@@ -25,7 +25,8 @@ Features (what k-means sees; the choice is ``SplitConfig.features``):
 - ``residual``: each checkpoint's loss minus a per-token-kind baseline, ``x_i[t] = loss[i,t] - c_i . b_t``, where
   ``c_i`` is example i's composition (``audit.composition_covariates``: its response's fractions of digit, letter
   and symbol characters) and ``b_t`` the per-kind losses, fitted by least squares on ``loss[:,t]`` over the
-  clustered examples (one fit for all sources). A mean loss that mixes per-kind losses is linear in the kind
+  clustered examples (one fit for all sources; with ``stratify``, one per source, as each source is clustered
+  alone; sources too small to cluster keep the common fit). A mean loss that mixes per-kind losses is linear in the kind
   fractions, so the residual is how far the example's loss is above or below what its composition predicts
   (K values; needs the training examples).
 
@@ -405,6 +406,8 @@ def split_trajectories(
 
     usable_rows = np.array([not f for f in flags])
     feats = compute_features(losses, features, _masked(covariates, usable_rows))
+    if features == "residual" and stratify:
+        feats = _residuals_per_source(losses, covariates, usable_rows, sources, max(int(min_source_size), k), feats)
     fnames = feature_names(features, steps)
     frame = pd.DataFrame(
         {
@@ -468,6 +471,21 @@ def split_trajectories(
     out["cluster"] = out["cluster"].astype("int64")
     out["hard"] = out["hard"].astype(bool)
     return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *fnames]]
+
+
+def _residuals_per_source(losses, covariates, usable_rows, sources, threshold: int, global_fit: np.ndarray):
+    """With stratify, each source's examples are clustered among themselves, so the composition baseline is fitted
+    within each source too: sources differ in how their mix of token kinds sets the loss (a code source's letters
+    are not a word problem's), and one fit across sources would leave each source's own composition effect in its
+    residuals. Sources too small to cluster (upsampled whole) keep the fit across all sources."""
+    strata = pd.Series(pd.array(list(sources), dtype="string")).fillna(NO_SOURCE).to_numpy(dtype=object)
+    n_covariates = np.asarray(covariates).shape[1]
+    out = global_fit.copy()
+    for name in sorted(set(strata[usable_rows])):
+        rows = usable_rows & (strata == name)
+        if rows.sum() >= threshold and rows.sum() > n_covariates:
+            out[rows] = compute_features(losses[rows], "residual", _masked(covariates, rows)[rows])
+    return out
 
 
 def _masked(covariates: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
