@@ -701,10 +701,13 @@ def test_two_cpu_processes_match_one(data, tmp_path, name):
 # ----------------------------------------------------------------------------- FSDP2
 
 
-def _accelerate_launch(cfg: TrainConfig, tmp_path: Path, name: str, kill_at_step: int | None = None) -> list[dict]:
-    """Run train_run.py under FSDP2 on 2 processes (`launchers.fsdp_command`); the per-rank results."""
+def _accelerate_launch(
+    cfg: TrainConfig, tmp_path: Path, name: str, kill_at_step: int | None = None, **extra
+) -> list[dict]:
+    """Run train_run.py under FSDP2 on 2 processes (`launchers.fsdp_command`); the per-rank results. `extra`: the
+    script's other options (eval_at_step, eval_data, eval_options)."""
     path = tmp_path / f"{name}.json"
-    values = to_jsonable(cfg)
+    values = {**to_jsonable(cfg), **extra}
     if kill_at_step is not None:
         values["kill_at_step"] = kill_at_step
     path.write_text(json.dumps(values))
@@ -716,6 +719,29 @@ def _accelerate_launch(cfg: TrainConfig, tmp_path: Path, name: str, kill_at_step
         return []
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads(f.read_text()) for f in sorted(tmp_path.glob(f"{path.name}.rank*.json"))]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_the_live_model_is_evaluated_under_fsdp_as_its_saved_copy_is_alone(data, preset, tmp_path):
+    """Learning curves evaluate the model being trained. Under FSDP2 each process holds a shard of every weight, so
+    generation is a collective: 5 prompts over 2 processes in batches of 2 give one process 2 batches and the other
+    1, and rows may end at different lengths. The processes must stay in step (one filler batch, synced decoding)
+    and give exactly the generations of the saved final model (the same weights) decoded in one plain process."""
+    from datalever.evaluate import evaluate_examples
+
+    five = tmp_path / "five.jsonl"
+    save_examples(str(five), load_examples(data["test"])[:5])
+    cfg = config(data, tmp_path / "fsdp", max_steps=2, micro_batch_size=2)
+    options = {"max_new_tokens": 12, "batch_size": 2}
+    results = _accelerate_launch(cfg, tmp_path, "fsdp", eval_at_step=2, eval_data=str(five), eval_options=options)
+    assert all(r["summary"]["distributed_type"] == "FSDP" for r in results) and len(results) == 2
+    model, tokenizer = load_model(TrainDir(cfg.out).model), load_tokenizer(TrainDir(cfg.out).model)
+    metrics, records = evaluate_examples(model.eval(), tokenizer, load_examples(str(five)), progress=False, **options)
+    expected = {r["id"]: r["generation"] for r in records}
+    assert len(expected) == 5
+    for r in results:  # every process has every example's generation, as the single process does
+        assert r["eval"]["generations"] == expected and r["eval"]["accuracy"] == metrics["accuracy"]
 
 
 @pytest.fixture(scope="module")

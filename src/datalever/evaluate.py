@@ -212,6 +212,7 @@ def generate_ids(
     cache: str = "static",
     min_new_tokens: int = 0,
     end_ids: Sequence[int] = (),
+    synced: bool = False,
 ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (EOS and what follows it removed), in order.
 
@@ -224,6 +225,9 @@ def generate_ids(
     step) where the model supports it, else with the dynamic cache; "dynamic" always with the latter.
     `min_new_tokens` suppresses EOS until that many tokens are out (benchmarks: a known token count).
     `end_ids`: tokens that end a row besides EOS (a chat template's end of turn, `Formatter.stop_ids`).
+    `synced`: the model's weights are sharded over the processes (FSDP), so every forward is a collective: each
+    process keeps running forwards until every process's batch has finished (HF's synced_gpus); the caller gives
+    every process the same number of batches (`evaluate_examples` does).
     A row's tokens do not depend on its batch or the cache beyond floating-point rounding: identical to
     decoding it alone in float32 on a CPU (tested); in bf16 on a GPU, kernels chosen per shape can flip
     a near-tie.
@@ -257,6 +261,8 @@ def generate_ids(
     )
     if min_new_tokens:
         options["min_new_tokens"] = min(min_new_tokens, max_new_tokens)
+    if synced:
+        options["synced_gpus"] = True
     if cache == "static" and supports_static_cache(gen_model):
         options["cache_implementation"] = "static"
     triggers = stop_triggers(tokenizer, stop, _vocab_size(gen_model, tokenizer)).to(device) if stop else None
@@ -293,9 +299,10 @@ def generate(
     stop: Sequence[str] = (),
     cache: str = "static",
     end_ids: Sequence[int] = (),
+    synced: bool = False,
 ) -> list[str]:
     """Greedy continuation of each prompt (text, or token ids), decoded without special tokens (only the new
-    text), cut before the first stop string."""
+    text), cut before the first stop string. `synced` as in `generate_ids`."""
     ids = generate_ids(
         model,
         tokenizer,
@@ -307,6 +314,7 @@ def generate(
         stop=stop,
         cache=cache,
         end_ids=end_ids,
+        synced=synced,
     )
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
     return [cut_at_stop(text, stop) for text in texts]
@@ -419,6 +427,7 @@ def evaluate_examples(
     stop: Sequence[str] = (),
     cache: str = "static",
     formatter: Formatter | None = None,
+    synced: bool = False,
 ) -> tuple[dict, list[dict]]:
     """Generate, extract and score every example; return (metrics, one record per example, in order).
 
@@ -428,12 +437,17 @@ def evaluate_examples(
     chat template included), generation, extracted, answer_from, gold, correct, grading (see `grade_example`).
     `stop` and `cache` as in `generate_ids`.
     `formatter` renders the prompts as training did (default: plain text, the prompts as written).
+    `synced`: the model is sharded over the processes (FSDP; see `generate_ids`): every shard is filled up to the
+    same length with copies of the first example, so that every process runs as many batches; their records are
+    dropped.
     """
     examples = list(examples)
     world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
     rank = accelerator.process_index if world > 1 else 0
     positions = list(range(rank, len(examples), world))
-    shard = [examples[i] for i in positions]
+    if synced and examples:
+        positions += [-1] * (-(-len(examples) // world) - len(positions))  # -1: a filler, not reported
+    shard = [examples[max(i, 0)] for i in positions]
     prompts = [_prompt(formatter, tokenizer, ex) for ex in shard]
     generations = generate(
         model,
@@ -446,9 +460,12 @@ def evaluate_examples(
         stop=stop,
         cache=cache,
         end_ids=formatter.stop_ids() if formatter else (),
+        synced=synced,
     )
     records = []
     for pos, ex, prompt, text in zip(positions, shard, prompts, generations):
+        if pos < 0:
+            continue
         records.append(
             {
                 "_pos": pos,
@@ -477,6 +494,27 @@ def evaluate_examples(
     if n_ungradable:
         log.warning("%d of %d examples could not be graded (counted as wrong)", n_ungradable, len(records))
     return compute_metrics(records, difficulty_keys), records
+
+
+def evaluate_during_training(model, accelerator, tokenizer, examples: Sequence, **options) -> tuple[dict, list[dict]]:
+    """`evaluate_examples` on the model being trained: `model` as train prepared it (the loss wrapper, maybe under
+    DDP or FSDP2), called on every process. Under FSDP2 every process holds a shard of each weight: the root's own
+    weights (embeddings, head) are gathered for the whole evaluation, the blocks' at each forward as in training,
+    and the processes generate in lockstep (`synced`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    generator = accelerator.unwrap_model(model).model  # the HF (or peft) model under the loss wrapper
+    several = accelerator.num_processes > 1
+    sharded = several and isinstance(model, FSDPModule)
+    if sharded:
+        model.unshard()  # the root's weights, whatever state the last step left them in; the blocks gather their own
+    try:
+        return evaluate_examples(
+            generator, tokenizer, examples, accelerator=accelerator if several else None, synced=sharded, **options
+        )
+    finally:
+        if sharded:
+            model.reshard()
 
 
 # ----------------------------------------------------------------------------- the stage

@@ -158,7 +158,8 @@ class ExperimentConfig(DataFormat):
     """Learning curves: validation accuracy (greedy, the eval settings) every this many epochs of the training data
     as given (the same optimizer steps in every arm, so arms are compared at equal steps), and at each arm's last
     step; 0: none. Where validation accuracy is the best so far, the test sets are evaluated too (test accuracy
-    at the point chosen on validation). Needs val_file (the embedded data has one)."""
+    at the point chosen on validation). Needs val_file (the embedded data has one). Under DDP or FSDP the
+    processes share each point's prompts (under FSDP they generate in lockstep from the sharded weights)."""
     curve_limit: int | None = None
     """Validation examples per curve point (the first N); default: all."""
     sweep: dict[str, list[float]] | None = None
@@ -437,15 +438,7 @@ class CurveRecorder:
 
     @classmethod
     def for_arm(cls, cfg: ExperimentConfig, tcfg: TrainConfig, arm_dir: ArmDir, files: dict) -> CurveRecorder | None:
-        from accelerate import PartialState
-        from accelerate.utils import DistributedType
-
         if not cfg.curve_every or not files.get("validation"):
-            return None
-        if PartialState().distributed_type == DistributedType.FSDP:
-            # Generation from sharded weights inside the training loop would need every rank in step through
-            # generations of different lengths: not done; the final evaluation still runs.
-            log.warning("learning curves are not recorded under FSDP (curve_every is ignored)")
             return None
         epoch_len = sum(rundir.read_manifest(arm_dir.manifest).values())
         n_train = len(load_examples(files["train"]))
@@ -454,20 +447,19 @@ class CurveRecorder:
     def __call__(self, step: int, record: dict, model, accelerator) -> None:
         if step not in self.steps or step in self.points:
             return
-        generator = accelerator.unwrap_model(model).model  # the HF (or peft) model under the loss wrapper
         point = {
             "step": step,
             "epoch": record["epoch"],
             "tokens": record["compute_tokens"],
             "flops": record["compute_flops"],
-            "val_accuracy": self._accuracy(generator, accelerator, "validation", self.cfg.curve_limit),
+            "val_accuracy": self._accuracy(model, accelerator, "validation", self.cfg.curve_limit),
         }
         best = max((p["val_accuracy"] for p in self.points.values()), default=-1.0)
         # The checkpoint chosen on validation so far: its test accuracy (at the last step the evaluation stage
         # measures the same weights; the report takes its numbers).
         if point["val_accuracy"] > best and step != self.steps[-1]:
             point["test_accuracy"] = {
-                name: self._accuracy(generator, accelerator, name, self.cfg.eval_limit)
+                name: self._accuracy(model, accelerator, name, self.cfg.eval_limit)
                 for name in test_sets(self.cfg) or ["test"]
                 if self.cfg.eval_split == "test"
             }
@@ -475,8 +467,8 @@ class CurveRecorder:
         if accelerator.is_main_process:
             rundir.write_json(self.arm_dir.curve, {"steps": self.steps, "points": sorted_points(self.points)})
 
-    def _accuracy(self, generator, accelerator, benchmark: str, limit: int | None) -> float:
-        from datalever.evaluate import evaluate_examples
+    def _accuracy(self, model, accelerator, benchmark: str, limit: int | None) -> float:
+        from datalever.evaluate import evaluate_during_training
         from datalever.models import load_tokenizer, resolve_model
 
         if self._formatter is None:
@@ -486,13 +478,13 @@ class CurveRecorder:
             self._examples[benchmark] = load_examples(eval_data(self.cfg, self.files, benchmark))[:limit]
         examples = self._examples[benchmark]
         with progress.context(f"curve {benchmark}"):
-            metrics, _ = evaluate_examples(
-                generator,
+            metrics, _ = evaluate_during_training(
+                model,
+                accelerator,
                 self._formatter.tokenizer,
                 examples,
                 max_new_tokens=self.cfg.eval_max_new_tokens,
                 batch_size=self.cfg.eval_batch_size,
-                accelerator=accelerator if accelerator.num_processes > 1 else None,
                 progress=self.cfg.progress,
                 formatter=self._formatter,
             )
