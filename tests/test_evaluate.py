@@ -469,6 +469,7 @@ def test_run_writes_predictions_and_metrics(tiny, tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [ex.id for ex in EXAMPLES[:5]]
     assert rows[0]["meta"] == {"level": 1, "steps": 2} and rows[2]["gold"] == "\\frac{1}{2}"
+    assert [r["prompt"] for r in rows] == [ex.prompt for ex in EXAMPLES[:5]]  # plain text: as in the data
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert on_disk == metrics and metrics["n"] == 5
     assert metrics["n_correct"] == sum(r["correct"] for r in rows)

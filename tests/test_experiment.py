@@ -172,8 +172,10 @@ def test_the_demo_runs_the_shipped_study_config_with_its_own_arms_and_seeds(tmp_
     ran = []
     monkeypatch.setattr(demo, "experiment_run", ran.append)
     demo.run(demo.DemoConfig(run_dir=str(tmp_path), seeds=[4], arms=["base", "hard"], progress=False))
+    demo.run(demo.DemoConfig(run_dir=str(tmp_path), overwrite=True))  # an earlier version's demo dir: started again
     study = demo.shipped_config("embedded")
     assert ran[0].arms == ["base", "hard"] and ran[0].seeds == [4] and ran[0].run_dir == str(tmp_path)
+    assert not ran[0].overwrite and ran[1].overwrite
     assert ran[0].train == study.train and ran[0].profile == study.profile and ran[0].synth == study.synth
     assert study.train.model == "embedded:demo-base" and study.train.epochs == 6  # README's chosen settings
 

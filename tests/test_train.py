@@ -380,6 +380,7 @@ def test_overwrite_replaces_only_what_train_wrote(data, tmp_path):
     out = tmp_path / "run"
     train.run(config(data, out, max_steps=2, save_every=1, keep_last=5, log_with=["tensorboard"]))
     assert (out / train.TRACKER_PROJECT).is_dir()
+    (out / "wandb" / "run-1").mkdir(parents=True)  # what wandb writes there (tracker_init_kwargs)
     (out / "notes.txt").write_text("mine")
     (out / "mine").mkdir()
     (out / "mine" / "train.jsonl").write_text("{}\n")
@@ -393,7 +394,7 @@ def test_overwrite_replaces_only_what_train_wrote(data, tmp_path):
     assert summary["steps"] == fresh["steps"] == 3
     # The earlier run's checkpoints went; the new run's last one (step 3) held model/'s weights and went too.
     assert not TrainDir(out).checkpoints.exists()
-    assert not (out / train.TRACKER_PROJECT).exists()
+    assert not (out / train.TRACKER_PROJECT).exists() and not (out / "wandb").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "mine" / "train.jsonl").read_text() == "{}\n"
 
 

@@ -170,6 +170,10 @@ def leaky(example, n, seed):  # a test problem verbatim (other spacing/case), th
             Example(id=example.id + "~new", prompt=f"Ann had 4 pears; she got {len(example.id) + 10} more. Total?\\n",
                     response=f"#### {len(example.id) + 14}")][:n]
 
+def copycat(example, n, seed):  # the parent reworded (case, spacing), then a new problem
+    return [Example(id=example.id + "~same", prompt="  " + example.prompt.upper(), response=example.response),
+            Example(id=example.id + "~new", prompt=example.prompt + " And one more?", response="r")][:n]
+
 NOT_CALLABLE = 3
 """
 
@@ -201,6 +205,15 @@ def test_synth_variants_added_and_marked(tmp_path, monkeypatch):
     man = pq.read_table(tmp_path / "elsewhere" / "manifest.parquet").to_pandas()
     assert man["id"].is_unique and list(man.loc[man["origin"] == "synth", "id"]) == ["same"]
     assert counts["n_synth"] == 1 and counts["n_synth_dropped_duplicates"] == 2 * len(ALL_HARD) - 1
+    # a training problem reworded is not a new problem: dropped and counted as a duplicate
+    counts = run(
+        UpsampleConfig(
+            run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:copycat", synth_per_hard=2, out=str(tmp_path / "cc")
+        )
+    )
+    man = pq.read_table(tmp_path / "cc" / "manifest.parquet").to_pandas()
+    assert set(man.loc[man["origin"] == "synth", "id"]) == {f"{p}~new" for p in ALL_HARD}
+    assert counts["n_synth_dropped_duplicates"] == len(ALL_HARD)
     # a generator taking only the example: its list is cut to synth_per_hard
     run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:one_arg", synth_per_hard=1, overwrite=True))
     man = pq.read_table(arm_dir / "manifest.parquet").to_pandas()

@@ -14,7 +14,8 @@ full, unsharded form, so a checkpoint resumes on any number of processes.
 
 A finished run is returned, never resumed: once its final model and summary are written its checkpoints' resume
 state (trainer_state.pt, the optimizer state, and the RNG files) is deleted unless asked to keep it
-(`drop_resume_state`); their weights (model/, the master weights in the dtype they trained in) stay.
+(`drop_resume_state`); their weights (model/, the master weights in the dtype they trained in) stay, except those of
+a last-step checkpoint that the final model/ holds as they are (no cast, no LoRA merge), which goes whole.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ class DemoConfig:
     """A seconds-long smoke run (tiny data and model, configs/quick.yaml): checks the plumbing, not the method."""
     progress: bool = True
     """Show progress bars."""
+    overwrite: bool = False
+    """Rerun in a run_dir whose results were made with other settings (an earlier version's demo): delete what the
+    demo wrote there and start again (without it such a rerun is refused, so no result is reused under other
+    settings)."""
 
 
 def shipped_config(name: str) -> ExperimentConfig:
@@ -40,5 +44,5 @@ def shipped_config(name: str) -> ExperimentConfig:
 
 def run(cfg: DemoConfig) -> str:
     study = shipped_config("quick" if cfg.quick else "embedded")
-    changes = dict(run_dir=cfg.run_dir, seeds=cfg.seeds, arms=cfg.arms, progress=cfg.progress)
+    changes = dict(run_dir=cfg.run_dir, seeds=cfg.seeds, arms=cfg.arms, progress=cfg.progress, overwrite=cfg.overwrite)
     return experiment_run(dataclasses.replace(study, **changes))

@@ -413,6 +413,13 @@ def _prompt(formatter: Formatter | None, tokenizer, ex) -> str | list[int]:
     return (formatter or Formatter(tokenizer)).prompt_ids(ex)
 
 
+def _shown_prompt(formatter: Formatter | None, tokenizer, ex, prompt: str | list[int]) -> str:
+    """The prompt a record shows: as written in the data, except where a chat template or conversation turns
+    rendered it (the turns the model read, special tokens included)."""
+    rendered = ex.messages is not None or (formatter is not None and formatter.template is not None)
+    return tokenizer.decode(prompt, clean_up_tokenization_spaces=False) if rendered else ex.prompt
+
+
 def evaluate_examples(
     model,
     tokenizer,
@@ -472,8 +479,7 @@ def evaluate_examples(
                 "id": ex.id,
                 "source": ex.source,
                 "meta": dict(ex.meta or {}),
-                # What the model was given: under a chat template the rendered turns, special tokens included.
-                "prompt": prompt if isinstance(prompt, str) else tokenizer.decode(prompt),
+                "prompt": _shown_prompt(formatter, tokenizer, ex, prompt),
                 "generation": text,
                 **grade_example(text, ex.response),
             }

@@ -296,6 +296,11 @@ def paired(
     }
 
 
+def _level_order(level: str) -> tuple:
+    """easy, medium, hard first (the embedded data's), then any other levels by name (MATH's Level 1..5)."""
+    return (LEVELS.index(level), "") if level in LEVELS else (len(LEVELS), str(level))
+
+
 def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -304,7 +309,7 @@ def markdown(results: dict) -> str:
     arms = results["arms"]
     levels = sorted(
         {lv for a in arms.values() for lv in a["by_level"]},
-        key=lambda v: LEVELS.index(v) if v in LEVELS else len(LEVELS),
+        key=_level_order,
     )
     names = results.get("benchmarks") or ["test"]
     first = "test" if names[0] in ("test", "validation") else names[0]
@@ -471,7 +476,7 @@ def write_report(
     comparisons = {f"{t} - {c}": paired(rows, t, c, seeds) for t, c in pairs}
     # By difficulty level where every run has each level: whether an arm learns the hard problems, not just more.
     levels = set.intersection(*(set(r["metrics"].get("per_difficulty", {}).get("level", {})) for r in rows.values()))
-    levels = sorted(levels, key=lambda v: LEVELS.index(v) if v in LEVELS else len(LEVELS))
+    levels = sorted(levels, key=_level_order)
     by_level = {name: {lv: paired(rows, t, c, seeds, level=lv) for lv in levels} for (t, c), name in
                 zip(pairs, comparisons)}  # fmt: skip
     by_benchmark = {b: {f"{t} - {c}": paired(rows, t, c, seeds, b) for t, c in pairs} for b in benchmarks}

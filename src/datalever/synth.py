@@ -223,8 +223,8 @@ class _Problem:
 
     @property
     def key(self) -> tuple:
-        """Same kind and same numbers = same problem, however it is worded: splits and variants
-        compare keys, so a paraphrase never counts as a new problem."""
+        """Same kind and same numbers (fractions given in words included) = same problem, however it is worded:
+        splits and variants compare keys, so a paraphrase never counts as a new problem."""
         return _key(self.kind, self.question)
 
     def record(self, level: str) -> dict:
@@ -851,7 +851,7 @@ def _level_counts(n: int, mix) -> list[int]:
 
 
 def _new_problem(rng: random.Random, level: str, seen: set) -> _Problem:
-    """A problem of this level not seen before (same kind and numbers = seen)."""
+    """A problem of this level not seen before (same kind and numbers, fractions in words included = seen)."""
     kinds = list(KINDS[level].values())
     for _ in range(1000):
         prob = rng.choice(kinds)(rng)

@@ -9,7 +9,8 @@ stream position, optimizer state, RNG and weights are checkpointed together (`ch
 killed run resumes where it stopped and ends where an uninterrupted run ends. A checkpoint is saved every
 `save_every_minutes` (the main process's clock, its decision shared by every process), every `save_every` steps
 and at the end; the newest `keep_last` are kept. `finish` saves the final model (in `save_dtype`) and the summary,
-then deletes the checkpoints' optimizer state (a finished run is returned, never resumed) and sends the final
+then deletes the checkpoints' optimizer state (a finished run is returned, never resumed) and a last-step
+checkpoint whose weights model/ holds, and sends the final
 metrics to the trackers (`log_with`, the run named by `run_name`).
 
 The speed settings (attn_implementation, tf32, optim.fused, gradient_checkpointing, group_by_length,
@@ -345,6 +346,7 @@ def train_outputs(layout: rundir.TrainDir) -> list[Path]:
         config_file,
         meta_file,
         layout.root / TRACKER_PROJECT,
+        layout.root / "wandb",  # wandb's files (tracker_init_kwargs)
     ]
 
 

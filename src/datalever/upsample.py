@@ -18,8 +18,9 @@ own selection) to make ``synth_per_hard`` new examples each, used once. If the f
 ``n`` / ``seed`` keyword arguments they are passed (seed derived from the run seed and the parent
 id); otherwise it is called with the example alone and its list cut to ``synth_per_hard``.
 
-A variant whose id is already taken (the same content as an original or as an earlier variant) is
-dropped and counted (``n_synth_dropped_duplicates``), never added twice. A variant that reproduces a
+A variant whose id is already taken (the same content as an original or as an earlier variant), or that
+reproduces a training problem reworded (below), is dropped and counted (``n_synth_dropped_duplicates``),
+never added twice. A variant that reproduces a
 held-out problem (``heldout``: by default the validation and test files beside the training file)
 is dropped and counted too (``n_synth_dropped_heldout``): training on a test problem would inflate
 the very accuracy the experiment measures. "Reproduces" means the same prompt text (ignoring case
@@ -200,11 +201,18 @@ def problem_keys(ex: Example) -> list:
 
 
 def synthesize(
-    fn: Callable, parents: list[Example], n: int, seed: int, taken_ids: set[str], heldout: Sequence[Example] = ()
+    fn: Callable,
+    parents: list[Example],
+    n: int,
+    seed: int,
+    taken_ids: set[str],
+    heldout: Sequence[Example] = (),
+    originals: Sequence[Example] = (),
 ) -> tuple[list[tuple[Example, str]], int, int]:
     """Call `fn` on each parent; returns (new example, parent id) pairs, the number of variants dropped
-    because their id was taken (an original, or a variant made from an earlier parent), and the number
-    dropped because they reproduce a held-out example (see `problem_keys`)."""
+    because they are not new (their id is taken: an original, or a variant made from an earlier parent; or they
+    reproduce one of the `originals`, the training examples, up to rewording: see `problem_keys`), and the number
+    dropped because they reproduce a held-out example."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -213,6 +221,7 @@ def synthesize(
     out: list[tuple[Example, str]] = []
     seen = set(taken_ids)
     heldout_keys = {k for ex in heldout for k in problem_keys(ex)}
+    original_keys = {k for ex in originals for k in problem_keys(ex)}
     dropped = dropped_heldout = 0
     for parent in parents:
         kwargs = {}
@@ -224,7 +233,9 @@ def synthesize(
         for ex in made:
             if not isinstance(ex, Example):
                 raise UpsampleError(f"synth_fn returned {type(ex).__name__}, not an Example (parent {parent.id})")
-            if ex.id in seen:  # same content as an existing example: adding it would duplicate it
+            # Same content as an existing example, or a training problem reworded (new names, same numbers and
+            # answer): adding it would repeat a problem while counting it as a new one.
+            if ex.id in seen or original_keys.intersection(problem_keys(ex)):
                 dropped += 1
                 continue
             if heldout_keys.intersection(problem_keys(ex)):
@@ -294,7 +305,7 @@ def run(cfg: UpsampleConfig) -> dict:
         heldout_files = heldout_paths(cfg, train_file)
         heldout = [ex for f in heldout_files for ex in load_examples(f)]
         synth, n_dropped, n_dropped_heldout = synthesize(
-            fn, [by_id[i] for i in selected], cfg.synth_per_hard, cfg.seed, set(by_id), heldout
+            fn, [by_id[i] for i in selected], cfg.synth_per_hard, cfg.seed, set(by_id), heldout, examples
         )
         for ex, parent in synth:
             rows.append({"id": ex.id, "source": ex.source, "multiplicity": 1, "origin": "synth", "parent_id": parent})
