@@ -27,7 +27,7 @@ from datalever import checkpoint, checks, synth, train
 from datalever.models import load_model
 from datalever.optim import OptimConfig
 from datalever.rundir import TrainDir, to_jsonable
-from datalever.train import TrainConfig
+from datalever.train import LoraConfig, TrainConfig
 from launchers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,12 +187,17 @@ def test_the_optimizer_state_goes_once_the_run_is_finished_unless_kept(data, tmp
     assert steps == []
 
 
-def test_the_last_checkpoint_stays_when_the_final_model_is_saved_in_another_dtype(data, tmp_path):
-    """model/ in bfloat16 is not the float32 master weights of the last checkpoint: that checkpoint is kept."""
-    cfg = config(data, tmp_path / "run", max_steps=3, save_every=3, save_dtype="bfloat16")
+@pytest.mark.parametrize(
+    "settings",
+    [{"save_dtype": "bfloat16"}, {"lora": LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"])}],
+    ids=["bf16-save", "lora"],
+)
+def test_the_last_checkpoint_stays_when_the_final_model_differs_from_it(data, tmp_path, settings):
+    """model/ in bfloat16 is not the float32 master weights of the last checkpoint, and a LoRA run's model/ is the
+    merged model, not the adapter and base the checkpoint holds: that checkpoint is kept (its weights only)."""
+    cfg = config(data, tmp_path / "run", max_steps=3, save_every=3, **settings)
     train.run(cfg)
-    assert {p.name for p in TrainDir(cfg.out).checkpoint(3).iterdir()} == {"model"}
-    assert not resumable(cfg.out, 3)
+    assert (TrainDir(cfg.out).checkpoint(3) / "model").is_dir() and not resumable(cfg.out, 3)
 
 
 def test_a_failed_final_save_keeps_the_last_checkpoint_resumable(data, tmp_path, monkeypatch):
