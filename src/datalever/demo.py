@@ -3,7 +3,7 @@
 It generates the math word-problem data, profiles it with a proxy, splits it into easy and hard,
 trains `base`, `hard` and `random` arms, evaluates them and prints the table. Its settings are the
 README study's, read from the configuration shipped in the package (`configs/embedded.yaml` in the
-repository), with the demo's own arms, seeds and run directory; about 9 minutes on 2 CPU cores.
+repository), with the demo's own arms, seeds and run directory; about 8 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
