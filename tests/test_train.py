@@ -778,7 +778,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly(data, preset, tied_model, 
     the whole batch's gradient, exactly as one process does: same tolerance as AdamW); gradient
     accumulation must survive gradients that every backward already reduces over processes (two
     micro-batches per process per step). Tolerances as in test_two_cpu_processes_match_one
-    (float rounding of other summation orders): 1e-4 on every step loss, 1e-3 on the final weights.
+    (float rounding of other summation orders): 1e-4 on every step loss, 1e-3 on the final weights (2e-3 under Muon).
     Then the FSDP run is killed after step 5 (checkpoints every 2 steps, full optimizer state gathered
     from the shards) and resumed: it must end with exactly the weights of the uninterrupted FSDP run.
     """
@@ -805,8 +805,12 @@ def test_fsdp_matches_one_process_and_resumes_exactly(data, preset, tied_model, 
     assert log2[-1]["compute_forwards"] == log1[-1]["compute_forwards"]
     w1, w2 = weights(TrainDir(one.out).model), weights(TrainDir(fsdp.out).model)
     assert set(w1) == set(w2)  # a plain HF checkpoint (LoRA merged), not shards
+    # Muon's Newton-Schulz iterations amplify the summation-order rounding of its input: 2e-3 on the weights
+    # (one element of 16384 reached 1.35e-3 after 6 steps on the embedded data). Orthogonalizing shards instead
+    # of whole matrices would change every element by about the learning rate per step.
+    atol = 2e-3 if name == "muon" else 1e-3
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-3, rtol=0)
+        torch.testing.assert_close(w2[k], w1[k], atol=atol, rtol=0)
     if tied:  # saved once, as save_pretrained saves a tied model (the head is the embedding)
         assert "lm_head.weight" not in w2
     if lora:
