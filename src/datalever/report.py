@@ -116,7 +116,9 @@ def paired_on_test_at_equal_steps(
 ) -> list[dict]:
     """a - b in test accuracy, seed by seed, at every step where both have a test accuracy in every seed: a curve
     point that was evaluated on test (the best on validation so far), or an arm's last step (the evaluation stage's
-    number). Validation points are few problems; this is the same comparison on the test set, where it exists."""
+    number). Validation points are few problems; this is the same comparison on the test set, where it exists.
+    After bf16 training on a GPU the two can differ slightly in kind: a curve point decodes with the live float32
+    master weights under autocast, the evaluation stage with the saved bf16 model/ (save_dtype auto)."""
 
     def by_step(arm: str, seed: int) -> dict[int, float]:
         points = curves[arm].get(seed, [])
