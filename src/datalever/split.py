@@ -26,8 +26,8 @@ Features (what k-means sees; the choice is ``SplitConfig.features``):
   ``c_i`` is example i's composition (``audit.composition_covariates``: its response's fractions of digit, letter
   and symbol characters) and ``b_t`` the per-kind losses, fitted by least squares on ``loss[:,t]`` over the
   clustered examples (one fit for all sources; with ``stratify``, one per source, as each source is clustered
-  alone; sources too small to cluster keep the common fit). A mean loss that mixes per-kind losses is linear in the kind
-  fractions, so the residual is how far the example's loss is above or below what its composition predicts
+  alone; sources too small to cluster keep the common fit). A mean loss that mixes per-kind losses is linear in
+  the kind fractions, so the residual is how far the example's loss is above or below what its composition predicts
   (K values; needs the training examples).
 
 The mean per-token loss rewards text the proxy cannot model (an example with more prose than digits has a higher
@@ -405,9 +405,12 @@ def split_trajectories(
         raise SplitError(f"{len(steps)} steps for {losses.shape[1]} loss columns")
 
     usable_rows = np.array([not f for f in flags])
+    # Each row's stratum (its source) and the smallest stratum clustered on its own, when stratified.
+    strata = pd.Series(pd.array(list(sources), dtype="string")).fillna(NO_SOURCE).to_numpy(dtype=object)
+    threshold = max(int(min_source_size), k) if stratify else k
     feats = compute_features(losses, features, _masked(covariates, usable_rows))
     if features == "residual" and stratify:
-        feats = _residuals_per_source(losses, covariates, usable_rows, sources, max(int(min_source_size), k), feats)
+        feats = _residuals_per_source(losses, covariates, usable_rows, strata, threshold, feats)
     fnames = feature_names(features, steps)
     frame = pd.DataFrame(
         {
@@ -444,12 +447,9 @@ def split_trajectories(
         raise SplitError(f"all {n} examples are flagged: nothing to cluster")
 
     if stratify:
-        strata = frame["source"].fillna(NO_SOURCE)
-        groups = [(s, usable & (strata == s)) for s in sorted(strata[usable].unique())]
-        threshold = max(int(min_source_size), k)
+        groups = [(s, usable & (strata == s)) for s in sorted(set(strata[usable.to_numpy()]))]
     else:
         groups = [(None, usable)]
-        threshold = k
 
     for name, mask in groups:
         member_ids = frame.index[mask]
@@ -473,12 +473,11 @@ def split_trajectories(
     return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *fnames]]
 
 
-def _residuals_per_source(losses, covariates, usable_rows, sources, threshold: int, global_fit: np.ndarray):
+def _residuals_per_source(losses, covariates, usable_rows, strata: np.ndarray, threshold: int, global_fit: np.ndarray):
     """With stratify, each source's examples are clustered among themselves, so the composition baseline is fitted
     within each source too: sources differ in how their mix of token kinds sets the loss (a code source's letters
     are not a word problem's), and one fit across sources would leave each source's own composition effect in its
     residuals. Sources too small to cluster (upsampled whole) keep the fit across all sources."""
-    strata = pd.Series(pd.array(list(sources), dtype="string")).fillna(NO_SOURCE).to_numpy(dtype=object)
     n_covariates = np.asarray(covariates).shape[1]
     out = global_fit.copy()
     for name in sorted(set(strata[usable_rows])):
