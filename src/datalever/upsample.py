@@ -205,13 +205,12 @@ def synthesize(
     parents: list[Example],
     n: int,
     seed: int,
-    taken_ids: set[str],
+    originals: Sequence[Example],
     heldout: Sequence[Example] = (),
-    originals: Sequence[Example] = (),
 ) -> tuple[list[tuple[Example, str]], int, int]:
     """Call `fn` on each parent; returns (new example, parent id) pairs, the number of variants dropped
-    because they are not new (their id is taken: an original, or a variant made from an earlier parent; or they
-    reproduce one of the `originals`, the training examples, up to rewording: see `problem_keys`), and the number
+    because they are not new (their id is taken: one of the `originals`, the training examples, or a variant made
+    from an earlier parent; or they reproduce an original up to rewording: see `problem_keys`), and the number
     dropped because they reproduce a held-out example."""
     try:
         params = inspect.signature(fn).parameters
@@ -219,7 +218,7 @@ def synthesize(
         params = {}
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     out: list[tuple[Example, str]] = []
-    seen = set(taken_ids)
+    seen = {ex.id for ex in originals}
     heldout_keys = {k for ex in heldout for k in problem_keys(ex)}
     original_keys = {k for ex in originals for k in problem_keys(ex)}
     dropped = dropped_heldout = 0
@@ -305,7 +304,7 @@ def run(cfg: UpsampleConfig) -> dict:
         heldout_files = heldout_paths(cfg, train_file)
         heldout = [ex for f in heldout_files for ex in load_examples(f)]
         synth, n_dropped, n_dropped_heldout = synthesize(
-            fn, [by_id[i] for i in selected], cfg.synth_per_hard, cfg.seed, set(by_id), heldout, examples
+            fn, [by_id[i] for i in selected], cfg.synth_per_hard, cfg.seed, examples, heldout
         )
         for ex, parent in synth:
             rows.append({"id": ex.id, "source": ex.source, "multiplicity": 1, "origin": "synth", "parent_id": parent})
