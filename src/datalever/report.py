@@ -108,7 +108,7 @@ def paired_at_equal_steps(curves: dict, a: str, b: str, seeds: list[int]) -> lis
     def by_step(arm: str, seed: int) -> dict[int, float]:
         return {p["step"]: p["val_accuracy"] for p in curves[arm].get(seed, [])}
 
-    return _paired_by_step(by_step, a, b, [s for s in seeds if s in curves.get(a, {}) and s in curves.get(b, {})])
+    return _paired_by_step(by_step, curves, a, b, seeds)
 
 
 def paired_on_test_at_equal_steps(
@@ -127,12 +127,13 @@ def paired_on_test_at_equal_steps(
             out[points[-1]["step"]] = rows[(arm, seed)]["benchmarks"][benchmark]["accuracy"]
         return out
 
-    return _paired_by_step(by_step, a, b, [s for s in seeds if s in curves.get(a, {}) and s in curves.get(b, {})])
+    return _paired_by_step(by_step, curves, a, b, seeds)
 
 
-def _paired_by_step(by_step, a: str, b: str, seeds: list[int]) -> list[dict]:
-    """Mean and 95% CI over `seeds` of by_step(a, seed)[step] - by_step(b, seed)[step], at the steps both have in
-    every seed."""
+def _paired_by_step(by_step, curves: dict, a: str, b: str, seeds: list[int]) -> list[dict]:
+    """Mean and 95% CI over the seeds both arms have curves for of by_step(a, seed)[step] - by_step(b, seed)[step],
+    at the steps both have in every such seed."""
+    seeds = [s for s in seeds if s in curves.get(a, {}) and s in curves.get(b, {})]
     if not seeds:
         return []
     common = set.intersection(*(set(by_step(a, s)) & set(by_step(b, s)) for s in seeds))
@@ -140,8 +141,7 @@ def _paired_by_step(by_step, a: str, b: str, seeds: list[int]) -> list[dict]:
     for step in sorted(common):
         diffs = [by_step(a, s)[step] - by_step(b, s)[step] for s in seeds]
         m, ci = t_interval(diffs)
-        wins = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
-        out.append({"step": step, "mean_diff": m, "ci95": ci, "n_seeds": len(seeds), "wins_ties_losses": wins})
+        out.append({"step": step, "mean_diff": m, "ci95": ci, "n_seeds": len(seeds), "wins_ties_losses": _wins(diffs)})
     return out
 
 
@@ -288,14 +288,20 @@ def paired(
 
     diffs = [acc(a, s) - acc(b, s) for s in seeds]
     m, ci = t_interval(diffs)
+    wins, ties, losses = _wins(diffs)
     return {
         "mean_diff": m,
         "ci95": ci,
         "per_seed": dict(zip(map(str, seeds), diffs)),
-        "wins": sum(d > 0 for d in diffs),
-        "ties": sum(d == 0 for d in diffs),
-        "losses": sum(d < 0 for d in diffs),
+        "wins": wins,
+        "ties": ties,
+        "losses": losses,
     }
+
+
+def _wins(diffs: list[float]) -> tuple[int, int, int]:
+    """How many paired differences are above, at and below zero (wins, ties, losses)."""
+    return sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
 
 
 def _level_order(level: str) -> tuple:
@@ -479,8 +485,7 @@ def write_report(
     # By difficulty level where every run has each level: whether an arm learns the hard problems, not just more.
     levels = set.intersection(*(set(r["metrics"].get("per_difficulty", {}).get("level", {})) for r in rows.values()))
     levels = sorted(levels, key=_level_order)
-    by_level = {name: {lv: paired(rows, t, c, seeds, level=lv) for lv in levels} for (t, c), name in
-                zip(pairs, comparisons)}  # fmt: skip
+    by_level = {f"{t} - {c}": {lv: paired(rows, t, c, seeds, level=lv) for lv in levels} for t, c in pairs}
     by_benchmark = {b: {f"{t} - {c}": paired(rows, t, c, seeds, b) for t, c in pairs} for b in benchmarks}
     proxy = proxy_compute(run_dir)
     results = {
