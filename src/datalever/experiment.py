@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import logging
 import math
 import re
 import shutil
@@ -43,8 +42,6 @@ from datalever.train import run as train_run
 from datalever.upsample import ARMS as upsample_arms
 from datalever.upsample import MAX_M, UpsampleConfig
 from datalever.upsample import run as upsample_run
-
-log = logging.getLogger(__name__)
 
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

@@ -10,8 +10,8 @@ killed run resumes where it stopped and ends where an uninterrupted run ends. A 
 `save_every_minutes` (the main process's clock, its decision shared by every process), every `save_every` steps
 and at the end; the newest `keep_last` are kept. `finish` saves the final model (in `save_dtype`) and the summary,
 then deletes the checkpoints' optimizer state (a finished run is returned, never resumed) and a last-step
-checkpoint whose weights model/ holds, and sends the final
-metrics to the trackers (`log_with`, the run named by `run_name`).
+checkpoint whose weights model/ holds, and sends the final metrics to the trackers (`log_with`, the run named by
+`run_name`).
 
 The speed settings (attn_implementation, tf32, optim.fused, gradient_checkpointing, group_by_length,
 torch_compile) choose kernels and schedules, never the data or the optimizer: at their defaults a CPU computes what
