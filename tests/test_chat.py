@@ -167,17 +167,24 @@ def expected_segments(style: Style, turns) -> list[tuple[str, bool]]:
     carry loss; its header, and every other turn, none."""
     out = [(style.bos + (style.default_system if turns[0][0] != "system" else ""), False)]
     for role, content in turns:
-        if role == "assistant":
-            out += [(style.header(role), False), (content + style.end, True)]
+        if role == "assistant":  # what follows the end-of-turn token (Qwen's newline) is never generated: no loss
+            out += [(style.header(role), False), (content + style.stop, True), (style.end[len(style.stop) :], False)]
         else:
             out.append((style.header(role) + content + style.end, False))
     merged: list[tuple[str, bool]] = []
     for text, loss in out:
+        if not text:
+            continue
         if merged and merged[-1][1] == loss:
             merged[-1] = (merged[-1][0] + text, loss)
         else:
             merged.append((text, loss))
     return merged
+
+
+def before_final_answer(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The segments before the last one that carries loss: what the model is given at evaluation."""
+    return segments[: max(j for j, (_, loss) in enumerate(segments) if loss)]
 
 
 def ids_and_labels(tok, segments, *, first_special: bool = False) -> tuple[list[int], list[int]]:
@@ -248,14 +255,18 @@ def test_qwen_single_turn_adds_no_bos_and_renders_the_default_system_turn(toks):
         f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    answer = "2 + 3 = 5.\n#### 5<|im_end|>\n"
+    answer = "2 + 3 = 5.\n#### 5<|im_end|>"
     want_prompt = tok(prompt, add_special_tokens=False)["input_ids"]
     want_answer = tok(answer, add_special_tokens=False)["input_ids"]
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
 
     encoded = Formatter(tok, "auto").encode(SINGLE, 512)
     assert tok.bos_token_id is None and encoded.input_ids[0] == token_id(tok, "<|im_start|>")
-    assert encoded.input_ids == want_prompt + want_answer
-    assert labels_of(encoded, tok.pad_token_id) == [IGNORE] * len(want_prompt) + want_answer
+    assert encoded.input_ids == want_prompt + want_answer + newline  # as the template renders it
+    # The newline after <|im_end|> is never generated (evaluation stops at <|im_end|>): it carries no loss.
+    labels = [IGNORE] * len(want_prompt) + want_answer + [IGNORE] * len(newline)
+    assert labels_of(encoded, tok.pad_token_id) == labels
+    assert encoded.n_response == len(want_answer)
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -266,9 +277,9 @@ def test_multi_turn_every_assistant_turn_carries_loss_and_no_other(toks, style):
     assert encoded.input_ids == want_ids
     assert labels_of(encoded, tok.pad_token_id) == want_labels
     # Read back: the loss-carrying text is the two answers with their ends, nothing else.
-    end = STYLES[style].end
+    stop = STYLES[style].stop
     spans = loss_spans(labels_of(encoded, tok.pad_token_id))
-    assert [tok.decode(span) for span in spans] == ["5" + end, "4 * 5 = 20.\n#### 20" + end]
+    assert [tok.decode(span) for span in spans] == ["5" + stop, "4 * 5 = 20.\n#### 20" + stop]
     assert encoded.n_response == sum(label != IGNORE for label in want_labels)
     if style == "llama3":
         assert encoded.input_ids.count(tok.bos_token_id) == 1
@@ -431,8 +442,10 @@ def test_truncation_keeps_ids_labels_and_counts_consistent(toks, style):
         assert encoded.full_length == len(full_ids)
         encoded_all.append(encoded)
     report = Truncation.of(encoded_all, 0)
-    # Every max_length short of the whole cuts the final answer's end.
-    assert report.n_cut == len(full_ids) - 1 and report.needed_length == len(full_ids)
+    # Every max_length short of the final answer's end cuts it (Qwen's newline after it carries no loss).
+    answer_end = max(j for j, label in enumerate(full_labels) if label != IGNORE) + 1
+    assert report.n_cut == answer_end - 1 and report.needed_length == len(full_ids)
+    assert answer_end == len(full_ids) - (style == "qwen")
 
 
 # ----------------------------------------------------------------------------- templates that cannot be split
@@ -575,12 +588,13 @@ def test_score_train_and_eval_from_the_command_line(
     # The prompts generated from: each conversation's training prefix before its final answer, by hand.
     for ex, prompt in zip(examples, captured["prompts"]):
         segments = expected_segments(style, ex.messages)
-        assert prompt == ids_and_labels(tok, segments[:-1])[0], ex.id
-        assert ex.messages[-1][1] + style.end == segments[-1][0]
+        assert prompt == ids_and_labels(tok, before_final_answer(segments))[0], ex.id
+        assert ex.messages[-1][1] + style.stop == segments[len(before_final_answer(segments))][0]
     assert captured["end_ids"] == [token_id(tok, style.stop)]
     # predictions.jsonl shows what the model was given: the rendered turns, not the plain prompt
     shown = [json.loads(line)["prompt"] for line in (eval_out / "predictions.jsonl").read_text().splitlines()]
-    assert shown == [tok.decode(ids_and_labels(tok, expected_segments(style, ex.messages)[:-1])[0]) for ex in examples]
+    prompts = [before_final_answer(expected_segments(style, ex.messages)) for ex in examples]
+    assert shown == [tok.decode(ids_and_labels(tok, segments)[0]) for segments in prompts]
 
 
 @pytest.mark.parametrize("case", CASES)

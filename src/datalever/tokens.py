@@ -8,6 +8,7 @@ is the very prefix it was trained on.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,13 @@ class Formatter:
                     "the chat template renders a conversation's beginning differently once more turns follow, so "
                     "the assistant's tokens cannot be told apart; use --chat_template none or another template FILE"
                 )
-            segments += [(before[len(done) :], False), (after[len(before) :], True)]
+            turn = after[len(before) :]
+            # What follows the end-of-turn token (Qwen's and Gemma's newline) is never generated: evaluation stops
+            # at that token, so the newline carries no loss (as TRL's assistant-only templates leave it out).
+            end, answer = self._closing_token, turn
+            if end and end in turn and not turn.rsplit(end, 1)[1].strip():
+                answer = turn[: turn.rindex(end) + len(end)]
+            segments += [(before[len(done) :], False), (answer, True), (turn[len(answer) :], False)]
             done = after
         return segments
 
@@ -185,18 +192,30 @@ class Formatter:
         """What the model is given at evaluation: the tokens before the final assistant turn, exactly as in
         training (with a chat template, they end with the assistant header)."""
         pieces = self._token_segments(ex)
-        return [t for piece, _ in pieces[:-1] for t in piece]
+        final = max(j for j, (_, loss) in enumerate(pieces) if loss)
+        return [t for piece, _ in pieces[:final] for t in piece]
 
     def stop_ids(self) -> list[int]:
         """Token ids that end an assistant turn besides EOS: with a chat template, the special token it closes
         a turn with (<|eot_id|>, <|im_end|>), when that is one token."""
+        end = self._closing_token
+        return self.tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+
+    @functools.cached_property
+    def _closing_token(self) -> str | None:
+        """The special token the template closes an assistant turn with, as text; None for plain text or a template
+        that closes turns with plain text (a newline may be part of an answer)."""
         if self.template is None:
-            return []
-        closing = self._chat_segments((("user", "x"), ("assistant", "y")))[-1][0]
+            return None
+        user = (("user", "x"),)
+        before = self._render(user, generation_prompt=True)
+        closing = self._render((*user, ("assistant", "y")), generation_prompt=False)[len(before) :]
         # After the content's first "y": the closing text may hold a "y" of its own (<|end_of_reply|>).
         tail = closing[closing.index("y") + 1 :].strip()
         ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-        return ids[:1] if ids and ids[0] in _special_ids(self.tokenizer) else []
+        if not ids or ids[0] not in _special_ids(self.tokenizer):
+            return None
+        return self.tokenizer.decode(ids[:1])
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -223,9 +242,11 @@ def _plain_segments(turns: Sequence[tuple[str, str]]) -> list[Segment]:
 
 
 def _merged(segments: list[Segment]) -> list[Segment]:
-    """Neighbouring segments of the same kind as one (tokenized together, as the text reads)."""
+    """Neighbouring segments of the same kind as one (tokenized together, as the text reads); empty ones dropped."""
     out: list[Segment] = []
     for text, loss in segments:
+        if not text:
+            continue
         if out and out[-1][1] == loss:
             out[-1] = (out[-1][0] + text, loss)
         else:
