@@ -123,18 +123,31 @@ def test_an_arm_with_other_split_features_upsamples_that_split(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["arms"].keys() == {"hard", "hard-final"}
 
 
-def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_path):
+def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_path, monkeypatch):
     """Hand-made metrics: accuracies chosen so each paired difference is known exactly."""
-    from datalever import rundir
+    from datalever import report, rundir
     from datalever.report import write_report
     from datalever.rundir import RunDir
+
+    ticks = {}
+    save = report._save_figure
+
+    def record_ticks(fig, path):
+        ticks[Path(path).name] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save_figure", record_ticks)
 
     acc = {"base": [0.50, 0.60], "random": [0.55, 0.55], "hard": [0.60, 0.58], "hard-final": [0.52, 0.70]}
     hard_problems = {"base": [0.10, 0.20], "random": [0.10, 0.10], "hard": [0.30, 0.25], "hard-final": [0.2, 0.2]}
     for arm, values in acc.items():
         for seed, a in enumerate(values):
             d = RunDir(tmp_path).seed_dir(arm, seed)
-            levels = {"easy": {"accuracy": 0.9, "n": 50}, "hard": {"accuracy": hard_problems[arm][seed], "n": 50}}
+            levels = {
+                "easy": {"accuracy": 0.9, "n": 30},
+                "hard": {"accuracy": hard_problems[arm][seed], "n": 50},
+                "medium": {"accuracy": 0.5, "n": 20},
+            }
             rundir.write_json(d.eval.metrics, {"accuracy": a, "n": 100, "per_difficulty": {"level": levels}})
             compute = {k: 1 for k in ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")}
             rundir.write_json(d.train.summary, {"compute": compute, "final_val_loss": 1.0})
@@ -149,7 +162,9 @@ def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_
     # the same pairs on the hard problems alone: does an arm learn them, not just more of the easy ones
     got = results["paired_by_level"]["hard - base"]
     assert got["hard"]["per_seed"] == pytest.approx({"0": 0.20, "1": 0.05}) and got["easy"]["mean_diff"] == 0
-    assert "  - by level: easy +0.0 ± 0.0 (0/2/0), hard +12.5" in results["markdown"]
+    assert "  - by level: easy +0.0 ± 0.0 (0/2/0), medium +0.0 ± 0.0 (0/2/0), hard +12.5" in results["markdown"]
+    # the plot reads in the tables' order: easy, medium, hard (not alphabetically)
+    assert ticks["results_difficulty.png"] == ["easy", "medium", "hard"]
 
 
 def test_a_split_made_with_other_features_is_not_reused(tmp_path):

@@ -410,7 +410,7 @@ def plot(results: dict, run_dir: RunDir) -> list[str]:
     ax.set_title("Accuracy per arm (mean, 95% CI, seeds as dots)")
     paths.append(_save_figure(fig, run_dir.plot("accuracy")))
 
-    levels = sorted({lv for a in arms.values() for lv in a["by_level"]})
+    levels = sorted({lv for a in arms.values() for lv in a["by_level"]}, key=_level_order)
     if levels:
         fig, ax = plt.subplots(figsize=(1.5 * len(levels) * max(1, len(names) / 3) + 2, 3.5))
         width = 0.8 / len(names)
