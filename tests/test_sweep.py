@@ -3,6 +3,7 @@ compares them (a table per point, accuracy against compute); learning curves mee
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,24 @@ def test_a_bad_sweep_is_refused_before_any_work(tmp_path, sweep, message):
     assert not any(tmp_path.iterdir())
 
 
+def test_an_arm_depends_on_m_and_the_profile_only_through_the_data_it_upsamples():
+    cfg = _config("unused")
+    axes = {name: experiment.arm_axes(cfg, experiment.arm_spec(cfg, name)) for name in experiment.BUILTIN_ARMS}
+    everything = set(experiment.SWEEP_AXES)
+    assert axes["base"] == axes["sam"] == {"epochs"}
+    assert axes["hard"] == axes["random"] == axes["easy"] == axes["hard-final"] == everything
+    assert axes["base-long"] == everything  # as many steps as hard: its length follows hard's data
+
+
+def test_a_sweep_over_epochs_reuses_nothing(tmp_path):
+    cfg = _config(tmp_path, sweep={"epochs": [1, 2]})
+    first = tmp_path / "sweep" / "epochs=1" / "arms" / "base" / "seed0"
+    (first / "eval").mkdir(parents=True)
+    (first / "eval" / "metrics.json").write_text("{}")
+    experiment.reuse_unchanged_arms(cfg, {"epochs": 1}, {"epochs": 2})
+    assert not (tmp_path / "sweep" / "epochs=2").exists()
+
+
 def test_curve_steps_are_one_grid_for_every_arm():
     """Arms of different lengths meet at the same steps: every curve_every epochs of the data as given."""
     cfg = _config("unused", curve_every=1.0)
@@ -58,9 +77,24 @@ def test_curve_steps_are_one_grid_for_every_arm():
     assert experiment.curve_steps(dataclasses.replace(cfg, curve_every=6.0), six, 2000, 3000) == [375, 563]
 
 
-def test_a_sweep_runs_each_point_and_reports_them_together(tmp_path):
+def test_a_sweep_runs_each_point_and_reports_them_together(tmp_path, monkeypatch):
     cfg = _config(tmp_path, sweep={"m": [1, 3]})
+    trained = []
+    real = experiment.train_run
+
+    def spy(tcfg, **kw):
+        trained.append(Path(tcfg.out).relative_to(tmp_path).parts[1:4])  # point, arms, arm
+        return real(tcfg, **kw)
+
+    monkeypatch.setattr(experiment, "train_run", spy)
     experiment.run(cfg)
+    # base trains the data as given: m does not change it, so the second point links the first one's run
+    assert trained == [("m=1", "arms", "base"), ("m=1", "arms", "hard"), ("m=3", "arms", "hard")]
+    first, second = (tmp_path / "sweep" / p / "arms" / "base" / "seed0" for p in ("m=1", "m=3"))
+    assert json.loads((second / "reused_from.json").read_text()) == {"source": str(first), "changed": ["m"]}
+    weights = [d / "train" / "model" / "model.safetensors" for d in (first, second)]
+    assert weights[0].read_bytes() == weights[1].read_bytes()
+    assert not (tmp_path / "sweep" / "m=3" / "arms" / "hard" / "seed0" / "reused_from.json").exists()
     summary = json.loads((tmp_path / "sweep_results.json").read_text())
     assert [p["point"] for p in summary["points"]] == ["m=1", "m=3"]
     for point, m in (("m=1", 1), ("m=3", 3)):

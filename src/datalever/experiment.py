@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import os
 import re
 import shutil
 import time
@@ -163,7 +164,9 @@ class ExperimentConfig(DataFormat):
     """Sweep points in one config: lists for epochs, m, fraction (the proxy's share of an epoch) and checkpoints
     (K), e.g. '{m: [1, 2, 4, 9]}' (the paper's 2x, 3x, 5x, 10x); every combination runs as an experiment of its own
     under RUN/sweep/<axis>=<value>,.../ and one report compares them (a table per point, and accuracy against
-    compute: the frontier)."""
+    compute: the frontier). An arm that trains the data as given (base, sam) does not depend on m, fraction or
+    K: a later point links the earlier point's finished run of it (reused_from.json) instead of training it
+    again."""
     progress: bool = True
     """Show progress bars."""
     allow_overlap: bool = False
@@ -599,12 +602,62 @@ def run_sweep(cfg: ExperimentConfig) -> str:
     run_dir = RunDir(cfg.run_dir)
     check_same_settings(cfg)
     rundir.record_provenance(run_dir.root, "experiment", cfg)
-    names = []
+    done: list[dict[str, float]] = []
     for point in sweep_points(cfg):
+        for earlier in done:
+            reuse_unchanged_arms(cfg, earlier, point)
         with progress.context(point_name(point)):
             run(sweep_config(cfg, point))
-        names.append(point_name(point))
-    return write_sweep_report(run_dir.root, names)
+        done.append(point)
+    return write_sweep_report(run_dir.root, [point_name(point) for point in done])
+
+
+def arm_axes(cfg: ExperimentConfig, arm: ArmConfig) -> set[str]:
+    """The sweep axes an arm's training depends on. An arm that trains the data as given (base, sam) depends on
+    the epochs only: not on m, nor on the profile behind the split (fraction, K). Any other arm, on all of them."""
+    if arm.data != "base" or arm.synth_fn:
+        return set(SWEEP_AXES)
+    if arm.match_steps_of is not None:
+        return {"epochs"} | arm_axes(cfg, arm_spec(cfg, arm.match_steps_of))
+    return {"epochs"}
+
+
+def reuse_unchanged_arms(cfg: ExperimentConfig, earlier: dict[str, float], point: dict[str, float]) -> None:
+    """Link into `point` the finished arms of an `earlier` sweep point that it would train again unchanged (base
+    and sam across an m sweep): the same settings and seeds give the same run, so it is not repeated. Each
+    reused arm records where it came from (reused_from.json)."""
+    changed = {axis for axis in point if point[axis] != earlier[axis]}
+    source_cfg, target_cfg = sweep_config(cfg, earlier), sweep_config(cfg, point)
+    for name in cfg.arms:
+        if arm_axes(cfg, arm_spec(cfg, name)) & changed:
+            continue
+        for seed in cfg.seeds:
+            source = RunDir(source_cfg.run_dir).seed_dir(name, seed)
+            target = RunDir(target_cfg.run_dir).seed_dir(name, seed)
+            finished = all(source.eval_on(b).metrics.exists() for b in benchmarks(cfg))
+            if finished and not target.root.exists():
+                note = sorted(changed)
+                link_tree(source.root, target.root, note={"source": str(source.root), "changed": note})
+                print(f"{name} seed {seed}: reused from {source.root} (it does not depend on {' or '.join(note)})")
+
+
+def link_tree(source: Path, target: Path, note: dict) -> None:
+    """A copy of a directory made of hard links where the filesystem allows (a model's weights are not duplicated),
+    with `note` as reused_from.json, written beside the target and renamed into place: a crash never leaves a
+    half-copied arm that looks finished."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, partial, copy_function=link)
+    rundir.write_json(partial / "reused_from.json", note)
+    os.replace(partial, target)
 
 
 def run(cfg: ExperimentConfig) -> str:
