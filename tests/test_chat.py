@@ -323,6 +323,38 @@ def test_an_end_of_turn_token_with_a_y_in_its_name_is_found(toks, tmp_path):
     assert Formatter(tok, str(path)).stop_ids() == [token_id(tok, "<|end_of_reply|>")]
 
 
+def test_an_end_of_turn_token_that_swallows_the_newline_keeps_it_in_the_answer(toks, tmp_path):
+    """A token with rstrip (Phi-3's <|end|>) takes the newline after it when tokenized together: the turn is not
+    split there, so the tokens stay those of the template's own tokenization."""
+    from tokenizers import AddedToken
+
+    tok = copy.deepcopy(toks["plain"])
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken("<|end|>", rstrip=True, normalized=False)]})
+    path = tmp_path / "phi3.jinja"
+    path.write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+        encoding="utf-8",
+    )
+    formatter = Formatter(tok, str(path))
+    encoded = formatter.encode(SINGLE, 512)
+    messages = [{"role": r, "content": c} for r, c in SINGLE.messages]
+    rendered = tok.apply_chat_template(messages, chat_template=path.read_text(), tokenize=False)
+    assert encoded.input_ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert formatter.stop_ids() == [token_id(tok, "<|end|>")]
+    n_prompt = len(formatter.prompt_ids(SINGLE))
+    assert labels_of(encoded, tok.pad_token_id)[n_prompt:] == encoded.input_ids[n_prompt:]  # all of it, to the end
+
+
+def test_an_empty_answer_in_plain_text_carries_loss_on_eos_only(toks):
+    tok = toks["plain"]
+    ex = Example("e", "What is 0?\n", "")
+    encoded = Formatter(tok, "none").encode(ex, 512)
+    prompt = tok("What is 0?\n")["input_ids"]
+    assert encoded.input_ids == prompt + [tok.eos_token_id] and encoded.n_prompt == len(prompt)
+    assert labels_of(encoded, tok.pad_token_id) == [IGNORE] * len(prompt) + [tok.eos_token_id]
+
+
 def test_a_template_that_ends_turns_with_plain_text_stops_only_at_eos(toks, tmp_path):
     """A newline may be part of an answer: only a special token ends a turn early."""
     path = tmp_path / "lines.jinja"
@@ -444,7 +476,7 @@ def test_truncation_keeps_ids_labels_and_counts_consistent(toks, style):
     report = Truncation.of(encoded_all, 0)
     # Every max_length short of the final answer's end cuts it (Qwen's newline after it carries no loss).
     answer_end = max(j for j, label in enumerate(full_labels) if label != IGNORE) + 1
-    assert report.n_cut == answer_end - 1 and report.needed_length == len(full_ids)
+    assert report.n_cut == answer_end - 1 and report.needed_length == answer_end
     assert answer_end == len(full_ids) - (style == "qwen")
 
 

@@ -30,7 +30,8 @@ class Encoded:
     input_ids: list[int]
     n_prompt: int
     n_response_full: int  # tokens after the prompt before truncation (a conversation's later user turns too)
-    # [start, end) spans after the prompt that carry no loss: a conversation's later user turns
+    # [start, end) spans after the prompt that carry no loss: a conversation's later user turns, and what a chat
+    # template writes after an end-of-turn token
     masked: tuple[tuple[int, int], ...] = ()
 
     @property
@@ -50,6 +51,16 @@ class Encoded:
         return self.n_prompt + self.n_response_full
 
     @property
+    def loss_end(self) -> int:
+        """The max_length that keeps every token that carries loss: the full length, less what a chat template
+        writes after the final end-of-turn token (masked)."""
+        end = self.full_length
+        for start, stop in sorted(self.masked, reverse=True):
+            if stop == end:
+                end = start
+        return end
+
+    @property
     def n_cut(self) -> int:
         """Response tokens the maximum length cut away (0: the example is whole; a prompt cut too counts only
         its response). Only tokens that carry loss count: a conversation's user turns cut with them do not."""
@@ -67,7 +78,7 @@ class Truncation:
     n_cut: int  # examples that lost some of their response
     n_cut_whole: int  # of those, examples that lost all of it (flagged, no loss)
     max_length: int
-    needed_length: int  # the max_length that keeps every example whole
+    needed_length: int  # the max_length that keeps every example's loss-carrying tokens
 
     @classmethod
     def of(cls, encoded: Sequence[Encoded], max_length: int) -> Truncation:
@@ -76,7 +87,7 @@ class Truncation:
             n_cut=sum(e.n_cut > 0 for e in encoded),
             n_cut_whole=sum(e.fully_truncated for e in encoded),
             max_length=max_length,
-            needed_length=max((e.full_length for e in encoded), default=0),
+            needed_length=max((e.loss_end for e in encoded), default=0),
         )
 
     def warning(self, limit: float = 0.01) -> str | None:
@@ -125,7 +136,8 @@ class Formatter:
     # ----------------------------------------------------------------- segments
 
     def segments(self, ex: Example) -> list[Segment]:
-        """The example as text segments; the final one is the final assistant turn (with EOS when plain)."""
+        """The example as text segments; the last one that carries loss is the final assistant turn (with EOS when
+        plain), followed under a template by what the template writes after its end-of-turn token."""
         if self.template is not None:
             return self._chat_segments(conversation(ex))
         if ex.messages is None:
@@ -156,7 +168,7 @@ class Formatter:
             turn = after[len(before) :]
             # What follows the end-of-turn token (Qwen's and Gemma's newline) is never generated: evaluation stops
             # at that token, so the newline carries no loss (as TRL's assistant-only templates leave it out).
-            end, answer = self._closing_token, turn
+            end, answer = self._closing_text, turn
             if end and end in turn and not turn.rsplit(end, 1)[1].strip():
                 answer = turn[: turn.rindex(end) + len(end)]
             segments += [(before[len(done) :], False), (answer, True), (turn[len(answer) :], False)]
@@ -199,12 +211,12 @@ class Formatter:
         """Token ids that end an assistant turn besides EOS: with a chat template, the special token it closes
         a turn with (<|eot_id|>, <|im_end|>), when that is one token."""
         end = self._closing_token
-        return self.tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+        return [end] if end is not None else []
 
     @functools.cached_property
-    def _closing_token(self) -> str | None:
-        """The special token the template closes an assistant turn with, as text; None for plain text or a template
-        that closes turns with plain text (a newline may be part of an answer)."""
+    def _closing_token(self) -> int | None:
+        """The special token the template closes an assistant turn with; None for plain text or a template that
+        closes turns with plain text (a newline may be part of an answer)."""
         if self.template is None:
             return None
         user = (("user", "x"),)
@@ -213,9 +225,14 @@ class Formatter:
         # After the content's first "y": the closing text may hold a "y" of its own (<|end_of_reply|>).
         tail = closing[closing.index("y") + 1 :].strip()
         ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
-        if not ids or ids[0] not in _special_ids(self.tokenizer):
-            return None
-        return self.tokenizer.decode(ids[:1])
+        return ids[0] if ids and ids[0] in _special_ids(self.tokenizer) else None
+
+    @functools.cached_property
+    def _closing_text(self) -> str | None:
+        """The end-of-turn token's text, where the loss stops; None where it does not stop there: no such token, or
+        one that swallows the whitespace after it (rstrip: Phi-3's <|end|>), whose tokens would then differ."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}).get(self._closing_token)
+        return None if added is None or added.rstrip else added.content
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -242,10 +259,11 @@ def _plain_segments(turns: Sequence[tuple[str, str]]) -> list[Segment]:
 
 
 def _merged(segments: list[Segment]) -> list[Segment]:
-    """Neighbouring segments of the same kind as one (tokenized together, as the text reads); empty ones dropped."""
+    """Neighbouring segments of the same kind as one (tokenized together, as the text reads); empty ones that carry
+    no loss dropped (an empty answer stays: in plain text its EOS carries the loss)."""
     out: list[Segment] = []
     for text, loss in segments:
-        if not text:
+        if not text and not loss:
             continue
         if out and out[-1][1] == loss:
             out[-1] = (out[-1][0] + text, loss)
