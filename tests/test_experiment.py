@@ -236,6 +236,13 @@ def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_again(tmp_p
         ({"train_file": "/no/such/train.jsonl"}, "train_file: no such file"),
         ({"seeds": []}, "seeds must name one seed"),
         ({"m": 1_000_000}, "m must be <= 100"),
+        ({"arms": ["long"], "extra_arms": [experiment.ArmConfig("long", match_steps_of="hardest")]}, "unknown arm"),
+        # a length matched to base-long's would be base's epoch length, not hard's: refused, not silently short
+        (
+            {"arms": ["longer"], "extra_arms": [experiment.ArmConfig("longer", match_steps_of="base-long")]},
+            "longer: match_steps_of names base-long, which matches another arm's steps itself",
+        ),
+        ({"arms": ["self"], "extra_arms": [experiment.ArmConfig("self", match_steps_of="self")]}, "matches another"),
     ],
 )
 def test_the_whole_experiment_is_checked_before_any_work(tmp_path, change, match):

@@ -201,8 +201,12 @@ class ExperimentConfig(DataFormat):
             raise checks.ConfigError(f"arms names an arm twice: {self.arms}")
         for name in self.arms:
             arm = arm_spec(self, name)
-            if arm.match_steps_of is not None:
-                arm_spec(self, arm.match_steps_of)
+            if arm.match_steps_of is not None and arm_spec(self, arm.match_steps_of).match_steps_of is not None:
+                # The steps come from the other arm's data (its epoch length), not from its own matched length.
+                raise checks.ConfigError(
+                    f"arm {name}: match_steps_of names {arm.match_steps_of}, which matches another arm's steps "
+                    "itself; name an arm that trains its own data"
+                )
 
     def _check_sweep(self) -> None:
         for axis, values in (self.sweep or {}).items():
@@ -617,7 +621,7 @@ def arm_axes(cfg: ExperimentConfig, arm: ArmConfig) -> set[str]:
     the epochs only: not on m, nor on the profile behind the split (fraction, K). Any other arm, on all of them."""
     if arm.data != "base" or arm.synth_fn:
         return set(SWEEP_AXES)
-    if arm.match_steps_of is not None:
+    if arm.match_steps_of is not None:  # the length of another arm's data (never itself matched: _check_arms)
         return {"epochs"} | arm_axes(cfg, arm_spec(cfg, arm.match_steps_of))
     return {"epochs"}
 
@@ -626,19 +630,19 @@ def reuse_unchanged_arms(cfg: ExperimentConfig, earlier: dict[str, float], point
     """Link into `point` the finished arms of an `earlier` sweep point that it would train again unchanged (base
     and sam across an m sweep): the same settings and seeds give the same run, so it is not repeated. Each
     reused arm records where it came from (reused_from.json)."""
-    changed = {axis for axis in point if point[axis] != earlier[axis]}
+    from accelerate import PartialState
+
+    changed = sorted(axis for axis in point if point[axis] != earlier[axis])
     source_cfg, target_cfg = sweep_config(cfg, earlier), sweep_config(cfg, point)
-    for name in cfg.arms:
-        if arm_axes(cfg, arm_spec(cfg, name)) & changed:
-            continue
-        for seed in cfg.seeds:
+    reused = [name for name in cfg.arms if not arm_axes(cfg, arm_spec(cfg, name)) & set(changed)]
+    with PartialState().main_process_first():  # under DDP one process links; the others then find the links
+        for name, seed in itertools.product(reused, cfg.seeds):
             source = RunDir(source_cfg.run_dir).seed_dir(name, seed)
             target = RunDir(target_cfg.run_dir).seed_dir(name, seed)
             finished = all(source.eval_on(b).metrics.exists() for b in benchmarks(cfg))
             if finished and not target.root.exists():
-                note = sorted(changed)
-                link_tree(source.root, target.root, note={"source": str(source.root), "changed": note})
-                print(f"{name} seed {seed}: reused from {source.root} (it does not depend on {' or '.join(note)})")
+                link_tree(source.root, target.root, note={"source": str(source.root), "changed": changed})
+                print(f"{name} seed {seed}: reused from {source.root} (it does not depend on {' or '.join(changed)})")
 
 
 def link_tree(source: Path, target: Path, note: dict) -> None:
