@@ -79,7 +79,10 @@ def test_data_check_takes_a_schema(tmp_path, capsys):
     path = tmp_path / "math.jsonl"
     path.write_text(json.dumps({"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$."}) + "\n")
     cli.main(["data", "check", "--data", str(path), "--schema", "math"])
-    assert "1 examples" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 examples" in out and "schema: math (given; columns: problem, solution)" in out
+    cli.main(["data", "check", "--data", str(path)])
+    assert "schema: math (detected; columns: problem, solution)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["data", "check", "--data", str(path), "--schema", "gsm8k"])
     assert "missing field 'question'" in capsys.readouterr().err

@@ -256,6 +256,15 @@ def load_examples(
     if on_duplicate not in ("error", "keep_first"):
         raise ValueError(f"on_duplicate must be 'error' or 'keep_first', not {on_duplicate!r}")
     name, records = _read_records(os.fspath(path), SplitRequest(split, default_split, split_option))
+    chosen, fields, template = _reading(name, records, schema, fields, template)
+    examples = [_to_example(name, where, rec, chosen, fields or {}, template) for where, rec in records]
+    return _handle_duplicates(name, examples, [w for w, _ in records], on_duplicate)
+
+
+def _reading(
+    name: str, records: list, schema: str, fields: dict[str, str] | None, template: str | None
+) -> tuple[Schema, dict[str, str] | None, str | None]:
+    """How a source's records are read: the schema (given, or detected from the columns), fields and template."""
     columns = _columns(records)
     if not records:
         raise DataError(f"{name}: empty file (no records)")
@@ -264,9 +273,7 @@ def load_examples(
             log.info("%s: written by datalever (id, prompt, response, source, meta): read as written", name)
         schema, fields, template = "datalever", None, None
     _check_fields(name, columns, fields)
-    chosen = _choose_schema(name, columns, schema, fields)
-    examples = [_to_example(name, where, rec, chosen, fields or {}, template) for where, rec in records]
-    return _handle_duplicates(name, examples, [w for w, _ in records], on_duplicate)
+    return _choose_schema(name, columns, schema, fields), fields, template
 
 
 def read_data(
@@ -1124,6 +1131,7 @@ def run_check(cfg: CheckConfig) -> str:
     sources = Counter(ex.source or NO_SOURCE for ex in examples)
     lines = [
         f"{cfg.data}: {len(examples)} examples",
+        f"schema: {_schema_read(cfg)}",
         "sources: " + ", ".join(f"{k}={v}" for k, v in sources.most_common()),
         f"fingerprint: {rundir.fingerprint(examples)}",
     ]
@@ -1131,3 +1139,14 @@ def run_check(cfg: CheckConfig) -> str:
         ex = examples[0]
         lines += ["first example:", f"  id: {ex.id}", f"  prompt: {ex.prompt!r}", f"  response: {ex.response!r}"]
     return "\n".join(lines)
+
+
+def _schema_read(cfg: CheckConfig) -> str:
+    """The schema the data was read as (detected or given) and its columns: `gsm8k (question, answer)`."""
+    name, records = _read_records(os.fspath(cfg.data), SplitRequest(cfg.split, None, "--split"))
+    chosen, fields, _ = _reading(name, records, cfg.schema, cfg.fields, cfg.template)
+    if chosen.name == "datalever":
+        how = "datalever's own file"
+    else:
+        how = "detected" if cfg.schema == "auto" else "given"
+    return f"{chosen.name} ({how}; columns: {', '.join(_columns(records))})"
