@@ -2,6 +2,7 @@
 nothing new, and a run killed mid-arm resumes."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -57,6 +58,13 @@ def test_experiment_artifacts_agree_and_rerun_is_a_no_op(tmp_path):
     experiment.run(_config(tmp_path))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("arms/*/seed*/eval/metrics.json")} == before
     assert {(a, s): _log_lines(tmp_path, a, s) for a in ARMS for s in SEEDS} == logs
+    # The run directory moved (copied elsewhere): the same work, continued there, not refused or redone.
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved)
+    before = {p: p.stat().st_mtime_ns for p in moved.glob("arms/*/seed*/eval/metrics.json")}
+    experiment.run(_config(moved))
+    assert {p: p.stat().st_mtime_ns for p in moved.glob("arms/*/seed*/eval/metrics.json")} == before
+    assert {(a, s): _log_lines(moved, a, s) for a in ARMS for s in SEEDS} == logs
 
 
 def test_experiment_killed_mid_arm_resumes(tmp_path, monkeypatch):

@@ -530,8 +530,9 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
             out=str(out.root),
         )
         if out.summary.exists():
-            # Left by an earlier invocation: reused only if made with these settings (else one line, refused).
-            rundir.refuse_other_settings(out.root, "split", split_cfg)
+            # Left by an earlier invocation: reused only if made with these settings (else one line, refused). Its
+            # paths are the experiment's own, inside the run directory: a run directory moved elsewhere continues.
+            rundir.refuse_other_settings(out.root, "split", split_cfg, ignore=("run_dir", "data", "out"))
         else:
             split_run(split_cfg)
 
