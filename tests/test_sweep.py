@@ -61,6 +61,32 @@ def test_a_sweep_over_epochs_reuses_nothing(tmp_path):
     assert not (tmp_path / "sweep" / "epochs=2").exists()
 
 
+def test_the_sweep_report_tables_each_points_paired_differences(tmp_path):
+    """Hand-made point results: the cross-point table holds each point's own pairs, a dash where a point has none."""
+    from datalever import rundir
+    from datalever.report import write_sweep_report
+    from datalever.rundir import RunDir
+
+    def arm(acc):
+        return {"accuracy": {"mean": acc, "ci95": 0.01}, "compute": {"flops": 1e9}}
+
+    def pair(diff, wins):
+        return {"mean_diff": diff, "ci95": 0.02, "wins": wins, "ties": 0, "losses": 3 - wins}
+
+    points = {
+        "m=1": {"hard - base-long": pair(-0.01, 1), "hard - base": pair(0.05, 3)},
+        "m=9": {"hard - base-long": pair(-0.04, 0)},
+    }
+    for name, by_pair in points.items():
+        results = {"arms": {"hard": arm(0.6), "base-long": arm(0.62)}, "paired": by_pair, "markdown": f"({name})"}
+        rundir.write_json(RunDir(RunDir(tmp_path).sweep_point(name)).results_json, results)
+    write_sweep_report(tmp_path, list(points))
+    lines = (tmp_path / "sweep_results.md").read_text().splitlines()
+    assert "| point | hard - base-long | hard - base |" in lines
+    assert "| m=1 | -1.0 ± 2.0 (1/0/2) | +5.0 ± 2.0 (3/0/0) |" in lines
+    assert "| m=9 | -4.0 ± 2.0 (0/0/3) | — |" in lines
+
+
 def test_curve_steps_are_one_grid_for_every_arm():
     """Arms of different lengths meet at the same steps: every curve_every epochs of the data as given."""
     cfg = _config("unused", curve_every=1.0)

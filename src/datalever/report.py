@@ -537,9 +537,10 @@ def write_sweep_report(run_dir: str | Path, points: list[str]) -> str:
     """One report over a sweep's points: each point's table, and accuracy against compute over every point and arm
     (sweep_results.md / .json, results_frontier.png)."""
     run_dir = RunDir(run_dir)
-    summary, sections, entries = {"points": []}, [], []
+    summary, sections, entries, paired = {"points": []}, [], [], {}
     for name in points:
         results = rundir.read_json(RunDir(run_dir.sweep_point(name)).results_json)
+        paired[name] = results["paired"]
         arms = {}
         for arm, a in results["arms"].items():
             arms[arm] = {
@@ -566,11 +567,29 @@ def write_sweep_report(run_dir: str | Path, points: list[str]) -> str:
         lines.append(
             f"| {e['point']} | {e['arm']} | {_pct(e['accuracy'])} ± {_pct(e['ci95'])} | {e['flops']:.3g} | {mark} |"
         )
-    markdown = "\n".join(lines + [""] + sections)
+    markdown = "\n".join(lines + [""] + _paired_across_points(paired) + sections)
     summary["plot"] = plot_frontier(entries, summary["frontier"], run_dir)
     rundir.atomic_write_text(run_dir.sweep_md, markdown)
     rundir.write_json(run_dir.sweep_json, summary)
     return markdown + f"\n\nsweep results: {run_dir.sweep_md} (plot: {summary['plot']})"
+
+
+def _paired_across_points(paired: dict[str, dict]) -> list[str]:
+    """One table of every point's paired differences (a row per point, a column per comparison): how a
+    comparison moves along the sweep, e.g. hard against base-long as m grows."""
+    names = list(dict.fromkeys(pair for by_pair in paired.values() for pair in by_pair))
+    if not names:
+        return []
+    lines = [
+        "Paired differences at each point (accuracy points, mean ± 95% CI over the same seeds; wins/ties/losses):",
+        "",
+        "| point | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for point, by_pair in paired.items():
+        cells = [_paired_text(by_pair[pair]) if pair in by_pair else "—" for pair in names]
+        lines.append(f"| {point} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def plot_frontier(entries: list[dict], front: list[dict], run_dir: RunDir) -> str:
