@@ -54,14 +54,3 @@ def existing_path(name: str, value: str | None, *, optional: bool = False) -> No
         return
     if not value or not Path(value).expanduser().exists():
         raise ConfigError(f"{name}: no such file or directory: {value}")
-
-
-def local_data(name: str, value: str | None, *, optional: bool = False) -> None:
-    """Data that names a local file or directory must exist; a hub dataset name (`openai/gsm8k:main`) is
-    loaded, and checked, when it is read."""
-    from datalever.examples import looks_local
-
-    if optional and value is None:
-        return
-    if not value or looks_local(value):
-        existing_path(name, value)

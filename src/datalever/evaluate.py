@@ -27,7 +27,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from datalever import checks, rundir
 from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade
-from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, read_data
+from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
 from datalever.models import DTYPES, unwrap
 from datalever.progress import label as progress_label
 from datalever.tokens import Formatter, check_chat_template
@@ -586,7 +586,7 @@ class EvalConfig(DataFormat):
             raise checks.ConfigError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if self.data is None:
             raise checks.ConfigError("data is required: the examples to evaluate on (--data FILE or a hub dataset)")
-        checks.local_data("data", self.data)
+        local_data("data", self.data)
         check_chat_template(self.chat_template)
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence, TextIO
 
-from datalever import rundir
+from datalever import checks, rundir
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,6 @@ class DataFormat:
 
     def __post_init__(self) -> None:
         if self.schema != "auto":
-            from datalever import checks
-
             checks.one_of("schema", self.schema, ["auto", *SCHEMAS])
         if self.fields is not None and not (
             isinstance(self.fields, dict) and all(isinstance(v, str) for v in self.fields.values())
@@ -390,6 +388,15 @@ def looks_local(data: str) -> bool:
     if p.exists() or _format_of(p)[0] is not None or data.startswith((".", "/", "~")):
         return True
     return len(p.parts) > 1 and p.parent.is_dir()
+
+
+def local_data(name: str, value: str | None, *, optional: bool = False) -> None:
+    """Data that names a local file or directory must exist; a hub dataset name (`openai/gsm8k:main`) is
+    loaded, and checked, when it is read."""
+    if optional and value is None:
+        return
+    if not value or looks_local(value):
+        checks.existing_path(name, value)
 
 
 def _format_of(p: Path) -> tuple[str | None, bool]:

@@ -26,6 +26,7 @@ from datalever.examples import (
     check_overlap,
     examples_written_by_datalever,
     load_examples,
+    local_data,
     read_data,
     save_examples,
 )
@@ -240,10 +241,10 @@ class ExperimentConfig(DataFormat):
             if self.val_file or self.test_file or self.test_files:
                 raise checks.ConfigError("val_file/test_file without train_file: give train_file too")
             return  # the embedded dataset is generated
-        checks.local_data("train_file", self.train_file)
-        checks.local_data("val_file", self.val_file, optional=True)
+        local_data("train_file", self.train_file)
+        local_data("val_file", self.val_file, optional=True)
         for name, path in test_sets(self).items():
-            checks.local_data(f"test set {name}", path)
+            local_data(f"test set {name}", path)
         if self.eval_split == "validation" and self.val_file is None:
             raise checks.ConfigError("eval_split=validation needs val_file")
         if self.eval_split == "test" and not test_sets(self):

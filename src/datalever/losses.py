@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datalever import checks
-from datalever.examples import DataFormat, Example, read_data
+from datalever.examples import DataFormat, Example, local_data, read_data
 from datalever.models import unwrap
 from datalever.progress import label as progress_label
 from datalever.tokens import (
@@ -340,7 +340,7 @@ class ScoreConfig(DataFormat):
         super().__post_init__()
         if self.data is None:
             raise checks.ConfigError("data is required: the examples to score (--data FILE or a hub dataset)")
-        checks.local_data("data", self.data)
+        local_data("data", self.data)
         check_chat_template(self.chat_template)
         checks.positive("max_length", self.max_length)
         checks.positive("token_budget", self.token_budget, optional=True)

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datalever import checks, rundir
-from datalever.examples import DataFormat, read_data
+from datalever.examples import DataFormat, local_data, read_data
 from datalever.losses import score_encoded
 from datalever.models import load_tokenizer, model_config_summary, resolve_model
 from datalever.optim import OptimConfig
@@ -96,7 +96,7 @@ class ProfileConfig(DataFormat):
         checks.at_most("warmup_ratio", self.warmup_ratio, 1)
         checks.positive("max_length", self.max_length)
         checks.positive("token_budget", self.token_budget, optional=True)
-        checks.local_data("data", self.data, optional=True)
+        local_data("data", self.data, optional=True)
         check_chat_template(self.chat_template)
 
 

@@ -71,7 +71,7 @@ import numpy as np
 import pandas as pd
 
 from datalever import audit, checks, rundir
-from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, read_data
+from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
 
 FEATURES = ("trajectory", "final", "relative", "residual")
 LOSS_COLUMN = re.compile(r"^loss_step(\d{6})$")
@@ -119,7 +119,7 @@ class SplitConfig(DataFormat):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        checks.local_data("data", self.data, optional=True)
+        local_data("data", self.data, optional=True)
         checks.one_of("features", self.features, FEATURES)
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2:
             raise checks.ConfigError(

@@ -47,7 +47,7 @@ import torch
 
 from datalever import checkpoint, checks, launch, rundir
 from datalever.checkpoint import Progress
-from datalever.examples import DataFormat, Example, read_data
+from datalever.examples import DataFormat, Example, local_data, read_data
 from datalever.launch import make_accelerator, prepare
 from datalever.losses import ResponseLoss
 from datalever.models import (
@@ -356,8 +356,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     cfg.check()
     if cfg.data is None:
         raise checks.ConfigError("data is required: the training examples to fine-tune on (--data FILE)")
-    checks.local_data("data", cfg.data)
-    checks.local_data("val_data", cfg.val_data, optional=True)
+    local_data("data", cfg.data)
+    local_data("val_data", cfg.val_data, optional=True)
     checks.existing_path("manifest", cfg.manifest, optional=True)
     if not is_preset(cfg.model):  # a missing local model directory is refused here (a preset is built later)
         resolve_model(cfg.model)
