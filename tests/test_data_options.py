@@ -10,7 +10,7 @@ import pytest
 
 from datalever import cli, experiment
 from datalever.demo import shipped_config
-from datalever.examples import DataFormat, content_id, load_examples, read_data
+from datalever.examples import DataFormat, content_id, load_examples, read_data, save_examples
 from datalever.synth import generate
 
 # The embedded generator's problems under other column names, so only --fields makes them readable.
@@ -86,6 +86,26 @@ def test_data_check_takes_a_schema(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["data", "check", "--data", str(path), "--schema", "gsm8k"])
     assert "missing field 'question'" in capsys.readouterr().err
+
+
+def test_data_check_tells_a_users_id_prompt_response_file_from_datalevers_own(tmp_path, capsys):
+    """id/prompt/response columns are datalever's own schema; only a file with datalever's written columns is
+    "written by datalever" (read as written), and conversational prompt/completion is read as messages."""
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"id": "a", "prompt": "Q?", "response": "4"}) + "\n")
+    cli.main(["data", "check", "--data", str(mine)])
+    out = capsys.readouterr().out
+    assert "schema: datalever (detected; columns: id, prompt, response)" in out and "written by" not in out
+    written = tmp_path / "written.jsonl"
+    save_examples(str(written), load_examples(str(mine)))
+    cli.main(["data", "check", "--data", str(written)])
+    assert "schema: datalever (written by datalever: read as written; columns: id, prompt" in capsys.readouterr().out
+    chat = tmp_path / "chat.jsonl"
+    turns = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "4"}]}
+    chat.write_text(json.dumps(turns) + "\n")
+    cli.main(["data", "check", "--data", str(chat)])
+    out = capsys.readouterr().out
+    assert "schema: prompt_completion (detected; conversational: read as messages; columns: prompt, completion)" in out
 
 
 def test_score_train_and_eval_read_a_dataset_dict_from_the_command_line(dataset_dict, tmp_path):

@@ -143,7 +143,7 @@ def test_truncation_counts_cut_responses_and_says_so_above_one_percent(tiny_chec
     report = Truncation.of(encoded[-2:], max_len)
     assert report.warning() == (
         f"1 of 2 examples (50.0%) lose response tokens to max_length={max_len} (0 lose all of it); "
-        f"max_length={n_prompt + n_resp} keeps every example whole"
+        f"max_length={n_prompt + n_resp} keeps every example's answer whole"
     )
 
 

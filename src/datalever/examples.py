@@ -251,27 +251,37 @@ def load_examples(
     name: read transparently) and must be UTF-8, or UTF-16/UTF-32 with a byte-order mark (decoded).
     Any malformed file raises one DataError naming the file, the line or row where known, and why.
     """
+    request = SplitRequest(split, default_split, split_option)
+    return _load(path, schema, fields, template, request, on_duplicate)[0]
+
+
+def _load(
+    path: str,
+    schema: str,
+    fields: dict[str, str] | None,
+    template: str | None,
+    request: SplitRequest,
+    on_duplicate: str,
+) -> tuple[list[Example], str]:
+    """The examples of a source, and how they were read: `gsm8k (detected; columns: question, answer)`."""
     if on_duplicate not in ("error", "keep_first"):
         raise ValueError(f"on_duplicate must be 'error' or 'keep_first', not {on_duplicate!r}")
-    name, records = _read_records(os.fspath(path), SplitRequest(split, default_split, split_option))
-    chosen, fields, template = _reading(name, records, schema, fields, template)
-    examples = [_to_example(name, where, rec, chosen, fields or {}, template) for where, rec in records]
-    return _handle_duplicates(name, examples, [w for w, _ in records], on_duplicate)
-
-
-def _reading(
-    name: str, records: list, schema: str, fields: dict[str, str] | None, template: str | None
-) -> tuple[Schema, dict[str, str] | None, str | None]:
-    """How a source's records are read: the schema (given, or detected from the columns), fields and template."""
+    name, records = _read_records(os.fspath(path), request)
     columns = _columns(records)
     if not records:
         raise DataError(f"{name}: empty file (no records)")
+    how = "detected" if schema == "auto" else "given"
     if _written_by_datalever(columns):  # its prompts were rendered when it was written (an arm's examples.jsonl)
         if schema != "auto" or fields or template is not None:
             log.info("%s: written by datalever (id, prompt, response, source, meta): read as written", name)
-        schema, fields, template = "datalever", None, None
+        schema, fields, template, how = "datalever", None, None, "written by datalever: read as written"
     _check_fields(name, columns, fields)
-    return _choose_schema(name, columns, schema, fields), fields, template
+    chosen = _choose_schema(name, columns, schema, fields)
+    examples = [_to_example(name, where, rec, chosen, fields or {}, template) for where, rec in records]
+    if chosen.name == "prompt_completion" and examples[0].messages is not None:
+        how += "; conversational: read as messages"
+    examples = _handle_duplicates(name, examples, [w for w, _ in records], on_duplicate)
+    return examples, f"{chosen.name} ({how}; columns: {', '.join(columns)})"
 
 
 def read_data(
@@ -1134,11 +1144,12 @@ class CheckConfig(DataFormat):
 
 
 def run_check(cfg: CheckConfig) -> str:
-    examples = read_data(cfg.data, cfg.data_format(), split=cfg.split)
+    request = SplitRequest(cfg.split, None, "--split")  # as read_data reads it, with how it was read
+    examples, how = _load(cfg.data, cfg.schema, cfg.fields, cfg.template, request, "error")
     sources = Counter(ex.source or NO_SOURCE for ex in examples)
     lines = [
         f"{cfg.data}: {len(examples)} examples",
-        f"schema: {_schema_read(cfg)}",
+        f"schema: {how}",
         "sources: " + ", ".join(f"{k}={v}" for k, v in sources.most_common()),
         f"fingerprint: {rundir.fingerprint(examples)}",
     ]
@@ -1146,14 +1157,3 @@ def run_check(cfg: CheckConfig) -> str:
         ex = examples[0]
         lines += ["first example:", f"  id: {ex.id}", f"  prompt: {ex.prompt!r}", f"  response: {ex.response!r}"]
     return "\n".join(lines)
-
-
-def _schema_read(cfg: CheckConfig) -> str:
-    """The schema the data was read as (detected or given) and its columns: `gsm8k (question, answer)`."""
-    name, records = _read_records(os.fspath(cfg.data), SplitRequest(cfg.split, None, "--split"))
-    chosen, fields, _ = _reading(name, records, cfg.schema, cfg.fields, cfg.template)
-    if chosen.name == "datalever":
-        how = "datalever's own file"
-    else:
-        how = "detected" if cfg.schema == "auto" else "given"
-    return f"{chosen.name} ({how}; columns: {', '.join(_columns(records))})"

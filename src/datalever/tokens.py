@@ -97,7 +97,7 @@ class Truncation:
         return (
             f"{self.n_cut} of {self.n_examples} examples ({self.n_cut / self.n_examples:.1%}) lose response tokens "
             f"to max_length={self.max_length} ({self.n_cut_whole} lose all of it); "
-            f"max_length={self.needed_length} keeps every example whole"
+            f"max_length={self.needed_length} keeps every example's answer whole"
         )
 
 
