@@ -649,11 +649,8 @@ def reuse_unchanged_arms(cfg: ExperimentConfig, earlier: dict[str, float], point
 
 def link_tree(source: Path, target: Path, note: dict) -> None:
     """A copy of a directory made of hard links where the filesystem allows (a model's weights are not duplicated),
-    with `note` as reused_from.json, written beside the target and renamed into place: a crash never leaves a
+    with `note` as reused_from.json, built under a temporary name (rundir.atomic_dir): a crash never leaves a
     half-copied arm that looks finished."""
-    partial = target.with_name(target.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.parent.mkdir(parents=True, exist_ok=True)
 
     def link(src: str, dst: str) -> None:
         try:
@@ -661,9 +658,9 @@ def link_tree(source: Path, target: Path, note: dict) -> None:
         except OSError:  # another filesystem, or links not allowed
             shutil.copy2(src, dst)
 
-    shutil.copytree(source, partial, copy_function=link)
-    rundir.write_json(partial / "reused_from.json", note)
-    os.replace(partial, target)
+    with rundir.atomic_dir(target, keep_existing=True) as tmp:
+        shutil.copytree(source, tmp, copy_function=link, dirs_exist_ok=True)
+        rundir.write_json(tmp / "reused_from.json", note)
 
 
 def run(cfg: ExperimentConfig) -> str:
