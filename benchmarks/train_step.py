@@ -44,6 +44,7 @@ from datalever.losses import ResponseLoss
 from datalever.models import load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig, lr_factor
 from datalever.tokens import encode_example
+from datalever.train import inputs, loop, order
 
 RUN_VARIANTS = {"adamw": ("adamw", False), "muon": ("muon", False), "sam": ("sam", False), "lora": ("adamw", True)}
 VARIANTS = (*RUN_VARIANTS, "bare", "bare-hf")
@@ -183,24 +184,24 @@ def time_bare(cfg: train.TrainConfig, device: torch.device, warmup: int, hf_loss
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, fused=True if device.type == "cuda" else None)
     bf16 = cfg.mixed_precision == "bf16"
-    examples, mult = train.load_training_data(cfg)
+    examples, mult = inputs.load_training_data(cfg)
     encoded = [encode_example(tok, ex, cfg.max_length) for ex in examples]
-    stream = train.ExampleStream(mult, seed=cfg.seed)
+    stream = order.ExampleStream(mult, seed=cfg.seed)
     steps = cfg.max_steps
-    warmup_steps = train.warmup_steps(cfg, steps)
+    warmup_steps = order.warmup_steps(cfg, steps)
     ends = []
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = cfg.optim.lr * lr_factor(step, steps, warmup_steps)
         rows = [encoded[i] for i in stream.take(step * cfg.batch_size, cfg.batch_size)]
-        batches = train.micro_batches(rows, cfg.micro_batch_size, tok.pad_token_id, device)
+        batches = loop.micro_batches(rows, cfg.micro_batch_size, tok.pad_token_id, device)
         rows.sort(key=lambda e: len(e.input_ids))  # as micro_batches orders them (a stable sort)
         chunks = [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
-        n_total = sum(train.response_tokens(e) for e in rows)  # from the lengths: no device read
+        n_total = sum(loop.response_tokens(e) for e in rows)  # from the lengths: no device read
         for chunk, b in zip(chunks, batches):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 if hf_loss:  # HF's mean over the micro-batch's tokens, reweighted to the step's token mean
-                    loss = model(**b).loss * (sum(train.response_tokens(e) for e in chunk) / n_total)
+                    loss = model(**b).loss * (sum(loop.response_tokens(e) for e in chunk) / n_total)
                 else:
                     loss = scorer(**b)[0].sum() / n_total
             loss.backward()
@@ -275,9 +276,9 @@ def step_stats(timing: Timing, peak: float | None, passes: int, tokens: float, f
 def timed_batches(cfg: train.TrainConfig, warmup: int) -> list[list]:
     """The encoded examples of every timed step, as the stream draws them."""
     tok = load_tokenizer(resolve_model(cfg.model, seed=cfg.seed))
-    examples, mult = train.load_training_data(cfg)
+    examples, mult = inputs.load_training_data(cfg)
     encoded = [encode_example(tok, ex, cfg.max_length) for ex in examples]
-    stream = train.ExampleStream(mult, seed=cfg.seed)
+    stream = order.ExampleStream(mult, seed=cfg.seed)
     return [[encoded[i] for i in stream.take(s * cfg.batch_size, cfg.batch_size)] for s in range(warmup, cfg.max_steps)]
 
 
@@ -285,7 +286,7 @@ def batch_work(batches: list[list], shape: Shape) -> tuple[float, float]:
     """Mean tokens (padding excluded) and model FLOPs (one pass) per timed step."""
     tokens = statistics.mean(sum(len(e.input_ids) for e in rows) for rows in batches)
     flops = statistics.mean(
-        sum(row_flops(shape, len(e.input_ids), train.response_tokens(e)) for e in rows) for rows in batches
+        sum(row_flops(shape, len(e.input_ids), loop.response_tokens(e)) for e in rows) for rows in batches
     )
     return tokens, flops
 

@@ -22,6 +22,7 @@ from datalever.losses import score_examples
 from datalever.optim import OptimConfig, muon_param_split
 from datalever.rundir import TrainDir
 from datalever.tokens import IGNORE, encode_example
+from datalever.train import loop
 
 torch.set_num_threads(1)
 
@@ -232,7 +233,7 @@ def test_muon_split_by_hand(checkpoints, name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_muon_split_under_peft_default_lora(checkpoints, name):
     """With peft's default targets for the architecture: exactly the adapters train, all of them on Muon."""
-    model = train.apply_lora(load(checkpoints[name])[0], train.LoraConfig(enabled=True, r=4, dropout=0.0))
+    model = loop.apply_lora(load(checkpoints[name])[0], train.LoraConfig(enabled=True, r=4, dropout=0.0))
     named = dict(model.named_parameters())
     lora = {n for n in named if ".lora_A." in n or ".lora_B." in n}
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora}

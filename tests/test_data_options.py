@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from datalever import cli, experiment
+from datalever import cli, experiment, provenance
 from datalever.demo import shipped_config
 from datalever.examples import DataFormat, content_id, load_examples, read_data, save_examples
 from datalever.synth import generate
@@ -291,10 +291,9 @@ def test_reserved_test_set_names_and_foreign_files_in_the_data_directory_are_ref
 
 
 def test_a_sweep_can_grow_in_the_same_run_directory(tmp_path):
-    from datalever import rundir
 
     cfg = _experiment(tmp_path, sweep={"m": [1, 2]})
-    rundir.record_provenance(tmp_path, "experiment", cfg)
+    provenance.record(tmp_path, "experiment", cfg)
     experiment.check_same_settings(_experiment(tmp_path, sweep={"m": [1, 2, 4]}))  # not refused
 
 

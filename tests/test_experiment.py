@@ -8,9 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from datalever import experiment, train
+from datalever import experiment, provenance
 from datalever.answers import answers_match
 from datalever.demo import shipped_config
+from datalever.train import loop
 
 ARMS, SEEDS = ["base", "hard"], [0, 1]
 
@@ -71,7 +72,7 @@ def test_experiment_killed_mid_arm_resumes(tmp_path, monkeypatch):
     """Kill the `hard` arm of seed 0 after a checkpoint; the rerun resumes it and ends like a clean run."""
     cfg = _config(tmp_path)
     cfg.arms, cfg.seeds = ["hard"], [0]
-    real_step = train.optimizer_step
+    real_step = loop.optimizer_step
     calls = {"n": 0}
 
     def dying_step(*args, **kwargs):
@@ -82,10 +83,10 @@ def test_experiment_killed_mid_arm_resumes(tmp_path, monkeypatch):
 
     # The proxy's steps go through optimizer_step too: profile first, then patch.
     experiment.run_method(cfg, experiment.data_files(cfg))
-    monkeypatch.setattr(train, "optimizer_step", dying_step)
+    monkeypatch.setattr(loop, "optimizer_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(cfg)
-    monkeypatch.setattr(train, "optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     arm_train = tmp_path / "arms" / "hard" / "seed0" / "train"
     assert (arm_train / "checkpoints" / "step-2").exists() and not (arm_train / "train_summary.json").exists()
     experiment.run(cfg)
@@ -209,7 +210,7 @@ def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_again(tmp_p
     from datalever.checks import ConfigError
 
     cfg = _config(tmp_path)
-    rundir.record_provenance(tmp_path, "experiment", cfg)
+    provenance.record(tmp_path, "experiment", cfg)
     finished = rundir.RunDir(tmp_path).seed_dir("base", 0).eval.metrics
     rundir.write_json(finished, {"accuracy": 0.5})
     (tmp_path / "data").mkdir()
@@ -219,8 +220,8 @@ def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_again(tmp_p
     more.seeds, more.arms = [0, 1, 2], ["base", "hard", "random"]
     experiment.check_same_settings(more)  # more seeds and arms: the same work, continued
     more.train.data, more.profile.train_file = "set/per/arm.jsonl", "set/by/experiment.jsonl"
-    recorded = rundir.recorded_settings(tmp_path, "experiment")
-    assert rundir.settings_differences(recorded, more, experiment.NOT_COMPARED) == []  # the experiment sets these
+    recorded = provenance.recorded_settings(tmp_path, "experiment")
+    assert provenance.settings_differences(recorded, more, experiment.NOT_COMPARED) == []  # the experiment sets these
 
     other = _config(tmp_path)
     other.train.optim.lr *= 2

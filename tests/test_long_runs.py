@@ -23,11 +23,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datalever import checkpoint, checks, synth, train
+from datalever import checks, provenance, synth, train
 from datalever.models import load_model
 from datalever.optim import OptimConfig
 from datalever.rundir import TrainDir, to_jsonable
-from datalever.train import LoraConfig, TrainConfig
+from datalever.train import LoraConfig, TrainConfig, checkpoint, logs
+from datalever.train.config import identity_differences, resume_identity
 from launchers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,9 +124,9 @@ def test_bad_values_are_refused_when_the_config_is_built(name, value):
 
 
 def run_on_a_fake_clock(monkeypatch, cfg: TrainConfig, minutes_per_step: float) -> None:
-    """Train with train.clock at `minutes_per_step` x the steps done (0 before the first)."""
+    """Train with checkpoint.clock at `minutes_per_step` x the steps done (0 before the first)."""
     now = {"s": 0.0}
-    monkeypatch.setattr(train, "clock", lambda: now["s"])
+    monkeypatch.setattr(checkpoint, "clock", lambda: now["s"])
 
     def tick(step, *_):
         now["s"] = step * minutes_per_step * 60
@@ -204,18 +205,18 @@ def test_a_failed_final_save_keeps_the_last_checkpoint_resumable(data, tmp_path,
     """Nothing is deleted before the final model and the summary are written: a run that dies saving its model
     resumes from its last checkpoint (no step redone) and finishes, and only then drops the optimizer state."""
     cfg = config(data, tmp_path / "run", max_steps=3)
-    real_save_model = train.save_model
+    real_save_model = checkpoint.save_final_model
 
-    def die(job):
+    def die(*args, **kwargs):
         raise Killed
 
-    monkeypatch.setattr(train, "save_model", die)
+    monkeypatch.setattr(checkpoint, "save_final_model", die)
     with pytest.raises(Killed):
         train.run(cfg)
     assert resumable(cfg.out, 3) and not TrainDir(cfg.out).summary.exists()
     shutil.copytree(TrainDir(cfg.out).checkpoint(3) / "model", tmp_path / "step-3")
 
-    monkeypatch.setattr(train, "save_model", real_save_model)
+    monkeypatch.setattr(checkpoint, "save_final_model", real_save_model)
     steps = []
     summary = train.run(cfg, on_step=lambda step, *_: steps.append(step))
     assert steps == [] and summary["steps"] == 3
@@ -275,14 +276,14 @@ def test_save_dtype_casts_the_final_model_only(data, tmp_path, save_dtype):
 def test_cast_weights_keeps_tied_weights_one_tensor():
     shared = torch.randn(4, 3)
     state = {"embed.weight": shared, "head.weight": shared.detach(), "bias": torch.zeros(3), "ids": torch.arange(3)}
-    cast = train.cast_weights(state, "bfloat16")
+    cast = checkpoint.cast_weights(state, "bfloat16")
     assert cast["embed.weight"] is cast["head.weight"] and cast["embed.weight"].dtype == torch.bfloat16
     assert cast["bias"].dtype == torch.bfloat16 and cast["ids"].dtype == torch.int64
-    assert train.cast_weights(state, None) is state
+    assert checkpoint.cast_weights(state, None) is state
 
 
 def identity(files, out, **kw) -> str:
-    return checkpoint.resume_identity(config(files, out, **kw), {"model": "preset:tiny"})
+    return resume_identity(config(files, out, **kw), {"model": "preset:tiny"})
 
 
 def test_what_enters_the_resume_identity(data, tmp_path):
@@ -297,7 +298,7 @@ def test_what_enters_the_resume_identity(data, tmp_path):
         {"save_dtype": "float32"},
     ):
         assert identity(data, tmp_path, **kw) == same, kw
-    assert checkpoint.identity_differences(same, identity(data, tmp_path, save_dtype="bfloat16")) == [
+    assert identity_differences(same, identity(data, tmp_path, save_dtype="bfloat16")) == [
         "save_dtype unused -> 'bfloat16'"
     ]
 
@@ -334,8 +335,8 @@ def test_tensorboard_run_is_named_and_gets_the_config_and_the_final_metrics(data
     out = tmp_path / "exp7" / "arms" / "hard" / "seed1" / "train"
     cfg = config(data, out, max_steps=3, log_with=["tensorboard"])
     summary = train.run(cfg)
-    run_dir = out / train.TRACKER_PROJECT / "exp7" / "hard" / "seed1"
-    assert run_dir.is_dir() and not list((out / train.TRACKER_PROJECT).glob("events.*"))
+    run_dir = out / logs.TRACKER_PROJECT / "exp7" / "hard" / "seed1"
+    assert run_dir.is_dir() and not list((out / logs.TRACKER_PROJECT).glob("events.*"))
     scalars, hparams = tensorboard_events(run_dir)
     assert scalars["final_train_loss"] == pytest.approx({3: summary["final_train_loss"]}, rel=1e-6)
     assert scalars["final_val_loss"] == pytest.approx({3: summary["final_val_loss"]}, rel=1e-6)
@@ -346,7 +347,7 @@ def test_tensorboard_run_is_named_and_gets_the_config_and_the_final_metrics(data
     assert hparams["optim.lr"] == pytest.approx(3e-3) and hparams["max_steps"] == 3 and hparams["lora.enabled"] is False
     assert hparams["log_with"] == '["tensorboard"]' and hparams["model"] == "preset:tiny"
     # Every setting that has a value is there (TensorBoard drops None), by its flattened name.
-    flat = {k for k, v in train.rundir.flatten(to_jsonable(cfg)).items() if v is not None}
+    flat = {k for k, v in provenance.flatten(to_jsonable(cfg)).items() if v is not None}
     assert flat <= set(hparams), flat - set(hparams)
 
 
@@ -359,7 +360,7 @@ def test_tensorboard_run_is_named_and_gets_the_config_and_the_final_metrics(data
     ],
 )
 def test_run_names(tmp_path, out, run_name, expected):
-    assert train.run_name(TrainConfig(out=str(tmp_path / out), run_name=run_name)) == expected
+    assert logs.run_name(TrainConfig(out=str(tmp_path / out), run_name=run_name)) == expected
 
 
 def test_wandb_writes_its_files_under_out_not_where_the_command_started(data, tmp_path, monkeypatch):
@@ -377,7 +378,7 @@ def test_wandb_writes_its_files_under_out_not_where_the_command_started(data, tm
 def test_an_explicit_run_name_names_the_tensorboard_directory(data, tmp_path):
     cfg = config(data, tmp_path / "run", max_steps=1, val_data=None, log_with=["tensorboard"], run_name="study/a")
     summary = train.run(cfg)
-    scalars, _ = tensorboard_events(tmp_path / "run" / train.TRACKER_PROJECT / "study" / "a")
+    scalars, _ = tensorboard_events(tmp_path / "run" / logs.TRACKER_PROJECT / "study" / "a")
     assert summary["final_val_loss"] is None and "final_val_loss" not in scalars  # no validation data: no value
     assert scalars["final_steps"] == {1: 1.0}
 
@@ -443,7 +444,7 @@ signal.alarm(120)  # a hang (a save some processes start and others do not) ends
 torch.set_num_threads(1)
 from datalever import train
 from datalever.optim import OptimConfig
-from datalever.train import LoraConfig, TrainConfig
+from datalever.train import LoraConfig, TrainConfig, checkpoint
 
 values = json.loads(open(sys.argv[1]).read())
 values["optim"] = OptimConfig(**values["optim"])
@@ -451,7 +452,7 @@ values["lora"] = LoraConfig(**values["lora"])
 rank = int(os.environ["RANK"])
 minutes_per_step = 4.0 if rank == 0 else 400.0  # alone, rank 1 would save after every step
 now = {"s": 0.0}
-train.clock = lambda: now["s"]
+checkpoint.clock = lambda: now["s"]
 
 
 def tick(step, *_):
@@ -490,7 +491,7 @@ def test_processes_with_other_clocks_save_together_at_the_main_process_s_times(d
 def test_the_rendering_is_part_of_the_resume_identity(tmp_path):
     """Another chat template gives other tokens and masks: never the same run. Plain text is what runs recorded
     before the option did, so it leaves their identity as it was."""
-    from datalever.checkpoint import resume_identity
+    from datalever.train.config import resume_identity
 
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datalever import experiment, rundir
+from datalever import experiment, provenance, rundir
 from datalever.cli import read_config
 from datalever.examples import load_examples
 from datalever.models import PRESETS
@@ -70,7 +70,7 @@ def test_recipe_holds_the_papers_settings(name):
 
 
 def test_the_variants_differ_from_the_baseline_only_where_they_say():
-    base = rundir.flatten(rundir.to_jsonable(load("baseline")))
+    base = provenance.flatten(rundir.to_jsonable(load("baseline")))
     expected = {
         "llama3.2-1b": {"train.model"},
         "gemma3-1b": {"train.model"},
@@ -80,7 +80,7 @@ def test_the_variants_differ_from_the_baseline_only_where_they_say():
         "sam": set(),
     }
     for name, keys in expected.items():
-        other = rundir.flatten(rundir.to_jsonable(load(name)))
+        other = provenance.flatten(rundir.to_jsonable(load(name)))
         differ = {k for k in base.keys() | other.keys() if base.get(k) != other.get(k)}
         assert differ - {"run_dir", "arms"} == keys, name
 
@@ -200,7 +200,7 @@ def test_recipe_runs_end_to_end_on_tiny_stand_ins(name, tmp_path):
             for t in tests:
                 assert rundir.read_json(d.eval_on(t).metrics)["n"] == cfg.eval_limit
             # The recipe's optimizer (or the arm's own: sam), LoRA and plain prompts were what trained.
-            recorded = rundir.recorded_settings(d.train.root, "train")
+            recorded = provenance.recorded_settings(d.train.root, "train")
             optimizer = experiment.arm_spec(recipe, arm).optimizer or recipe.train.optim.name
             want = dataclasses.replace(recipe.train.optim, name=optimizer)
             assert recorded["optim"] == rundir.to_jsonable(want), arm
@@ -215,5 +215,5 @@ def test_recipe_runs_end_to_end_on_tiny_stand_ins(name, tmp_path):
     meta = rundir.read_json(run.trajectories_meta)
     assert meta["proxy"]["model_type"] == FAMILIES[recipe.profile.proxy]
     assert (meta["config"]["fraction"], len(meta["steps"])) == (recipe.profile.fraction, recipe.profile.checkpoints)
-    split = rundir.recorded_settings(run.root, "split")
+    split = provenance.recorded_settings(run.root, "split")
     assert (split["k"], split["stratify"], split["features"]) == (2, True, recipe.features)

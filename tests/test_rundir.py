@@ -2,7 +2,7 @@
 
 import pytest
 
-from datalever import rundir
+from datalever import provenance, rundir
 
 
 def test_atomic_dir_publishes_on_success_and_leaves_nothing_on_error(tmp_path):
@@ -44,8 +44,6 @@ def test_settings_recorded_by_another_version_count_as_the_same_work():
     """An option added since, left at its default, and an option no longer there are no difference."""
     from dataclasses import dataclass, field
 
-    from datalever import rundir
-
     @dataclass
     class Inner:
         lr: float = 0.1
@@ -57,27 +55,24 @@ def test_settings_recorded_by_another_version_count_as_the_same_work():
         inner: Inner = field(default_factory=Inner)
 
     recorded = {"epochs": 3, "removed": 1, "inner": {"lr": 0.1}}
-    assert rundir.settings_differences(recorded, Now()) == []
-    assert rundir.settings_differences(recorded, Now(added="none")) == ["added: None -> 'none'"]
-    assert rundir.settings_differences(recorded, Now(inner=Inner(lr=0.2))) == ["inner.lr: 0.1 -> 0.2"]
+    assert provenance.settings_differences(recorded, Now()) == []
+    assert provenance.settings_differences(recorded, Now(added="none")) == ["added: None -> 'none'"]
+    assert provenance.settings_differences(recorded, Now(inner=Inner(lr=0.2))) == ["inner.lr: 0.1 -> 0.2"]
 
 
 def test_an_option_whose_default_changed_behaviour_counts_at_its_earlier_value():
     """chat_template: runs recorded before it existed rendered plain text ("none"), not the default "auto"."""
     from dataclasses import dataclass
 
-    from datalever import rundir
-
     @dataclass
     class Now:
         chat_template: str = "auto"
 
-    assert rundir.settings_differences({}, Now(chat_template="none")) == []
-    assert rundir.settings_differences({}, Now()) == ["chat_template: None -> 'auto'"]
+    assert provenance.settings_differences({}, Now(chat_template="none")) == []
+    assert provenance.settings_differences({}, Now()) == ["chat_template: None -> 'auto'"]
 
 
 def test_defaults_of_a_nested_config_are_its_factorys():
-    from datalever import rundir
     from datalever.profile import ProfileConfig
 
-    assert rundir.field_defaults(ProfileConfig)["optim"]["lr"] == 2e-3  # the proxy's, not OptimConfig's 2e-5
+    assert provenance.field_defaults(ProfileConfig)["optim"]["lr"] == 2e-3  # the proxy's, not OptimConfig's 2e-5

@@ -7,8 +7,7 @@ from collections import Counter
 
 import pytest
 
-from datalever.sampler import epoch_order
-from datalever.train import ExampleStream
+from datalever.train.order import ExampleStream, epoch_order
 
 MULT = [1, 3, 0, 2, 1, 1, 4, 1]  # 13 per epoch; index 2 never drawn
 EXPECTED_COUNTS = Counter({0: 1, 1: 3, 3: 2, 4: 1, 5: 1, 6: 4, 7: 1})

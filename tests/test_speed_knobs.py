@@ -18,13 +18,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from datalever import checkpoint, checks, launch, synth, train
+from datalever import checks, launch, synth, train
 from datalever.examples import Example
 from datalever.models import load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
 from datalever.rundir import TrainDir
 from datalever.tokens import IGNORE, collate, encode_example
-from datalever.train import LoraConfig, TrainConfig
+from datalever.train import LoraConfig, TrainConfig, inputs, loop
+from datalever.train.config import resume_identity
 
 KERNEL_KEYS = ("attn_implementation", "tf32", "torch_compile")
 
@@ -56,7 +57,7 @@ def losses(cfg: TrainConfig) -> list[float]:
 
 
 def settings(cfg: TrainConfig) -> dict:
-    return json.loads(checkpoint.resume_identity(cfg, {}))["settings"]
+    return json.loads(resume_identity(cfg, {}))["settings"]
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_tf32_and_fused_change_nothing_on_a_cpu():
 
 def test_settings_that_only_reschedule_the_same_arithmetic_stay_out_of_the_identity():
     same = TrainConfig(gradient_checkpointing=True, group_by_length=False, micro_batch_size=2)
-    assert checkpoint.resume_identity(same, {}) == checkpoint.resume_identity(TrainConfig(), {})
+    assert resume_identity(same, {}) == resume_identity(TrainConfig(), {})
 
 
 # ----------------------------------------------------------------------------- option values
@@ -140,7 +141,7 @@ def test_flash_attention_2_refuses_float32_compute(monkeypatch):
 
 def trainable_model(cfg: TrainConfig):
     one_process = SimpleNamespace(main_process_first=contextlib.nullcontext)  # all load_trainable_model asks of it
-    return train.load_trainable_model(cfg, one_process)[2]
+    return loop.load_trainable_model(cfg, one_process)[2]
 
 
 def test_attention_and_checkpointing_reach_the_model(data, tmp_path):
@@ -204,14 +205,14 @@ def test_micro_batches_in_stream_order_train_to_the_same_losses_and_pad_more(dat
     assert ungrouped == pytest.approx(grouped, rel=1e-5)
 
     tok = load_tokenizer(resolve_model("preset:tiny", seed=0))
-    rows = [encode_example(tok, ex, 512) for ex in train.load_training_data(config(data, tmp_path))[0][:16]]
-    in_order = train.micro_batches(rows, 4, tok.pad_token_id, "cpu", sort=False)
+    rows = [encode_example(tok, ex, 512) for ex in inputs.load_training_data(config(data, tmp_path))[0][:16]]
+    in_order = loop.micro_batches(rows, 4, tok.pad_token_id, "cpu", sort=False)
     assert torch.equal(in_order[0]["input_ids"], collate(rows[:4], tok.pad_token_id)["input_ids"])
 
     def padding(batches):
         return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
 
-    assert padding(train.micro_batches(rows, 4, tok.pad_token_id, "cpu")) < padding(in_order)
+    assert padding(loop.micro_batches(rows, 4, tok.pad_token_id, "cpu")) < padding(in_order)
 
 
 def needs_compiler():
@@ -244,10 +245,10 @@ def test_loss_tokens_counted_from_lengths_equal_the_labels():
     for max_length in (512, 40, 12, 2):  # 40: the response cut; 12 and 2: the prompt cut too, nothing left
         encoded = [encode_example(tok, ex, max_length) for ex in examples]
         labels = collate(encoded, tok.pad_token_id)["labels"]
-        assert sum(train.response_tokens(e) for e in encoded) == int((labels[:, 1:] != IGNORE).sum()), max_length
+        assert sum(loop.response_tokens(e) for e in encoded) == int((labels[:, 1:] != IGNORE).sum()), max_length
         for e in encoded:
             row = collate([e], tok.pad_token_id)["labels"]
-            assert train.response_tokens(e) == int((row[:, 1:] != IGNORE).sum()), (e.id, max_length)
+            assert loop.response_tokens(e) == int((row[:, 1:] != IGNORE).sum()), (e.id, max_length)
 
 
 HOST_READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")
@@ -274,9 +275,9 @@ def test_a_step_reads_the_device_as_often_for_eight_micro_batches_as_for_one(dat
     reads = []
     for micro in (8, 1):
         cfg = config(data, tmp_path / f"m{micro}", micro_batch_size=micro, optim=OptimConfig(name=name, lr=3e-3))
-        job = train.setup(cfg, train.load_inputs(cfg))
+        job = loop.setup(cfg, inputs.load_inputs(cfg))
         counts = host_reads_by_datalever(monkeypatch)
-        train.optimize_batch(job, list(range(8)))
+        loop.optimize_batch(job, list(range(8)))
         monkeypatch.undo()
         reads.append(dict(counts))
     assert reads[0] == reads[1]

@@ -23,13 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datalever import checkpoint, checks, cli, synth, train
+from datalever import checks, cli, synth, train
 from datalever.examples import load_examples, save_examples
 from datalever.losses import score_examples
 from datalever.models import load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
 from datalever.rundir import TrainDir, to_jsonable
-from datalever.train import LoraConfig, TrainConfig
+from datalever.train import LoraConfig, TrainConfig, checkpoint, inputs, logs, loop, order
 from launchers import free_port, fsdp_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,22 +258,22 @@ def test_manifest_multiplicities_are_what_the_loop_trains_on(data, tmp_path, mon
     pq.write_table(pa.table({"id": list(mult), "multiplicity": list(mult.values())}), manifest)
 
     trained = collections.Counter()
-    real = train.micro_batches
+    real = loop.micro_batches
 
     def spy(encoded, *args, **kwargs):
         if len(encoded) == 8:  # the training batches (validation uses other calls)
             trained.update(e.id for e in encoded)
         return real(encoded, *args, **kwargs)
 
-    monkeypatch.setattr(train, "micro_batches", spy)
+    monkeypatch.setattr(loop, "micro_batches", spy)
     cfg = config(data, tmp_path / "run", manifest=str(manifest), max_steps=None, epochs=1.0, val_data=None)
     summary = train.run(cfg)
     assert summary["steps"] == 96 // 8 and summary["epoch_len"] == 96
     assert trained == collections.Counter({k: v for k, v in mult.items() if v})
 
     # The stream alone, over the next epochs: exactly the multiplicities again, in a new order.
-    ex_list, m = train.load_training_data(cfg)
-    stream = train.ExampleStream(m, seed=0)
+    ex_list, m = inputs.load_training_data(cfg)
+    stream = order.ExampleStream(m, seed=0)
     e1, e2 = stream.take(96, 96), stream.take(192, 96)
     for epoch in (e1, e2):
         assert collections.Counter(ex_list[i].id for i in epoch) == collections.Counter(
@@ -342,7 +342,7 @@ def test_a_finished_run_of_other_work_is_refused_not_returned(data, tmp_path, ch
     else:
         keep_lines(train_file, 32)  # the same path, half the rows
         second, named = first, "data: other content"
-    with pytest.raises(RuntimeError) as err:  # train.OtherRunError
+    with pytest.raises(RuntimeError) as err:  # outputs.OtherRunError
         train.run(second)
     message = error_line(err)
     assert named in message and "--out" in message and "--overwrite true" in message, message
@@ -379,7 +379,7 @@ def test_overwrite_replaces_only_what_train_wrote(data, tmp_path):
     the new run is exactly a fresh run in an empty directory."""
     out = tmp_path / "run"
     train.run(config(data, out, max_steps=2, save_every=1, keep_last=5, log_with=["tensorboard"]))
-    assert (out / train.TRACKER_PROJECT).is_dir()
+    assert (out / logs.TRACKER_PROJECT).is_dir()
     (out / "wandb" / "run-1").mkdir(parents=True)  # what wandb writes there (tracker_init_kwargs)
     (out / "notes.txt").write_text("mine")
     (out / "mine").mkdir()
@@ -394,7 +394,7 @@ def test_overwrite_replaces_only_what_train_wrote(data, tmp_path):
     assert summary["steps"] == fresh["steps"] == 3
     # The earlier run's checkpoints went; the new run's last one (step 3) held model/'s weights and went too.
     assert not TrainDir(out).checkpoints.exists()
-    assert not (out / train.TRACKER_PROJECT).exists() and not (out / "wandb").exists()
+    assert not (out / logs.TRACKER_PROJECT).exists() and not (out / "wandb").exists()
     assert (out / "notes.txt").read_text() == "mine" and (out / "mine" / "train.jsonl").read_text() == "{}\n"
 
 
@@ -402,7 +402,7 @@ def test_an_output_directory_without_train_s_record_is_refused(data, preset, tmp
     """A model/ that train did not record making (another tool's, or an earlier version's) is not replaced."""
     shutil.copytree(preset, tmp_path / "run" / "model")
     before = tree_digest(tmp_path / "run")
-    with pytest.raises(RuntimeError) as err:  # train.OtherRunError
+    with pytest.raises(RuntimeError) as err:  # outputs.OtherRunError
         train.run(config(data, tmp_path / "run", max_steps=1))
     assert "no record of the run that made them" in error_line(err)
     assert tree_digest(tmp_path / "run") == before
@@ -536,9 +536,9 @@ def test_a_missing_input_is_refused_before_any_work(data, tmp_path, monkeypatch,
     def no_work(*_args, **_kwargs):
         raise AssertionError("work started before the inputs were checked")
 
-    monkeypatch.setattr(train, "load_trainable_model", no_work)
-    monkeypatch.setattr(train, "read_data", no_work)
-    monkeypatch.setattr(train, "make_accelerator", no_work)
+    monkeypatch.setattr(loop, "load_trainable_model", no_work)
+    monkeypatch.setattr(inputs, "read_data", no_work)
+    monkeypatch.setattr(loop, "make_accelerator", no_work)
     cfg = config(data, tmp_path / "run", **{option: str(tmp_path / "missing.jsonl")})
     with pytest.raises(checks.ConfigError, match=rf"^{option}: no such file or directory"):
         train.run(cfg)
@@ -594,11 +594,11 @@ def test_a_torn_line_before_the_last_is_an_error_naming_the_file_and_line(tmp_pa
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"train_log\.jsonl: line 2: malformed JSON"):
-        checkpoint.truncate_log(log, 3)
+        logs.truncate_log(log, 3)
     with pytest.raises(ValueError, match=r"train_log\.jsonl: line 2: malformed JSON"):
-        train.final_losses(log)
+        logs.final_losses(log)
     log.write_text('{"step": 1, "loss": 2.0, "val_loss": 2.5}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
-    assert train.final_losses(log) == (1.5, 2.5)
+    assert logs.final_losses(log) == (1.5, 2.5)
 
 
 # ----------------------------------------------------------------------------- truncation

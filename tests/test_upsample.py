@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datalever import rundir
+from datalever import provenance, rundir
 from datalever.checks import ConfigError
 from datalever.examples import Example, load_examples, save_examples
 from datalever.upsample import UpsampleConfig, UpsampleError, load_callable, multiplicities, run
@@ -32,7 +32,7 @@ IDS = list("abcdefghijk")
 
 @pytest.fixture(autouse=True)
 def _fast_provenance(monkeypatch):
-    """rundir.versions() imports transformers/peft/datasets (seconds); provenance is not under test here."""
+    """provenance.versions() imports transformers/peft/datasets (seconds); provenance is not under test here."""
     monkeypatch.setattr(rundir, "versions", lambda: {"python": "test"})
 
 
@@ -337,4 +337,4 @@ def test_an_arm_is_replaced_only_by_the_same_work_unless_overwrite(tmp_path):
     with pytest.raises(ConfigError, match=r"holds upsample outputs made with other settings \(m: 1 -> 2\)"):
         run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2))
     counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, overwrite=True))
-    assert counts["m"] == 2 and rundir.recorded_settings(tmp_path / "arms" / "hard", "upsample")["m"] == 2
+    assert counts["m"] == 2 and provenance.recorded_settings(tmp_path / "arms" / "hard", "upsample")["m"] == 2

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from datalever import checks, progress, rundir
+from datalever import checks, progress, provenance, rundir
 from datalever.evaluate import EvalConfig
 from datalever.evaluate import run as eval_run
 from datalever.examples import (
@@ -33,6 +33,7 @@ from datalever.examples import (
 from datalever.optim import NAMES as OPTIMIZERS
 from datalever.profile import ProfileConfig
 from datalever.profile import run as profile_run
+from datalever.provenance import Classified
 from datalever.report import write_report
 from datalever.rundir import ArmDir, RunDir, SplitDir
 from datalever.split import FEATURES, SplitConfig
@@ -324,7 +325,7 @@ def import_data(cfg: ExperimentConfig, run_dir: RunDir) -> dict[str, str]:
         if not _is_own_file(path, target):
             save_examples(str(target), examples)
         files[name] = str(target)
-    rundir.record_provenance(run_dir.data, "import", cfg.data_format(), sources={k: v[0] for k, v in sources.items()})
+    provenance.record(run_dir.data, "import", cfg.data_format(), sources={k: v[0] for k, v in sources.items()})
     return files
 
 
@@ -533,7 +534,7 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
         if out.summary.exists():
             # Left by an earlier invocation: reused only if made with these settings (else one line, refused). Its
             # paths are the experiment's own, inside the run directory: a run directory moved elsewhere continues.
-            rundir.refuse_other_settings(out.root, "split", split_cfg, ignore=("run_dir", "data", "out"))
+            provenance.refuse_other_settings(out.root, "split", split_cfg, ignore=("run_dir", "data", "out"))
         else:
             split_run(split_cfg)
 
@@ -541,7 +542,37 @@ def run_method(cfg: ExperimentConfig, files: dict) -> None:
 # Settings that only choose which arms and seeds to run, or how to show progress (more arms or seeds in the
 # same run directory is more of the same work), and the stage settings the experiment sets itself for every
 # arm. Every other setting decides the numbers.
-NOT_COMPARED = {"run_dir", "arms", "seeds", "progress", "overwrite", "sweep"}  # each sweep point checks its own
+EXPERIMENT_SETTINGS = Classified(
+    decide=(
+        "schema",
+        "fields",
+        "template",
+        "train_file",
+        "val_file",
+        "test_file",
+        "test_files",
+        "test_templates",
+        "train_split",
+        "val_split",
+        "test_split",
+        "synth",
+        "profile",  # but the settings below that the experiment sets itself
+        "features",
+        "stratify",
+        "m",
+        "extra_arms",
+        "train",  # but the settings below that the experiment sets itself, or that change no number
+        "eval_split",
+        "eval_max_new_tokens",
+        "eval_batch_size",
+        "eval_limit",
+        "curve_every",
+        "curve_limit",
+        "allow_overlap",  # the report records the check
+    ),
+    ignored=("run_dir", "arms", "seeds", "progress", "overwrite", "sweep"),  # each sweep point checks its own
+)
+NOT_COMPARED = set(EXPERIMENT_SETTINGS.ignored)
 NOT_COMPARED |= {f"train.{k}" for k in ("data", "manifest", "val_data", "out", "seed", "progress", "overwrite")}
 NOT_COMPARED |= {f"train.{k}" for k in ("split", "val_split", "schema", "fields", "template", "run_name")}
 # How often a run saves and what it keeps change no number.
@@ -555,7 +586,7 @@ def check_same_settings(cfg: ExperimentConfig) -> None:
     """Results in run_dir are reused only if made with these settings; otherwise refuse, or with
     `overwrite` delete what the experiment wrote there and start again."""
     run_dir = RunDir(cfg.run_dir)
-    if not rundir.refuse_other_settings(run_dir.root, "experiment", cfg, ignore=NOT_COMPARED):
+    if not provenance.refuse_other_settings(run_dir.root, "experiment", cfg, ignore=NOT_COMPARED):
         return
     for path in run_dir.experiment_outputs():
         if path.is_dir():
@@ -607,7 +638,7 @@ def run_sweep(cfg: ExperimentConfig) -> str:
 
     run_dir = RunDir(cfg.run_dir)
     check_same_settings(cfg)
-    rundir.record_provenance(run_dir.root, "experiment", cfg)
+    provenance.record(run_dir.root, "experiment", cfg)
     done: list[dict[str, float]] = []
     for point in sweep_points(cfg):
         for earlier in done:
@@ -668,7 +699,7 @@ def run(cfg: ExperimentConfig) -> str:
         return run_sweep(cfg)
     run_dir = RunDir(cfg.run_dir)
     check_same_settings(cfg)
-    rundir.record_provenance(run_dir.root, "experiment", cfg)
+    provenance.record(run_dir.root, "experiment", cfg)
     files = data_files(cfg)
     overlap = check_splits_apart(cfg, files)
     t0 = time.perf_counter()

@@ -293,6 +293,22 @@ def embedded_checkpoint(name: str) -> str:
     return str(path)
 
 
+DIRECTORY = "directory sha256:"  # how `model_identity` marks a hash of a directory's files
+
+
+def model_identity(spec: str) -> str:
+    """What the model spec stands for: for a local directory (the embedded one included) a hash of its files, so a
+    checkpoint retrained in place is not taken for the one a run started from; otherwise the spec itself (a preset
+    is built the same way for the same name and seed; a hub id is the hub's, its revision not pinned here)."""
+    from datalever.provenance import directory_fingerprint
+
+    if is_preset(spec):
+        return spec
+    path = Path(embedded_checkpoint(spec[len(EMBEDDED_PREFIX) :]) if spec.startswith(EMBEDDED_PREFIX) else spec)
+    path = path.expanduser()
+    return f"{DIRECTORY}{directory_fingerprint(path)}" if path.is_dir() else spec
+
+
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:

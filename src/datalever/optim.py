@@ -23,6 +23,7 @@ but the last micro-batch (and on all of SAM's first pass), clip, step, zero grad
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from datalever.models import unwrap
+from datalever.provenance import Classified
 
 __all__ = [
     "OptimConfig",
@@ -93,6 +95,26 @@ class OptimConfig:
         if self.fused not in (True, False):
             raise ValueError(f"OptimConfig.fused must be true or false, got {self.fused!r}")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+
+# Every OptimConfig field decides the numbers, but only where it is in effect (`settings_in_effect`).
+OPTIM_SETTINGS = Classified(decide=tuple(f.name for f in dataclasses.fields(OptimConfig)), ignored=())
+
+
+def settings_in_effect(optim: dict) -> dict:
+    """OptimConfig's values (as a dict) without the muon_* ones unless Muon is built (alone or under SAM) and without
+    the sam_* ones unless SAM is (`build_optimizer`); `fused` as it is in effect (CUDA and an AdamW built). What a run's
+    resume identity records: a setting of an optimizer that is not built changes no number."""
+    base = optim["sam_base"] if optim["name"] == "sam" else optim["name"]
+    unused = []
+    if base != "muon":
+        unused.append("muon_")
+    if optim["name"] != "sam":
+        unused.append("sam_")
+    kept = {k: v for k, v in optim.items() if not k.startswith(tuple(unused))}
+    # Fused AdamW is other kernels only where it runs (`fused_adamw`); elsewhere it computes as before it existed.
+    fused = kept.pop("fused", False) and base in ("adamw", "muon") and torch.cuda.is_available()
+    return {**kept, "fused": True} if fused else kept
 
 
 # --------------------------------------------------------------------------- parameter split

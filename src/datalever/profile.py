@@ -30,12 +30,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datalever import checks, rundir
+from datalever import checks, provenance, rundir
 from datalever.examples import DataFormat, local_data, read_data
 from datalever.losses import score_encoded
 from datalever.models import load_tokenizer, model_config_summary, resolve_model
 from datalever.optim import OptimConfig
 from datalever.progress import label as progress_label
+from datalever.provenance import Classified
 from datalever.rundir import RunDir
 from datalever.tokens import Formatter, Truncation, check_chat_template
 from datalever.train import TrainConfig, total_steps
@@ -44,9 +45,6 @@ from datalever.train import run as train_run
 BASE_COLUMNS = ["id", "source", "n_tokens", "n_cut", "flag"]
 
 log = logging.getLogger(__name__)
-
-# Settings that do not change a single number of the store (where it lives, how it is shown).
-_NOT_IDENTITY = ("run_dir", "data", "progress")
 
 
 @dataclass
@@ -100,6 +98,31 @@ class ProfileConfig(DataFormat):
         check_chat_template(self.chat_template)
 
 
+PROFILE_SETTINGS = Classified(
+    # Every one decides the store's numbers (the proxy, its run, what is recorded and how examples are rendered and
+    # batched for scoring); an existing store is continued only for the same values.
+    decide=(
+        "split",
+        "schema",
+        "fields",
+        "template",
+        "chat_template",
+        "proxy",
+        "fraction",
+        "checkpoints",
+        "batch_size",
+        "micro_batch_size",
+        "optim",
+        "warmup_ratio",
+        "max_length",
+        "token_budget",
+        "seed",
+    ),
+    inputs=("data",),  # what it holds counts (the store's data_fingerprint), not its path
+    ignored=("run_dir", "progress"),  # where the store lives, how it is shown
+)
+
+
 class ProfileError(RuntimeError):
     """A run directory whose store cannot be continued with these settings."""
 
@@ -122,19 +145,14 @@ def loss_column(step: int) -> str:
 
 def _identity(cfg: ProfileConfig, examples) -> dict:
     """What must match for an existing store to be continued rather than refused."""
-    settings = {k: v for k, v in rundir.to_jsonable(cfg).items() if k not in _NOT_IDENTITY}
-    return {"config": settings, "data_fingerprint": rundir.content_fingerprint(examples)}
+    settings = {k: v for k, v in rundir.to_jsonable(cfg).items() if k in PROFILE_SETTINGS.decide}
+    return {"config": settings, "data_fingerprint": provenance.content_fingerprint(examples)}
 
 
 def _check_identity(meta_path: Path, meta: dict, identity: dict) -> None:
-    stored = meta.get("config", {})
-    defaults = rundir.to_jsonable(rundir.field_defaults(ProfileConfig))
-    diffs = [
-        f"{k}: store has {stored.get(k)!r}, asked {v!r}"
-        for k, v in identity["config"].items()
-        if stored.get(k) != v
-        and not (k not in stored and v == rundir.earlier_value(k, defaults))  # an option added since
-    ]
+    defaults = provenance.flatten(rundir.to_jsonable(provenance.field_defaults(ProfileConfig)))
+    found = provenance.differences(meta.get("config", {}), identity["config"], defaults=defaults)
+    diffs = [f"{k}: store has {None if old is provenance.MISSING else old!r}, asked {new!r}" for k, old, new in found]
     if meta.get("data_fingerprint") != identity["data_fingerprint"]:
         diffs.append("training data: the examples differ from those the store was recorded on")
     if diffs:
@@ -208,7 +226,7 @@ def run(cfg: ProfileConfig) -> dict:
                 "truncation": dataclasses.asdict(truncation),
                 "proxy": {"spec": cfg.proxy, "path": str(model_path), **model_config_summary(str(model_path))},
                 "proxy_dir": run_dir.proxy.root.name,
-                "versions": rundir.versions(),
+                "versions": provenance.versions(),
             },
         )
     state.wait_for_everyone()

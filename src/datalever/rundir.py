@@ -21,17 +21,14 @@ name and seed and live in one cache (see `models.preset_cache_dir`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import yaml
 
@@ -150,6 +147,16 @@ class TrainDir(_Layout):
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard's event files (`--log_with [tensorboard]`), under <run name>/."""
+        return self.root / "datalever"
+
+    @property
+    def wandb(self) -> Path:
+        """wandb's files (`--log_with [wandb]`)."""
+        return self.root / "wandb"
 
 
 @dataclass(frozen=True)
@@ -342,133 +349,15 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def versions() -> dict[str, str]:
-    """Versions of Python, the platform and the libraries that decide the numbers."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    # Read from package metadata: importing the libraries just for their versions costs seconds.
-    for name in (
-        "datalever",
-        "torch",
-        "transformers",
-        "tokenizers",
-        "accelerate",
-        "peft",
-        "datasets",
-        "scikit-learn",
-        "numpy",
-        "pyarrow",
-    ):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def fingerprint(examples: Iterable) -> str:
-    """A hash of the examples' ids in order: two runs saw the same data iff the fingerprints agree."""
-    h = hashlib.sha256()
-    n = 0
-    for ex in examples:
-        h.update(ex.id.encode())
-        h.update(b"\n")
-        n += 1
-    return f"{h.hexdigest()[:16]}-{n}"
-
-
 def provenance_files(out_dir: str | os.PathLike, stage: str) -> tuple[Path, Path]:
     """`<stage>.config.yaml` (the settings) and `<stage>.meta.json` (versions, facts) in a stage's directory."""
     return Path(out_dir) / f"{stage}.config.yaml", Path(out_dir) / f"{stage}.meta.json"
 
 
-def content_fingerprint(examples: Iterable) -> str:
-    """The ids in order (`fingerprint`) plus a hash of every example's text and source: edited content under
-    kept ids differs. What profile and train compare before continuing a run."""
-    h = hashlib.sha256()
-    for ex in examples:
-        for part in (ex.id, ex.prompt, ex.response, ex.source or ""):
-            h.update(part.encode("utf-8"))
-            h.update(b"\x1f")
-    return f"{fingerprint(examples)}-{h.hexdigest()[:16]}"
+def __getattr__(name: str):  # TEMPORARY during the restructure: names that moved to provenance.py
+    moved = {"record_provenance": "record"}
+    if name in moved or name in ("fingerprint", "content_fingerprint", "versions", "refuse_other_settings"):
+        from datalever import provenance
 
-
-def recorded_settings(out_dir: str | os.PathLike, stage: str) -> dict | None:
-    """The settings a stage recorded in its directory (`<stage>.config.yaml`), or None if it has none."""
-    config_file = provenance_files(out_dir, stage)[0]
-    return (yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else None
-
-
-def flatten(settings: dict, prefix: str = "") -> dict:
-    """Nested settings as one dict with dotted names (`optim.lr`)."""
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def settings_differences(recorded: dict, config: Any, ignore: Iterable[str] = ()) -> list[str]:
-    """The settings (dotted names, `old -> new`) in which `config` differs from recorded settings; a name in
-    `ignore` (a top-level option or a dotted one) does not count. Settings recorded by another version count as
-    the same work where they can: an option added since, at its default (what the earlier version did), and an
-    option no longer there."""
-    ignore = set(ignore)
-
-    def kept(settings: dict) -> dict:
-        return {k: v for k, v in flatten(settings).items() if k not in ignore and k.split(".")[0] not in ignore}
-
-    now, before, defaults = kept(to_jsonable(config)), kept(recorded), flatten(to_jsonable(field_defaults(config)))
-    return [
-        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
-        for k in sorted(now)
-        if now[k] != before.get(k) and not (k not in before and k in defaults and now[k] == earlier_value(k, defaults))
-    ]
-
-
-# Options whose default does not do what runs did before the option existed: the value that does.
-EARLIER_VALUES = {"chat_template": "none"}  # plain text; "auto" renders through a tokenizer's template
-
-
-def earlier_value(key: str, defaults: dict) -> Any:
-    """What a run recorded before `key` (a dotted name) existed did: its earlier value, else today's default."""
-    return EARLIER_VALUES.get(key.rsplit(".", 1)[-1], defaults.get(key))
-
-
-def field_defaults(config: Any) -> dict:
-    """A config dataclass's defaults, nested configs included (fields without a default are left out)."""
-    out = {}
-    for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = to_jsonable(f.default_factory())  # the factory's own values (a proxy's lr 2e-3)
-    return out
-
-
-def refuse_other_settings(
-    out_dir: str | os.PathLike, stage: str, config: Any, *, ignore: Iterable[str] = ()
-) -> list[str]:
-    """Outputs are replaced only by the same work: if `out_dir` holds this stage's outputs made with other
-    settings, raise one line naming them, unless the config says `overwrite`. Returns the differences."""
-    from datalever.checks import ConfigError
-
-    recorded = recorded_settings(out_dir, stage)
-    diffs = [] if recorded is None else settings_differences(recorded, config, {*ignore, "overwrite", "progress"})
-    if diffs and not getattr(config, "overwrite", False):
-        shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
-        raise ConfigError(
-            f"{out_dir} holds {stage} outputs made with other settings ({shown}): use another output directory, "
-            "or --overwrite true to replace them"
-        )
-    return diffs
-
-
-def record_provenance(out_dir: str | os.PathLike, stage: str, config: Any, **extra: Any) -> None:
-    """Write the stage's settings and facts (with the library versions) into its directory."""
-    config_file, meta_file = provenance_files(out_dir, stage)
-    write_yaml(config_file, config)
-    write_json(meta_file, {"stage": stage, "versions": versions(), **extra})
+        return getattr(provenance, moved.get(name, name))
+    raise AttributeError(name)

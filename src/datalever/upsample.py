@@ -46,9 +46,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from datalever import checks, rundir
+from datalever import checks, provenance, rundir
 from datalever.answers import extract_answer
 from datalever.examples import DataFormat, Example, read_data
+from datalever.provenance import Classified
 from datalever.rundir import ArmDir, RunDir
 
 # The training distributions an arm can draw: the original data, or hard/easy/random examples upsampled.
@@ -261,32 +262,13 @@ def heldout_paths(cfg: UpsampleConfig, train_file: Path) -> list[str]:
 
 def run(cfg: UpsampleConfig) -> dict:
     """Build `RUN/arms/<arm>/`; returns the counts written to manifest.json."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from datalever.examples import load_examples, looks_local, save_examples
+    from datalever.examples import load_examples
 
     run_dir = RunDir(cfg.run_dir)
     arm_dir = ArmDir(cfg.out) if cfg.out else run_dir.arm(cfg.arm)
-    rundir.refuse_other_settings(arm_dir.root, "upsample", cfg)
+    provenance.refuse_other_settings(arm_dir.root, "upsample", cfg, ignore=UPSAMPLE_SETTINGS.ignored)
     split_path = Path(cfg.split_table) if cfg.split_table else run_dir.split().split
-    if not split_path.exists():
-        raise UpsampleError(f"no split at {split_path} (run the split stage first)")
-    split_df = pq.read_table(split_path).to_pandas()
-    train_file = Path(cfg.data) if cfg.data else run_dir.data_file("train")
-    if looks_local(str(train_file)) and not train_file.exists():
-        raise UpsampleError(f"training examples not found at {train_file} (set --data)")
-    examples = read_data(str(train_file), cfg.data_format(), split=cfg.split, default_split="train")
-    by_id = {ex.id: ex for ex in examples}
-    split_ids = set(split_df["id"].astype(str))
-    not_in_split = [ex.id for ex in examples if ex.id not in split_ids]
-    not_in_train = sorted(split_ids - set(by_id))
-    if not_in_split or not_in_train:
-        raise UpsampleError(
-            f"{train_file} and {split_path} disagree: {len(not_in_split)} example(s) not in the split "
-            f"(e.g. {not_in_split[:2]}), {len(not_in_train)} split id(s) not in the examples "
-            f"(e.g. {not_in_train[:2]}); was the split made from another training set?"
-        )
+    split_df, examples, train_file = read_inputs(cfg, run_dir, split_path)
 
     mult = multiplicities(split_df, cfg.arm, cfg.m, cfg.seed)
     selected = selected_ids(split_df, cfg.arm, cfg.seed)
@@ -303,6 +285,7 @@ def run(cfg: UpsampleConfig) -> dict:
         fn = load_callable(cfg.synth_fn)
         heldout_files = heldout_paths(cfg, train_file)
         heldout = [ex for f in heldout_files for ex in load_examples(f)]
+        by_id = {ex.id: ex for ex in examples}
         synth, n_dropped, n_dropped_heldout = synthesize(
             fn, [by_id[i] for i in selected], cfg.synth_per_hard, cfg.seed, examples, heldout
         )
@@ -311,27 +294,8 @@ def run(cfg: UpsampleConfig) -> dict:
             unique.append(ex)
 
     manifest = pd.DataFrame(rows, columns=["id", "source", "multiplicity", "origin", "parent_id"])
-    order = [i for i, r in enumerate(rows) for _ in range(r["multiplicity"])]
-    rng = np.random.default_rng(cfg.seed)
-    order = [order[j] for j in rng.permutation(len(order))]
-
-    arm_dir.root.mkdir(parents=True, exist_ok=True)
-    save_examples(str(arm_dir.train_jsonl), [unique[j] for j in order])
-    save_examples(str(arm_dir.examples), unique)
-    table = pa.Table.from_pandas(
-        manifest,
-        preserve_index=False,
-        schema=pa.schema(
-            [
-                ("id", pa.string()),
-                ("source", pa.string()),
-                ("multiplicity", pa.int64()),
-                ("origin", pa.string()),
-                ("parent_id", pa.string()),
-            ]
-        ),
-    )
-    rundir.write_parquet(arm_dir.manifest, table)
+    order = shuffled_rows(manifest, cfg.seed)
+    write_arm(arm_dir, unique, order, manifest)
 
     flagged = _flagged(split_df)
     counts = {
@@ -352,8 +316,84 @@ def run(cfg: UpsampleConfig) -> dict:
         "multiplicity_histogram": {str(k): int(v) for k, v in sorted(manifest["multiplicity"].value_counts().items())},
         "synth_fn": cfg.synth_fn,
         "train_file": str(train_file),
-        "train_fingerprint": rundir.fingerprint(examples),
+        "train_fingerprint": provenance.fingerprint(examples),
     }
-    rundir.record_provenance(arm_dir.root, "upsample", cfg, counts=counts)
+    provenance.record(arm_dir.root, "upsample", cfg, counts=counts)
     rundir.write_json(arm_dir.counts, counts)  # last: its presence marks a finished arm
     return counts
+
+
+def read_inputs(cfg: UpsampleConfig, run_dir: RunDir, split_path: Path) -> tuple[pd.DataFrame, list[Example], Path]:
+    """The split table, the training examples it was made from (every one in it, and no other) and their file."""
+    import pyarrow.parquet as pq
+
+    from datalever.examples import looks_local
+
+    if not split_path.exists():
+        raise UpsampleError(f"no split at {split_path} (run the split stage first)")
+    split_df = pq.read_table(split_path).to_pandas()
+    train_file = Path(cfg.data) if cfg.data else run_dir.data_file("train")
+    if looks_local(str(train_file)) and not train_file.exists():
+        raise UpsampleError(f"training examples not found at {train_file} (set --data)")
+    examples = read_data(str(train_file), cfg.data_format(), split=cfg.split, default_split="train")
+    split_ids = set(split_df["id"].astype(str))
+    not_in_split = [ex.id for ex in examples if ex.id not in split_ids]
+    not_in_train = sorted(split_ids - {ex.id for ex in examples})
+    if not_in_split or not_in_train:
+        raise UpsampleError(
+            f"{train_file} and {split_path} disagree: {len(not_in_split)} example(s) not in the split "
+            f"(e.g. {not_in_split[:2]}), {len(not_in_train)} split id(s) not in the examples "
+            f"(e.g. {not_in_train[:2]}); was the split made from another training set?"
+        )
+    return split_df, examples, train_file
+
+
+def shuffled_rows(manifest: pd.DataFrame, seed: int) -> list[int]:
+    """train.jsonl's rows: each manifest row as many times as its multiplicity, in a seeded shuffled order."""
+    order = [i for i, m in enumerate(manifest["multiplicity"]) for _ in range(m)]
+    rng = np.random.default_rng(seed)
+    return [order[j] for j in rng.permutation(len(order))]
+
+
+def write_arm(arm_dir: ArmDir, unique: list[Example], order: list[int], manifest: pd.DataFrame) -> None:
+    """train.jsonl (the upsampled set in full), examples.jsonl (each example once) and manifest.parquet."""
+    import pyarrow as pa
+
+    from datalever.examples import save_examples
+
+    arm_dir.root.mkdir(parents=True, exist_ok=True)
+    save_examples(str(arm_dir.train_jsonl), [unique[j] for j in order])
+    save_examples(str(arm_dir.examples), unique)
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("source", pa.string()),
+            ("multiplicity", pa.int64()),
+            ("origin", pa.string()),
+            ("parent_id", pa.string()),
+        ]
+    )
+    rundir.write_parquet(arm_dir.manifest, pa.Table.from_pandas(manifest, preserve_index=False, schema=schema))
+
+
+UPSAMPLE_SETTINGS = Classified(
+    # Every one decides the arm's files. The paths are compared as given: an arm is rebuilt only from the same
+    # files (an experiment reads its data into RUN/data, so its paths stay the same).
+    decide=(
+        "schema",
+        "fields",
+        "template",
+        "run_dir",
+        "arm",
+        "m",
+        "seed",
+        "synth_fn",
+        "synth_per_hard",
+        "data",
+        "split",
+        "split_table",
+        "heldout",
+        "out",
+    ),
+    ignored=("overwrite",),
+)

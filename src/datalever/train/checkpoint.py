@@ -12,64 +12,41 @@ one rename, so a directory under a step's name is always complete. Temporaries a
 the start of the next run (`clean_temporaries`). Under FSDP2 weights and optimizer state are gathered into their
 full, unsharded form, so a checkpoint resumes on any number of processes.
 
+When one is due: every `save_every` steps, at the steps a caller asks for, at the end, and every `save_every_minutes`
+on the main process's clock (`SaveTimer`, its decision shared by every process).
+
 A finished run is returned, never resumed: once its final model and summary are written its checkpoints' resume
 state (trainer_state.pt, the optimizer state, and the RNG files) is deleted unless asked to keep it
 (`drop_resume_state`); their weights (model/, the master weights in the dtype they trained in) stay, except those of
 a last-step checkpoint that the final model/ holds as they are (no cast, no LoRA merge), which goes whole.
+
+The final model (`save_final_model`) is a plain HF directory with its tokenizer, LoRA merged (the adapter saved
+beside it), cast to `save_dtype`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from datalever import rundir
-from datalever.launch import resolve_mixed_precision, tf32_in_effect
+from datalever.models import load_model
 from datalever.optim import StepStats, is_dtensor
+from datalever.train.config import TrainConfig, cast_dtype, identity_differences
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 MODEL = "model"
 TRAINER_STATE = "trainer_state.pt"
 RNG_STATE = "rng-{rank}.pt"
-
-# The settings that decide what a run computes: its weights, its logged losses and its summary. A run (finished or
-# checkpointed) is resumed or returned only for the same values and the same inputs (`resume_identity`).
-# Left out, as they change no number: out, progress, log_with, run_name, save_every, save_every_minutes, keep_last,
-# keep_optimizer_state, trust_remote_code, overwrite; and, like the number of processes, micro_batch_size (how a
-# batch is split into passes: the gradient is the same sum, only its rounding moves). The paths model, data,
-# val_data and manifest are left out too: what they hold counts instead (`train.load_inputs`: a moved copy is the
-# same work, data edited in place is not).
-IDENTITY_SETTINGS = (
-    "epochs",
-    "max_steps",
-    "batch_size",
-    "max_length",
-    "optim",
-    "warmup_ratio",
-    "min_lr_ratio",
-    "max_grad_norm",
-    "lora",
-    "seed",
-    "dtype",
-    "mixed_precision",
-    "eval_every",  # which steps the log holds a validation loss for
-    "attn_implementation",
-    "tf32",
-    "torch_compile",
-    "save_dtype",  # the final model's weights; only as it is in effect (`cast_dtype`), None (as trained) left out
-)
-# The speed settings that pick other kernels or another float32 precision, hence other rounding, as they computed
-# before they existed: each enters the identity only with another value, so the runs recorded then keep theirs.
-# Left out: gradient_checkpointing (the same kernels, run again in the backward: the same numbers) and
-# group_by_length (another split of the step into passes, like micro_batch_size).
-KERNELS_BEFORE = {"attn_implementation": "sdpa", "tf32": False, "torch_compile": False}
-DIRECTORY = "directory sha256:"  # how `model_identity` marks a hash of a directory's files
-IDENTITY_FORMAT = 2  # 1: settings only (paths, no contents); such checkpoints cannot be checked and are refused
 
 
 @dataclass
@@ -107,141 +84,6 @@ class Progress:
     position: int = 0
     """Examples drawn from the stream so far (all processes)."""
     compute: Compute = field(default_factory=Compute)
-
-
-def resume_identity(cfg, inputs: dict[str, str | None]) -> str:
-    """What a TrainConfig computes, as one string to compare on resume: the settings that decide the numbers and
-    `inputs`, what the model spec stands for and the fingerprints of the data (`train.load_inputs`)."""
-    settings = {k: v for k, v in rundir.to_jsonable(cfg).items() if k in IDENTITY_SETTINGS}
-    # Values that a setting makes unused change nothing: epochs under max_steps, the settings of adapters that are
-    # never made, of an optimizer that is not built.
-    if cfg.max_steps is not None:
-        settings["epochs"] = None
-    if not cfg.lora.enabled:
-        settings["lora"] = {"enabled": False}
-    settings["optim"] = _optimizer_settings(settings["optim"])
-    # bf16 autocast and float32 compute give other numbers: a run continues only with the one it was made with.
-    settings["mixed_precision"] = resolve_mixed_precision(cfg.mixed_precision)
-    _keep_other_kernels(settings)
-    # The final model as trained computes as before save_dtype existed: the setting enters only where it casts.
-    settings["save_dtype"] = cast_dtype(cfg.save_dtype, cfg.mixed_precision, cfg.dtype)
-    if settings["save_dtype"] is None:
-        del settings["save_dtype"]
-    # The rendering decides the tokens and the loss mask. Plain text ("none") is what runs did before the option
-    # existed, so it enters only otherwise; a template file by its content (edited in place, it is other work).
-    template = chat_template_identity(getattr(cfg, "chat_template", "none"))
-    if template is not None:
-        settings["chat_template"] = template
-    return json.dumps({"format": IDENTITY_FORMAT, "settings": settings, "inputs": inputs}, sort_keys=True)
-
-
-def chat_template_identity(option: str) -> str | None:
-    """None for plain text, "auto" (the tokenizer's template: the model's identity covers it), or a file's hash."""
-    if option == "none":
-        return None
-    if option == "auto":
-        return "auto"
-    return "file:" + hashlib.sha256(Path(option).expanduser().read_bytes()).hexdigest()[:16]
-
-
-def cast_dtype(save_dtype: str, mixed_precision: str, dtype: str) -> str | None:
-    """The dtype the final model is cast to when saved, None for none (the weights' own dtype, `dtype`).
-
-    auto: bfloat16 where the run computed in bf16 (bf16 autocast over float32 master weights: what inference loads,
-    at half the size), else as trained."""
-    if save_dtype == "auto":
-        save_dtype = "bfloat16" if resolve_mixed_precision(mixed_precision) == "bf16" else dtype
-    return None if save_dtype in (dtype, "auto") else save_dtype
-
-
-def _optimizer_settings(optim: dict) -> dict:
-    """OptimConfig's values without the muon_* ones unless Muon is built (alone or under SAM) and without the sam_*
-    ones unless SAM is (optim.build_optimizer); `fused` as it is in effect (CUDA and an AdamW built)."""
-    base = optim["sam_base"] if optim["name"] == "sam" else optim["name"]
-    unused = []
-    if base != "muon":
-        unused.append("muon_")
-    if optim["name"] != "sam":
-        unused.append("sam_")
-    kept = {k: v for k, v in optim.items() if not k.startswith(tuple(unused))}
-    # Fused AdamW is other kernels only where it runs (optim.fused_adamw); elsewhere it computes as before it existed.
-    fused = kept.pop("fused", False) and base in ("adamw", "muon") and torch.cuda.is_available()
-    return {**kept, "fused": True} if fused else kept
-
-
-def _keep_other_kernels(settings: dict) -> None:
-    """Drop the kernel settings that compute as before they existed (`KERNELS_BEFORE`); tf32 as it is in effect."""
-    settings["tf32"] = tf32_in_effect(settings["tf32"])
-    for name, before in KERNELS_BEFORE.items():
-        if settings[name] == before:
-            del settings[name]
-
-
-def identity_differences(saved: str | dict, now: str | dict) -> list[str]:
-    """What differs between two `resume_identity`s, one short phrase per setting or input."""
-    saved = json.loads(saved) if isinstance(saved, str) else saved
-    now = json.loads(now) if isinstance(now, str) else now
-    if saved.get("format") != now.get("format"):
-        return ["made by an earlier datalever version, whose record holds no input contents"]
-    before, after = rundir.flatten(saved["settings"]), rundir.flatten(now["settings"])
-    keys = sorted(before.keys() | after.keys())
-    changed = [k for k in keys if k not in before or k not in after or before[k] != after[k]]
-    diffs = [f"{k} {_shown(before, k)} -> {_shown(after, k)}" for k in changed]
-    for name in sorted(saved["inputs"].keys() | now["inputs"].keys()):
-        old, new = saved["inputs"].get(name), now["inputs"].get(name)
-        if old != new:
-            diffs.append(f"{name}: {_input_change(name, old, new)}")
-    return diffs
-
-
-def _shown(settings: dict, key: str) -> str:
-    return repr(settings[key]) if key in settings else "unused"  # left out as unused (lora off, another optimizer)
-
-
-def _input_change(name: str, old: str | None, new: str | None) -> str:
-    if old is None or new is None:
-        return "none before" if old is None else "none now"
-    if name == "model" and not (old.startswith(DIRECTORY) and new.startswith(DIRECTORY)):
-        return f"{old!r} -> {new!r}"  # specs (preset, hub id) or a spec for a directory: say which
-    return "other content"
-
-
-# ----------------------------------------------------------------------------- input fingerprints
-
-
-def counts_fingerprint(multiplicities) -> str:
-    """The multiplicities in example order (no manifest: all 1, the same work as a manifest of ones)."""
-    return hashlib.sha256(",".join(str(int(m)) for m in multiplicities).encode()).hexdigest()[:16]
-
-
-def model_identity(spec: str) -> str:
-    """What the model spec stands for: for a local directory (the embedded one included) a hash of its files, so a
-    checkpoint retrained in place is not taken for the one a run started from; otherwise the spec itself (a preset
-    is built the same way for the same name and seed; a hub id is the hub's, its revision not pinned here)."""
-    from datalever.models import EMBEDDED_PREFIX, embedded_checkpoint, is_preset
-
-    if is_preset(spec):
-        return spec
-    path = Path(embedded_checkpoint(spec[len(EMBEDDED_PREFIX) :]) if spec.startswith(EMBEDDED_PREFIX) else spec)
-    path = path.expanduser()
-    return f"{DIRECTORY}{directory_fingerprint(path)}" if path.is_dir() else spec
-
-
-def directory_fingerprint(root: Path) -> str:
-    """sha256 over every file's relative path and bytes (hidden files and folders, e.g. caches, left out)."""
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not _hidden(p.relative_to(root)))
-    for path in files:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -516,26 +358,106 @@ def restore(path: Path, state: dict, accelerator, model, opt) -> Progress:
     return Progress(state["step"], state["position"], Compute(**state["compute"]))
 
 
-def read_log(log_path: Path) -> list[dict]:
-    """The JSONL log's records. A torn last line (the write a power loss or a full disk cut short) is left out:
-    its step is redone on resume. A torn line before the last is damage no kill makes, and an error."""
-    lines = [(n, line) for n, line in enumerate(log_path.read_text().splitlines(), start=1) if line.strip()]
-    records = []
-    for i, (lineno, line) in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(
-                f"{log_path}: line {lineno}: malformed JSON ({e.msg}); only the last line may be cut short by a kill"
-            ) from None
-    return records
+# ----------------------------------------------------------------------------- when to save
 
 
-def truncate_log(log_path: Path, step: int) -> None:
-    """Drop log lines of steps after `step` (written before a kill, redone after the resume), and a torn last line."""
-    if not log_path.exists():
+def clock() -> float:
+    """Seconds on a monotonic clock: what `SaveTimer` reads (a test replaces it)."""
+    return time.monotonic()
+
+
+class SaveTimer:
+    """Whether a checkpoint is due by time: `minutes` since the last save (or the loop's start), on the main
+    process's clock. Under several processes its decision is broadcast to all: their clocks differ a little, and a
+    save that some processes start and others do not (its gathers are collectives) would hang them all."""
+
+    def __init__(self, minutes: float, accelerator: Accelerator):
+        self.seconds = minutes * 60
+        self.accelerator = accelerator
+        self.last = clock()
+
+    def due(self) -> bool:
+        if not self.seconds:
+            return False
+        due = clock() - self.last >= self.seconds
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            # One int per step, beside a step's own collectives (its gradients' all-reduce): no measurable cost.
+            flag = torch.tensor([int(due)], device=self.accelerator.device)
+            due = bool(broadcast(flag, from_process=0).item())
+        return due
+
+    def saved(self) -> None:
+        self.last = clock()
+
+
+# ----------------------------------------------------------------------------- the final model
+
+
+def model_is_master_copy(cfg: TrainConfig) -> bool:
+    """Whether the final model/ holds the master weights as they are (no cast, no LoRA merge): then it is the same
+    as a checkpoint at the last step."""
+    return not cfg.lora.enabled and cast_dtype(cfg.save_dtype, cfg.mixed_precision, cfg.dtype) is None
+
+
+def save_final_model(layout: rundir.TrainDir, accelerator, model, tokenizer, cfg: TrainConfig, model_path: str) -> None:
+    """The final model as a plain HF directory with its tokenizer (LoRA merged, the adapter saved beside it), in
+    `save_dtype`.
+
+    Every process calls it (the weights are gathered under FSDP); the main process writes.
+    """
+    state_dict = full_state_dict(accelerator, model)
+    if not accelerator.is_main_process:
         return
-    kept = [record for record in read_log(log_path) if record["step"] <= step]
-    rundir.atomic_write_text(log_path, "".join(json.dumps(record) + "\n" for record in kept))
+    inner = accelerator.unwrap_model(model).model
+    dtype = cast_dtype(cfg.save_dtype, cfg.mixed_precision, cfg.dtype)
+    with rundir.atomic_dir(layout.model) as tmp:
+        if cfg.lora.enabled:
+            merged = merge_lora(layout, accelerator, inner, state_dict, cfg, model_path)
+            weights = None if dtype is None else cast_weights(merged.state_dict(), dtype)  # None: the model's own
+        else:
+            merged, weights = inner, cast_weights(state_dict, dtype)
+        merged.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        if dtype is not None:
+            record_dtype(merged, tmp, dtype)
+        tokenizer.save_pretrained(tmp)
+
+
+def cast_weights(state_dict: dict, dtype: str | None) -> dict:
+    """The floating-point tensors in `dtype` (None: as they are). Tensors that share storage (tied weights) stay one
+    tensor, so save_pretrained still sees them tied."""
+    if dtype is None:
+        return state_dict
+    target = getattr(torch, dtype)
+    cast: dict[tuple, torch.Tensor] = {}
+
+    def one(v: torch.Tensor) -> torch.Tensor:
+        if not v.is_floating_point():
+            return v
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key not in cast:
+            cast[key] = v.to(target)
+        return cast[key]
+
+    return {k: one(v) for k, v in state_dict.items()}
+
+
+def record_dtype(model, directory: Path, dtype: str) -> None:
+    """config.json as save_pretrained wrote it but with the saved weights' dtype (it records the live model's), so
+    that a loader asking for the stored dtype gets `dtype`."""
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.save_pretrained(directory)
+
+
+def merge_lora(layout: rundir.TrainDir, accelerator, peft_model, state_dict: dict, cfg: TrainConfig, model_path: str):
+    """Save the adapter; return the base model with the adapter merged in."""
+    with rundir.atomic_dir(layout.adapter) as tmp:
+        peft_model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    if accelerator.is_fsdp2:  # the live weights are shards: merge into a fresh copy of the base model
+        from peft import PeftModel
+
+        base = load_model(model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        peft_model = PeftModel.from_pretrained(base, layout.adapter)
+    return peft_model.merge_and_unload()
