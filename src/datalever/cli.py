@@ -15,6 +15,8 @@ import typing
 import jsonargparse
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from datalever.preempt import REQUEUE_EXIT, Preempted, requeue_slurm_job
+
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 # command path -> (module, config class, run function, one-line help)
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
         config = _to_dataclass(config_cls, values)  # checks every option before any work starts
         _warn_if_busy()
         result = run(config)
+    except Preempted as stopped:
+        exit_preempted(path, stopped)
     except (ValueError, OSError, RuntimeError) as e:
         # Bad input or a refused run: the message names the file, line and problem; a traceback
         # would only bury it. DATALEVER_DEBUG=1 shows the traceback.
@@ -212,6 +216,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print(result if isinstance(result, str) else summary_line(path, config, result))
     _leave_process_group()
+
+
+def exit_preempted(path: tuple[str, ...], stopped: Preempted) -> typing.NoReturn:
+    """One line for a run stopped on a signal with its state saved, a requeue where the job must ask for it
+    itself, and the exit status that means "run me again"."""
+    requeued = stopped.warning and requeue_slurm_job()
+    then = "SLURM requeues the job" if requeued else "rerun the same command to continue from there"
+    print(f"datalever {' '.join(path)}: {stopped}; {then}", file=sys.stderr)
+    sys.exit(REQUEUE_EXIT)
 
 
 def summary_line(path: tuple[str, ...], config, result: dict) -> str:

@@ -691,7 +691,7 @@ def link_tree(source: Path, target: Path, note: dict) -> None:
 
     with rundir.atomic_dir(target, keep_existing=True) as tmp:
         shutil.copytree(source, tmp, copy_function=link, dirs_exist_ok=True)
-        rundir.write_json(tmp / "reused_from.json", note)
+        rundir.write_json(ArmDir(tmp).reused_from, note)
 
 
 def run(cfg: ExperimentConfig) -> str:

@@ -246,8 +246,8 @@ def split_audits(run_dir: RunDir) -> dict[str, dict]:
     """The audit of every split the experiment made, by where it lives ("split": the run directory's own,
     "splits/<features>": the others), for splits that wrote one."""
     found = {"split": run_dir.split().audit}
-    for d in sorted(p for p in (run_dir.root / "splits").glob("*") if p.is_dir()):
-        found[f"splits/{d.name}"] = run_dir.split(d.name).audit
+    for features in run_dir.further_splits():
+        found[f"splits/{features}"] = run_dir.split(features).audit
     return {name: rundir.read_json(path) for name, path in found.items() if path.exists()}
 
 

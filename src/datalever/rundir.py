@@ -241,6 +241,11 @@ class ArmDir(_Layout):
         validation accuracy was the best so far)."""
         return self.root / "curve.json"
 
+    @property
+    def reused_from(self) -> Path:
+        """In a sweep point, an arm linked from an earlier point's finished run of it: where from, and why."""
+        return self.root / "reused_from.json"
+
     def eval_on(self, benchmark: str) -> EvalDir:
         """The evaluation on one benchmark: eval/ for the test (or validation) split, eval-<name>/ for a named
         test set."""
@@ -276,7 +281,16 @@ class RunDir(_Layout):
 
     def split(self, features: str | None = None) -> SplitDir:
         """The split at the root, or a further split of the same profile under splits/<features>/."""
-        return SplitDir(self.root if features is None else self.root / "splits" / features)
+        return SplitDir(self.root if features is None else self.splits / features)
+
+    @property
+    def splits(self) -> Path:
+        """splits/: the further splits of the same profile, a directory each."""
+        return self.root / "splits"
+
+    def further_splits(self) -> list[str]:
+        """The features of every split under splits/, sorted."""
+        return sorted(p.name for p in self.splits.glob("*") if p.is_dir())
 
     def arm(self, arm: str) -> ArmDir:
         """arms/<arm>/: where a stand-alone `datalever upsample` writes."""
@@ -313,7 +327,7 @@ class RunDir(_Layout):
         """What an experiment's stages wrote here (existing paths only): everything `--overwrite` removes.
         data/ counts only when `data synth` made it or the experiment read the given data into it (its
         synth.config.yaml or import.config.yaml is there): data of the user's own is never removed."""
-        named = [self.trajectories, self.trajectories_meta, self.proxy.root, self.root / "splits", self.root / "arms"]
+        named = [self.trajectories, self.trajectories_meta, self.proxy.root, self.splits, self.root / "arms"]
         named += [self.root / "sweep", self.sweep_md, self.sweep_json]
         named += [self.split().split, self.split().summary, self.split().trajectories_plot, self.split().datamap_plot]
         named += [self.split().audit]

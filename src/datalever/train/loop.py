@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from datalever import launch, provenance, rundir
+from datalever import launch, preempt, provenance, rundir
 from datalever.examples import Example
 from datalever.launch import make_accelerator, prepare
 from datalever.losses import ResponseLoss
@@ -63,7 +63,8 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
 
     `on_step(step, record, model, accelerator)` runs after every optimizer step, before that step's
     checkpoint (the profile stage records losses there); `checkpoint_steps` adds steps at which a
-    resumable checkpoint is saved.
+    resumable checkpoint is saved. A stop signal (`preempt`) ends the run after the step in progress with a
+    checkpoint: `preempt.Preempted` is raised, and the same call later resumes there.
     """
     check_inputs(cfg)
     inputs = load_inputs(cfg)
@@ -71,8 +72,9 @@ def run(cfg: TrainConfig, on_step: Callable | None = None, checkpoint_steps: set
     decision = outputs.decide(layout, inputs.identity, cfg.overwrite)
     if decision == outputs.RETURN:
         return rundir.read_json(layout.summary)  # the same work, finished before: nothing to do
-    job = setup(cfg, inputs, replace=decision == outputs.REPLACE)
-    train_loop(job, on_step, checkpoint_steps or set())
+    with preempt.listening() as stop:  # SIGTERM or a time-limit warning: save at the next step and exit
+        job = setup(cfg, inputs, replace=decision == outputs.REPLACE)
+        train_loop(job, on_step, checkpoint_steps or set(), stop)
     summary = finish(job)
     logs.log_final_metrics(job.accelerator, summary)
     logs.finish_trackers(job.accelerator)
@@ -232,8 +234,11 @@ def checkpoint_due(job: TrainJob, checkpoint_steps: set[int], timer: SaveTimer) 
     return (every and step % every == 0) or step == job.steps or step in checkpoint_steps or timer.due()
 
 
-def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[int]) -> None:
-    """Optimizer steps up to `job.steps`: each logged, shown to `on_step`, checkpointed when due."""
+def train_loop(
+    job: TrainJob, on_step: Callable | None, checkpoint_steps: set[int], stop: preempt.StopRequest | None = None
+) -> None:
+    """Optimizer steps up to `job.steps`: each logged, shown to `on_step`, checkpointed when due; after a stop
+    request, checkpointed at once and ended with `preempt.Preempted`."""
     from tqdm.auto import tqdm
 
     cfg, progress = job.cfg, job.progress
@@ -252,21 +257,30 @@ def train_loop(job: TrainJob, on_step: Callable | None, checkpoint_steps: set[in
             hook_start = time.perf_counter()
             on_step(progress.step, record, job.model, job.accelerator)
             start += time.perf_counter() - hook_start  # compute.wall_s counts training, not the caller's hook
-        if checkpoint_due(job, checkpoint_steps, timer):
-            if job.accelerator.is_main_process:
-                logs.sync(job.layout.log)
-            checkpoint.save(
-                job.layout,
-                job.accelerator,
-                job.model,
-                job.opt,
-                job.tokenizer,
-                progress,
-                identity=job.identity,
-                keep=cfg.keep_last,
-            )
+        stopping = stop.agreed(job.accelerator) if stop is not None else None
+        if checkpoint_due(job, checkpoint_steps, timer) or stopping:
+            save_checkpoint(job)
             timer.saved()
+        if stopping:
+            bar.close()
+            raise preempt.Preempted(stopping, progress.step, str(job.layout.checkpoint(progress.step)))
     bar.close()
+
+
+def save_checkpoint(job: TrainJob) -> None:
+    """A resumable checkpoint at the current step (every process calls it), the log on disk before it."""
+    if job.accelerator.is_main_process:
+        logs.sync(job.layout.log)
+    checkpoint.save(
+        job.layout,
+        job.accelerator,
+        job.model,
+        job.opt,
+        job.tokenizer,
+        job.progress,
+        identity=job.identity,
+        keep=job.cfg.keep_last,
+    )
 
 
 def train_step(job: TrainJob) -> tuple[StepStats, int]:
