@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from datalever import checks, rundir
-from datalever.examples import DEFAULT_TEMPLATES, Example, content_id
+from datalever.examples import DEFAULT_TEMPLATES, LEVELS, Example, content_id
 
-LEVELS = ("easy", "medium", "hard")
 # Shares of easy, medium and hard problems: uneven (the hard tail is the smallest), with enough hard problems
 # that the base model learns some of them late in training (issue 14; docs/results/testbed/).
 MIX = (0.5, 0.3, 0.2)

@@ -8,7 +8,7 @@
 
 One module per concern, each importing only the ones above it:
 
-    base      Example, content_id, DataError, NO_SOURCE, the difficulty keys
+    base      Example, content_id, DataError, NO_SOURCE, the difficulty keys and levels
     readers   files, directories and Hub datasets -> located records, and every malformed-input error
     formats   schemas, default templates, plain rendering, detection, record -> Example, duplicates
     load      DataFormat, load_examples / read_data, save_examples, local paths vs Hub names
@@ -18,7 +18,7 @@ One module per concern, each importing only the ones above it:
 Everything importable from `datalever.examples` before it became a package still is, from here.
 """
 
-from datalever.examples.base import DIFFICULTY_KEYS, NO_SOURCE, DataError, Example, content_id
+from datalever.examples.base import DIFFICULTY_KEYS, LEVELS, NO_SOURCE, DataError, Example, content_id
 from datalever.examples.check import CheckConfig, run_check
 from datalever.examples.formats import (
     DEFAULT_TEMPLATES,
@@ -58,6 +58,7 @@ __all__ = [
     "DataFormat",
     "Example",
     "FILE_READERS",
+    "LEVELS",
     "Located",
     "NO_SOURCE",
     "Overlap",

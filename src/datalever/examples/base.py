@@ -1,5 +1,5 @@
 """The example type and what every part of datalever says about examples: the content id, the error for data
-that cannot become examples, the name of a missing source, and the difficulty columns."""
+that cannot become examples, the name of a missing source, and the difficulty columns and levels."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ NO_SOURCE = "(none)"  # how an example without a source is named in summaries an
 # Meta columns that describe how hard a problem is, where a dataset has them (the embedded data has
 # level and steps): split summaries and evaluation metrics break results down by each one present.
 DIFFICULTY_KEYS = ("difficulty", "level", "steps", "n_steps", "num_steps", "digits", "hops")
+# The difficulty levels of the embedded data (synth.py), easiest first: reports and audits rank a `level` column
+# by this order.
+LEVELS = ("easy", "medium", "hard")
 
 
 def content_id(*parts: str) -> str:
