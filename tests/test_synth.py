@@ -103,7 +103,7 @@ def test_texts_are_short(records):
 
 
 def test_wording_varies_within_each_kind(records):
-    names = set(synth._FEMALE + synth._MALE)
+    names = set(synth.FEMALE + synth.MALE)
     for kind in {r["kind"] for r in records}:
         openings = {
             " ".join("NAME" if w.strip("'s,") in names else w for w in r["question"].split()[:2])
