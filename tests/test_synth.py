@@ -12,7 +12,7 @@ from statistics import mean
 import pytest
 
 from datalever import synth
-from datalever.examples import Example, load_examples
+from datalever.examples import LEVELS, Example, load_examples
 
 EQUATION = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")
 FINAL = re.compile(r"\n#### (\d+)$")
@@ -71,7 +71,7 @@ def test_every_answer_shows_correct_arithmetic_ending_in_the_result(records):
 
 
 def test_levels_have_the_promised_shape(records):
-    by_level = {lv: [r for r in records if r["level"] == lv] for lv in synth.LEVELS}
+    by_level = {lv: [r for r in records if r["level"] == lv] for lv in LEVELS}
     for r in by_level["easy"]:
         assert r["steps"] in (1, 2) and set(r["ops"].split(",")) <= {"+", "-"}
     for r in by_level["medium"]:
@@ -98,12 +98,12 @@ def test_texts_are_short(records):
     for r in records:
         assert 60 <= len(r["question"]) <= 250, r["question"]
         assert 25 <= len(r["answer"]) <= 300, r["answer"]
-    mean_answer = {lv: mean(len(r["answer"]) for r in records if r["level"] == lv) for lv in synth.LEVELS}
+    mean_answer = {lv: mean(len(r["answer"]) for r in records if r["level"] == lv) for lv in LEVELS}
     assert mean_answer["easy"] < 100 < mean_answer["hard"]
 
 
 def test_wording_varies_within_each_kind(records):
-    names = set(synth._FEMALE + synth._MALE)
+    names = set(synth.FEMALE + synth.MALE)
     for kind in {r["kind"] for r in records}:
         openings = {
             " ".join("NAME" if w.strip("'s,") in names else w for w in r["question"].split()[:2])

@@ -27,8 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from datalever.examples import DIFFICULTY_KEYS
-from datalever.synth import LEVELS
+from datalever.examples import DIFFICULTY_KEYS, LEVELS
 
 CALCULATOR_STEP = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, one per arithmetic step
 TRAILING_NUMBER = re.compile(r"(\d+(?:\.\d+)?)\s*$")  # "Level 3" (MATH) -> 3

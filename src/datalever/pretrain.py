@@ -145,9 +145,9 @@ def _arith_doc(rng: random.Random) -> str:
 
 def _facts(rng: random.Random) -> list[tuple[str, int, str]]:
     """2-4 (name, number, object) facts with distinct names."""
-    names = rng.sample(synth._FEMALE + synth._MALE, rng.randint(2, 4))
-    shared = rng.choice(synth._OBJECTS)
-    return [(n, _number(rng), shared if rng.random() < 0.7 else rng.choice(synth._OBJECTS)) for n in names]
+    names = rng.sample(synth.FEMALE + synth.MALE, rng.randint(2, 4))
+    shared = rng.choice(synth.OBJECTS)
+    return [(n, _number(rng), shared if rng.random() < 0.7 else rng.choice(synth.OBJECTS)) for n in names]
 
 
 def _sentence(rng: random.Random, name: str, n: int, obj: str) -> str:

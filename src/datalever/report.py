@@ -11,9 +11,9 @@ from statistics import mean
 from typing import Sequence
 
 from datalever import audit, rundir
+from datalever.examples import LEVELS
 from datalever.rundir import RunDir
 from datalever.stats import t_interval
-from datalever.synth import LEVELS
 
 
 def collect(run_dir: RunDir, arms: list[str], seeds: list[int], benchmarks: Sequence[str] = ("test",)) -> dict:

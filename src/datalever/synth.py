@@ -26,19 +26,19 @@ from pathlib import Path
 from typing import Callable
 
 from datalever import checks, rundir
-from datalever.examples import DEFAULT_TEMPLATES, Example, content_id
+from datalever.examples import DEFAULT_TEMPLATES, LEVELS, Example, content_id
 
-LEVELS = ("easy", "medium", "hard")
 # Shares of easy, medium and hard problems: uneven (the hard tail is the smallest), with enough hard problems
 # that the base model learns some of them late in training (issue 14; docs/results/testbed/).
 MIX = (0.5, 0.3, 0.2)
 SPLITS = ("train", "validation", "test")
 
 # --------------------------------------------------------------------------------------------
-# Word pools: names (with pronouns), objects, items with prices, synonyms
+# Word pools: names (with pronouns), objects, items with prices, synonyms. FEMALE, MALE and OBJECTS are
+# public: pretrain.py's drills draw names and objects from them too.
 # --------------------------------------------------------------------------------------------
 
-_FEMALE = [
+FEMALE = [
     "Ava",
     "Mia",
     "Lena",
@@ -58,7 +58,7 @@ _FEMALE = [
     "Fatima",
     "Olga",
 ]
-_MALE = [
+MALE = [
     "Ben",
     "Omar",
     "Leo",
@@ -78,7 +78,7 @@ _MALE = [
     "Ivan",
     "Hugo",
 ]
-_OBJECTS = [
+OBJECTS = [
     "marbles",
     "stickers",
     "apples",
@@ -160,7 +160,7 @@ _GOALS = ["a laptop", "a trip", "a used car", "a new phone", "a bike", "a camera
 
 def _people(rng: random.Random, k: int) -> list[dict[str, str]]:
     """k distinct people, each with the pronoun forms the templates use."""
-    names = rng.sample([(n, "f") for n in _FEMALE] + [(n, "m") for n in _MALE], k)
+    names = rng.sample([(n, "f") for n in FEMALE] + [(n, "m") for n in MALE], k)
     out = []
     for name, g in names:
         he, him, his = ("she", "her", "her") if g == "f" else ("he", "him", "his")
@@ -268,7 +268,7 @@ def _add_more(rng: random.Random) -> _Problem:
         p,
         a=rng.randint(5, 60),
         b=rng.randint(2, 40),
-        obj=rng.choice(_OBJECTS),
+        obj=rng.choice(OBJECTS),
         box=rng.choice(_CONTAINERS),
         gain=rng.choice(_GAIN_PAST),
         total=rng.choice(_TOTAL),
@@ -307,7 +307,7 @@ def _take_away(rng: random.Random) -> _Problem:
         p,
         a=a,
         b=rng.randint(2, a - 3),
-        obj=rng.choice(_OBJECTS),
+        obj=rng.choice(OBJECTS),
         box=rng.choice(_CONTAINERS),
         lose=rng.choice(_LOSE_PAST),
     )
@@ -343,7 +343,7 @@ def _add_then_sub(rng: random.Random) -> _Problem:
         a=a,
         b=b,
         c=rng.randint(2, a + b - 2),
-        obj=rng.choice(_OBJECTS),
+        obj=rng.choice(OBJECTS),
         box=rng.choice(_CONTAINERS),
         gain=rng.choice(_GAIN_PAST),
         lose=rng.choice(_LOSE_PAST),
@@ -369,7 +369,7 @@ def _add_then_sub(rng: random.Random) -> _Problem:
 def _compare(rng: random.Random) -> _Problem:
     p, p2 = _people(rng, 2)
     b = rng.randint(3, 60)
-    ctx = dict(A=p["name"], B=p2["name"], a=b + rng.randint(2, 40), b=b, obj=rng.choice(_OBJECTS))
+    ctx = dict(A=p["name"], B=p2["name"], a=b + rng.randint(2, 40), b=b, obj=rng.choice(OBJECTS))
     q, w = _problem(
         rng,
         [
@@ -392,7 +392,7 @@ def _two_people_total(rng: random.Random) -> _Problem:
         B=p2["name"],
         a=a,
         d=rng.randint(2, 30) if more else rng.randint(2, a - 2),
-        obj=rng.choice(_OBJECTS),
+        obj=rng.choice(OBJECTS),
         total=rng.choice(_TOTAL),
         rel="more" if more else "fewer",
     )
@@ -422,7 +422,7 @@ def _packs_plus(rng: random.Random) -> _Problem:
         n=rng.randint(2, 12),
         k=rng.randint(3, 15),
         e=rng.randint(1, 25),
-        obj=rng.choice(_OBJECTS),
+        obj=rng.choice(OBJECTS),
         box=rng.choice(_CONTAINERS),
         total=rng.choice(_TOTAL),
     )
@@ -446,7 +446,7 @@ def _packs_plus(rng: random.Random) -> _Problem:
 def _share_after(rng: random.Random) -> _Problem:
     (p,) = _people(rng, 1)
     f, each, c = rng.randint(2, 9), rng.randint(2, 15), rng.randint(1, 15)
-    ctx = dict(p, a=f * each + c, c=c, f=f, obj=rng.choice(_OBJECTS), box=rng.choice(_CONTAINERS))
+    ctx = dict(p, a=f * each + c, c=c, f=f, obj=rng.choice(OBJECTS), box=rng.choice(_CONTAINERS))
     q, w = _problem(
         rng,
         [
@@ -653,7 +653,7 @@ def _percent_chain(rng: random.Random) -> _Problem:
         n=n,
         pct=pct,
         frac=frac,
-        obj=rng.choice(_OBJECTS),
+        obj=rng.choice(OBJECTS),
         total=rng.choice(_TOTAL),
     )
     q, w = _problem(
