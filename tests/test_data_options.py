@@ -194,7 +194,7 @@ def test_experiment_keeps_the_users_data_out_of_its_data_directory(tmp_path):
     mine = run / "data" / "mine.jsonl"
     mine.write_text(json.dumps({"question": "What is 1 plus 1?", "answer": "2\n#### 2"}) + "\n")
     with pytest.raises(ValueError, match="keep your data elsewhere"):
-        experiment.data_files(_experiment(run, train_file=str(mine), test_file=str(mine), allow_overlap=True))
+        experiment.data.data_files(_experiment(run, train_file=str(mine), test_file=str(mine), allow_overlap=True))
     assert Path(mine).exists()
 
 
@@ -243,7 +243,7 @@ def test_test_templates_ask_a_test_set_as_the_training_data_was(tmp_path):
     template = "### Instruction:\n{question}\n\n### Response:\n"
     cfg = _experiment(tmp_path / "run", train_file=str(train), test_files={"gsm8k": str(gsm)},
                       test_templates={"gsm8k": template})  # fmt: skip
-    files = experiment.data_files(cfg)
+    files = experiment.data.data_files(cfg)
     (ex,) = load_examples(files["test-gsm8k"])
     assert ex.prompt == "### Instruction:\nWhat is 2 plus 2?\n\n### Response:\n"
     with pytest.raises(ValueError, match=r"test_templates names \['math'\], which are not test sets"):
@@ -287,14 +287,14 @@ def test_reserved_test_set_names_and_foreign_files_in_the_data_directory_are_ref
     save_examples(str(run / "data" / "train.jsonl"), load_examples(str(data)))
     cfg = _experiment(run, train_file=str(run / "data" / "train.jsonl"), test_file=str(data), allow_overlap=True)
     with pytest.raises(ValueError, match="keep your data elsewhere"):
-        experiment.data_files(cfg)
+        experiment.data.data_files(cfg)
 
 
 def test_a_sweep_can_grow_in_the_same_run_directory(tmp_path):
 
     cfg = _experiment(tmp_path, sweep={"m": [1, 2]})
     provenance.record(tmp_path, "experiment", cfg)
-    experiment.check_same_settings(_experiment(tmp_path, sweep={"m": [1, 2, 4]}))  # not refused
+    experiment.study.check_same_settings(_experiment(tmp_path, sweep={"m": [1, 2, 4]}))  # not refused
 
 
 def test_profile_split_and_upsample_read_a_dataset_dict_from_the_command_line(dataset_dict, tmp_path):

@@ -82,7 +82,7 @@ def test_experiment_killed_mid_arm_resumes(tmp_path, monkeypatch):
         return real_step(*args, **kwargs)
 
     # The proxy's steps go through optimizer_step too: profile first, then patch.
-    experiment.run_method(cfg, experiment.data_files(cfg))
+    experiment.study.run_method(cfg, experiment.data.data_files(cfg))
     monkeypatch.setattr(loop, "optimizer_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(cfg)
@@ -161,7 +161,7 @@ def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_
             compute = {k: 1 for k in ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")}
             rundir.write_json(d.train.summary, {"compute": compute, "final_val_loss": 1.0})
             d.train.log.write_text('{"step": 1, "loss": 1.0}\n')
-    results = write_report(tmp_path, list(acc), [0, 1], controls=experiment.CONTROL_ARMS)
+    results = write_report(tmp_path, list(acc), [0, 1], controls=experiment.config.CONTROL_ARMS)
     assert set(results["paired"]) == {"hard - base", "hard - random", "hard-final - base", "hard-final - random"}
     got = results["paired"]["hard-final - base"]
     assert got["per_seed"] == pytest.approx({"0": 0.02, "1": 0.10})
@@ -179,11 +179,11 @@ def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_
 def test_a_split_made_with_other_features_is_not_reused(tmp_path):
     cfg = _config(tmp_path)
     cfg.arms, cfg.seeds = ["hard"], [0]
-    experiment.run_method(cfg, experiment.data_files(cfg))
-    experiment.run_method(cfg, experiment.data_files(cfg))  # same settings: reused
+    experiment.study.run_method(cfg, experiment.data.data_files(cfg))
+    experiment.study.run_method(cfg, experiment.data.data_files(cfg))  # same settings: reused
     cfg.features = "final"
     with pytest.raises(ValueError, match="features"):
-        experiment.run_method(cfg, experiment.data_files(cfg))
+        experiment.study.run_method(cfg, experiment.data.data_files(cfg))
 
 
 def test_the_demo_runs_the_shipped_study_config_with_its_own_arms_and_seeds(tmp_path, monkeypatch):
@@ -218,20 +218,22 @@ def test_a_rerun_with_other_settings_is_refused_and_overwrite_starts_again(tmp_p
 
     more = _config(tmp_path)
     more.seeds, more.arms = [0, 1, 2], ["base", "hard", "random"]
-    experiment.check_same_settings(more)  # more seeds and arms: the same work, continued
+    experiment.study.check_same_settings(more)  # more seeds and arms: the same work, continued
     more.train.data, more.profile.train_file = "set/per/arm.jsonl", "set/by/experiment.jsonl"
     recorded = provenance.recorded_settings(tmp_path, "experiment")
-    assert provenance.settings_differences(recorded, more, experiment.NOT_COMPARED) == []  # the experiment sets these
+    assert (
+        provenance.settings_differences(recorded, more, experiment.config.NOT_COMPARED) == []
+    )  # the experiment sets these
 
     other = _config(tmp_path)
     other.train.optim.lr *= 2
     other.eval_limit = 5
     with pytest.raises(ConfigError, match=r"eval_limit: None -> 5; train\.optim\.lr: 0\.001 -> 0\.002"):
-        experiment.check_same_settings(other)
+        experiment.study.check_same_settings(other)
     assert finished.exists()
 
     other.overwrite = True
-    experiment.check_same_settings(other)
+    experiment.study.check_same_settings(other)
     assert not finished.exists() and not (tmp_path / "arms").exists()
     assert (tmp_path / "data" / "mine.jsonl").exists()
 
@@ -282,7 +284,7 @@ def test_user_defined_arms_work_from_yaml_and_the_command_line(tmp_path):
         "extra_arms:\n  - {name: hard-adam3, data: hard, optimizer: adamw, features: final}\n"
     )
     cfg = read_config(experiment.ExperimentConfig, config)
-    arm = experiment.arm_spec(cfg, "hard-adam3")
+    arm = experiment.config.arm_spec(cfg, "hard-adam3")
     assert isinstance(arm, experiment.ArmConfig) and arm.data == "hard" and arm.features == "final"
     bad = tmp_path / "bad.yaml"
     bad.write_text("arms: [x]\nextra_arms:\n  - {name: x, data: hardest}\n")
@@ -301,13 +303,15 @@ def test_overlapping_splits_are_refused_before_any_work_and_recorded_when_allowe
     cfg = dataclasses.replace(
         _config(tmp_path / "run"), train_file=files["train"], val_file=files["validation"], test_file=files["train"]
     )
-    monkeypatch.setattr(experiment, "run_method", lambda *a: pytest.fail("work started before the check"))
+    monkeypatch.setattr(experiment.study, "run_profile", lambda *a: pytest.fail("work started before the check"))
     with pytest.raises(DataError, match="test shares 8 of 8 examples with train"):
         experiment.run(cfg)
-    clean = experiment.check_splits_apart(
+    clean = experiment.data.check_splits_apart(
         dataclasses.replace(cfg, test_file=files["test"]),
-        experiment.data_files(dataclasses.replace(cfg, test_file=files["test"])),
+        experiment.data.data_files(dataclasses.replace(cfg, test_file=files["test"])),
     )
     assert clean == {"splits": ["train", "validation", "test"], "overlaps": []}
-    allowed = experiment.check_splits_apart(dataclasses.replace(cfg, allow_overlap=True), experiment.data_files(cfg))
+    allowed = experiment.data.check_splits_apart(
+        dataclasses.replace(cfg, allow_overlap=True), experiment.data.data_files(cfg)
+    )
     assert [(o["first"], o["second"], o["count"]) for o in allowed["overlaps"]] == [("train", "test", 8)]

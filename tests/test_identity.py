@@ -17,7 +17,7 @@ CLASSIFIED = [
     (optim.OptimConfig, optim.OPTIM_SETTINGS),
     (profile.ProfileConfig, profile.PROFILE_SETTINGS),
     (upsample.UpsampleConfig, upsample.UPSAMPLE_SETTINGS),
-    (experiment.ExperimentConfig, experiment.EXPERIMENT_SETTINGS),
+    (experiment.ExperimentConfig, experiment.config.EXPERIMENT_SETTINGS),
 ]
 
 
@@ -94,6 +94,6 @@ def test_every_deciding_train_setting_changes_the_resume_identity():
 
 
 def test_ignored_upsample_and_experiment_settings_are_what_the_refusals_skip():
-    assert set(experiment.EXPERIMENT_SETTINGS.ignored) <= experiment.NOT_COMPARED
+    assert set(experiment.config.EXPERIMENT_SETTINGS.ignored) <= experiment.config.NOT_COMPARED
     assert upsample.UPSAMPLE_SETTINGS.ignored == ("overwrite",)
     assert provenance.MISSING != None  # noqa: E711 - a setting one side lacks is never taken for None

@@ -91,7 +91,7 @@ def test_lora_and_sam_settings():
     assert lora.target_modules == ["q_proj", "v_proj"]
     sam = load("sam")  # prototype: rho 0.05-0.1 around AdamW; the sam arm trains the original data with it
     assert (sam.train.optim.sam_rho, sam.train.optim.sam_base) == (0.05, "adamw")
-    assert "sam" in sam.arms and experiment.arm_spec(sam, "sam").optimizer == "sam"
+    assert "sam" in sam.arms and experiment.config.arm_spec(sam, "sam").optimizer == "sam"
     muon = load("muon").train.optim  # one lr for both halves: Muon's update RMS is matched to AdamW's
     assert (muon.muon_lr, muon.muon_adjust_lr, muon.muon_momentum) == (None, "match_rms_adamw", 0.95)
 
@@ -201,7 +201,7 @@ def test_recipe_runs_end_to_end_on_tiny_stand_ins(name, tmp_path):
                 assert rundir.read_json(d.eval_on(t).metrics)["n"] == cfg.eval_limit
             # The recipe's optimizer (or the arm's own: sam), LoRA and plain prompts were what trained.
             recorded = provenance.recorded_settings(d.train.root, "train")
-            optimizer = experiment.arm_spec(recipe, arm).optimizer or recipe.train.optim.name
+            optimizer = experiment.config.arm_spec(recipe, arm).optimizer or recipe.train.optim.name
             want = dataclasses.replace(recipe.train.optim, name=optimizer)
             assert recorded["optim"] == rundir.to_jsonable(want), arm
             assert recorded["lora"] == dataclasses.asdict(recipe.train.lora)

@@ -19,9 +19,9 @@ def _config(run_dir, **changes):
 
 def test_sweep_points_are_every_combination_in_order(tmp_path):
     cfg = _config(tmp_path, sweep={"m": [1, 2], "epochs": [1, 2]})
-    points = experiment.sweep_points(cfg)
+    points = experiment.config.sweep_points(cfg)
     assert points == [{"m": 1, "epochs": 1}, {"m": 1, "epochs": 2}, {"m": 2, "epochs": 1}, {"m": 2, "epochs": 2}]
-    sub = experiment.sweep_config(cfg, points[3])
+    sub = experiment.config.sweep_config(cfg, points[3])
     assert (sub.m, sub.train.epochs, sub.sweep) == (2, 2.0, None)
     assert sub.run_dir == str(tmp_path / "sweep" / "m=2,epochs=2")
     assert cfg.m == 1 and cfg.train.epochs == 1  # the sweep's own config is left as it was
@@ -45,20 +45,32 @@ def test_a_bad_sweep_is_refused_before_any_work(tmp_path, sweep, message):
 
 def test_an_arm_depends_on_m_and_the_profile_only_through_the_data_it_upsamples():
     cfg = _config("unused")
-    axes = {name: experiment.arm_axes(cfg, experiment.arm_spec(cfg, name)) for name in experiment.BUILTIN_ARMS}
-    everything = set(experiment.SWEEP_AXES)
+    axes = {
+        name: experiment.study.arm_axes(cfg, experiment.config.arm_spec(cfg, name))
+        for name in experiment.config.BUILTIN_ARMS
+    }
+    everything = set(experiment.config.SWEEP_AXES)
     assert axes["base"] == axes["sam"] == {"epochs"}
     assert axes["hard"] == axes["random"] == axes["easy"] == axes["hard-final"] == everything
     assert axes["base-long"] == everything  # as many steps as hard: its length follows hard's data
 
 
 def test_a_sweep_over_epochs_reuses_nothing(tmp_path):
+    """Every arm depends on the epochs: no point links another's run, each trains its own."""
     cfg = _config(tmp_path, sweep={"epochs": [1, 2]})
-    first = tmp_path / "sweep" / "epochs=1" / "arms" / "base" / "seed0"
-    (first / "eval").mkdir(parents=True)
-    (first / "eval" / "metrics.json").write_text("{}")
-    experiment.reuse_unchanged_arms(cfg, {"epochs": 1}, {"epochs": 2})
-    assert not (tmp_path / "sweep" / "epochs=2").exists()
+    kinds = {u.name: u.kind for u in experiment.units(cfg)}
+    assert "link" not in kinds.values()
+    assert kinds["sweep/epochs=2/arms/base/seed0"] == kinds["sweep/epochs=1/arms/base/seed0"] == "train"
+
+
+def test_an_m_sweep_links_the_arms_that_do_not_depend_on_m(tmp_path):
+    cfg = _config(tmp_path, sweep={"m": [1, 3, 5]})
+    units = {u.name: u for u in experiment.units(cfg)}
+    for point in ("m=3", "m=5"):  # both from the first point that trained base, never a link of a link
+        assert units[f"sweep/{point}/arms/base/seed0"].kind == "link"
+        assert units[f"sweep/{point}/arms/base/seed0"].after == ("sweep/m=1/arms/base/seed0",)
+        assert units[f"sweep/{point}/arms/hard/seed0"].kind == "train"
+    assert units["report"].after == ("sweep/m=1/report", "sweep/m=3/report", "sweep/m=5/report")
 
 
 def test_the_sweep_report_tables_each_points_paired_differences(tmp_path):
@@ -92,27 +104,27 @@ def test_curve_steps_are_one_grid_for_every_arm():
     cfg = _config("unused", curve_every=1.0)
     tcfg = dataclasses.replace(cfg.train, epochs=3, batch_size=10)
     # 100 training examples: a point every 10 steps; the base arm ends at 30, an arm with 150 rows per epoch at 45.
-    assert experiment.curve_steps(cfg, tcfg, 100, 100) == [10, 20, 30]
-    assert experiment.curve_steps(cfg, tcfg, 100, 150) == [10, 20, 30, 40, 45]
+    assert experiment.curve.curve_steps(cfg, tcfg, 100, 100) == [10, 20, 30]
+    assert experiment.curve.curve_steps(cfg, tcfg, 100, 150) == [10, 20, 30, 40, 45]
     half = dataclasses.replace(cfg, curve_every=0.5)
-    assert experiment.curve_steps(half, tcfg, 100, 100) == [5, 10, 15, 20, 25, 30]
+    assert experiment.curve.curve_steps(half, tcfg, 100, 100) == [5, 10, 15, 20, 25, 30]
     # Steps per epoch that are not whole (2000 / 32 = 62.5) round up as the run's length does: the base arm's end
     # (6 epochs: 375 steps) is a grid point, where the longer arms meet it.
     six = dataclasses.replace(cfg.train, epochs=6, batch_size=32)
-    assert experiment.curve_steps(cfg, six, 2000, 2000) == [63, 125, 188, 250, 313, 375]
-    assert experiment.curve_steps(dataclasses.replace(cfg, curve_every=6.0), six, 2000, 3000) == [375, 563]
+    assert experiment.curve.curve_steps(cfg, six, 2000, 2000) == [63, 125, 188, 250, 313, 375]
+    assert experiment.curve.curve_steps(dataclasses.replace(cfg, curve_every=6.0), six, 2000, 3000) == [375, 563]
 
 
 def test_a_sweep_runs_each_point_and_reports_them_together(tmp_path, monkeypatch):
     cfg = _config(tmp_path, sweep={"m": [1, 3]})
     trained = []
-    real = experiment.train_run
+    real = experiment.study.train_run
 
     def spy(tcfg, **kw):
         trained.append(Path(tcfg.out).relative_to(tmp_path).parts[1:4])  # point, arms, arm
         return real(tcfg, **kw)
 
-    monkeypatch.setattr(experiment, "train_run", spy)
+    monkeypatch.setattr(experiment.study, "train_run", spy)
     experiment.run(cfg)
     # base trains the data as given: m does not change it, so the second point links the first one's run
     assert trained == [("m=1", "arms", "base"), ("m=1", "arms", "hard"), ("m=3", "arms", "hard")]

@@ -22,6 +22,7 @@ from torch import nn
 from datalever import checks
 from datalever.examples import DataFormat, Example, local_data, read_data
 from datalever.models import unwrap
+from datalever.progress import bar as progress_bar
 from datalever.progress import label as progress_label
 from datalever.tokens import (
     IGNORE,
@@ -245,8 +246,6 @@ def score_encoded(
     every world_size-th batch and the results are gathered by id on every rank; this works for a
     model sharded by FSDP as well (profile's proxy under an FSDP launch).
     """
-    from tqdm.auto import tqdm
-
     scorer = model if isinstance(model, ResponseLoss) else ResponseLoss(model)
     was_training = scorer.training
     scorer.eval()
@@ -268,13 +267,15 @@ def score_encoded(
     # (its kernels are queued), and only then do we wait for batch i's results. A background thread
     # would buy no more overlap: the padding holds the GIL, which the thread launching the kernels needs.
     staged = _stage(rows_of(0), pad_id, device) if rounds else None
-    for i in tqdm(range(rounds), desc=progress_label(desc), disable=not progress or rank != 0, leave=False):
-        rows, tensors = staged
-        on_the_way = _send_to_host(*scorer(**tensors))
-        if i + 1 < rounds:
-            staged = _stage(rows_of(i + 1), pad_id, device)
-        if i < len(mine):
-            local.extend(_example_losses(rows, on_the_way))
+    with progress_bar(total=rounds, desc=progress_label(desc), show=progress and rank == 0, leave=False) as bar:
+        for i in range(rounds):
+            rows, tensors = staged
+            on_the_way = _send_to_host(*scorer(**tensors))
+            if i + 1 < rounds:
+                staged = _stage(rows_of(i + 1), pad_id, device)
+            if i < len(mine):
+                local.extend(_example_losses(rows, on_the_way))
+            bar.update(1)
     if world > 1:
         from accelerate.utils import gather_object
 

@@ -323,6 +323,38 @@ class RunDir(_Layout):
     def sweep_json(self) -> Path:
         return self.root / "sweep_results.json"
 
+    # -------------------------------------------------------------------- the grid's bookkeeping (grid/)
+
+    @property
+    def grid(self) -> Path:
+        """.grid/: claims, the configs workers read, job records. Bookkeeping, never results."""
+        return self.root / ".grid"
+
+    def claim(self, unit: str) -> Path:
+        """The lock file a unit is claimed through (grid.units.claim)."""
+        return self.grid / "claims" / f"{unit}.lock"
+
+    def grid_config(self, digest: str) -> Path:
+        """The experiment's settings as a driver gave them to its workers (named by their hash)."""
+        return self.grid / f"config-{digest}.yaml"
+
+    def job_record(self, unit: str) -> Path:
+        """The SLURM job a driver submitted for a unit: its id and submitit folder."""
+        return self.grid / "jobs" / f"{unit}.json"
+
+    @property
+    def slurm(self) -> Path:
+        """submitit's folder: each job's script, pickles and scheduler output."""
+        return self.grid / "slurm"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def unit_log(self, unit: str) -> Path:
+        """Everything a unit run in a process of its own printed (logs/<unit>.log, appended by each attempt)."""
+        return self.logs / f"{unit}.log"
+
     def experiment_outputs(self) -> list[Path]:
         """What an experiment's stages wrote here (existing paths only): everything `--overwrite` removes.
         data/ counts only when `data synth` made it or the experiment read the given data into it (its
@@ -331,7 +363,7 @@ class RunDir(_Layout):
         named += [self.root / "sweep", self.sweep_md, self.sweep_json]
         named += [self.split().split, self.split().summary, self.split().trajectories_plot, self.split().datamap_plot]
         named += [self.split().audit]
-        named += [self.results_json, self.results_md, *self.root.glob("results_*.png")]
+        named += [self.results_json, self.results_md, *self.root.glob("results_*.png"), self.logs]
         named += [p for stage in ("experiment", "profile", "split") for p in provenance_files(self.root, stage)]
         if any(provenance_files(self.data, stage)[0].exists() for stage in ("synth", "import")):
             named.append(self.data)

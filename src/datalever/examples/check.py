@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from datalever import rundir
+from datalever import provenance
 from datalever.examples.base import NO_SOURCE
 from datalever.examples.load import DataFormat, load_and_describe
 from datalever.examples.readers import SplitRequest
@@ -35,7 +35,7 @@ def run_check(cfg: CheckConfig) -> str:
         f"{cfg.data}: {len(examples)} examples",
         f"schema: {how}",
         "sources: " + ", ".join(f"{k}={v}" for k, v in sources.most_common()),
-        f"fingerprint: {rundir.fingerprint(examples)}",
+        f"fingerprint: {provenance.fingerprint(examples)}",
     ]
     if examples:
         ex = examples[0]

@@ -42,6 +42,7 @@ from datalever.launch import make_accelerator, prepare
 from datalever.losses import ResponseLoss
 from datalever.models import count_parameters, load_model, load_tokenizer, resolve_model
 from datalever.optim import SAM, MultiOptimizer, StepStats, build_optimizer, lr_factor, optimizer_step, set_lr
+from datalever.progress import bar as progress_bar
 from datalever.tokens import Encoded, Formatter, Truncation, collate, loss_positions
 from datalever.train import checkpoint, logs, outputs
 from datalever.train.checkpoint import Progress, SaveTimer
@@ -239,12 +240,10 @@ def train_loop(
 ) -> None:
     """Optimizer steps up to `job.steps`: each logged, shown to `on_step`, checkpointed when due; after a stop
     request, checkpointed at once and ended with `preempt.Preempted`."""
-    from tqdm.auto import tqdm
-
     cfg, progress = job.cfg, job.progress
     timer = SaveTimer(cfg.save_every_minutes, job.accelerator)
     show = cfg.progress and job.accelerator.is_local_main_process
-    bar = tqdm(total=job.steps, initial=progress.step, desc=f"train {cfg.optim.name}", disable=not show)
+    bar = progress_bar(total=job.steps, initial=progress.step, desc=f"train {cfg.optim.name}", show=show)
     start = time.perf_counter() - progress.compute.wall_s  # a resumed run continues the checkpoint's clock
     while progress.step < job.steps:
         t0 = time.perf_counter()

@@ -1,0 +1,84 @@
+"""One unit in a process of its own: what `grid.local.Workers` starts and what a SLURM job runs.
+
+    python -m datalever.grid.worker --config RUN/.grid/config-<hash>.yaml --unit arms/hard/seed0 [--processes G]
+
+It claims the unit, runs it and exits 0; 73 if another process holds the claim; 75 if it was stopped by a signal
+with its state saved (`preempt`); 1 with the traceback if it failed. With `--processes G` > 1 the claim is held here
+while the unit runs under torchrun, one process per device (each of those runs with `--claimed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import traceback
+
+from datalever.grid.local import CLAIMED_EXIT
+from datalever.grid.units import ClaimedElsewhere, Unit, claim
+from datalever.preempt import REQUEUE_EXIT, Preempted
+
+
+def load_unit(config_file: str, name: str) -> tuple[str, Unit]:
+    """The experiment's run directory (where claims live) and its unit `name`, rebuilt from the settings file."""
+    from datalever import experiment
+    from datalever.cli import read_config
+
+    cfg = read_config(experiment.ExperimentConfig, config_file)
+    units = {unit.name: unit for unit in experiment.units(cfg)}
+    if name not in units:
+        raise SystemExit(f"no unit {name!r} in the experiment of {config_file}")
+    return cfg.run_dir, units[name]
+
+
+def set_threads() -> None:
+    threads = os.environ.get("DATALEVER_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def run_unit(config_file: str, name: str, processes: int = 1, claimed: bool = False) -> int:
+    """Run the unit; the exit status (0, CLAIMED_EXIT, REQUEUE_EXIT or 1)."""
+    set_threads()
+    root, unit = load_unit(config_file, name)
+    try:
+        if claimed:
+            unit.run()
+            return 0
+        with claim(root, name):
+            if processes > 1:
+                command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), "-m", "datalever.grid.worker", "--config", config_file, "--unit", name,
+                           "--claimed"]  # fmt: skip
+                return subprocess.run(command).returncode
+            unit.run()
+        return 0
+    except ClaimedElsewhere as e:
+        print(e, file=sys.stderr)
+        return CLAIMED_EXIT
+    except Preempted as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        return REQUEUE_EXIT
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m datalever.grid.worker", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="the experiment's settings (a YAML file)")
+    parser.add_argument("--unit", required=True, help="the unit's name, e.g. arms/hard/seed0")
+    parser.add_argument("--processes", type=int, default=1, help="processes (devices) the unit runs on")
+    parser.add_argument("--claimed", action="store_true", help="the claim is held by the parent (under torchrun)")
+    args = parser.parse_args(argv)
+    from datalever.cli import _quiet_libraries
+
+    _quiet_libraries()
+    sys.exit(run_unit(args.config, args.unit, args.processes, args.claimed))
+
+
+if __name__ == "__main__":
+    main()
