@@ -10,16 +10,14 @@ import json
 import math
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from datalever import rundir
 from datalever.checks import ConfigError
 from datalever.examples import Example, save_examples
-from datalever.split import SplitConfig, SplitError, compute_features, read_trajectories, run, split_trajectories
-
-STEPS = [10, 20, 30, 40]
+from datalever.split import SplitConfig, SplitError, compute_features, run, split_trajectories
+from stores import write_store
 
 
 @pytest.fixture(autouse=True)
@@ -242,42 +240,6 @@ def test_stratified_identical_source_is_an_error():
 
 
 # ------------------------------------------------------------------------------ the store and the stage
-
-
-def write_store(run_dir, ids, sources, L, flags=None, steps=STEPS, meta_steps=None):
-    cols = [f"loss_step{s:06d}" for s in steps]
-    data = {
-        "id": pa.array(ids, pa.string()),
-        "source": pa.array(sources, pa.string()),
-        "n_tokens": pa.array([10] * len(ids), pa.int64()),
-        "flag": pa.array(flags or [""] * len(ids), pa.string()),
-    }
-    for j, c in enumerate(cols):
-        data[c] = pa.array(L[:, j], pa.float64())
-    pq.write_table(pa.table(data), run_dir / "trajectories.parquet")
-    (run_dir / "trajectories.meta.json").write_text(
-        json.dumps({"steps": meta_steps or list(steps), "loss_columns": cols})
-    )
-
-
-def test_read_trajectories_round_trip_and_validation(tmp_path):
-    L = np.arange(12, dtype=float).reshape(3, 4) + 1
-    L[2] = np.nan
-    write_store(tmp_path, ["a", "b", "c"], ["s", None, "s"], L, flags=["", "", "truncated"])
-    ids, sources, losses, flags, meta = read_trajectories(tmp_path / "trajectories.parquet")
-    assert ids == ["a", "b", "c"] and sources == ["s", None, "s"] and flags == ["", "", "truncated"]
-    np.testing.assert_array_equal(losses[:2], L[:2])
-    assert np.isnan(losses[2]).all() and meta["steps"] == STEPS
-
-    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L, flags=["", "", ""])
-    with pytest.raises(SplitError, match="unflagged row"):
-        read_trajectories(tmp_path)
-    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L[[0, 1, 1]], steps=[10, 30, 20, 40])
-    with pytest.raises(SplitError, match="increasing step order"):
-        read_trajectories(tmp_path)
-    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L[[0, 1, 1]], meta_steps=[1, 2, 3, 4])
-    with pytest.raises(SplitError, match="meta steps"):
-        read_trajectories(tmp_path)
 
 
 def test_run_writes_outputs_and_difficulty(tmp_path):

@@ -162,18 +162,6 @@ def difficulty_frame(examples: Iterable) -> pd.DataFrame:
     return out
 
 
-def store_counts(path: str | Path) -> pd.DataFrame:
-    """n_tokens (response tokens scored) and n_cut (response tokens max_length cut) per id, where the trajectory
-    file has them (a profile store does; another tool's file may not)."""
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(path).names
-    wanted = [c for c in ("n_tokens", "n_cut") if c in names]
-    if "id" not in names or not wanted:
-        return pd.DataFrame()
-    return pq.read_table(path, columns=["id", *wanted]).to_pandas().set_index("id")
-
-
 # ----------------------------------------------------------------------------------------------
 # The audit
 
@@ -260,7 +248,7 @@ def audit_split(
 
     Only the rows k-means assigned are scored: flagged rows have no loss and small sources are hard by rule.
     `examples` give the composition and difficulty features, `counts` the store's n_tokens/n_cut (see
-    `store_counts`), `proxy` the language check (`proxy_language`). Returns ``{"n", "n_hard", "features": {name:
+    `trajectories.counts`), `proxy` the language check (`proxy_language`). Returns ``{"n", "n_hard", "features": {name:
     {group, auroc, ci95, n, n_pos, n_neg, higher_in}}, "constant", "proxy", "warnings"}``.
     """
     rows = split_df[split_df["assigned"] == "kmeans"]

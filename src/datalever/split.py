@@ -1,19 +1,10 @@
 """Split: turn loss trajectories into an easy/hard split by k-means.
 
-Input (written by the profile stage): ``RUN/trajectories.parquet`` with columns ``id``, ``source``,
-``n_tokens``, ``flag`` ("" or e.g. "truncated") and one float column ``loss_step{step:06d}`` per
-checkpoint, in increasing step order; plus ``RUN/trajectories.meta.json`` with ``steps`` and
-``loss_columns``. Row i's trajectory is ``loss[i, t]``, t = 0..K-1 over the K checkpoints.
-
-Or (``SplitConfig.trajectories``) a Parquet file written by another tool: an ``id`` column holding the
-datalever content ids of the training examples (what ``load_examples`` gives; ``datalever data check``
-prints the first), optional ``source`` and ``flag`` text columns, and the losses: every other column
-except ``n_tokens`` and ``n_cut`` (ignored, so a profile store works too), in file order, which is the
-checkpoint order. Loss columns must be numeric (integer or float); no meta file is needed. Steps (the
-plots' x axis and the feature column names) are the last number in each loss column's name
-(``loss_step000010`` and ``loss_10`` give 10) when every name has one and they increase in file order,
-else 0..K-1. The ids must cover the training file exactly (when it is known): an id the training set
-lacks, or a training example without a trajectory, is an error, since upsample could not match it.
+Input: the profile's trajectory store (``RUN/trajectories.parquet`` and its meta), or (``SplitConfig.trajectories``)
+a Parquet file of the same shape written by another tool; `datalever.trajectories` describes and reads both. Row i's
+trajectory is ``loss[i, t]``, t = 0..K-1 over the K checkpoints. The ids of another tool's file must cover the
+training file exactly (when it is known): an id the training set lacks, or a training example without a trajectory,
+is an error, since upsample could not match it.
 
 Features (what k-means sees; the choice is ``SplitConfig.features``):
 
@@ -61,7 +52,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +60,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from datalever import audit, checks, rundir
+from datalever import audit, checks, rundir, trajectories
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
 
 FEATURES = ("trajectory", "final", "relative", "residual")
-LOSS_COLUMN = re.compile(r"^loss_step(\d{6})$")
 
 log = logging.getLogger(__name__)
 
@@ -127,156 +116,6 @@ class SplitConfig(DataFormat):
             )
         checks.positive("min_source_size", self.min_source_size)
         checks.existing_path("trajectories", self.trajectories, optional=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the trajectory store
-
-
-def read_trajectories(path: str | Path):
-    """Read and validate the trajectory store.
-
-    `path` is ``trajectories.parquet`` or the run directory holding it. Returns
-    ``(ids, sources, losses, flags, meta)``: lists of str / str|None / str, a float64 array [n, K]
-    and the meta dict. Raises SplitError on anything inconsistent.
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if path.is_dir():
-        path = rundir.RunDir(path).trajectories
-    if not path.exists():
-        raise SplitError(f"no trajectory store at {path} (run the profile stage first)")
-    meta_path = path.with_name(path.name.removesuffix(".parquet") + ".meta.json")
-    if not meta_path.exists():
-        raise SplitError(f"{path} has no meta file {meta_path.name}")
-    meta = rundir.read_json(meta_path)
-    table = pq.read_table(path)
-    cols = table.column_names
-    for required in ("id", "source", "flag"):
-        if required not in cols:
-            raise SplitError(f"{path}: missing column {required!r} (has {cols})")
-    loss_cols = [c for c in cols if LOSS_COLUMN.match(c)]
-    if not loss_cols:
-        raise SplitError(f"{path}: no loss_stepNNNNNN columns")
-    steps = [int(LOSS_COLUMN.match(c).group(1)) for c in loss_cols]
-    if any(b <= a for a, b in zip(steps, steps[1:])):
-        raise SplitError(f"{path}: loss columns are not in strictly increasing step order: {loss_cols}")
-    if "loss_columns" in meta and list(meta["loss_columns"]) != loss_cols:
-        raise SplitError(f"{path}: meta loss_columns {meta['loss_columns']} != parquet columns {loss_cols}")
-    if "steps" in meta and [int(s) for s in meta["steps"]] != steps:
-        raise SplitError(f"{path}: meta steps {meta['steps']} do not match the loss columns {loss_cols}")
-    meta = {**meta, "steps": steps, "loss_columns": loss_cols}
-
-    ids = [str(i) for i in table.column("id").to_pylist()]
-    if len(set(ids)) != len(ids):
-        raise SplitError(f"{path}: duplicate ids")
-    sources = table.column("source").to_pylist()
-    flags = [f or "" for f in table.column("flag").to_pylist()]
-    losses = (
-        np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in loss_cols])
-        if len(ids)
-        else np.zeros((0, len(loss_cols)))
-    )
-    _refuse_nan(path, ids, losses, flags)
-    return ids, sources, losses, flags, meta
-
-
-def _refuse_nan(path: Path, ids: list[str], losses: np.ndarray, flags: list[str]) -> None:
-    """NaN is never replaced by a number (a broken example would look easiest): only flagged rows may hold it."""
-    bad = [ids[i] for i in np.flatnonzero(np.isnan(losses).any(axis=1)) if not flags[i]]
-    if bad:
-        raise SplitError(f"{path}: {len(bad)} unflagged row(s) have NaN or missing losses, e.g. ids {bad[:3]}")
-
-
-# Columns of a trajectory file that are not losses (n_tokens and n_cut: the profile store's counts).
-NOT_LOSSES = ("id", "source", "flag", "n_tokens", "n_cut")
-LAST_NUMBER = re.compile(r"(\d+)\D*$")
-
-
-def read_external_trajectories(path: str | Path):
-    """Read and validate a trajectory file written by another tool (see the module docstring).
-
-    Returns ``(ids, sources, losses, flags, meta)`` as `read_trajectories` does; meta holds ``steps`` and
-    ``loss_columns``. Raises SplitError naming the file (and the column or rows) on anything it cannot use.
-    """
-    path = Path(path)
-    table = _read_parquet(path)
-    cols = table.column_names
-    if "id" not in cols:
-        raise SplitError(f"{path}: no 'id' column (has {cols}); it must hold the training examples' datalever ids")
-    if table.num_rows == 0:
-        raise SplitError(f"{path}: empty file (no rows)")
-    loss_cols = [c for c in cols if c not in NOT_LOSSES]
-    if not loss_cols:
-        raise SplitError(f"{path}: no loss columns (every column other than {list(NOT_LOSSES)} is a loss)")
-    for c in loss_cols:
-        _require_numeric(path, c, table.schema.field(c).type)
-    ids = _external_ids(path, table.column("id"))
-    sources = _optional_text(path, table, "source")
-    flags = [f or "" for f in _optional_text(path, table, "flag")]
-    # A null loss becomes NaN here, and is refused below like any NaN.
-    losses = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in loss_cols])
-    _refuse_nan(path, ids, losses, flags)
-    return ids, sources, losses, flags, {"steps": steps_from_names(loss_cols), "loss_columns": loss_cols}
-
-
-def _read_parquet(path: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; a directory or a torn file, OSError
-        raise SplitError(f"{path}: cannot read it as Parquet ({e})") from e
-
-
-def _require_numeric(path: Path, column: str, dtype) -> None:
-    import pyarrow as pa
-
-    if not (pa.types.is_integer(dtype) or pa.types.is_floating(dtype)):
-        raise SplitError(
-            f"{path}: column {column!r} is {dtype}, not numeric; every column other than {list(NOT_LOSSES)} "
-            "is read as a loss: drop or rename it"
-        )
-
-
-def _external_ids(path: Path, column) -> list[str]:
-    import pyarrow as pa
-
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise SplitError(f"{path}: column 'id' is {column.type}, not text (datalever content ids)")
-    ids = column.to_pylist()
-    null_rows = [i for i, v in enumerate(ids) if v is None]
-    if null_rows:
-        raise SplitError(f"{path}: {len(null_rows)} null id(s), e.g. at rows {null_rows[:3]} (0-based)")
-    dup = pd.Series(ids)
-    dup = dup[dup.duplicated()].unique().tolist()
-    if dup:
-        raise SplitError(f"{path}: {len(dup)} duplicate id(s), e.g. {dup[:3]}")
-    return ids
-
-
-def _optional_text(path: Path, table, name: str) -> list[str | None]:
-    """A text column that may be absent (then all None) or null in places."""
-    import pyarrow as pa
-
-    if name not in table.column_names:
-        return [None] * table.num_rows
-    column = table.column(name)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
-        raise SplitError(f"{path}: column {name!r} is {column.type}, not text")
-    return column.to_pylist()
-
-
-def steps_from_names(loss_cols: Sequence[str]) -> list[int]:
-    """The step of each loss column: the last number in every name if all have one and they increase (loss_10,
-    loss_step000020 -> 10, 20), else the position 0..K-1 (file order is the checkpoint order either way)."""
-    found = [LAST_NUMBER.search(c) for c in loss_cols]
-    if all(found):
-        steps = [int(m.group(1)) for m in found]
-        if all(b > a for a, b in zip(steps, steps[1:])):
-            return steps
-    return list(range(len(loss_cols)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,17 +500,20 @@ def plot_split(
 # The stage
 
 
-def read_input(cfg: SplitConfig, run_dir: rundir.RunDir):
+def read_input(cfg: SplitConfig, run_dir: rundir.RunDir) -> trajectories.Trajectories:
     """The trajectories the split clusters: the external file if given, else the profile's store (finished)."""
-    if cfg.trajectories:
-        return read_external_trajectories(cfg.trajectories)
-    ids, sources, losses, flags, meta = read_trajectories(run_dir.trajectories)
-    if meta.get("complete") is False:
+    try:
+        if cfg.trajectories:
+            return trajectories.read_external(cfg.trajectories)
+        found = trajectories.read_store(run_dir.trajectories)
+    except trajectories.StoreError as e:
+        raise SplitError(str(e)) from e
+    if found.meta.get("complete") is False:
         raise SplitError(
             f"{run_dir.trajectories_meta}: the profile is not finished "
-            f"(recorded steps {meta.get('steps')}); run `datalever profile` again to complete it"
+            f"(recorded steps {found.meta.get('steps')}); run `datalever profile` again to complete it"
         )
-    return ids, sources, losses, flags, meta
+    return found
 
 
 def file_sha256(path: str | Path) -> str:
@@ -696,7 +538,7 @@ def refuse_other_trajectories(out: rundir.SplitDir, cfg: SplitConfig, digest: st
         )
 
 
-def refuse_uncovered(ids: Sequence[str], examples: Sequence, trajectories: str, train_file: Path) -> None:
+def refuse_uncovered(ids: Sequence[str], examples: Sequence, trajectory_file: str, train_file: Path) -> None:
     """The trajectories must cover the training set exactly: upsample matches split rows to examples by id, so an
     unknown id, or an example without a trajectory, would leave the split and the arm disagreeing."""
     train_ids = [ex.id for ex in examples]
@@ -705,7 +547,7 @@ def refuse_uncovered(ids: Sequence[str], examples: Sequence, trajectories: str, 
     missing = [i for i in train_ids if i not in have]
     if unknown or missing:
         raise SplitError(
-            f"{trajectories} and {train_file} disagree: {len(unknown)} id(s) of the trajectories are not training "
+            f"{trajectory_file} and {train_file} disagree: {len(unknown)} id(s) of the trajectories are not training "
             f"examples (e.g. {unknown[:3]}), {len(missing)} training example(s) have no trajectory "
             f"(e.g. {missing[:3]}); the ids must be the examples' datalever ids (`datalever data check --data FILE` "
             "shows the first)"
@@ -793,7 +635,7 @@ def audit_of(cfg: SplitConfig, run_dir: rundir.RunDir, df: pd.DataFrame, example
     """The split's audit (see datalever.audit): the trajectory file's token counts, and for a profile store the
     proxy's per-token loss against an untrained model's (another tool's file says nothing of its model)."""
     store = Path(cfg.trajectories) if cfg.trajectories else run_dir.trajectories
-    counts = audit.store_counts(store)
+    counts = trajectories.counts(store)
     proxy = None
     if not cfg.trajectories:
         facts = audit.proxy_facts(meta, run_dir.proxy.root)
