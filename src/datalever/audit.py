@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from datalever import rundir
 from datalever.examples import DIFFICULTY_KEYS
 from datalever.synth import LEVELS
 
@@ -350,20 +351,20 @@ def proxy_facts(meta: dict, proxy_dir: Path) -> dict[str, Any]:
     config), its per-token loss before training (the store's meta ``initial_per_token_loss`` where the profile
     recorded it, else the first logged step's loss, taken on the first batch before the first update: one batch, an
     estimate) and its tokenizer file (the saved proxy's, else the one it started from)."""
-    model = proxy_dir / "model"
+    proxy = rundir.TrainDir(proxy_dir)
+    model = rundir.ModelDir(proxy.model)
     vocab = (meta.get("proxy") or {}).get("vocab_size")
-    if vocab is None and (model / "config.json").exists():
-        vocab = json.loads((model / "config.json").read_text()).get("vocab_size")
+    if vocab is None and model.config.exists():
+        vocab = json.loads(model.config.read_text()).get("vocab_size")
     initial = meta.get("initial_per_token_loss")
-    log = proxy_dir / "train_log.jsonl"
-    if initial is None and log.exists():
-        for line in log.read_text().splitlines():
+    if initial is None and proxy.log.exists():
+        for line in proxy.log.read_text().splitlines():
             record = json.loads(line)
             if record.get("step") == 1:
                 initial = float(record["loss"])
                 break
-    origins = [model, Path((meta.get("proxy") or {}).get("path") or model)]
-    tokenizer = next((d / "tokenizer.json" for d in origins if (d / "tokenizer.json").exists()), None)
+    origins = [model, rundir.ModelDir((meta.get("proxy") or {}).get("path") or model.root)]
+    tokenizer = next((d.tokenizer_json for d in origins if d.tokenizer_json.exists()), None)
     return {"vocab_size": vocab, "initial_loss": initial, "tokenizer_json": tokenizer}
 
 

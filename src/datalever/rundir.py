@@ -472,3 +472,18 @@ def record_provenance(out_dir: str | os.PathLike, stage: str, config: Any, **ext
     config_file, meta_file = provenance_files(out_dir, stage)
     write_yaml(config_file, config)
     write_json(meta_file, {"stage": stage, "versions": versions(), **extra})
+
+
+@dataclass(frozen=True)
+class ModelDir(_Layout):
+    """An HF checkpoint directory (a saved model, e.g. `TrainDir.model`): the files datalever reads from one without
+    loading the model (the split's audit)."""
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def tokenizer_json(self) -> Path:
+        """The fast tokenizer's file, which the `tokenizers` library reads without torch."""
+        return self.root / "tokenizer.json"
