@@ -16,7 +16,16 @@ import pytest
 from datalever import rundir
 from datalever.checks import ConfigError
 from datalever.examples import Example, save_examples
-from datalever.split import SplitConfig, SplitError, compute_features, run, split_trajectories
+from datalever.split import (
+    FEATURE_KINDS,
+    FEATURES,
+    Feature,
+    SplitConfig,
+    SplitError,
+    compute_features,
+    run,
+    split_trajectories,
+)
 from stores import write_store
 
 
@@ -99,6 +108,53 @@ def test_final_feature_matches_brute_force_two_means():
     expected_hard = {ids[i] for i in order[best:]}
     df = split_trajectories(ids, [None] * len(ids), L, features="final", k=2)
     assert hard_ids(df) == expected_hard
+
+
+@pytest.mark.parametrize("name", FEATURES)
+def test_every_registered_feature_has_every_entry(name):
+    """A feature is one entry of the registry: its computation, hardness values, column names, whether it needs the
+    examples' composition and its minimum K, all consistent with each other."""
+    kind = FEATURE_KINDS[name]
+    assert isinstance(kind, Feature) and kind.name == name
+    assert isinstance(kind.covariates, bool) and isinstance(kind.min_checkpoints, int) and kind.min_checkpoints >= 1
+    L, _ = two_groups(5, 5, K=4)
+    covariates = np.random.default_rng(0).dirichlet([1, 1, 1], len(L)) if kind.covariates else None
+    for K in range(kind.min_checkpoints, 5):
+        steps = [10 * (t + 1) for t in range(K)]
+        feats = compute_features(L[:, :K], name, covariates)
+        columns = kind.columns(steps)
+        assert feats.shape == (len(L), len(columns)) and len(columns) >= 1
+        assert len(set(columns)) == len(columns) and all(c.startswith("feat_") for c in columns)
+        assert kind.hardness(L[:, :K], feats).shape[0] == len(L)
+        df = split_trajectories(
+            [f"e{i}" for i in range(len(L))],
+            [None] * len(L),
+            L[:, :K],
+            features=name,
+            steps=steps,
+            covariates=covariates,
+        )
+        assert [c for c in df.columns if c.startswith("feat_")] == columns
+    if kind.min_checkpoints > 1:
+        with pytest.raises(SplitError, match=f"needs at least {kind.min_checkpoints} checkpoints"):
+            compute_features(L[:, : kind.min_checkpoints - 1], name, covariates)
+    if kind.covariates:
+        with pytest.raises(SplitError, match="needs the examples' composition"):
+            compute_features(L, name, None)
+
+
+def test_the_registry_is_what_split_config_and_the_cli_accept(capsys):
+    from datalever import cli
+
+    for name in FEATURES:
+        assert SplitConfig(features=name).features == name
+    with pytest.raises(ConfigError, match=f"features must be one of {', '.join(FEATURES)}; got 'shape'"):
+        SplitConfig(features="shape")
+    with pytest.raises(SystemExit):
+        cli.main(["split", "--help"])
+    text = capsys.readouterr().out
+    help_ = " ".join(text[text.index("\n  --features") + 1 :].split("\n  --")[0].split())
+    assert all(f"'{name}'" in help_ for name in FEATURES), help_
 
 
 # ------------------------------------------------------------------------------ stratification

@@ -6,7 +6,7 @@ trajectory is ``loss[i, t]``, t = 0..K-1 over the K checkpoints. The ids of anot
 training file exactly (when it is known): an id the training set lacks, or a training example without a trajectory,
 is an error, since upsample could not match it.
 
-Features (what k-means sees; the choice is ``SplitConfig.features``):
+Features (what k-means sees; the choice is ``SplitConfig.features``; each is one entry of `FEATURE_KINDS`):
 
 - ``trajectory`` (default): the raw trajectory, ``x_i = (loss[i,0], ..., loss[i,K-1])`` (K values).
 - ``final``: the final loss only, ``x_i = (loss[i,K-1],)`` (1 value; the paper's ablation).
@@ -55,15 +55,13 @@ import logging
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from datalever import audit, checks, rundir, trajectories
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
-
-FEATURES = ("trajectory", "final", "relative", "residual")
 
 log = logging.getLogger(__name__)
 
@@ -119,28 +117,7 @@ class SplitConfig(DataFormat):
 
 
 # ----------------------------------------------------------------------------------------------
-# Features and clustering (pure)
-
-
-def compute_features(losses: np.ndarray, features: str, covariates: np.ndarray | None = None) -> np.ndarray:
-    """The feature matrix for `losses` [n, K] (see the module docstring). NaN rows stay NaN. `covariates` [n, c]:
-    the composition the 'residual' baseline is fitted on (only that feature uses them)."""
-    losses = np.asarray(losses, dtype=np.float64)
-    if losses.ndim != 2:
-        raise SplitError(f"losses must be 2-D [n, K], got shape {losses.shape}")
-    if features == "trajectory":
-        return losses.copy()
-    if features == "final":
-        return losses[:, -1:].copy()
-    if features == "relative":
-        if losses.shape[1] < 2:
-            raise SplitError("features='relative' needs at least 2 checkpoints")
-        prev = losses[:, :-1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return losses[:, 1:] / prev
-    if features == "residual":
-        return composition_residuals(losses, covariates)
-    raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+# Features (pure): one entry each in FEATURE_KINDS
 
 
 def composition_residuals(losses: np.ndarray, covariates: np.ndarray | None) -> np.ndarray:
@@ -160,23 +137,81 @@ def composition_residuals(losses: np.ndarray, covariates: np.ndarray | None) -> 
     return out
 
 
-def hardness(losses: np.ndarray, feats: np.ndarray, features: str) -> np.ndarray:
-    """What ranks the clusters (highest cluster mean = hardest): the raw losses, except for 'residual' (the loss
-    above what the composition predicts)."""
-    return feats if features == "residual" else losses
+def _step_ratios(losses: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return losses[:, 1:] / losses[:, :-1]
 
 
-def feature_names(features: str, steps: Sequence[int]) -> list[str]:
-    steps = list(steps)
-    if features == "trajectory":
-        return [f"feat_loss_step{s:06d}" for s in steps]
-    if features == "final":
-        return [f"feat_loss_step{steps[-1]:06d}"]
-    if features == "relative":
-        return [f"feat_ratio_step{b:06d}_{a:06d}" for a, b in zip(steps, steps[1:])]
-    if features == "residual":
-        return [f"feat_residual_step{s:06d}" for s in steps]
-    raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+def _raw_losses(losses: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    return losses
+
+
+def _the_features(losses: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    return feats
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One kind of split feature: what k-means clusters, made from the loss trajectories. A new kind is one entry of
+    FEATURE_KINDS (and a line in SplitConfig.features' help)."""
+
+    name: str
+    compute: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+    """(losses [n, K], covariates [n, c] or None) -> features [n, d]; NaN rows stay NaN."""
+    columns: Callable[[list[int]], list[str]]
+    """The K checkpoints' steps -> the d feature columns' names in split.parquet (feat_*)."""
+    hardness: Callable[[np.ndarray, np.ndarray], np.ndarray] = _raw_losses
+    """(losses, features) -> the values whose cluster mean ranks the clusters (the highest = hard)."""
+    covariates: bool = False
+    """Fitted on the examples' composition (audit.composition_covariates): needs the training examples, and with
+    stratify is fitted within each source."""
+    min_checkpoints: int = 1
+    """The fewest checkpoints (K) it can be computed from."""
+
+
+FEATURE_KINDS = {
+    kind.name: kind
+    for kind in (
+        Feature("trajectory", lambda losses, _: losses.copy(), lambda steps: [f"feat_loss_step{s:06d}" for s in steps]),
+        Feature("final", lambda losses, _: losses[:, -1:].copy(), lambda steps: [f"feat_loss_step{steps[-1]:06d}"]),
+        Feature(
+            "relative",
+            _step_ratios,
+            lambda steps: [f"feat_ratio_step{b:06d}_{a:06d}" for a, b in zip(steps, steps[1:])],
+            min_checkpoints=2,
+        ),
+        Feature(
+            "residual",
+            composition_residuals,
+            lambda steps: [f"feat_residual_step{s:06d}" for s in steps],
+            hardness=_the_features,  # hard = more loss than the composition predicts; raw loss would bring it back
+            covariates=True,
+        ),
+    )
+}
+FEATURES = tuple(FEATURE_KINDS)
+
+
+def feature_kind(features: str) -> Feature:
+    if features not in FEATURE_KINDS:
+        raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+    return FEATURE_KINDS[features]
+
+
+def compute_features(losses: np.ndarray, features: str, covariates: np.ndarray | None = None) -> np.ndarray:
+    """The feature matrix for `losses` [n, K] (see the module docstring). NaN rows stay NaN. `covariates` [n, c]:
+    the composition a covariate baseline ('residual') is fitted on (only such features use them)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 2:
+        raise SplitError(f"losses must be 2-D [n, K], got shape {losses.shape}")
+    kind = feature_kind(features)
+    if losses.shape[1] < kind.min_checkpoints:
+        raise SplitError(f"features={features!r} needs at least {kind.min_checkpoints} checkpoints")
+    return kind.compute(losses, covariates)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clustering (pure)
 
 
 def _kmeans_ranked(x: np.ndarray, raw: np.ndarray, k: int, seed: int, what: str) -> np.ndarray:
@@ -232,8 +267,7 @@ def split_trajectories(
         raise SplitError("no examples to split")
     if losses.shape[1] == 0:
         raise SplitError("losses have no checkpoints")
-    if features not in FEATURES:
-        raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+    kind = feature_kind(features)
     if k < 2:
         raise SplitError(f"k must be >= 2, got {k}")
     flags = [""] * n if flags is None else [f or "" for f in flags]
@@ -248,9 +282,9 @@ def split_trajectories(
     strata = pd.Series(pd.array(list(sources), dtype="string")).fillna(NO_SOURCE).to_numpy(dtype=object)
     threshold = max(int(min_source_size), k) if stratify else k
     feats = compute_features(losses, features, _masked(covariates, usable_rows))
-    if features == "residual" and stratify:
-        feats = _residuals_per_source(losses, covariates, usable_rows, strata, threshold, feats)
-    fnames = feature_names(features, steps)
+    if kind.covariates and stratify:
+        feats = _fitted_per_source(kind, losses, covariates, usable_rows, strata, threshold, feats)
+    fnames = kind.columns(steps)
     frame = pd.DataFrame(
         {
             "id": [str(i) for i in ids],
@@ -264,7 +298,7 @@ def split_trajectories(
     input_order = frame.index.copy()
     raw_cols = [f"_raw{t}" for t in range(losses.shape[1])]
     frame[raw_cols] = losses  # positional assignment once, while the frame is still in input order
-    rank = hardness(losses, feats, features)
+    rank = kind.hardness(losses, feats)
     rank_cols = [f"_rank{t}" for t in range(rank.shape[1])]
     frame[rank_cols] = rank
     frame[fnames] = feats
@@ -312,7 +346,7 @@ def split_trajectories(
     return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *fnames]]
 
 
-def _residuals_per_source(losses, covariates, usable_rows, strata: np.ndarray, threshold: int, global_fit: np.ndarray):
+def _fitted_per_source(kind: Feature, losses, covariates, usable_rows, strata, threshold: int, global_fit: np.ndarray):
     """With stratify, each source's examples are clustered among themselves, so the composition baseline is fitted
     within each source too: sources differ in how their mix of token kinds sets the loss (a code source's letters
     are not a word problem's), and one fit across sources would leave each source's own composition effect in its
@@ -322,7 +356,7 @@ def _residuals_per_source(losses, covariates, usable_rows, strata: np.ndarray, t
     for name in sorted(set(strata[usable_rows])):
         rows = usable_rows & (strata == name)
         if rows.sum() >= threshold and rows.sum() > n_covariates:
-            out[rows] = compute_features(losses[rows], "residual", _masked(covariates, rows)[rows])
+            out[rows] = compute_features(losses[rows], kind.name, _masked(covariates, rows)[rows])
     return out
 
 
@@ -579,7 +613,7 @@ def run(cfg: SplitConfig) -> dict:
 
     steps = meta["steps"]
     covariates = None
-    if cfg.features == "residual" and examples is not None:
+    if FEATURE_KINDS[cfg.features].covariates and examples is not None:
         covariates = audit.composition_covariates(examples, ids)
     df = split_trajectories(
         ids,
