@@ -55,7 +55,7 @@ import logging
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -259,6 +259,26 @@ def split_trajectories(
     from clustering. Without `flags`, every row must be NaN-free. `steps` only names the feature
     columns (default 0..K-1). `covariates` [n, c]: each row's composition, for features='residual'.
     """
+    losses, flags, steps = _checked_input(ids, sources, losses, features=features, k=k, flags=flags, steps=steps)
+    kind = FEATURE_KINDS[features]
+    strata = _strata(sources)
+    threshold = max(int(min_source_size), k) if stratify else k  # the smallest stratum clustered on its own
+    feats = _features(kind, losses, covariates, flags, strata if stratify else None, threshold)
+    frame, cols = _working_frame(ids, sources, flags, losses, kind.hardness(losses, feats), feats, kind.columns(steps))
+    input_order = frame.index.copy()
+    usable = _clustered_rows(frame, cols)
+    for name, mask in _groups(strata, usable, stratify):
+        if stratify and mask.sum() < threshold:
+            frame.loc[mask, ["cluster", "hard", "assigned"]] = [-1, True, "small_source"]  # upsampled whole
+        else:
+            _cluster(frame, mask, cols, k, seed, "all examples" if name is None else f"source {name!r}")
+    assert frame.index.equals(input_order)
+    return _output(frame, cols)
+
+
+def _checked_input(ids, sources, losses, *, features: str, k: int, flags, steps) -> tuple[np.ndarray, list, list]:
+    """`split_trajectories`' inputs as it uses them: losses as float64 [n, K], flags ("" where none) and steps
+    (default 0..K-1); SplitError where they disagree."""
     losses = np.asarray(losses, dtype=np.float64)
     n = len(ids)
     if losses.ndim != 2 or losses.shape[0] != n or len(sources) != n:
@@ -267,7 +287,7 @@ def split_trajectories(
         raise SplitError("no examples to split")
     if losses.shape[1] == 0:
         raise SplitError("losses have no checkpoints")
-    kind = feature_kind(features)
+    feature_kind(features)
     if k < 2:
         raise SplitError(f"k must be >= 2, got {k}")
     flags = [""] * n if flags is None else [f or "" for f in flags]
@@ -276,74 +296,22 @@ def split_trajectories(
     steps = list(range(losses.shape[1])) if steps is None else list(steps)
     if len(steps) != losses.shape[1]:
         raise SplitError(f"{len(steps)} steps for {losses.shape[1]} loss columns")
+    return losses, flags, steps
 
+
+def _strata(sources: Sequence[str | None]) -> np.ndarray:
+    """Each row's stratum: its source, the null source being one stratum of its own."""
+    return pd.Series(pd.array(list(sources), dtype="string")).fillna(NO_SOURCE).to_numpy(dtype=object)
+
+
+def _features(kind: Feature, losses, covariates, flags, strata: np.ndarray | None, threshold: int) -> np.ndarray:
+    """The features of every row. A covariate baseline is fitted on the clustered (unflagged) rows only, and with
+    stratification (`strata` given) within each source."""
     usable_rows = np.array([not f for f in flags])
-    # Each row's stratum (its source) and the smallest stratum clustered on its own, when stratified.
-    strata = pd.Series(pd.array(list(sources), dtype="string")).fillna(NO_SOURCE).to_numpy(dtype=object)
-    threshold = max(int(min_source_size), k) if stratify else k
-    feats = compute_features(losses, features, _masked(covariates, usable_rows))
-    if kind.covariates and stratify:
+    feats = compute_features(losses, kind.name, _masked(covariates, usable_rows))
+    if kind.covariates and strata is not None:
         feats = _fitted_per_source(kind, losses, covariates, usable_rows, strata, threshold, feats)
-    fnames = kind.columns(steps)
-    frame = pd.DataFrame(
-        {
-            "id": [str(i) for i in ids],
-            "source": pd.array(list(sources), dtype="string"),
-            "flag": flags,
-        }
-    )
-    if frame["id"].duplicated().any():
-        raise SplitError(f"duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
-    frame = frame.set_index("id", drop=False)
-    input_order = frame.index.copy()
-    raw_cols = [f"_raw{t}" for t in range(losses.shape[1])]
-    frame[raw_cols] = losses  # positional assignment once, while the frame is still in input order
-    rank = kind.hardness(losses, feats)
-    rank_cols = [f"_rank{t}" for t in range(rank.shape[1])]
-    frame[rank_cols] = rank
-    frame[fnames] = feats
-    frame["mean_loss"] = losses.mean(axis=1)  # NaN stays NaN for flagged rows
-    frame["loss_drop"] = losses[:, 0] - losses[:, -1]
-    frame["cluster"] = -1
-    frame["hard"] = False
-    frame["assigned"] = "flagged"
-
-    flagged = frame["flag"] != ""
-    nan_rows = frame[raw_cols].isna().any(axis=1)
-    if (nan_rows & ~flagged).any():
-        bad = frame.index[nan_rows & ~flagged].tolist()
-        if nan_rows.all():
-            raise SplitError("all trajectories are NaN: nothing to cluster")
-        raise SplitError(f"{len(bad)} unflagged row(s) have NaN losses (NaN is never treated as 0), e.g. {bad[:3]}")
-    usable = ~flagged
-    if not usable.any():
-        raise SplitError(f"all {n} examples are flagged: nothing to cluster")
-
-    if stratify:
-        groups = [(s, usable & (strata == s)) for s in sorted(set(strata[usable.to_numpy()]))]
-    else:
-        groups = [(None, usable)]
-
-    for name, mask in groups:
-        member_ids = frame.index[mask]
-        what = "all examples" if name is None else f"source {name!r}"
-        if stratify and len(member_ids) < threshold:
-            frame.loc[mask, ["cluster", "hard", "assigned"]] = [-1, True, "small_source"]
-            continue
-        sub = frame.loc[member_ids]
-        assert list(sub.index) == list(member_ids)
-        labels = _kmeans_ranked(sub[fnames].to_numpy(), sub[rank_cols].to_numpy(), k, seed, what)
-        result = pd.Series(labels, index=member_ids)  # labels keyed by id: no positions leave this block
-        frame.loc[member_ids, "cluster"] = result
-        frame.loc[member_ids, "hard"] = result == k - 1
-        frame.loc[member_ids, "assigned"] = "kmeans"
-        assert (frame.loc[member_ids, "cluster"].to_numpy() == result.loc[member_ids].to_numpy()).all()
-
-    assert frame.index.equals(input_order)
-    out = frame.drop(columns=raw_cols + rank_cols).reset_index(drop=True)
-    out["cluster"] = out["cluster"].astype("int64")
-    out["hard"] = out["hard"].astype(bool)
-    return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *fnames]]
+    return feats
 
 
 def _fitted_per_source(kind: Feature, losses, covariates, usable_rows, strata, threshold: int, global_fit: np.ndarray):
@@ -369,6 +337,83 @@ def _masked(covariates: np.ndarray | None, rows: np.ndarray) -> np.ndarray | Non
     if c.ndim == 2 and c.shape[0] == len(rows):
         c[~rows] = np.nan
     return c
+
+
+class _Columns(NamedTuple):
+    """The columns of `split_trajectories`' working frame besides the output's own."""
+
+    raw: list[str]  # the losses (dropped from the output)
+    rank: list[str]  # the hardness values (dropped from the output)
+    features: list[str]  # what k-means clusters (kept: feat_*)
+
+
+def _working_frame(ids, sources, flags, losses, rank, feats, feature_names) -> tuple[pd.DataFrame, _Columns]:
+    """One row per input row, in input order, indexed by id (labels are written by id, never by position: the
+    prototype wrote cluster indices local to a source as global ones), every row flagged until assigned."""
+    frame = pd.DataFrame(
+        {
+            "id": [str(i) for i in ids],
+            "source": pd.array(list(sources), dtype="string"),
+            "flag": flags,
+        }
+    )
+    if frame["id"].duplicated().any():
+        raise SplitError(f"duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
+    frame = frame.set_index("id", drop=False)
+    raw, ranks = [f"_raw{t}" for t in range(losses.shape[1])], [f"_rank{t}" for t in range(rank.shape[1])]
+    cols = _Columns(raw=raw, rank=ranks, features=list(feature_names))
+    frame[cols.raw] = losses  # positional assignment once, while the frame is still in input order
+    frame[cols.rank] = rank
+    frame[cols.features] = feats
+    frame["mean_loss"] = losses.mean(axis=1)  # NaN stays NaN for flagged rows
+    frame["loss_drop"] = losses[:, 0] - losses[:, -1]
+    frame["cluster"] = -1
+    frame["hard"] = False
+    frame["assigned"] = "flagged"
+    return frame, cols
+
+
+def _clustered_rows(frame: pd.DataFrame, cols: _Columns) -> pd.Series:
+    """The rows k-means may see: the unflagged ones. NaN in one of them is an error (never treated as 0)."""
+    flagged = frame["flag"] != ""
+    nan_rows = frame[cols.raw].isna().any(axis=1)
+    if (nan_rows & ~flagged).any():
+        bad = frame.index[nan_rows & ~flagged].tolist()
+        if nan_rows.all():
+            raise SplitError("all trajectories are NaN: nothing to cluster")
+        raise SplitError(f"{len(bad)} unflagged row(s) have NaN losses (NaN is never treated as 0), e.g. {bad[:3]}")
+    usable = ~flagged
+    if not usable.any():
+        raise SplitError(f"all {len(frame)} examples are flagged: nothing to cluster")
+    return usable
+
+
+def _groups(strata: np.ndarray, usable: pd.Series, stratify: bool) -> list[tuple[str | None, pd.Series]]:
+    """The row sets clustered apart: with stratify each source's clustered rows (by source name), else all of them."""
+    if not stratify:
+        return [(None, usable)]
+    return [(s, usable & (strata == s)) for s in sorted(set(strata[usable.to_numpy()]))]
+
+
+def _cluster(frame: pd.DataFrame, mask: pd.Series, cols: _Columns, k: int, seed: int, what: str) -> None:
+    """k-means on the rows of `mask`; their cluster (0 = easiest), hard (the hardest cluster) and assigned."""
+    member_ids = frame.index[mask]
+    sub = frame.loc[member_ids]
+    assert list(sub.index) == list(member_ids)
+    labels = _kmeans_ranked(sub[cols.features].to_numpy(), sub[cols.rank].to_numpy(), k, seed, what)
+    result = pd.Series(labels, index=member_ids)  # labels keyed by id: no positions leave this block
+    frame.loc[member_ids, "cluster"] = result
+    frame.loc[member_ids, "hard"] = result == k - 1
+    frame.loc[member_ids, "assigned"] = "kmeans"
+    assert (frame.loc[member_ids, "cluster"].to_numpy() == result.loc[member_ids].to_numpy()).all()
+
+
+def _output(frame: pd.DataFrame, cols: _Columns) -> pd.DataFrame:
+    """split.parquet's frame: the working columns dropped, a plain index, the output's column order."""
+    out = frame.drop(columns=cols.raw + cols.rank).reset_index(drop=True)
+    out["cluster"] = out["cluster"].astype("int64")
+    out["hard"] = out["hard"].astype(bool)
+    return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *cols.features]]
 
 
 # ----------------------------------------------------------------------------------------------
