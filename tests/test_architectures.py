@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from datalever import models, synth, train
-from datalever.evaluate import evaluate_examples
+from datalever.evaluate import GenerationOptions, evaluate_examples
 from datalever.examples import load_examples
 from datalever.losses import score_examples
 from datalever.optim import OptimConfig, muon_param_split
@@ -318,7 +318,9 @@ def test_evaluate_generates_greedily(checkpoints, data, name):
     model, tok = load(checkpoints[name])
     examples = load_examples(data["test"])
     assert len({len(tok(ex.prompt)["input_ids"]) for ex in examples}) > 1  # left padding happens
-    metrics, records = evaluate_examples(model, tok, examples, max_new_tokens=6, batch_size=4, progress=False)
+    metrics, records = evaluate_examples(
+        model, tok, examples, GenerationOptions(max_new_tokens=6, batch_size=4, progress=False)
+    )
     assert metrics["n"] == len(examples) and [r["id"] for r in records] == [ex.id for ex in examples]
     for ex, record in zip(examples, records):
         ref, gap = greedy_reference(model, tok, ex.prompt, 6)

@@ -729,7 +729,7 @@ def test_the_live_model_is_evaluated_under_fsdp_as_its_saved_copy_is_alone(data,
     generation is a collective: 5 prompts over 2 processes in batches of 2 give one process 2 batches and the other
     1, and rows may end at different lengths. The processes must stay in step (one filler batch, synced decoding)
     and give exactly the generations of the saved final model (the same weights) decoded in one plain process."""
-    from datalever.evaluate import evaluate_examples
+    from datalever.evaluate import GenerationOptions, evaluate_examples
 
     five = tmp_path / "five.jsonl"
     save_examples(str(five), load_examples(data["test"])[:5])
@@ -738,7 +738,8 @@ def test_the_live_model_is_evaluated_under_fsdp_as_its_saved_copy_is_alone(data,
     results = _accelerate_launch(cfg, tmp_path, "fsdp", eval_at_step=2, eval_data=str(five), eval_options=options)
     assert all(r["summary"]["distributed_type"] == "FSDP" for r in results) and len(results) == 2
     model, tokenizer = load_model(TrainDir(cfg.out).model), load_tokenizer(TrainDir(cfg.out).model)
-    metrics, records = evaluate_examples(model.eval(), tokenizer, load_examples(str(five)), progress=False, **options)
+    generation = GenerationOptions(progress=False, **options)
+    metrics, records = evaluate_examples(model.eval(), tokenizer, load_examples(str(five)), generation)
     expected = {r["id"]: r["generation"] for r in records}
     assert len(expected) == 5
     for r in results:  # every process has every example's generation, as the single process does
