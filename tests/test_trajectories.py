@@ -28,7 +28,7 @@ from stores import STEPS, write_store
 # ------------------------------------------------------------------------------ the profile's store
 
 
-def test_read_trajectories_round_trip_and_validation(tmp_path):
+def test_read_store_round_trip_and_validation(tmp_path):
     L = np.arange(12, dtype=float).reshape(3, 4) + 1
     L[2] = np.nan
     write_store(tmp_path, ["a", "b", "c"], ["s", None, "s"], L, flags=["", "", "truncated"])
