@@ -32,6 +32,7 @@ import torch
 
 from datalever import synth
 from datalever.evaluate import (
+    GenerationOptions,
     _eos_ids,
     _left_pad,
     _until_eos,
@@ -188,12 +189,9 @@ def main() -> None:
             model,
             tok,
             texts,
-            max_new_tokens=new,
-            batch_size=bs,
-            progress=False,
-            stop=args.stop,
-            cache=args.cache,
-            min_new_tokens=new,
+            GenerationOptions(
+                max_new_tokens=new, batch_size=bs, progress=False, stop=args.stop, cache=args.cache, min_new_tokens=new
+            ),
         ),
     }
     seconds, outputs = timed_rounds(fns, args.rounds, device)

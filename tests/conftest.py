@@ -19,3 +19,12 @@ def tiny_checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("models")
     return {name: str(build_preset(name, root / name, seed=0)) for name in ("tiny", "tiny-neox", "tiny-qwen3")}
+
+
+@pytest.fixture
+def fast_provenance(monkeypatch):
+    """provenance.versions() reads every library's metadata (imports transformers/peft/datasets: seconds); tests whose
+    subject is not provenance use this stand-in."""
+    from datalever import provenance
+
+    monkeypatch.setattr(provenance, "versions", lambda: {"python": "test"})

@@ -1,4 +1,5 @@
-"""Builders shared by the tests: a training config on a tiny preset, and reading what a run wrote."""
+"""Builders shared by the tests: data, a training config on a tiny preset, reading what a run wrote, and the loss
+engine's brute-force reference."""
 
 from __future__ import annotations
 
@@ -8,9 +9,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from datalever import synth
 from datalever.optim import OptimConfig
 from datalever.rundir import TrainDir
+from datalever.tokens import IGNORE, encode_example
 from datalever.train import TrainConfig
+
+
+def synth_splits(tmp_path_factory, n_train: int = 64, n_val: int = 16, n_test: int = 16) -> dict[str, str]:
+    """The embedded generator's train/validation/test files (seed 0) in a fresh directory."""
+    return synth.write_splits(str(tmp_path_factory.mktemp("data")), n_train=n_train, n_val=n_val, n_test=n_test, seed=0)
 
 
 def train_config(files: dict, out, **kw) -> TrainConfig:
@@ -45,3 +53,14 @@ def assert_same_weights(a_dir, b_dir) -> None:
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def brute_force_loss(model, tokenizer, ex, max_length: int) -> float:
+    """The loss engine's reference (S2L's way): one example alone, batch size 1, no padding, the model's own
+    `labels=` mean loss over the response."""
+    enc = encode_example(tokenizer, ex, max_length)
+    ids = torch.tensor([enc.input_ids])
+    labels = ids.clone()
+    labels[0, : max(enc.n_prompt, 1)] = IGNORE
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).loss.item()

@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from datalever import models, synth, train
-from datalever.evaluate import evaluate_examples
+from datalever.evaluate import GenerationOptions, evaluate_examples
 from datalever.examples import load_examples
 from datalever.losses import score_examples
 from datalever.optim import OptimConfig, muon_param_split
 from datalever.rundir import TrainDir
-from datalever.tokens import IGNORE, encode_example
+from datalever.tokens import encode_example
 from datalever.train import loop
+from factories import brute_force_loss
 
 torch.set_num_threads(1)
 
@@ -193,16 +194,6 @@ def test_paper_target_shapes_have_the_real_parameter_counts(checkpoints, name, p
 # ----------------------------------------------------------------------------- the loss engine
 
 
-def brute_force_loss(model, tokenizer, ex, max_length: int) -> float:
-    """One example alone, no padding, the model's own `labels=` mean loss over the response."""
-    enc = encode_example(tokenizer, ex, max_length)
-    ids = torch.tensor([enc.input_ids])
-    labels = ids.clone()
-    labels[0, : max(enc.n_prompt, 1)] = IGNORE
-    with torch.no_grad():
-        return model(input_ids=ids, labels=labels).loss.item()
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_engine_matches_brute_force(checkpoints, data, name):
     model, tok = load(checkpoints[name])
@@ -319,7 +310,9 @@ def test_evaluate_generates_greedily(checkpoints, data, name):
     model, tok = load(checkpoints[name])
     examples = load_examples(data["test"])
     assert len({len(tok(ex.prompt)["input_ids"]) for ex in examples}) > 1  # left padding happens
-    metrics, records = evaluate_examples(model, tok, examples, max_new_tokens=6, batch_size=4, progress=False)
+    metrics, records = evaluate_examples(
+        model, tok, examples, GenerationOptions(max_new_tokens=6, batch_size=4, progress=False)
+    )
     assert metrics["n"] == len(examples) and [r["id"] for r in records] == [ex.id for ex in examples]
     for ex, record in zip(examples, records):
         ref, gap = greedy_reference(model, tok, ex.prompt, 6)

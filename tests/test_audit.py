@@ -19,11 +19,7 @@ from datalever import audit, rundir
 from datalever.examples import Example
 from datalever.split import compute_features, split_trajectories
 
-
-@pytest.fixture(autouse=True)
-def _fast_provenance(monkeypatch):
-    """rundir.versions() imports transformers/peft/datasets (seconds); provenance is not under test here."""
-    monkeypatch.setattr(rundir, "versions", lambda: {"python": "test"})
+pytestmark = pytest.mark.usefixtures("fast_provenance")
 
 
 def brute_force_auroc(scores, labels):

@@ -594,7 +594,7 @@ def test_score_train_and_eval_from_the_command_line(
     real = evaluate.generate_ids
 
     def spy(model, tokenizer, prompts, **kw):
-        captured.update(prompts=[list(p) for p in prompts], end_ids=list(kw.get("end_ids", ())))
+        captured.update(prompts=[list(p) for p in prompts], end_ids=list(kw["options"].end_ids))
         return real(model, tokenizer, prompts, **kw)
 
     monkeypatch.setattr(evaluate, "generate_ids", spy)

@@ -11,6 +11,7 @@ from datalever.answers import Grade
 from datalever.checks import ConfigError
 from datalever.evaluate import (
     EvalConfig,
+    GenerationOptions,
     compute_metrics,
     cut_at_stop,
     encode_prompts,
@@ -50,28 +51,31 @@ def test_batched_left_padded_generation_equals_one_at_a_time(tiny):
     model, tok, _ = tiny
     lengths = {len(ids) for ids in encode_prompts(tok, PROMPTS)}
     assert len(lengths) >= 4  # really different lengths, so really padded
-    batched = generate_ids(model, tok, PROMPTS, max_new_tokens=10, batch_size=3, progress=False)
-    single = [generate_ids(model, tok, [p], max_new_tokens=10, batch_size=1, progress=False)[0] for p in PROMPTS]
+    batched = generate_ids(model, tok, PROMPTS, GenerationOptions(max_new_tokens=10, batch_size=3, progress=False))
+    single = [
+        generate_ids(model, tok, [p], GenerationOptions(max_new_tokens=10, batch_size=1, progress=False))[0]
+        for p in PROMPTS
+    ]
     assert batched == single
     assert sum(map(len, batched)) > 0
     assert all(len(ids) <= 10 for ids in batched)
-    texts = generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=4, progress=False)
+    texts = generate(model, tok, PROMPTS, GenerationOptions(max_new_tokens=10, batch_size=4, progress=False))
     assert texts == tok.batch_decode(batched, skip_special_tokens=True)
     model.train()
-    generate_ids(model, tok, PROMPTS[:1], max_new_tokens=2, progress=False)
+    generate_ids(model, tok, PROMPTS[:1], GenerationOptions(max_new_tokens=2, progress=False))
     assert model.training  # the mode is restored after generation
     model.eval()
 
 
 def test_each_row_stops_at_its_own_eos(tiny):
     model, tok, _ = tiny
-    free = generate_ids(model, tok, PROMPTS, max_new_tokens=10, batch_size=8, progress=False)
+    free = generate_ids(model, tok, PROMPTS, GenerationOptions(max_new_tokens=10, batch_size=8, progress=False))
     row = max(range(len(free)), key=lambda i: len(free[i]))
     stop_token = free[row][3]  # pretend this token is an EOS
     old = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [tok.eos_token_id, stop_token]
     try:
-        stopped = generate_ids(model, tok, PROMPTS, max_new_tokens=10, batch_size=8, progress=False)
+        stopped = generate_ids(model, tok, PROMPTS, GenerationOptions(max_new_tokens=10, batch_size=8, progress=False))
     finally:
         model.generation_config.eos_token_id = old
     for before, after in zip(free, stopped):
@@ -90,7 +94,7 @@ def family(request):
 
 
 def _one_at_a_time(model, tok, prompts, **kw):
-    return [generate_ids(model, tok, [p], batch_size=1, progress=False, **kw)[0] for p in prompts]
+    return [generate_ids(model, tok, [p], GenerationOptions(batch_size=1, progress=False, **kw))[0] for p in prompts]
 
 
 def _stops_from(texts: list[str]) -> list[str]:
@@ -112,12 +116,16 @@ def test_static_cache_and_stop_strings_match_one_at_a_time_decoding(family):
     cut where its text first contains a stop string (and not one token later)."""
     model, tok = family
     assert supports_static_cache(model)
-    free = generate_ids(model, tok, PROMPTS, max_new_tokens=24, batch_size=3, progress=False, cache="static")
+    free = generate_ids(
+        model, tok, PROMPTS, GenerationOptions(max_new_tokens=24, batch_size=3, progress=False, cache="static")
+    )
     assert free == _one_at_a_time(model, tok, PROMPTS, max_new_tokens=24, cache="dynamic")
     texts = tok.batch_decode(free, skip_special_tokens=True)
     stops = _stops_from(texts)
 
-    stopped = generate_ids(model, tok, PROMPTS, max_new_tokens=24, batch_size=3, progress=False, stop=stops)
+    stopped = generate_ids(
+        model, tok, PROMPTS, GenerationOptions(max_new_tokens=24, batch_size=3, progress=False, stop=stops)
+    )
     assert stopped == _one_at_a_time(model, tok, PROMPTS, max_new_tokens=24, stop=stops, cache="dynamic")
     assert stopped == _one_at_a_time(model, tok, PROMPTS, max_new_tokens=24, stop=stops, cache="static")
     n_cut = 0
@@ -128,7 +136,7 @@ def test_static_cache_and_stop_strings_match_one_at_a_time_decoding(family):
             assert any(s in tok.decode(after, skip_special_tokens=True) for s in stops)
             assert not any(s in tok.decode(after[:-1], skip_special_tokens=True) for s in stops)
     assert n_cut >= 1
-    cut = generate(model, tok, PROMPTS, max_new_tokens=24, batch_size=4, progress=False, stop=stops)
+    cut = generate(model, tok, PROMPTS, GenerationOptions(max_new_tokens=24, batch_size=4, progress=False, stop=stops))
     assert cut == [cut_at_stop(text, stops) for text in texts]
     assert sum(text != c for text, c in zip(texts, cut)) >= 2  # both stop strings cut something
 
@@ -137,10 +145,12 @@ def test_a_stop_string_straddling_the_prompt_does_not_stop(tiny):
     """Only the continuation is searched: HF's stop_strings, matching the whole sequence's end, would stop here."""
     model, tok, _ = tiny
     prompt = PROMPTS[0]
-    free = generate(model, tok, [prompt], max_new_tokens=12, progress=False)[0]
+    free = generate(model, tok, [prompt], GenerationOptions(max_new_tokens=12, progress=False))[0]
     straddling = prompt[-3:] + free[:2]
     assert straddling not in free
-    assert generate(model, tok, [prompt], max_new_tokens=12, progress=False, stop=[straddling]) == [free]
+    assert generate(model, tok, [prompt], GenerationOptions(max_new_tokens=12, progress=False, stop=[straddling])) == [
+        free
+    ]
 
 
 def test_stop_triggers_are_the_tokens_that_can_complete_a_stop_string(tiny):
@@ -166,11 +176,15 @@ def test_unsupported_models_decode_with_the_dynamic_cache(tiny, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "generate", spy)
-    static = generate_ids(model, tok, PROMPTS, max_new_tokens=6, batch_size=8, progress=False)
-    generate_ids(model, tok, PROMPTS, max_new_tokens=6, batch_size=8, progress=False, cache="dynamic")
+    static = generate_ids(model, tok, PROMPTS, GenerationOptions(max_new_tokens=6, batch_size=8, progress=False))
+    generate_ids(
+        model, tok, PROMPTS, GenerationOptions(max_new_tokens=6, batch_size=8, progress=False, cache="dynamic")
+    )
     monkeypatch.setattr(model, "_can_compile_fullgraph", False, raising=False)  # e.g. custom model code
     assert not supports_static_cache(model)
-    assert generate_ids(model, tok, PROMPTS, max_new_tokens=6, batch_size=8, progress=False) == static
+    assert (
+        generate_ids(model, tok, PROMPTS, GenerationOptions(max_new_tokens=6, batch_size=8, progress=False)) == static
+    )
     assert seen == ["static", None, None]
 
 
@@ -202,12 +216,14 @@ def test_long_prompts_are_cut_from_the_left(tiny):
     n = len(encode_prompts(tok, [long_prompt])[0])
     positions = model.config.max_position_embeddings
     assert n > positions
-    out = generate_ids(model, tok, [long_prompt], max_new_tokens=4, progress=False)  # does not overflow
+    out = generate_ids(
+        model, tok, [long_prompt], GenerationOptions(max_new_tokens=4, progress=False)
+    )  # does not overflow
     assert out == generate_ids(
-        model, tok, [long_prompt], max_new_tokens=4, max_prompt_length=positions - 4, progress=False
+        model, tok, [long_prompt], GenerationOptions(max_new_tokens=4, max_prompt_length=positions - 4, progress=False)
     )
     with pytest.raises(ValueError):
-        generate_ids(model, tok, ["x"], max_new_tokens=positions, progress=False)
+        generate_ids(model, tok, ["x"], GenerationOptions(max_new_tokens=positions, progress=False))
 
 
 class _BosTokenizer:
@@ -258,7 +274,11 @@ def fake_generate(monkeypatch):
 
 def test_metrics_by_hand(fake_generate):
     metrics, records = evaluate_examples(
-        None, None, EXAMPLES, max_new_tokens=8, batch_size=2, difficulty_keys=["level", "steps", "absent"]
+        None,
+        None,
+        EXAMPLES,
+        GenerationOptions(max_new_tokens=8, batch_size=2),
+        difficulty_keys=["level", "steps", "absent"],
     )
     assert fake_generate == [[ex.prompt for ex in EXAMPLES]]
     assert [r["id"] for r in records] == [ex.id for ex in EXAMPLES]
@@ -504,7 +524,7 @@ def test_run_passes_the_generation_and_loading_options(tiny, tmp_path, monkeypat
     )
     ev.run(cfg)
     assert loaded == {"tokenizer": {"trust_remote_code": True}, "model": {"dtype": None, "trust_remote_code": True}}
-    assert generated["stop"] == ["Question:"] and generated["cache"] == "dynamic"
+    assert generated["options"].stop == ["Question:"] and generated["options"].cache == "dynamic"
 
 
 def test_config_fields_have_docstrings():

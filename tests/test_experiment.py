@@ -109,12 +109,13 @@ def test_an_arm_with_other_split_features_upsamples_that_split(tmp_path):
     """`hard-final` (features: final) gets its own split of the same profile under splits/final/, and its
     training set upsamples exactly the hard examples of a final-loss split computed here from the
     trajectories, while `hard` keeps the experiment's trajectory split."""
-    from datalever.split import read_trajectories, split_trajectories
+    from datalever.split import split_trajectories
+    from datalever.trajectories import read_store
 
     cfg = _config(tmp_path)
     cfg.arms, cfg.seeds = ["hard", "hard-final"], [0]
     experiment.run(cfg)
-    ids, sources, losses, flags, meta = read_trajectories(tmp_path / "trajectories.parquet")
+    ids, sources, losses, flags, meta = read_store(tmp_path / "trajectories.parquet")
     for arm, features, split_file in [
         ("hard", "trajectory", tmp_path / "split.parquet"),
         ("hard-final", "final", tmp_path / "splits" / "final" / "split.parquet"),

@@ -23,12 +23,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from datalever import checks, provenance, synth, train
+from datalever import checks, provenance, train
 from datalever.models import load_model
-from datalever.optim import OptimConfig
 from datalever.rundir import TrainDir, to_jsonable
 from datalever.train import LoraConfig, TrainConfig, checkpoint, logs
 from datalever.train.config import identity_differences, resume_identity
+from factories import synth_splits, train_config
 from launchers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,25 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return synth.write_splits(str(tmp_path_factory.mktemp("data")), n_train=32, n_val=8, n_test=8, seed=0)
+    return synth_splits(tmp_path_factory, n_train=32, n_val=8, n_test=8)
 
 
 def config(files, out, **kw) -> TrainConfig:
-    base = dict(
-        model="preset:tiny",
-        data=files["train"],
-        val_data=files["validation"],
-        out=str(out),
-        max_steps=4,
-        batch_size=8,
-        micro_batch_size=8,
-        warmup_ratio=0.0,
-        optim=OptimConfig(name="adamw", lr=3e-3),
-        mixed_precision="no",  # float32 compute on any machine (auto is bf16 on a GPU): what save_dtype auto keeps
-        progress=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """4 steps of 8 in one pass each, float32 compute on any machine (auto is bf16 on a GPU: what save_dtype auto
+    keeps)."""
+    return train_config(files, out, **{"max_steps": 4, "micro_batch_size": 8, "mixed_precision": "no", **kw})
 
 
 def weights(model_dir) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from datalever.losses import (
 )
 from datalever.models import load_model, load_tokenizer
 from datalever.tokens import IGNORE, Encoded, collate, encode_example, loss_positions, token_budget_batches
+from factories import brute_force_loss
 
 
 def make_examples(n=13, seed=0):
@@ -30,16 +31,6 @@ def make_examples(n=13, seed=0):
         response = " ".join(words[int(j)] for j in torch.randint(0, len(words), (lr,), generator=rng)) + f" #### {i}"
         out.append(Example(content_id(prompt, response), prompt, response, source="s" + str(i % 2)))
     return out
-
-
-def brute_force_loss(model, tokenizer, ex, max_length):
-    """S2L-style reference: batch size 1, no padding, the model's own `labels=` mean loss."""
-    enc = encode_example(tokenizer, ex, max_length)
-    ids = torch.tensor([enc.input_ids])
-    labels = ids.clone()
-    labels[0, : max(enc.n_prompt, 1)] = IGNORE
-    with torch.no_grad():
-        return model(input_ids=ids, labels=labels).loss.item()
 
 
 @pytest.mark.parametrize("arch", ["tiny", "tiny-neox", "tiny-qwen3"])

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from datalever import preempt, synth, train
+from datalever import preempt, train
 from datalever.optim import OptimConfig
 from datalever.rundir import TrainDir
 from datalever.train import checkpoint
-from factories import assert_same_weights, read_log, train_config
+from factories import assert_same_weights, read_log, synth_splits, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return synth.write_splits(str(tmp_path_factory.mktemp("data")), n_train=64, n_val=16, n_test=16, seed=0)
+    return synth_splits(tmp_path_factory)
 
 
 def signal_at(step: int, signum: int):

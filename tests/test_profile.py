@@ -26,9 +26,10 @@ from datalever import profile, rundir, synth
 from datalever.examples import load_examples
 from datalever.models import load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
-from datalever.profile import ProfileConfig, ProfileError, loss_column, record_steps
+from datalever.profile import ProfileConfig, ProfileError, record_steps
 from datalever.rundir import RunDir
 from datalever.tokens import IGNORE, encode_example
+from datalever.trajectories import loss_column
 from launchers import fsdp_command
 
 REPO = Path(__file__).resolve().parents[1]

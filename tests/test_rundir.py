@@ -1,5 +1,7 @@
 """The run directory's writes: a directory appears whole or not at all; older outputs are replaced."""
 
+from pathlib import Path
+
 import pytest
 
 from datalever import provenance, rundir
@@ -76,3 +78,20 @@ def test_defaults_of_a_nested_config_are_its_factorys():
     from datalever.profile import ProfileConfig
 
     assert provenance.field_defaults(ProfileConfig)["optim"]["lr"] == 2e-3  # the proxy's, not OptimConfig's 2e-5
+
+
+@pytest.mark.parametrize("module", ["audit", "evaluate", "profile", "split", "trajectories"])
+def test_stage_modules_build_no_paths_of_their_own(module):
+    """Every file of a run directory is named in rundir.py: these modules join no name onto a path themselves
+    (`dir / "name"`); they ask a layout class (RunDir, TrainDir, SplitDir, EvalDir, ModelDir) for it."""
+    import ast
+
+    source = Path(__file__).resolve().parents[1] / "src" / "datalever" / f"{module}.py"
+    joins = [
+        node.lineno
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Div)
+        and (isinstance(node.right, ast.JoinedStr) or isinstance(getattr(node.right, "value", None), str))
+    ]
+    assert not joins, f"{source.name} joins names onto paths at lines {joins}: name them in rundir.py"

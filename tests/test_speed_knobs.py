@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from datalever import checks, launch, synth, train
+from datalever import checks, launch, train
 from datalever.examples import Example
 from datalever.models import load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
@@ -26,29 +26,19 @@ from datalever.rundir import TrainDir
 from datalever.tokens import IGNORE, collate, encode_example
 from datalever.train import LoraConfig, TrainConfig, inputs, loop
 from datalever.train.config import resume_identity
+from factories import synth_splits, train_config
 
 KERNEL_KEYS = ("attn_implementation", "tf32", "torch_compile")
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return synth.write_splits(str(tmp_path_factory.mktemp("data")), n_train=32, n_val=4, n_test=4, seed=0)
+    return synth_splits(tmp_path_factory, n_train=32, n_val=4, n_test=4)
 
 
 def config(data, out, **kw) -> TrainConfig:
-    base = dict(
-        model="preset:tiny",
-        data=data["train"],
-        out=str(out),
-        max_steps=3,
-        batch_size=8,
-        micro_batch_size=4,
-        warmup_ratio=0.0,
-        optim=OptimConfig(name="adamw", lr=3e-3),
-        progress=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """3 steps, no validation data."""
+    return train_config(data, out, **{"max_steps": 3, "val_data": None, **kw})
 
 
 def losses(cfg: TrainConfig) -> list[float]:

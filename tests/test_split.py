@@ -10,22 +10,24 @@ import json
 import math
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datalever import rundir
 from datalever.checks import ConfigError
 from datalever.examples import Example, save_examples
-from datalever.split import SplitConfig, SplitError, compute_features, read_trajectories, run, split_trajectories
+from datalever.split import (
+    FEATURE_KINDS,
+    FEATURES,
+    Feature,
+    SplitConfig,
+    SplitError,
+    compute_features,
+    run,
+    split_trajectories,
+)
+from stores import write_store
 
-STEPS = [10, 20, 30, 40]
-
-
-@pytest.fixture(autouse=True)
-def _fast_provenance(monkeypatch):
-    """rundir.versions() imports transformers/peft/datasets (seconds); provenance is not under test here."""
-    monkeypatch.setattr(rundir, "versions", lambda: {"python": "test"})
+pytestmark = pytest.mark.usefixtures("fast_provenance")
 
 
 def two_groups(n_easy, n_hard, low=1.0, high=3.0, K=4, seed=0, noise=0.05):
@@ -101,6 +103,53 @@ def test_final_feature_matches_brute_force_two_means():
     expected_hard = {ids[i] for i in order[best:]}
     df = split_trajectories(ids, [None] * len(ids), L, features="final", k=2)
     assert hard_ids(df) == expected_hard
+
+
+@pytest.mark.parametrize("name", FEATURES)
+def test_every_registered_feature_has_every_entry(name):
+    """A feature is one entry of the registry: its computation, hardness values, column names, whether it needs the
+    examples' composition and its minimum K, all consistent with each other."""
+    kind = FEATURE_KINDS[name]
+    assert isinstance(kind, Feature) and kind.name == name
+    assert isinstance(kind.covariates, bool) and isinstance(kind.min_checkpoints, int) and kind.min_checkpoints >= 1
+    L, _ = two_groups(5, 5, K=4)
+    covariates = np.random.default_rng(0).dirichlet([1, 1, 1], len(L)) if kind.covariates else None
+    for K in range(kind.min_checkpoints, 5):
+        steps = [10 * (t + 1) for t in range(K)]
+        feats = compute_features(L[:, :K], name, covariates)
+        columns = kind.columns(steps)
+        assert feats.shape == (len(L), len(columns)) and len(columns) >= 1
+        assert len(set(columns)) == len(columns) and all(c.startswith("feat_") for c in columns)
+        assert kind.hardness(L[:, :K], feats).shape[0] == len(L)
+        df = split_trajectories(
+            [f"e{i}" for i in range(len(L))],
+            [None] * len(L),
+            L[:, :K],
+            features=name,
+            steps=steps,
+            covariates=covariates,
+        )
+        assert [c for c in df.columns if c.startswith("feat_")] == columns
+    if kind.min_checkpoints > 1:
+        with pytest.raises(SplitError, match=f"needs at least {kind.min_checkpoints} checkpoints"):
+            compute_features(L[:, : kind.min_checkpoints - 1], name, covariates)
+    if kind.covariates:
+        with pytest.raises(SplitError, match="needs the examples' composition"):
+            compute_features(L, name, None)
+
+
+def test_the_registry_is_what_split_config_and_the_cli_accept(capsys):
+    from datalever import cli
+
+    for name in FEATURES:
+        assert SplitConfig(features=name).features == name
+    with pytest.raises(ConfigError, match=f"features must be one of {', '.join(FEATURES)}; got 'shape'"):
+        SplitConfig(features="shape")
+    with pytest.raises(SystemExit):
+        cli.main(["split", "--help"])
+    text = capsys.readouterr().out
+    help_ = " ".join(text[text.index("\n  --features") + 1 :].split("\n  --")[0].split())
+    assert all(f"'{name}'" in help_ for name in FEATURES), help_
 
 
 # ------------------------------------------------------------------------------ stratification
@@ -242,42 +291,6 @@ def test_stratified_identical_source_is_an_error():
 
 
 # ------------------------------------------------------------------------------ the store and the stage
-
-
-def write_store(run_dir, ids, sources, L, flags=None, steps=STEPS, meta_steps=None):
-    cols = [f"loss_step{s:06d}" for s in steps]
-    data = {
-        "id": pa.array(ids, pa.string()),
-        "source": pa.array(sources, pa.string()),
-        "n_tokens": pa.array([10] * len(ids), pa.int64()),
-        "flag": pa.array(flags or [""] * len(ids), pa.string()),
-    }
-    for j, c in enumerate(cols):
-        data[c] = pa.array(L[:, j], pa.float64())
-    pq.write_table(pa.table(data), run_dir / "trajectories.parquet")
-    (run_dir / "trajectories.meta.json").write_text(
-        json.dumps({"steps": meta_steps or list(steps), "loss_columns": cols})
-    )
-
-
-def test_read_trajectories_round_trip_and_validation(tmp_path):
-    L = np.arange(12, dtype=float).reshape(3, 4) + 1
-    L[2] = np.nan
-    write_store(tmp_path, ["a", "b", "c"], ["s", None, "s"], L, flags=["", "", "truncated"])
-    ids, sources, losses, flags, meta = read_trajectories(tmp_path / "trajectories.parquet")
-    assert ids == ["a", "b", "c"] and sources == ["s", None, "s"] and flags == ["", "", "truncated"]
-    np.testing.assert_array_equal(losses[:2], L[:2])
-    assert np.isnan(losses[2]).all() and meta["steps"] == STEPS
-
-    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L, flags=["", "", ""])
-    with pytest.raises(SplitError, match="unflagged row"):
-        read_trajectories(tmp_path)
-    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L[[0, 1, 1]], steps=[10, 30, 20, 40])
-    with pytest.raises(SplitError, match="increasing step order"):
-        read_trajectories(tmp_path)
-    write_store(tmp_path, ["a", "b", "c"], ["s"] * 3, L[[0, 1, 1]], meta_steps=[1, 2, 3, 4])
-    with pytest.raises(SplitError, match="meta steps"):
-        read_trajectories(tmp_path)
 
 
 def test_run_writes_outputs_and_difficulty(tmp_path):

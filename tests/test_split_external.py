@@ -20,7 +20,7 @@ import pytest
 from datalever import cli, rundir, synth
 from datalever.checks import ConfigError
 from datalever.examples import load_examples
-from datalever.split import SplitConfig, SplitError, run, steps_from_names
+from datalever.split import SplitConfig, SplitError, run
 from datalever.upsample import UpsampleConfig
 from datalever.upsample import run as upsample
 
@@ -29,10 +29,7 @@ N_TRAIN, N_HARD = 16, 5
 COLUMNS = ["loss_10", "loss_20", "loss_30"]
 
 
-@pytest.fixture(autouse=True)
-def _fast_provenance(monkeypatch):
-    """rundir.versions() imports transformers/peft/datasets (seconds); provenance is not under test here."""
-    monkeypatch.setattr(rundir, "versions", lambda: {"python": "test"})
+pytestmark = pytest.mark.usefixtures("fast_provenance")
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +90,6 @@ def test_external_file_gives_the_hard_group_it_was_made_with(tmp_path, train_fil
     meta = json.loads((run_dir / "split.meta.json").read_text())
     assert len(meta["trajectories_sha256"]) == 64
     assert run(SplitConfig(run_dir=str(run_dir), trajectories=ext, data=train_file)) == s  # same work again
-
-
-@pytest.mark.parametrize(
-    "names, steps",
-    [
-        (["loss_10", "loss_20", "loss_30"], [10, 20, 30]),
-        (["loss_step000005", "loss_step000050"], [5, 50]),
-        (["ckpt1_loss", "ckpt2_loss"], [1, 2]),
-        (["early", "late"], [0, 1]),  # no numbers
-        (["loss_30", "loss_20"], [0, 1]),  # numbers not increasing: file order rules, steps are positions
-        (["loss_1", "final"], [0, 1]),  # not every name has a number
-    ],
-)
-def test_steps_from_column_names(names, steps):
-    assert steps_from_names(names) == steps
 
 
 def test_source_and_flag_columns_are_used(tmp_path, train_file):

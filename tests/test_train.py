@@ -21,15 +21,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from datalever import checks, cli, synth, train
+from datalever import checks, cli, train
 from datalever.examples import load_examples, save_examples
 from datalever.losses import score_examples
 from datalever.models import load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
 from datalever.rundir import TrainDir, to_jsonable
 from datalever.train import LoraConfig, TrainConfig, checkpoint, inputs, logs, loop, order
+from factories import read_log, synth_splits, weights
+from factories import train_config as config
 from launchers import free_port, fsdp_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return synth.write_splits(str(tmp_path_factory.mktemp("data")), n_train=64, n_val=16, n_test=16, seed=0)
+    return synth_splits(tmp_path_factory, n_train=64, n_val=16, n_test=16)
 
 
 @pytest.fixture(scope="module")
@@ -46,35 +47,10 @@ def preset() -> str:
     return resolve_model("preset:tiny", seed=0)
 
 
-def config(files, out, **kw) -> TrainConfig:
-    base = dict(
-        model="preset:tiny",
-        data=files["train"],
-        val_data=files["validation"],
-        out=str(out),
-        max_steps=8,
-        batch_size=8,
-        micro_batch_size=4,
-        warmup_ratio=0.0,
-        optim=OptimConfig(name="adamw", lr=3e-3),
-        progress=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 def mean_loss(model_dir: str, examples) -> float:
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     scores = score_examples(model, tok, examples, max_length=512)
     return sum(s.loss for s in scores.values()) / len(scores)
-
-
-def read_log(out) -> list[dict]:
-    return [json.loads(line) for line in TrainDir(out).log.read_text().splitlines()]
-
-
-def weights(model_dir) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -729,7 +705,7 @@ def test_the_live_model_is_evaluated_under_fsdp_as_its_saved_copy_is_alone(data,
     generation is a collective: 5 prompts over 2 processes in batches of 2 give one process 2 batches and the other
     1, and rows may end at different lengths. The processes must stay in step (one filler batch, synced decoding)
     and give exactly the generations of the saved final model (the same weights) decoded in one plain process."""
-    from datalever.evaluate import evaluate_examples
+    from datalever.evaluate import GenerationOptions, evaluate_examples
 
     five = tmp_path / "five.jsonl"
     save_examples(str(five), load_examples(data["test"])[:5])
@@ -738,7 +714,8 @@ def test_the_live_model_is_evaluated_under_fsdp_as_its_saved_copy_is_alone(data,
     results = _accelerate_launch(cfg, tmp_path, "fsdp", eval_at_step=2, eval_data=str(five), eval_options=options)
     assert all(r["summary"]["distributed_type"] == "FSDP" for r in results) and len(results) == 2
     model, tokenizer = load_model(TrainDir(cfg.out).model), load_tokenizer(TrainDir(cfg.out).model)
-    metrics, records = evaluate_examples(model.eval(), tokenizer, load_examples(str(five)), progress=False, **options)
+    generation = GenerationOptions(progress=False, **options)
+    metrics, records = evaluate_examples(model.eval(), tokenizer, load_examples(str(five)), generation)
     expected = {r["id"]: r["generation"] for r in records}
     assert len(expected) == 5
     for r in results:  # every process has every example's generation, as the single process does

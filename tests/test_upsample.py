@@ -30,10 +30,7 @@ FLAGGED = {"j"}
 IDS = list("abcdefghijk")
 
 
-@pytest.fixture(autouse=True)
-def _fast_provenance(monkeypatch):
-    """provenance.versions() imports transformers/peft/datasets (seconds); provenance is not under test here."""
-    monkeypatch.setattr(rundir, "versions", lambda: {"python": "test"})
+pytestmark = pytest.mark.usefixtures("fast_provenance")
 
 
 def split_table() -> pd.DataFrame:

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from datalever import rundir
 from datalever.examples import DIFFICULTY_KEYS, LEVELS
 
 CALCULATOR_STEP = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, one per arithmetic step
@@ -161,18 +162,6 @@ def difficulty_frame(examples: Iterable) -> pd.DataFrame:
     return out
 
 
-def store_counts(path: str | Path) -> pd.DataFrame:
-    """n_tokens (response tokens scored) and n_cut (response tokens max_length cut) per id, where the trajectory
-    file has them (a profile store does; another tool's file may not)."""
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(path).names
-    wanted = [c for c in ("n_tokens", "n_cut") if c in names]
-    if "id" not in names or not wanted:
-        return pd.DataFrame()
-    return pq.read_table(path, columns=["id", *wanted]).to_pandas().set_index("id")
-
-
 # ----------------------------------------------------------------------------------------------
 # The audit
 
@@ -259,7 +248,7 @@ def audit_split(
 
     Only the rows k-means assigned are scored: flagged rows have no loss and small sources are hard by rule.
     `examples` give the composition and difficulty features, `counts` the store's n_tokens/n_cut (see
-    `store_counts`), `proxy` the language check (`proxy_language`). Returns ``{"n", "n_hard", "features": {name:
+    `trajectories.counts`), `proxy` the language check (`proxy_language`). Returns ``{"n", "n_hard", "features": {name:
     {group, auroc, ci95, n, n_pos, n_neg, higher_in}}, "constant", "proxy", "warnings"}``.
     """
     rows = split_df[split_df["assigned"] == "kmeans"]
@@ -361,20 +350,20 @@ def proxy_facts(meta: dict, proxy_dir: Path) -> dict[str, Any]:
     config), its per-token loss before training (the store's meta ``initial_per_token_loss`` where the profile
     recorded it, else the first logged step's loss, taken on the first batch before the first update: one batch, an
     estimate) and its tokenizer file (the saved proxy's, else the one it started from)."""
-    model = proxy_dir / "model"
+    proxy = rundir.TrainDir(proxy_dir)
+    model = rundir.ModelDir(proxy.model)
     vocab = (meta.get("proxy") or {}).get("vocab_size")
-    if vocab is None and (model / "config.json").exists():
-        vocab = json.loads((model / "config.json").read_text()).get("vocab_size")
+    if vocab is None and model.config.exists():
+        vocab = json.loads(model.config.read_text()).get("vocab_size")
     initial = meta.get("initial_per_token_loss")
-    log = proxy_dir / "train_log.jsonl"
-    if initial is None and log.exists():
-        for line in log.read_text().splitlines():
+    if initial is None and proxy.log.exists():
+        for line in proxy.log.read_text().splitlines():
             record = json.loads(line)
             if record.get("step") == 1:
                 initial = float(record["loss"])
                 break
-    origins = [model, Path((meta.get("proxy") or {}).get("path") or model)]
-    tokenizer = next((d / "tokenizer.json" for d in origins if (d / "tokenizer.json").exists()), None)
+    origins = [model, rundir.ModelDir((meta.get("proxy") or {}).get("path") or model.root)]
+    tokenizer = next((d.tokenizer_json for d in origins if d.tokenizer_json.exists()), None)
     return {"vocab_size": vocab, "initial_loss": initial, "tokenizer_json": tokenizer}
 
 

@@ -16,6 +16,7 @@ Model output is only ever parsed (answers.py), never executed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from datalever import checks, rundir
+from datalever import checks, provenance, rundir
 from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
 from datalever.models import DTYPES, unwrap
@@ -98,7 +99,37 @@ def _left_pad(rows: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return input_ids.to(device), attention_mask.to(device)
 
 
-CACHES = ("static", "dynamic")  # KV caches generation can use (`generate_ids`' `cache`)
+CACHES = ("static", "dynamic")  # KV caches generation can use (`GenerationOptions.cache`)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How to generate (always greedy): one object from the caller (the eval stage, learning curves) through
+    `evaluate_during_training`, `evaluate_examples` and `generate` down to `generate_ids`."""
+
+    max_new_tokens: int = 256
+    """Most tokens generated per prompt (a row stops earlier at EOS)."""
+    batch_size: int = 32
+    """Prompts per generation batch (prompts of similar length are batched together)."""
+    max_prompt_length: int | None = None
+    """Cut longer prompts from the left to this many tokens; default: what the model's positions leave room for
+    with `max_new_tokens` more."""
+    stop: Sequence[str] = ()
+    """Stop strings: a row also stops once its decoded continuation contains one (its ids then end with the token
+    that completed it; `generate` cuts the text before it)."""
+    cache: str = "static"
+    """"static": decode with a preallocated KV cache (on a GPU HF then compiles the decoding step) where the model
+    supports it, else with the dynamic cache; "dynamic": always with the latter."""
+    min_new_tokens: int = 0
+    """EOS is suppressed until that many tokens are out (benchmarks: a known token count)."""
+    end_ids: Sequence[int] = ()
+    """Tokens that end a row besides EOS (a chat template's end of turn, `Formatter.stop_ids`)."""
+    synced: bool = False
+    """The model's weights are sharded over the processes (FSDP), so every forward is a collective: each process
+    keeps running forwards until every process's batch has finished (HF's synced_gpus); the caller gives every
+    process the same number of batches (`evaluate_examples` does)."""
+    progress: bool = True
+    """Show a progress bar."""
 
 
 def supports_static_cache(model) -> bool:
@@ -200,56 +231,37 @@ def _until_eos(row: list[int], eos: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def generate_ids(
-    model,
-    tokenizer,
-    prompts: list[str],
-    *,
-    max_new_tokens: int = 256,
-    batch_size: int = 32,
-    max_prompt_length: int | None = None,
-    progress: bool = True,
-    stop: Sequence[str] = (),
-    cache: str = "static",
-    min_new_tokens: int = 0,
-    end_ids: Sequence[int] = (),
-    synced: bool = False,
+    model, tokenizer, prompts: list[str], options: GenerationOptions = GenerationOptions()
 ) -> list[list[int]]:
     """Greedy continuation token ids of each prompt (EOS and what follows it removed), in order.
 
-    Prompts are sorted by length and cut into batches of `batch_size`, longest first (an
-    out-of-memory shows at once); each batch is left-padded with an attention mask. Without
-    `max_prompt_length`, prompts are cut to what the model's positions allow with
-    `max_new_tokens` more. A row also stops once its decoded continuation contains one of the `stop`
-    strings (its ids then end with the token that completed it; `generate` cuts the text).
-    `cache`: "static" decodes with a preallocated KV cache (on a GPU HF then compiles the decoding
-    step) where the model supports it, else with the dynamic cache; "dynamic" always with the latter.
-    `min_new_tokens` suppresses EOS until that many tokens are out (benchmarks: a known token count).
-    `end_ids`: tokens that end a row besides EOS (a chat template's end of turn, `Formatter.stop_ids`).
-    `synced`: the model's weights are sharded over the processes (FSDP), so every forward is a collective: each
-    process keeps running forwards until every process's batch has finished (HF's synced_gpus); the caller gives
-    every process the same number of batches (`evaluate_examples` does).
+    Prompts are sorted by length and cut into batches of `options.batch_size`, longest first (an
+    out-of-memory shows at once); each batch is left-padded with an attention mask; each row stops at EOS, at
+    `options.end_ids` or at a stop string (see `GenerationOptions`).
     A row's tokens do not depend on its batch or the cache beyond floating-point rounding: identical to
     decoding it alone in float32 on a CPU (tested); in bf16 on a GPU, kernels chosen per shape can flip
     a near-tie.
     """
     from tqdm.auto import tqdm
 
-    if max_new_tokens < 1 or batch_size < 1:
+    max_new_tokens, stop = options.max_new_tokens, options.stop
+    if max_new_tokens < 1 or options.batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
-    if cache not in CACHES:
-        raise ValueError(f"cache must be one of {', '.join(CACHES)}; got {cache!r}")
+    if options.cache not in CACHES:
+        raise ValueError(f"cache must be one of {', '.join(CACHES)}; got {options.cache!r}")
     if any(not s for s in stop):
         raise ValueError("an empty stop string would stop every row at once")
     gen_model = unwrap(model, through_peft=False)  # a peft model generates with its adapters
+    max_prompt_length = options.max_prompt_length
     if max_prompt_length is None:
         max_prompt_length = _prompt_room(gen_model, max_new_tokens)
     encoded = encode_prompts(tokenizer, prompts, max_prompt_length)
     if any(not ids for ids in encoded):
         raise ValueError("a prompt encodes to no tokens and the tokenizer adds no BOS: nothing to condition on")
-    eos = sorted(set(_eos_ids(gen_model, tokenizer)) | set(end_ids))
+    eos = sorted(set(_eos_ids(gen_model, tokenizer)) | set(options.end_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     device = next(gen_model.parameters()).device
-    options = dict(
+    hf_options = dict(
         do_sample=False,
         num_beams=1,
         max_new_tokens=max_new_tokens,
@@ -259,25 +271,25 @@ def generate_ids(
         top_p=None,
         top_k=None,
     )
-    if min_new_tokens:
-        options["min_new_tokens"] = min(min_new_tokens, max_new_tokens)
-    if synced:
-        options["synced_gpus"] = True
-    if cache == "static" and supports_static_cache(gen_model):
-        options["cache_implementation"] = "static"
+    if options.min_new_tokens:
+        hf_options["min_new_tokens"] = min(options.min_new_tokens, max_new_tokens)
+    if options.synced:
+        hf_options["synced_gpus"] = True
+    if options.cache == "static" and supports_static_cache(gen_model):
+        hf_options["cache_implementation"] = "static"
     triggers = stop_triggers(tokenizer, stop, _vocab_size(gen_model, tokenizer)).to(device) if stop else None
 
     results: list[list[int]] = [[] for _ in encoded]
     was_training = gen_model.training
     gen_model.eval()
     try:
-        with tqdm(total=len(encoded), desc=progress_label("generate"), unit="ex", disable=not progress) as bar:
-            for idx in length_sorted_batches(encoded, batch_size):
+        with tqdm(total=len(encoded), desc=progress_label("generate"), unit="ex", disable=not options.progress) as bar:
+            for idx in length_sorted_batches(encoded, options.batch_size):
                 input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad, device)
                 stopping = StopStrings(tokenizer, stop, triggers, input_ids.shape[1]) if stop else None
                 if stopping is not None:
-                    options["stopping_criteria"] = StoppingCriteriaList([stopping])
-                out = gen_model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)
+                    hf_options["stopping_criteria"] = StoppingCriteriaList([stopping])
+                out = gen_model.generate(input_ids=input_ids, attention_mask=attention_mask, **hf_options)
                 for k, (i, row) in enumerate(zip(idx, out[:, input_ids.shape[1] :].tolist())):
                     stopped_at = stopping.lengths.get(k, len(row)) if stopping is not None else len(row)
                     results[i] = _until_eos(row[:stopped_at], eos)
@@ -288,36 +300,13 @@ def generate_ids(
 
 
 def generate(
-    model,
-    tokenizer,
-    prompts: list[str] | list[list[int]],
-    *,
-    max_new_tokens: int = 256,
-    batch_size: int = 32,
-    progress: bool = True,
-    max_prompt_length: int | None = None,
-    stop: Sequence[str] = (),
-    cache: str = "static",
-    end_ids: Sequence[int] = (),
-    synced: bool = False,
+    model, tokenizer, prompts: list[str] | list[list[int]], options: GenerationOptions = GenerationOptions()
 ) -> list[str]:
     """Greedy continuation of each prompt (text, or token ids), decoded without special tokens (only the new
-    text), cut before the first stop string. `synced` as in `generate_ids`."""
-    ids = generate_ids(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        max_prompt_length=max_prompt_length,
-        progress=progress,
-        stop=stop,
-        cache=cache,
-        end_ids=end_ids,
-        synced=synced,
-    )
+    text), cut before the first stop string."""
+    ids = generate_ids(model, tokenizer, prompts, options=options)
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
-    return [cut_at_stop(text, stop) for text in texts]
+    return [cut_at_stop(text, options.stop) for text in texts]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -424,17 +413,11 @@ def evaluate_examples(
     model,
     tokenizer,
     examples: Sequence,
+    options: GenerationOptions = GenerationOptions(),
     *,
-    max_new_tokens: int = 256,
-    batch_size: int = 32,
     difficulty_keys: Sequence[str] = DIFFICULTY_KEYS,
     accelerator=None,
-    max_prompt_length: int | None = None,
-    progress: bool = True,
-    stop: Sequence[str] = (),
-    cache: str = "static",
     formatter: Formatter | None = None,
-    synced: bool = False,
 ) -> tuple[dict, list[dict]]:
     """Generate, extract and score every example; return (metrics, one record per example, in order).
 
@@ -442,33 +425,25 @@ def evaluate_examples(
     each process generates for its shard (examples[rank::world]) and the records are gathered,
     so every process returns the full result. Records: id, source, meta, prompt (the text the model was given,
     chat template included), generation, extracted, answer_from, gold, correct, grading (see `grade_example`).
-    `stop` and `cache` as in `generate_ids`.
-    `formatter` renders the prompts as training did (default: plain text, the prompts as written).
-    `synced`: the model is sharded over the processes (FSDP; see `generate_ids`): every shard is filled up to the
-    same length with copies of the first example, so that every process runs as many batches; their records are
-    dropped.
+    `formatter` renders the prompts as training did (default: plain text, the prompts as written); generation also
+    stops at its end of turn. With `options.synced` (the model is sharded over the processes: FSDP) every shard is
+    filled up to the same length with copies of the first example, so that every process runs as many batches; their
+    records are dropped.
     """
     examples = list(examples)
     world = getattr(accelerator, "num_processes", 1) if accelerator is not None else 1
     rank = accelerator.process_index if world > 1 else 0
     positions = list(range(rank, len(examples), world))
-    if synced and examples:
+    if options.synced and examples:
         positions += [-1] * (-(-len(examples) // world) - len(positions))  # -1: a filler, not reported
     shard = [examples[max(i, 0)] for i in positions]
     prompts = [_prompt(formatter, tokenizer, ex) for ex in shard]
-    generations = generate(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        max_prompt_length=max_prompt_length,
-        progress=progress and (accelerator is None or accelerator.is_local_main_process),
-        stop=stop,
-        cache=cache,
-        end_ids=formatter.stop_ids() if formatter else (),
-        synced=synced,
+    options = dataclasses.replace(
+        options,
+        progress=options.progress and (accelerator is None or accelerator.is_local_main_process),
+        end_ids=(*options.end_ids, *(formatter.stop_ids() if formatter else ())),
     )
+    generations = generate(model, tokenizer, prompts, options=options)
     records = []
     for pos, ex, prompt, text in zip(positions, shard, prompts, generations):
         if pos < 0:
@@ -502,11 +477,19 @@ def evaluate_examples(
     return compute_metrics(records, difficulty_keys), records
 
 
-def evaluate_during_training(model, accelerator, tokenizer, examples: Sequence, **options) -> tuple[dict, list[dict]]:
+def evaluate_during_training(
+    model,
+    accelerator,
+    tokenizer,
+    examples: Sequence,
+    options: GenerationOptions = GenerationOptions(),
+    *,
+    formatter: Formatter | None = None,
+) -> tuple[dict, list[dict]]:
     """`evaluate_examples` on the model being trained: `model` as train prepared it (the loss wrapper, maybe under
     DDP or FSDP2), called on every process. Under FSDP2 every process holds a shard of each weight: the root's own
     weights (embeddings, head) are gathered for the whole evaluation, the blocks' at each forward as in training,
-    and the processes generate in lockstep (`synced`)."""
+    and the processes generate in lockstep (`GenerationOptions.synced`)."""
     from torch.distributed.fsdp import FSDPModule
 
     generator = accelerator.unwrap_model(model).model  # the HF (or peft) model under the loss wrapper
@@ -516,7 +499,12 @@ def evaluate_during_training(model, accelerator, tokenizer, examples: Sequence, 
         model.unshard()  # the root's weights, whatever state the last step left them in; the blocks gather their own
     try:
         return evaluate_examples(
-            generator, tokenizer, examples, accelerator=accelerator if several else None, synced=sharded, **options
+            generator,
+            tokenizer,
+            examples,
+            dataclasses.replace(options, synced=sharded),
+            accelerator=accelerator if several else None,
+            formatter=formatter,
         )
     finally:
         if sharded:
@@ -573,6 +561,17 @@ class EvalConfig(DataFormat):
     overwrite: bool = False
     """Replace an evaluation made in the same place with other settings (without it such a rerun is refused)."""
 
+    def generation(self) -> GenerationOptions:
+        """The generation options these settings give."""
+        return GenerationOptions(
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            max_prompt_length=self.max_prompt_length,
+            stop=self.stop,
+            cache=self.cache,
+            progress=self.progress,
+        )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         # Refused here, before any data or model is loaded: `--limit -1` once evaluated 49 of 50.
@@ -610,7 +609,7 @@ def run(cfg: EvalConfig) -> dict:
 
     from datalever.models import load_model, load_tokenizer, resolve_model
 
-    rundir.refuse_other_settings(cfg.out, "evaluate", cfg)
+    provenance.refuse_other_settings(cfg.out, "evaluate", cfg)
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Launched with torchrun/accelerate: the process state already set up (e.g. by training in
@@ -633,20 +632,15 @@ def run(cfg: EvalConfig) -> dict:
         model,
         tokenizer,
         examples,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
+        cfg.generation(),
         difficulty_keys=cfg.difficulty_keys,
         accelerator=accelerator,
-        max_prompt_length=cfg.max_prompt_length,
-        progress=cfg.progress,
-        stop=cfg.stop,
-        cache=cfg.cache,
         formatter=Formatter(tokenizer, cfg.chat_template),
     )
     if accelerator is None or accelerator.is_main_process:
         out = rundir.EvalDir(cfg.out)
-        rundir.record_provenance(
-            out.root, "evaluate", cfg, data_fingerprint=rundir.fingerprint(examples), n_examples=len(examples)
+        provenance.record(
+            out.root, "evaluate", cfg, data_fingerprint=provenance.fingerprint(examples), n_examples=len(examples)
         )
         rundir.atomic_write_text(out.predictions, _records_jsonl(records))
         rundir.write_json(out.metrics, metrics)  # last: its presence marks a finished evaluation

@@ -8,9 +8,8 @@ steps, so a run killed at any moment continues from the last recorded step and e
 table as an uninterrupted run. Under several processes (torchrun / accelerate) each process scores
 its share of the batches; the main process writes.
 
-Store columns: id, source, n_tokens (response tokens with a loss), n_cut (response tokens that
-max_length cut away), flag ("" or "truncated"), loss_stepNNNNNN (one per
-checkpoint, increasing step order; NaN only where flag is set).
+The store's format (its columns, the loss column of a step, the commit record's keys) is
+`datalever.trajectories`'s; profile appends each recorded step through `trajectories.append_step`.
 
 `RUN/trajectories.meta.json` is the commit record: it is written before training starts (settings,
 data fingerprint, planned steps, proxy), and after each column (the parquet first, then the meta).
@@ -22,15 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from datalever import checks, provenance, rundir
+from datalever import checks, provenance, rundir, trajectories
 from datalever.examples import DataFormat, local_data, read_data
 from datalever.losses import score_encoded
 from datalever.models import load_tokenizer, model_config_summary, resolve_model
@@ -41,8 +36,6 @@ from datalever.rundir import RunDir
 from datalever.tokens import Formatter, Truncation, check_chat_template
 from datalever.train import TrainConfig, total_steps
 from datalever.train import run as train_run
-
-BASE_COLUMNS = ["id", "source", "n_tokens", "n_cut", "flag"]
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +130,6 @@ def record_steps(n_steps: int, k: int) -> list[int]:
         )
     # n*(i+1)/k rounded half up, in exact integer arithmetic; n/k >= 1 keeps the steps distinct.
     return [(2 * n_steps * (i + 1) + k) // (2 * k) for i in range(k)]
-
-
-def loss_column(step: int) -> str:
-    return f"loss_step{step:06d}"
 
 
 def _identity(cfg: ProfileConfig, examples) -> dict:
@@ -253,9 +242,12 @@ def run(cfg: ProfileConfig) -> dict:
         )
         if accelerator.is_main_process:
             wall_s = time.perf_counter() - t0
-            append_column(
-                run_dir, examples, scores, step, steps, identity, wall_s, record_tokens=n_record_tokens, n_cut=n_cut
-            )
+            try:
+                trajectories.append_step(
+                    run_dir, examples, scores, step, steps, identity, wall_s, record_tokens=n_record_tokens, n_cut=n_cut
+                )
+            except trajectories.StoreError as e:
+                raise ProfileError(str(e)) from e
         accelerator.wait_for_everyone()
 
     train_run(train_cfg, on_step=record, checkpoint_steps=set(steps))
@@ -297,74 +289,3 @@ def record_initial_loss(meta_path: Path, model_path: str, encoded, pad_id: int, 
         initial = {"initial_per_token_loss": loss, "initial_wall_s": time.perf_counter() - t0}
         rundir.write_json(meta_path, {**rundir.read_json(meta_path), **initial})
     state.wait_for_everyone()
-
-
-def append_column(
-    run_dir: RunDir,
-    examples,
-    scores: dict,
-    step: int,
-    steps: list[int],
-    identity: dict,
-    wall_s: float = 0.0,
-    *,
-    record_tokens: int | None = None,
-    n_cut: dict[str, int] | None = None,
-) -> None:
-    """Add (or replace) the column of `step` in the store, keeping columns in step order.
-
-    The parquet is written first, the meta last: only columns the meta lists are kept from an
-    existing store, so a column written by a run killed before its meta is simply recorded again.
-    """
-    store, meta_path = run_dir.trajectories, run_dir.trajectories_meta
-    meta = rundir.read_json(meta_path) if meta_path.exists() else {}
-    committed = [s for s in meta.get("steps", []) if s != step]
-    ids = [ex.id for ex in examples]
-    if store.exists() and committed:
-        table = pq.read_table(store)
-        if table.column("id").to_pylist() != ids:
-            raise ProfileError(f"{store}: its rows are not the training examples being profiled")
-        cols = {name: table.column(name) for name in BASE_COLUMNS + [loss_column(s) for s in committed]}
-    else:
-        cols = {
-            "id": pa.array(ids, pa.string()),
-            "source": pa.array([ex.source for ex in examples], pa.string()),
-            "n_tokens": pa.array([scores[ex.id].n_tokens for ex in examples], pa.int32()),
-            "n_cut": pa.array([(n_cut or {}).get(ex.id, 0) for ex in examples], pa.int32()),
-            "flag": pa.array([scores[ex.id].flag for ex in examples], pa.string()),
-        }
-    losses = [scores[ex.id].loss for ex in examples]
-    if any(math.isnan(v) != bool(scores[ex.id].flag) for v, ex in zip(losses, examples)):
-        raise ProfileError(f"step {step}: a loss is NaN without a flag (or a flagged example has a loss)")
-    cols[loss_column(step)] = pa.array(losses, pa.float64())
-    recorded = sorted(committed + [step])
-    rundir.write_parquet(
-        store, pa.table({name: cols[name] for name in BASE_COLUMNS + [loss_column(s) for s in recorded]})
-    )
-
-    # Seconds spent scoring every example at each recorded step (a rerecorded step replaces its time).
-    timings = {str(s): t for s, t in meta.get("record_wall_s", {}).items() if int(s) in committed}
-    timings[str(step)] = wall_s
-    flags = [scores[ex.id].flag for ex in examples]
-    rundir.write_json(
-        meta_path,
-        {
-            **meta,
-            **identity,
-            "steps": recorded,
-            "loss_columns": [loss_column(s) for s in recorded],
-            "planned_steps": steps,
-            "complete": False,
-            "n_examples": len(examples),
-            "n_flagged": sum(1 for f in flags if f),
-            "flag_counts": {f: flags.count(f) for f in sorted(set(flags) - {""})},
-            "mean_loss": [_mean(cols[loss_column(s)].to_pylist()) for s in recorded],
-            "record_tokens": record_tokens if record_tokens is not None else meta.get("record_tokens"),
-            "record_wall_s": {str(s): timings[str(s)] for s in recorded},
-        },
-    )
-
-
-def _mean(values) -> float:
-    ok = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(ok) / len(ok) if ok else math.nan

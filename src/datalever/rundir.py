@@ -400,10 +400,16 @@ def provenance_files(out_dir: str | os.PathLike, stage: str) -> tuple[Path, Path
     return Path(out_dir) / f"{stage}.config.yaml", Path(out_dir) / f"{stage}.meta.json"
 
 
-def __getattr__(name: str):  # TEMPORARY during the restructure: names that moved to provenance.py
-    moved = {"record_provenance": "record"}
-    if name in moved or name in ("fingerprint", "content_fingerprint", "versions", "refuse_other_settings"):
-        from datalever import provenance
+@dataclass(frozen=True)
+class ModelDir(_Layout):
+    """An HF checkpoint directory (a saved model, e.g. `TrainDir.model`): the files datalever reads from one without
+    loading the model (the split's audit)."""
 
-        return getattr(provenance, moved.get(name, name))
-    raise AttributeError(name)
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def tokenizer_json(self) -> Path:
+        """The fast tokenizer's file, which the `tokenizers` library reads without torch."""
+        return self.root / "tokenizer.json"

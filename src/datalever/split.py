@@ -1,21 +1,12 @@
 """Split: turn loss trajectories into an easy/hard split by k-means.
 
-Input (written by the profile stage): ``RUN/trajectories.parquet`` with columns ``id``, ``source``,
-``n_tokens``, ``flag`` ("" or e.g. "truncated") and one float column ``loss_step{step:06d}`` per
-checkpoint, in increasing step order; plus ``RUN/trajectories.meta.json`` with ``steps`` and
-``loss_columns``. Row i's trajectory is ``loss[i, t]``, t = 0..K-1 over the K checkpoints.
+Input: the profile's trajectory store (``RUN/trajectories.parquet`` and its meta), or (``SplitConfig.trajectories``)
+a Parquet file of the same shape written by another tool; `datalever.trajectories` describes and reads both. Row i's
+trajectory is ``loss[i, t]``, t = 0..K-1 over the K checkpoints. The ids of another tool's file must cover the
+training file exactly (when it is known): an id the training set lacks, or a training example without a trajectory,
+is an error, since upsample could not match it.
 
-Or (``SplitConfig.trajectories``) a Parquet file written by another tool: an ``id`` column holding the
-datalever content ids of the training examples (what ``load_examples`` gives; ``datalever data check``
-prints the first), optional ``source`` and ``flag`` text columns, and the losses: every other column
-except ``n_tokens`` and ``n_cut`` (ignored, so a profile store works too), in file order, which is the
-checkpoint order. Loss columns must be numeric (integer or float); no meta file is needed. Steps (the
-plots' x axis and the feature column names) are the last number in each loss column's name
-(``loss_step000010`` and ``loss_10`` give 10) when every name has one and they increase in file order,
-else 0..K-1. The ids must cover the training file exactly (when it is known): an id the training set
-lacks, or a training example without a trajectory, is an error, since upsample could not match it.
-
-Features (what k-means sees; the choice is ``SplitConfig.features``):
+Features (what k-means sees; the choice is ``SplitConfig.features``; each is one entry of `FEATURE_KINDS`):
 
 - ``trajectory`` (default): the raw trajectory, ``x_i = (loss[i,0], ..., loss[i,K-1])`` (K values).
 - ``final``: the final loss only, ``x_i = (loss[i,K-1],)`` (1 value; the paper's ablation).
@@ -59,22 +50,17 @@ in the summary's ``audit_warnings``), ``split_trajectories.png`` (mean ± std tr
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import re
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 
-from datalever import audit, checks, rundir
+from datalever import audit, checks, provenance, rundir, trajectories
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
-
-FEATURES = ("trajectory", "final", "relative", "residual")
-LOSS_COLUMN = re.compile(r"^loss_step(\d{6})$")
 
 log = logging.getLogger(__name__)
 
@@ -130,178 +116,7 @@ class SplitConfig(DataFormat):
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading the trajectory store
-
-
-def read_trajectories(path: str | Path):
-    """Read and validate the trajectory store.
-
-    `path` is ``trajectories.parquet`` or the run directory holding it. Returns
-    ``(ids, sources, losses, flags, meta)``: lists of str / str|None / str, a float64 array [n, K]
-    and the meta dict. Raises SplitError on anything inconsistent.
-    """
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if path.is_dir():
-        path = rundir.RunDir(path).trajectories
-    if not path.exists():
-        raise SplitError(f"no trajectory store at {path} (run the profile stage first)")
-    meta_path = path.with_name(path.name.removesuffix(".parquet") + ".meta.json")
-    if not meta_path.exists():
-        raise SplitError(f"{path} has no meta file {meta_path.name}")
-    meta = rundir.read_json(meta_path)
-    table = pq.read_table(path)
-    cols = table.column_names
-    for required in ("id", "source", "flag"):
-        if required not in cols:
-            raise SplitError(f"{path}: missing column {required!r} (has {cols})")
-    loss_cols = [c for c in cols if LOSS_COLUMN.match(c)]
-    if not loss_cols:
-        raise SplitError(f"{path}: no loss_stepNNNNNN columns")
-    steps = [int(LOSS_COLUMN.match(c).group(1)) for c in loss_cols]
-    if any(b <= a for a, b in zip(steps, steps[1:])):
-        raise SplitError(f"{path}: loss columns are not in strictly increasing step order: {loss_cols}")
-    if "loss_columns" in meta and list(meta["loss_columns"]) != loss_cols:
-        raise SplitError(f"{path}: meta loss_columns {meta['loss_columns']} != parquet columns {loss_cols}")
-    if "steps" in meta and [int(s) for s in meta["steps"]] != steps:
-        raise SplitError(f"{path}: meta steps {meta['steps']} do not match the loss columns {loss_cols}")
-    meta = {**meta, "steps": steps, "loss_columns": loss_cols}
-
-    ids = [str(i) for i in table.column("id").to_pylist()]
-    if len(set(ids)) != len(ids):
-        raise SplitError(f"{path}: duplicate ids")
-    sources = table.column("source").to_pylist()
-    flags = [f or "" for f in table.column("flag").to_pylist()]
-    losses = (
-        np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in loss_cols])
-        if len(ids)
-        else np.zeros((0, len(loss_cols)))
-    )
-    _refuse_nan(path, ids, losses, flags)
-    return ids, sources, losses, flags, meta
-
-
-def _refuse_nan(path: Path, ids: list[str], losses: np.ndarray, flags: list[str]) -> None:
-    """NaN is never replaced by a number (a broken example would look easiest): only flagged rows may hold it."""
-    bad = [ids[i] for i in np.flatnonzero(np.isnan(losses).any(axis=1)) if not flags[i]]
-    if bad:
-        raise SplitError(f"{path}: {len(bad)} unflagged row(s) have NaN or missing losses, e.g. ids {bad[:3]}")
-
-
-# Columns of a trajectory file that are not losses (n_tokens and n_cut: the profile store's counts).
-NOT_LOSSES = ("id", "source", "flag", "n_tokens", "n_cut")
-LAST_NUMBER = re.compile(r"(\d+)\D*$")
-
-
-def read_external_trajectories(path: str | Path):
-    """Read and validate a trajectory file written by another tool (see the module docstring).
-
-    Returns ``(ids, sources, losses, flags, meta)`` as `read_trajectories` does; meta holds ``steps`` and
-    ``loss_columns``. Raises SplitError naming the file (and the column or rows) on anything it cannot use.
-    """
-    path = Path(path)
-    table = _read_parquet(path)
-    cols = table.column_names
-    if "id" not in cols:
-        raise SplitError(f"{path}: no 'id' column (has {cols}); it must hold the training examples' datalever ids")
-    if table.num_rows == 0:
-        raise SplitError(f"{path}: empty file (no rows)")
-    loss_cols = [c for c in cols if c not in NOT_LOSSES]
-    if not loss_cols:
-        raise SplitError(f"{path}: no loss columns (every column other than {list(NOT_LOSSES)} is a loss)")
-    for c in loss_cols:
-        _require_numeric(path, c, table.schema.field(c).type)
-    ids = _external_ids(path, table.column("id"))
-    sources = _optional_text(path, table, "source")
-    flags = [f or "" for f in _optional_text(path, table, "flag")]
-    # A null loss becomes NaN here, and is refused below like any NaN.
-    losses = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in loss_cols])
-    _refuse_nan(path, ids, losses, flags)
-    return ids, sources, losses, flags, {"steps": steps_from_names(loss_cols), "loss_columns": loss_cols}
-
-
-def _read_parquet(path: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError; a directory or a torn file, OSError
-        raise SplitError(f"{path}: cannot read it as Parquet ({e})") from e
-
-
-def _require_numeric(path: Path, column: str, dtype) -> None:
-    import pyarrow as pa
-
-    if not (pa.types.is_integer(dtype) or pa.types.is_floating(dtype)):
-        raise SplitError(
-            f"{path}: column {column!r} is {dtype}, not numeric; every column other than {list(NOT_LOSSES)} "
-            "is read as a loss: drop or rename it"
-        )
-
-
-def _external_ids(path: Path, column) -> list[str]:
-    import pyarrow as pa
-
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-        raise SplitError(f"{path}: column 'id' is {column.type}, not text (datalever content ids)")
-    ids = column.to_pylist()
-    null_rows = [i for i, v in enumerate(ids) if v is None]
-    if null_rows:
-        raise SplitError(f"{path}: {len(null_rows)} null id(s), e.g. at rows {null_rows[:3]} (0-based)")
-    dup = pd.Series(ids)
-    dup = dup[dup.duplicated()].unique().tolist()
-    if dup:
-        raise SplitError(f"{path}: {len(dup)} duplicate id(s), e.g. {dup[:3]}")
-    return ids
-
-
-def _optional_text(path: Path, table, name: str) -> list[str | None]:
-    """A text column that may be absent (then all None) or null in places."""
-    import pyarrow as pa
-
-    if name not in table.column_names:
-        return [None] * table.num_rows
-    column = table.column(name)
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
-        raise SplitError(f"{path}: column {name!r} is {column.type}, not text")
-    return column.to_pylist()
-
-
-def steps_from_names(loss_cols: Sequence[str]) -> list[int]:
-    """The step of each loss column: the last number in every name if all have one and they increase (loss_10,
-    loss_step000020 -> 10, 20), else the position 0..K-1 (file order is the checkpoint order either way)."""
-    found = [LAST_NUMBER.search(c) for c in loss_cols]
-    if all(found):
-        steps = [int(m.group(1)) for m in found]
-        if all(b > a for a, b in zip(steps, steps[1:])):
-            return steps
-    return list(range(len(loss_cols)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Features and clustering (pure)
-
-
-def compute_features(losses: np.ndarray, features: str, covariates: np.ndarray | None = None) -> np.ndarray:
-    """The feature matrix for `losses` [n, K] (see the module docstring). NaN rows stay NaN. `covariates` [n, c]:
-    the composition the 'residual' baseline is fitted on (only that feature uses them)."""
-    losses = np.asarray(losses, dtype=np.float64)
-    if losses.ndim != 2:
-        raise SplitError(f"losses must be 2-D [n, K], got shape {losses.shape}")
-    if features == "trajectory":
-        return losses.copy()
-    if features == "final":
-        return losses[:, -1:].copy()
-    if features == "relative":
-        if losses.shape[1] < 2:
-            raise SplitError("features='relative' needs at least 2 checkpoints")
-        prev = losses[:, :-1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return losses[:, 1:] / prev
-    if features == "residual":
-        return composition_residuals(losses, covariates)
-    raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+# Features (pure): one entry each in FEATURE_KINDS
 
 
 def composition_residuals(losses: np.ndarray, covariates: np.ndarray | None) -> np.ndarray:
@@ -321,23 +136,81 @@ def composition_residuals(losses: np.ndarray, covariates: np.ndarray | None) -> 
     return out
 
 
-def hardness(losses: np.ndarray, feats: np.ndarray, features: str) -> np.ndarray:
-    """What ranks the clusters (highest cluster mean = hardest): the raw losses, except for 'residual' (the loss
-    above what the composition predicts)."""
-    return feats if features == "residual" else losses
+def _step_ratios(losses: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return losses[:, 1:] / losses[:, :-1]
 
 
-def feature_names(features: str, steps: Sequence[int]) -> list[str]:
-    steps = list(steps)
-    if features == "trajectory":
-        return [f"feat_loss_step{s:06d}" for s in steps]
-    if features == "final":
-        return [f"feat_loss_step{steps[-1]:06d}"]
-    if features == "relative":
-        return [f"feat_ratio_step{b:06d}_{a:06d}" for a, b in zip(steps, steps[1:])]
-    if features == "residual":
-        return [f"feat_residual_step{s:06d}" for s in steps]
-    raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+def _raw_losses(losses: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    return losses
+
+
+def _the_features(losses: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    return feats
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One kind of split feature: what k-means clusters, made from the loss trajectories. A new kind is one entry of
+    FEATURE_KINDS (and a line in SplitConfig.features' help)."""
+
+    name: str
+    compute: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+    """(losses [n, K], covariates [n, c] or None) -> features [n, d]; NaN rows stay NaN."""
+    columns: Callable[[list[int]], list[str]]
+    """The K checkpoints' steps -> the d feature columns' names in split.parquet (feat_*)."""
+    hardness: Callable[[np.ndarray, np.ndarray], np.ndarray] = _raw_losses
+    """(losses, features) -> the values whose cluster mean ranks the clusters (the highest = hard)."""
+    covariates: bool = False
+    """Fitted on the examples' composition (audit.composition_covariates): needs the training examples, and with
+    stratify is fitted within each source."""
+    min_checkpoints: int = 1
+    """The fewest checkpoints (K) it can be computed from."""
+
+
+FEATURE_KINDS = {
+    kind.name: kind
+    for kind in (
+        Feature("trajectory", lambda losses, _: losses.copy(), lambda steps: [f"feat_loss_step{s:06d}" for s in steps]),
+        Feature("final", lambda losses, _: losses[:, -1:].copy(), lambda steps: [f"feat_loss_step{steps[-1]:06d}"]),
+        Feature(
+            "relative",
+            _step_ratios,
+            lambda steps: [f"feat_ratio_step{b:06d}_{a:06d}" for a, b in zip(steps, steps[1:])],
+            min_checkpoints=2,
+        ),
+        Feature(
+            "residual",
+            composition_residuals,
+            lambda steps: [f"feat_residual_step{s:06d}" for s in steps],
+            hardness=_the_features,  # hard = more loss than the composition predicts; raw loss would bring it back
+            covariates=True,
+        ),
+    )
+}
+FEATURES = tuple(FEATURE_KINDS)
+
+
+def feature_kind(features: str) -> Feature:
+    if features not in FEATURE_KINDS:
+        raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+    return FEATURE_KINDS[features]
+
+
+def compute_features(losses: np.ndarray, features: str, covariates: np.ndarray | None = None) -> np.ndarray:
+    """The feature matrix for `losses` [n, K] (see the module docstring). NaN rows stay NaN. `covariates` [n, c]:
+    the composition a covariate baseline ('residual') is fitted on (only such features use them)."""
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 2:
+        raise SplitError(f"losses must be 2-D [n, K], got shape {losses.shape}")
+    kind = feature_kind(features)
+    if losses.shape[1] < kind.min_checkpoints:
+        raise SplitError(f"features={features!r} needs at least {kind.min_checkpoints} checkpoints")
+    return kind.compute(losses, covariates)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clustering (pure)
 
 
 def _kmeans_ranked(x: np.ndarray, raw: np.ndarray, k: int, seed: int, what: str) -> np.ndarray:
@@ -385,6 +258,26 @@ def split_trajectories(
     from clustering. Without `flags`, every row must be NaN-free. `steps` only names the feature
     columns (default 0..K-1). `covariates` [n, c]: each row's composition, for features='residual'.
     """
+    losses, flags, steps = _checked_input(ids, sources, losses, features=features, k=k, flags=flags, steps=steps)
+    kind = FEATURE_KINDS[features]
+    strata = _strata(sources)
+    threshold = max(int(min_source_size), k) if stratify else k  # the smallest stratum clustered on its own
+    feats = _features(kind, losses, covariates, flags, strata if stratify else None, threshold)
+    frame, cols = _working_frame(ids, sources, flags, losses, kind.hardness(losses, feats), feats, kind.columns(steps))
+    input_order = frame.index.copy()
+    usable = _clustered_rows(frame, cols)
+    for name, mask in _groups(strata, usable, stratify):
+        if stratify and mask.sum() < threshold:
+            frame.loc[mask, ["cluster", "hard", "assigned"]] = [-1, True, "small_source"]  # upsampled whole
+        else:
+            _cluster(frame, mask, cols, k, seed, "all examples" if name is None else f"source {name!r}")
+    assert frame.index.equals(input_order)
+    return _output(frame, cols)
+
+
+def _checked_input(ids, sources, losses, *, features: str, k: int, flags, steps) -> tuple[np.ndarray, list, list]:
+    """`split_trajectories`' inputs as it uses them: losses as float64 [n, K], flags ("" where none) and steps
+    (default 0..K-1); SplitError where they disagree."""
     losses = np.asarray(losses, dtype=np.float64)
     n = len(ids)
     if losses.ndim != 2 or losses.shape[0] != n or len(sources) != n:
@@ -393,8 +286,7 @@ def split_trajectories(
         raise SplitError("no examples to split")
     if losses.shape[1] == 0:
         raise SplitError("losses have no checkpoints")
-    if features not in FEATURES:
-        raise SplitError(f"unknown features {features!r}; choose one of {FEATURES}")
+    feature_kind(features)
     if k < 2:
         raise SplitError(f"k must be >= 2, got {k}")
     flags = [""] * n if flags is None else [f or "" for f in flags]
@@ -403,77 +295,25 @@ def split_trajectories(
     steps = list(range(losses.shape[1])) if steps is None else list(steps)
     if len(steps) != losses.shape[1]:
         raise SplitError(f"{len(steps)} steps for {losses.shape[1]} loss columns")
+    return losses, flags, steps
 
+
+def _strata(sources: Sequence[str | None]) -> np.ndarray:
+    """Each row's stratum: its source, the null source being one stratum of its own."""
+    return pd.Series(pd.array(list(sources), dtype="string")).fillna(NO_SOURCE).to_numpy(dtype=object)
+
+
+def _features(kind: Feature, losses, covariates, flags, strata: np.ndarray | None, threshold: int) -> np.ndarray:
+    """The features of every row. A covariate baseline is fitted on the clustered (unflagged) rows only, and with
+    stratification (`strata` given) within each source."""
     usable_rows = np.array([not f for f in flags])
-    # Each row's stratum (its source) and the smallest stratum clustered on its own, when stratified.
-    strata = pd.Series(pd.array(list(sources), dtype="string")).fillna(NO_SOURCE).to_numpy(dtype=object)
-    threshold = max(int(min_source_size), k) if stratify else k
-    feats = compute_features(losses, features, _masked(covariates, usable_rows))
-    if features == "residual" and stratify:
-        feats = _residuals_per_source(losses, covariates, usable_rows, strata, threshold, feats)
-    fnames = feature_names(features, steps)
-    frame = pd.DataFrame(
-        {
-            "id": [str(i) for i in ids],
-            "source": pd.array(list(sources), dtype="string"),
-            "flag": flags,
-        }
-    )
-    if frame["id"].duplicated().any():
-        raise SplitError(f"duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
-    frame = frame.set_index("id", drop=False)
-    input_order = frame.index.copy()
-    raw_cols = [f"_raw{t}" for t in range(losses.shape[1])]
-    frame[raw_cols] = losses  # positional assignment once, while the frame is still in input order
-    rank = hardness(losses, feats, features)
-    rank_cols = [f"_rank{t}" for t in range(rank.shape[1])]
-    frame[rank_cols] = rank
-    frame[fnames] = feats
-    frame["mean_loss"] = losses.mean(axis=1)  # NaN stays NaN for flagged rows
-    frame["loss_drop"] = losses[:, 0] - losses[:, -1]
-    frame["cluster"] = -1
-    frame["hard"] = False
-    frame["assigned"] = "flagged"
-
-    flagged = frame["flag"] != ""
-    nan_rows = frame[raw_cols].isna().any(axis=1)
-    if (nan_rows & ~flagged).any():
-        bad = frame.index[nan_rows & ~flagged].tolist()
-        if nan_rows.all():
-            raise SplitError("all trajectories are NaN: nothing to cluster")
-        raise SplitError(f"{len(bad)} unflagged row(s) have NaN losses (NaN is never treated as 0), e.g. {bad[:3]}")
-    usable = ~flagged
-    if not usable.any():
-        raise SplitError(f"all {n} examples are flagged: nothing to cluster")
-
-    if stratify:
-        groups = [(s, usable & (strata == s)) for s in sorted(set(strata[usable.to_numpy()]))]
-    else:
-        groups = [(None, usable)]
-
-    for name, mask in groups:
-        member_ids = frame.index[mask]
-        what = "all examples" if name is None else f"source {name!r}"
-        if stratify and len(member_ids) < threshold:
-            frame.loc[mask, ["cluster", "hard", "assigned"]] = [-1, True, "small_source"]
-            continue
-        sub = frame.loc[member_ids]
-        assert list(sub.index) == list(member_ids)
-        labels = _kmeans_ranked(sub[fnames].to_numpy(), sub[rank_cols].to_numpy(), k, seed, what)
-        result = pd.Series(labels, index=member_ids)  # labels keyed by id: no positions leave this block
-        frame.loc[member_ids, "cluster"] = result
-        frame.loc[member_ids, "hard"] = result == k - 1
-        frame.loc[member_ids, "assigned"] = "kmeans"
-        assert (frame.loc[member_ids, "cluster"].to_numpy() == result.loc[member_ids].to_numpy()).all()
-
-    assert frame.index.equals(input_order)
-    out = frame.drop(columns=raw_cols + rank_cols).reset_index(drop=True)
-    out["cluster"] = out["cluster"].astype("int64")
-    out["hard"] = out["hard"].astype(bool)
-    return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *fnames]]
+    feats = compute_features(losses, kind.name, _masked(covariates, usable_rows))
+    if kind.covariates and strata is not None:
+        feats = _fitted_per_source(kind, losses, covariates, usable_rows, strata, threshold, feats)
+    return feats
 
 
-def _residuals_per_source(losses, covariates, usable_rows, strata: np.ndarray, threshold: int, global_fit: np.ndarray):
+def _fitted_per_source(kind: Feature, losses, covariates, usable_rows, strata, threshold: int, global_fit: np.ndarray):
     """With stratify, each source's examples are clustered among themselves, so the composition baseline is fitted
     within each source too: sources differ in how their mix of token kinds sets the loss (a code source's letters
     are not a word problem's), and one fit across sources would leave each source's own composition effect in its
@@ -483,7 +323,7 @@ def _residuals_per_source(losses, covariates, usable_rows, strata: np.ndarray, t
     for name in sorted(set(strata[usable_rows])):
         rows = usable_rows & (strata == name)
         if rows.sum() >= threshold and rows.sum() > n_covariates:
-            out[rows] = compute_features(losses[rows], "residual", _masked(covariates, rows)[rows])
+            out[rows] = compute_features(losses[rows], kind.name, _masked(covariates, rows)[rows])
     return out
 
 
@@ -496,6 +336,83 @@ def _masked(covariates: np.ndarray | None, rows: np.ndarray) -> np.ndarray | Non
     if c.ndim == 2 and c.shape[0] == len(rows):
         c[~rows] = np.nan
     return c
+
+
+class _Columns(NamedTuple):
+    """The columns of `split_trajectories`' working frame besides the output's own."""
+
+    raw: list[str]  # the losses (dropped from the output)
+    rank: list[str]  # the hardness values (dropped from the output)
+    features: list[str]  # what k-means clusters (kept: feat_*)
+
+
+def _working_frame(ids, sources, flags, losses, rank, feats, feature_names) -> tuple[pd.DataFrame, _Columns]:
+    """One row per input row, in input order, indexed by id (labels are written by id, never by position: the
+    prototype wrote cluster indices local to a source as global ones), every row flagged until assigned."""
+    frame = pd.DataFrame(
+        {
+            "id": [str(i) for i in ids],
+            "source": pd.array(list(sources), dtype="string"),
+            "flag": flags,
+        }
+    )
+    if frame["id"].duplicated().any():
+        raise SplitError(f"duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}")
+    frame = frame.set_index("id", drop=False)
+    raw, ranks = [f"_raw{t}" for t in range(losses.shape[1])], [f"_rank{t}" for t in range(rank.shape[1])]
+    cols = _Columns(raw=raw, rank=ranks, features=list(feature_names))
+    frame[cols.raw] = losses  # positional assignment once, while the frame is still in input order
+    frame[cols.rank] = rank
+    frame[cols.features] = feats
+    frame["mean_loss"] = losses.mean(axis=1)  # NaN stays NaN for flagged rows
+    frame["loss_drop"] = losses[:, 0] - losses[:, -1]
+    frame["cluster"] = -1
+    frame["hard"] = False
+    frame["assigned"] = "flagged"
+    return frame, cols
+
+
+def _clustered_rows(frame: pd.DataFrame, cols: _Columns) -> pd.Series:
+    """The rows k-means may see: the unflagged ones. NaN in one of them is an error (never treated as 0)."""
+    flagged = frame["flag"] != ""
+    nan_rows = frame[cols.raw].isna().any(axis=1)
+    if (nan_rows & ~flagged).any():
+        bad = frame.index[nan_rows & ~flagged].tolist()
+        if nan_rows.all():
+            raise SplitError("all trajectories are NaN: nothing to cluster")
+        raise SplitError(f"{len(bad)} unflagged row(s) have NaN losses (NaN is never treated as 0), e.g. {bad[:3]}")
+    usable = ~flagged
+    if not usable.any():
+        raise SplitError(f"all {len(frame)} examples are flagged: nothing to cluster")
+    return usable
+
+
+def _groups(strata: np.ndarray, usable: pd.Series, stratify: bool) -> list[tuple[str | None, pd.Series]]:
+    """The row sets clustered apart: with stratify each source's clustered rows (by source name), else all of them."""
+    if not stratify:
+        return [(None, usable)]
+    return [(s, usable & (strata == s)) for s in sorted(set(strata[usable.to_numpy()]))]
+
+
+def _cluster(frame: pd.DataFrame, mask: pd.Series, cols: _Columns, k: int, seed: int, what: str) -> None:
+    """k-means on the rows of `mask`; their cluster (0 = easiest), hard (the hardest cluster) and assigned."""
+    member_ids = frame.index[mask]
+    sub = frame.loc[member_ids]
+    assert list(sub.index) == list(member_ids)
+    labels = _kmeans_ranked(sub[cols.features].to_numpy(), sub[cols.rank].to_numpy(), k, seed, what)
+    result = pd.Series(labels, index=member_ids)  # labels keyed by id: no positions leave this block
+    frame.loc[member_ids, "cluster"] = result
+    frame.loc[member_ids, "hard"] = result == k - 1
+    frame.loc[member_ids, "assigned"] = "kmeans"
+    assert (frame.loc[member_ids, "cluster"].to_numpy() == result.loc[member_ids].to_numpy()).all()
+
+
+def _output(frame: pd.DataFrame, cols: _Columns) -> pd.DataFrame:
+    """split.parquet's frame: the working columns dropped, a plain index, the output's column order."""
+    out = frame.drop(columns=cols.raw + cols.rank).reset_index(drop=True)
+    out["cluster"] = out["cluster"].astype("int64")
+    out["hard"] = out["hard"].astype(bool)
+    return out[["id", "source", "flag", "cluster", "hard", "assigned", "mean_loss", "loss_drop", *cols.features]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,25 +578,20 @@ def plot_split(
 # The stage
 
 
-def read_input(cfg: SplitConfig, run_dir: rundir.RunDir):
+def read_input(cfg: SplitConfig, run_dir: rundir.RunDir) -> trajectories.Trajectories:
     """The trajectories the split clusters: the external file if given, else the profile's store (finished)."""
-    if cfg.trajectories:
-        return read_external_trajectories(cfg.trajectories)
-    ids, sources, losses, flags, meta = read_trajectories(run_dir.trajectories)
-    if meta.get("complete") is False:
+    try:
+        if cfg.trajectories:
+            return trajectories.read_external(cfg.trajectories)
+        found = trajectories.read_store(run_dir.trajectories)
+    except trajectories.StoreError as e:
+        raise SplitError(str(e)) from e
+    if found.meta.get("complete") is False:
         raise SplitError(
             f"{run_dir.trajectories_meta}: the profile is not finished "
-            f"(recorded steps {meta.get('steps')}); run `datalever profile` again to complete it"
+            f"(recorded steps {found.meta.get('steps')}); run `datalever profile` again to complete it"
         )
-    return ids, sources, losses, flags, meta
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return found
 
 
 def refuse_other_trajectories(out: rundir.SplitDir, cfg: SplitConfig, digest: str | None) -> None:
@@ -696,7 +608,7 @@ def refuse_other_trajectories(out: rundir.SplitDir, cfg: SplitConfig, digest: st
         )
 
 
-def refuse_uncovered(ids: Sequence[str], examples: Sequence, trajectories: str, train_file: Path) -> None:
+def refuse_uncovered(ids: Sequence[str], examples: Sequence, trajectory_file: str, train_file: Path) -> None:
     """The trajectories must cover the training set exactly: upsample matches split rows to examples by id, so an
     unknown id, or an example without a trajectory, would leave the split and the arm disagreeing."""
     train_ids = [ex.id for ex in examples]
@@ -705,7 +617,7 @@ def refuse_uncovered(ids: Sequence[str], examples: Sequence, trajectories: str, 
     missing = [i for i in train_ids if i not in have]
     if unknown or missing:
         raise SplitError(
-            f"{trajectories} and {train_file} disagree: {len(unknown)} id(s) of the trajectories are not training "
+            f"{trajectory_file} and {train_file} disagree: {len(unknown)} id(s) of the trajectories are not training "
             f"examples (e.g. {unknown[:3]}), {len(missing)} training example(s) have no trajectory "
             f"(e.g. {missing[:3]}); the ids must be the examples' datalever ids (`datalever data check --data FILE` "
             "shows the first)"
@@ -720,8 +632,8 @@ def run(cfg: SplitConfig) -> dict:
 
     run_dir = rundir.RunDir(cfg.run_dir)
     out = rundir.SplitDir(cfg.out) if cfg.out else run_dir.split()
-    rundir.refuse_other_settings(out.root, "split", cfg)
-    digest = file_sha256(cfg.trajectories) if cfg.trajectories else None
+    provenance.refuse_other_settings(out.root, "split", cfg)
+    digest = provenance.file_sha256(cfg.trajectories) if cfg.trajectories else None
     refuse_other_trajectories(out, cfg, digest)
     ids, sources, losses, flags, meta = read_input(cfg, run_dir)
 
@@ -737,7 +649,7 @@ def run(cfg: SplitConfig) -> dict:
 
     steps = meta["steps"]
     covariates = None
-    if cfg.features == "residual" and examples is not None:
+    if FEATURE_KINDS[cfg.features].covariates and examples is not None:
         covariates = audit.composition_covariates(examples, ids)
     df = split_trajectories(
         ids,
@@ -773,11 +685,11 @@ def run(cfg: SplitConfig) -> dict:
         log.warning("split: %s", warning)
     table = pa.Table.from_pandas(df, preserve_index=False)
     out.root.mkdir(parents=True, exist_ok=True)
-    rundir.record_provenance(
+    provenance.record(
         out.root,
         "split",
         cfg,
-        trajectories=rundir.fingerprint(types.SimpleNamespace(id=i) for i in ids),
+        trajectories=provenance.fingerprint(types.SimpleNamespace(id=i) for i in ids),
         trajectories_sha256=digest,  # an external file's bytes: a rerun on other content is refused
         train_file=str(train_file) if metas is not None else None,
     )
@@ -793,7 +705,7 @@ def audit_of(cfg: SplitConfig, run_dir: rundir.RunDir, df: pd.DataFrame, example
     """The split's audit (see datalever.audit): the trajectory file's token counts, and for a profile store the
     proxy's per-token loss against an untrained model's (another tool's file says nothing of its model)."""
     store = Path(cfg.trajectories) if cfg.trajectories else run_dir.trajectories
-    counts = audit.store_counts(store)
+    counts = trajectories.counts(store)
     proxy = None
     if not cfg.trajectories:
         facts = audit.proxy_facts(meta, run_dir.proxy.root)

@@ -6,7 +6,7 @@ The config holds TrainConfig fields; `optim` and `lora` are nested dicts; an ext
 makes every process die abruptly (os._exit, no cleanup) right after step K, before that step's
 checkpoint, as a crashed job would; `eval_at_step: K` with `eval_data: FILE` evaluates the live model
 after step K (`evaluate.evaluate_during_training`, as the experiment's learning curves do; `eval_options`:
-its keyword arguments). Each process writes `CONFIG.json.rank<R>.json` = {"rank", "world_size",
+the fields of its GenerationOptions). Each process writes `CONFIG.json.rank<R>.json` = {"rank", "world_size",
 "summary", "eval"} at the end (a file, not stdout: the processes share one stdout and their lines may
 interleave).
 """
@@ -41,13 +41,17 @@ def main(path: str) -> None:
         if step == kill_at:
             os._exit(17)
         if step == eval_at:
-            from datalever.evaluate import evaluate_during_training
+            from datalever.evaluate import GenerationOptions, evaluate_during_training
             from datalever.examples import load_examples
             from datalever.models import load_tokenizer, resolve_model
 
             tokenizer = load_tokenizer(resolve_model(values["model"], seed=values.get("seed", 0)))
             metrics, records = evaluate_during_training(
-                model, accelerator, tokenizer, load_examples(eval_data), progress=False, **eval_options
+                model,
+                accelerator,
+                tokenizer,
+                load_examples(eval_data),
+                GenerationOptions(progress=False, **eval_options),
             )
             evaluated.update(accuracy=metrics["accuracy"], generations={r["id"]: r["generation"] for r in records})
 

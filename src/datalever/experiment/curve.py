@@ -63,7 +63,7 @@ class CurveRecorder:
             rundir.write_json(self.arm_dir.curve, {"steps": self.steps, "points": sorted_points(self.points)})
 
     def _accuracy(self, model, accelerator, benchmark: str, limit: int | None) -> float:
-        from datalever.evaluate import evaluate_during_training
+        from datalever.evaluate import GenerationOptions, evaluate_during_training
         from datalever.models import load_tokenizer, resolve_model
 
         if self._formatter is None:
@@ -78,9 +78,11 @@ class CurveRecorder:
                 accelerator,
                 self._formatter.tokenizer,
                 examples,
-                max_new_tokens=self.cfg.eval_max_new_tokens,
-                batch_size=self.cfg.eval_batch_size,
-                progress=self.cfg.progress,
+                GenerationOptions(
+                    max_new_tokens=self.cfg.eval_max_new_tokens,
+                    batch_size=self.cfg.eval_batch_size,
+                    progress=self.cfg.progress,
+                ),
                 formatter=self._formatter,
             )
         return metrics["accuracy"]

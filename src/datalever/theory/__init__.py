@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from datalever.rundir import atomic_write_text, record_provenance, write_json
+from datalever import provenance
+from datalever.rundir import atomic_write_text, write_json
 from datalever.theory.config import TheoryConfig
 from datalever.theory.model import (
     Features,
@@ -163,7 +164,7 @@ def _write(res: TheoryResult, out: Path, t_start: float) -> dict:
     atomic_write_text(out / "results.md", table)
     results = res.as_json()
     write_json(out / "results.json", results)
-    record_provenance(out, "theory", cfg, runtime_s=res.runtime_s)
+    provenance.record(out, "theory", cfg, runtime_s=res.runtime_s)
     if cfg.progress:
         print(table)
     return results
