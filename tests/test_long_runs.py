@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from datalever import checks, provenance, train
 from datalever.models import load_model
-from datalever.rundir import TrainDir, to_jsonable
+from datalever.rundir import CheckpointDir, TrainDir, to_jsonable
 from datalever.train import LoraConfig, TrainConfig, checkpoint, logs
 from datalever.train.config import identity_differences, resume_identity
 from factories import synth_splits, train_config
@@ -56,7 +56,7 @@ def checkpoint_steps(out) -> list[int]:
 
 
 def resumable(out, step: int) -> bool:
-    return (TrainDir(out).checkpoint(step) / checkpoint.TRAINER_STATE).exists()
+    return CheckpointDir(TrainDir(out).checkpoint(step)).trainer_state.exists()
 
 
 def losses(out) -> list[tuple]:
@@ -137,7 +137,7 @@ def test_checkpoints_are_saved_by_time_on_the_main_process_s_clock(
     run_on_a_fake_clock(monkeypatch, dataclasses.replace(cfg, keep_optimizer_state=True), minutes_per_step=4)
     assert checkpoint_steps(cfg.out) == expected
     for step in expected:  # each a real checkpoint of that step
-        assert torch.load(TrainDir(cfg.out).checkpoint(step) / checkpoint.TRAINER_STATE)["step"] == step
+        assert torch.load(CheckpointDir(TrainDir(cfg.out).checkpoint(step)).trainer_state)["step"] == step
 
 
 # ----------------------------------------------------------------------------- keep_last and the optimizer state
@@ -160,7 +160,7 @@ def test_the_optimizer_state_goes_once_the_run_is_finished_unless_kept(data, tmp
     train.run(kept)
 
     model_bytes = (TrainDir(kept.out).checkpoint(3) / "model" / "model.safetensors").stat().st_size
-    state_bytes = (TrainDir(kept.out).checkpoint(3) / checkpoint.TRAINER_STATE).stat().st_size
+    state_bytes = CheckpointDir(TrainDir(kept.out).checkpoint(3)).trainer_state.stat().st_size
     assert 1.8 * model_bytes < state_bytes < 2.5 * model_bytes
     for step in (2, 3):
         assert resumable(kept.out, step) and (TrainDir(kept.out).checkpoint(step) / "rng-0.pt").exists()

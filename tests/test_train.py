@@ -27,8 +27,8 @@ from datalever.examples import load_examples, save_examples
 from datalever.losses import score_examples
 from datalever.models import load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
-from datalever.rundir import TrainDir, to_jsonable
-from datalever.train import LoraConfig, TrainConfig, checkpoint, inputs, logs, loop, order
+from datalever.rundir import CheckpointDir, TrainDir, to_jsonable
+from datalever.train import LoraConfig, TrainConfig, inputs, logs, loop, order
 from factories import read_log, synth_splits, weights
 from factories import train_config as config
 from launchers import free_port, fsdp_command
@@ -388,7 +388,7 @@ def test_a_checkpoint_is_checked_against_the_run_too(data, tmp_path):
     """The checkpoint's own identity is compared as well (a checkpoint copied in from another run)."""
     cfg = config(data, tmp_path / "run", max_steps=4, save_every=2)
     run_until_killed(cfg, 3)
-    state_file = TrainDir(cfg.out).checkpoint(2) / checkpoint.TRAINER_STATE
+    state_file = CheckpointDir(TrainDir(cfg.out).checkpoint(2)).trainer_state
     state = torch.load(state_file, weights_only=True)
     saved = json.loads(state["identity"])
     saved["settings"]["optim"]["lr"] = 1e-3
@@ -862,7 +862,7 @@ def test_resume_refuses_optimizer_state_saved_in_the_other_mode(data, tmp_path):
     cfg = config(data, tmp_path / "run", max_steps=4, save_every=2)
 
     run_until_killed(cfg, 3)
-    state_file = TrainDir(cfg.out).checkpoint(2) / checkpoint.TRAINER_STATE
+    state_file = CheckpointDir(TrainDir(cfg.out).checkpoint(2)).trainer_state
     state = torch.load(state_file, weights_only=True)
     assert state["optimizer_format"] == "torch"
     state["optimizer_format"] = "fsdp2-full"

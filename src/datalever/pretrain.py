@@ -229,7 +229,7 @@ def _train(cfg: PretrainConfig) -> str:
 
     from datalever.models import resolve_model
     from datalever.optim import OptimConfig, build_optimizer, lr_factor, set_lr
-    from datalever.rundir import atomic_dir, to_jsonable
+    from datalever.rundir import ModelDir, atomic_dir, to_jsonable
 
     preset = resolve_model(f"preset:{cfg.preset}", seed=cfg.seed)  # random weights + tokenizer
     model = AutoModelForCausalLM.from_pretrained(preset)
@@ -270,7 +270,7 @@ def _train(cfg: PretrainConfig) -> str:
     with atomic_dir(cfg.out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
+        ModelDir(tmp).pretrain_record.write_text(json.dumps(record, indent=2) + "\n")
     return cfg.out
 
 

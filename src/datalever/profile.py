@@ -159,19 +159,45 @@ def run(cfg: ProfileConfig) -> dict:
     data = cfg.data or str(run_dir.data_file("train"))
     examples = read_data(data, cfg.data_format(), split=cfg.split, default_split="train")
     identity = _identity(cfg, examples)
+    finished = existing_store(run_dir, identity)
+    if finished is not None:
+        return finished
+    train_cfg = proxy_train_config(cfg, data, run_dir)
+    n_steps = total_steps(train_cfg, len(examples))
+    steps = record_steps(n_steps, cfg.checkpoints)
+    state = PartialState()
+    with state.main_process_first():  # one process builds a preset; the others then find it built
+        model_path = resolve_model(cfg.proxy, seed=cfg.seed)
+    tokenizer = load_tokenizer(model_path)
+    formatter = Formatter(tokenizer, cfg.chat_template)
+    encoded = [formatter.encode(ex, cfg.max_length) for ex in examples]
+    start_store(cfg, run_dir, identity, steps, n_steps, encoded, str(model_path), state)
+    if "initial_per_token_loss" not in rundir.read_json(run_dir.trajectories_meta):
+        record_initial_loss(run_dir.trajectories_meta, model_path, encoded, tokenizer.pad_token_id, cfg, state)
+    recorder = Recorder(cfg, run_dir, examples, encoded, tokenizer.pad_token_id, steps, identity)
+    train_run(train_cfg, on_step=recorder, checkpoint_steps=set(steps))
+    return finish_store(run_dir, steps, state)
+
+
+def existing_store(run_dir: RunDir, identity: dict) -> dict | None:
+    """The meta of a finished store of the same work (None: none yet, or one to continue); refuses a store of
+    other settings or data, and a run directory with a store or a proxy run but no meta."""
     meta_path = run_dir.trajectories_meta
     if meta_path.exists():  # every process checks (read-only) so that all raise or return together
         meta = rundir.read_json(meta_path)
         _check_identity(meta_path, meta, identity)
-        if meta.get("complete"):
-            return meta
-    elif run_dir.trajectories.exists() or run_dir.proxy.root.exists():
+        return meta if meta.get("complete") else None
+    if run_dir.trajectories.exists() or run_dir.proxy.root.exists():
         raise ProfileError(
             f"{run_dir.root} holds {run_dir.trajectories.name} or {run_dir.proxy.root.name}/ but no "
             f"{meta_path.name}: not a profile run that can be continued; remove them or use a new run directory"
         )
+    return None
 
-    train_cfg = TrainConfig(
+
+def proxy_train_config(cfg: ProfileConfig, data: str, run_dir: RunDir) -> TrainConfig:
+    """The proxy's run: `fraction` of an epoch of the data, in RUN/profile/."""
+    return TrainConfig(
         model=cfg.proxy,
         data=data,
         split=cfg.split,
@@ -189,14 +215,14 @@ def run(cfg: ProfileConfig) -> dict:
         seed=cfg.seed,
         progress=cfg.progress,
     )
-    n_steps = total_steps(train_cfg, len(examples))
-    steps = record_steps(n_steps, cfg.checkpoints)
-    state = PartialState()
-    with state.main_process_first():  # one process builds a preset; the others then find it built
-        model_path = resolve_model(cfg.proxy, seed=cfg.seed)
-    tokenizer = load_tokenizer(model_path)
-    formatter = Formatter(tokenizer, cfg.chat_template)
-    encoded = [formatter.encode(ex, cfg.max_length) for ex in examples]
+
+
+def start_store(
+    cfg: ProfileConfig, run_dir: RunDir, identity: dict, steps: list[int], n_steps: int, encoded, model_path, state
+) -> None:
+    """The store's commit record before training starts (kept as it is when the run continues), checked against the
+    steps these settings plan; says how much max_length cuts."""
+    meta_path = run_dir.trajectories_meta
     truncation = Truncation.of(encoded, cfg.max_length)
     if state.is_main_process and truncation.warning():
         log.warning("profile: %s", truncation.warning())
@@ -211,9 +237,9 @@ def run(cfg: ProfileConfig) -> dict:
                 "planned_steps": steps,
                 "proxy_steps": n_steps,
                 "complete": False,
-                "n_examples": len(examples),
+                "n_examples": len(encoded),
                 "truncation": dataclasses.asdict(truncation),
-                "proxy": {"spec": cfg.proxy, "path": str(model_path), **model_config_summary(str(model_path))},
+                "proxy": {"spec": cfg.proxy, "path": model_path, **model_config_summary(model_path)},
                 "proxy_dir": run_dir.proxy.root.name,
                 "versions": provenance.versions(),
             },
@@ -222,35 +248,53 @@ def run(cfg: ProfileConfig) -> dict:
     planned = rundir.read_json(meta_path)["planned_steps"]
     if planned != steps:
         raise ProfileError(f"{meta_path} plans steps {planned}, these settings give {steps}")
-    n_record_tokens = sum(len(e.input_ids) for e in encoded if not e.fully_truncated)
-    n_cut = {e.id: e.n_cut for e in encoded}
-    if "initial_per_token_loss" not in rundir.read_json(meta_path):
-        record_initial_loss(meta_path, model_path, encoded, tokenizer.pad_token_id, cfg, state)
 
-    def record(step, _log_record, model, accelerator):
-        if step not in steps:
+
+class Recorder:
+    """The proxy run's step hook: at each recorded step every example is scored by the live proxy and the column is
+    appended to the store (the main process writes; every process scores its share)."""
+
+    def __init__(self, cfg: ProfileConfig, run_dir: RunDir, examples, encoded, pad_id: int, steps, identity: dict):
+        self.cfg, self.run_dir, self.examples, self.encoded = cfg, run_dir, examples, encoded
+        self.pad_id, self.steps, self.identity = pad_id, steps, identity
+        self.n_record_tokens = sum(len(e.input_ids) for e in encoded if not e.fully_truncated)
+        self.n_cut = {e.id: e.n_cut for e in encoded}
+
+    def __call__(self, step: int, _log_record, model, accelerator) -> None:
+        if step not in self.steps:
             return
         t0 = time.perf_counter()
         scores = score_encoded(
             accelerator.unwrap_model(model),
-            encoded,
-            pad_id=tokenizer.pad_token_id,
-            token_budget=cfg.token_budget,
+            self.encoded,
+            pad_id=self.pad_id,
+            token_budget=self.cfg.token_budget,
             accelerator=accelerator,
-            progress=cfg.progress,
+            progress=self.cfg.progress,
             desc=progress_label(f"record step {step}"),
         )
         if accelerator.is_main_process:
             wall_s = time.perf_counter() - t0
             try:
                 trajectories.append_step(
-                    run_dir, examples, scores, step, steps, identity, wall_s, record_tokens=n_record_tokens, n_cut=n_cut
+                    self.run_dir,
+                    self.examples,
+                    scores,
+                    step,
+                    self.steps,
+                    self.identity,
+                    wall_s,
+                    record_tokens=self.n_record_tokens,
+                    n_cut=self.n_cut,
                 )
             except trajectories.StoreError as e:
                 raise ProfileError(str(e)) from e
         accelerator.wait_for_everyone()
 
-    train_run(train_cfg, on_step=record, checkpoint_steps=set(steps))
+
+def finish_store(run_dir: RunDir, steps: list[int], state) -> dict:
+    """Mark the store complete once the proxy has finished with every column committed; its meta."""
+    meta_path = run_dir.trajectories_meta
     if state.is_main_process:
         meta = rundir.read_json(meta_path)
         if meta["steps"] != steps:  # the proxy finished, but some column was never committed

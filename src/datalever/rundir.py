@@ -146,7 +146,20 @@ class TrainDir(_Layout):
         return self.root / "checkpoints"
 
     def checkpoint(self, step: int) -> Path:
+        """A resumable checkpoint's directory (`CheckpointDir` names what it holds)."""
         return self.checkpoints / f"step-{step}"
+
+    def checkpoint_temporary(self, step: int) -> Path:
+        """Where every process writes a checkpoint before it is renamed into place (one name they all know)."""
+        return self.checkpoints / f".step-{step}.tmp"
+
+    def temporary_step(self, path: Path) -> int | None:
+        """N for `checkpoint_temporary(N)`, else None."""
+        name = path.name
+        if not (name.startswith(".step-") and name.endswith(".tmp")):
+            return None
+        step = name[len(".step-") : -len(".tmp")]
+        return int(step) if step.isdigit() else None
 
     @property
     def tensorboard(self) -> Path:
@@ -263,7 +276,7 @@ class RunDir(_Layout):
     def data_file(self, split: str) -> Path:
         """data/<split>.jsonl: train, validation, test (or test-<name>): the embedded dataset, or the given data
         as the experiment read it."""
-        return self.data / f"{split}.jsonl"
+        return DataDir(self.data).file(split)
 
     @property
     def trajectories(self) -> Path:
@@ -401,6 +414,50 @@ def provenance_files(out_dir: str | os.PathLike, stage: str) -> tuple[Path, Path
 
 
 @dataclass(frozen=True)
+class DataDir(_Layout):
+    """What `datalever data synth` writes (an experiment's data/): one datalever file per split."""
+
+    def file(self, split: str) -> Path:
+        return self.root / f"{split}.jsonl"
+
+
+@dataclass(frozen=True)
+class TheoryDir(_Layout):
+    """What `datalever theory` writes."""
+
+    @property
+    def results_md(self) -> Path:
+        return self.root / "results.md"
+
+    @property
+    def results_json(self) -> Path:
+        return self.root / "results.json"
+
+    def plot(self, name: str) -> Path:
+        return self.root / f"{name}.png"
+
+
+@dataclass(frozen=True)
+class CheckpointDir(_Layout):
+    """A resumable training checkpoint (`TrainDir.checkpoint(step)`)."""
+
+    @property
+    def model(self) -> Path:
+        """The HF model (safetensors) or the peft adapter, with the tokenizer: a `ModelDir`."""
+        return self.root / "model"
+
+    @property
+    def trainer_state(self) -> Path:
+        """Step, stream position, optimizer state, compute, the run's identity; written last: a checkpoint is complete
+        when it is there."""
+        return self.root / "trainer_state.pt"
+
+    def rng(self, rank: int | str) -> Path:
+        """A process's RNG state ("*" for a glob of every process's)."""
+        return self.root / f"rng-{rank}.pt"
+
+
+@dataclass(frozen=True)
 class ModelDir(_Layout):
     """An HF checkpoint directory (a saved model, e.g. `TrainDir.model`): the files datalever reads from one without
     loading the model (the split's audit)."""
@@ -413,3 +470,18 @@ class ModelDir(_Layout):
     def tokenizer_json(self) -> Path:
         """The fast tokenizer's file, which the `tokenizers` library reads without torch."""
         return self.root / "tokenizer.json"
+
+    @property
+    def weights(self) -> Path:
+        """A full model's weights (save_pretrained's single safetensors file)."""
+        return self.root / "model.safetensors"
+
+    @property
+    def pretrain_record(self) -> Path:
+        """How `datalever model pretrain` made the model (settings, corpus, losses)."""
+        return self.root / "pretrain.json"
+
+    @property
+    def adapter_weights(self) -> Path:
+        """A peft adapter's weights."""
+        return self.root / "adapter_model.safetensors"

@@ -22,7 +22,6 @@ import random
 import re
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Callable
 
 from datalever import checks, rundir
@@ -789,7 +788,7 @@ def write_splits(
     rng, seen, paths = random.Random(seed), set(), {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
         records = _generate(n, rng, mix, seen)  # `seen` is shared: that is what keeps splits apart
-        paths[split] = str(Path(out_dir) / f"{split}.jsonl")
+        paths[split] = str(rundir.DataDir(out_dir).file(split))
         rundir.atomic_write_text(paths[split], "".join(json.dumps(r) + "\n" for r in records))
     return paths
 

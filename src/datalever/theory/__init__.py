@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from datalever import provenance
-from datalever.rundir import atomic_write_text, write_json
+from datalever.rundir import TheoryDir, atomic_write_text, write_json
 from datalever.theory.config import TheoryConfig
 from datalever.theory.model import (
     Features,
@@ -161,9 +161,9 @@ def _write(res: TheoryResult, out: Path, t_start: float) -> dict:
         write_plots(res, out)
     res.runtime_s["total"] = time.time() - t_start
     table += runtime_line(res)
-    atomic_write_text(out / "results.md", table)
+    atomic_write_text(TheoryDir(out).results_md, table)
     results = res.as_json()
-    write_json(out / "results.json", results)
+    write_json(TheoryDir(out).results_json, results)
     provenance.record(out, "theory", cfg, runtime_s=res.runtime_s)
     if cfg.progress:
         print(table)

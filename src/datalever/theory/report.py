@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datalever.rundir import atomic_write_bytes
+from datalever.rundir import TheoryDir, atomic_write_bytes
 from datalever.stats import t_interval
 from datalever.theory.ode import OdeArm, gd_blowup_time
 from datalever.theory.runs import OPTIMIZER_ARMS, Problem, TrainingLog, entropy, fraction_of_max, proxy_steps
@@ -420,16 +420,16 @@ def _confirm_table(res: TheoryResult) -> list[str]:
 def write_plots(res: TheoryResult, out: Path) -> None:
     """loss.png, directions.png, learning_times.png, ode.png (with the aligned init), entropy_vs_rho.png;
     stalls_vs_rho.png with the sweep, search.png with the search."""
-    _save(_loss(res), out / "loss.png")
-    _save(_directions(res), out / "directions.png")
-    _save(_learning_times(res), out / "learning_times.png")
+    _save(_loss(res), TheoryDir(out).plot("loss"))
+    _save(_directions(res), TheoryDir(out).plot("directions"))
+    _save(_learning_times(res), TheoryDir(out).plot("learning_times"))
     if "aligned" in res.problem.inits:
-        _save(_ode(res), out / "ode.png")
-    _save(_entropy_vs_rho(res), out / "entropy_vs_rho.png")
+        _save(_ode(res), TheoryDir(out).plot("ode"))
+    _save(_entropy_vs_rho(res), TheoryDir(out).plot("entropy_vs_rho"))
     if res.sweep:
-        _save(_stalls_vs_rho(res), out / "stalls_vs_rho.png")
+        _save(_stalls_vs_rho(res), TheoryDir(out).plot("stalls_vs_rho"))
     if res.search:
-        _save(_search(res), out / "search.png")
+        _save(_search(res), TheoryDir(out).plot("search"))
 
 
 def _pyplot():

@@ -39,14 +39,11 @@ import torch
 from datalever import rundir
 from datalever.models import load_model
 from datalever.optim import StepStats, is_dtensor
+from datalever.rundir import CheckpointDir, ModelDir
 from datalever.train.config import TrainConfig, cast_dtype, identity_differences
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-MODEL = "model"
-TRAINER_STATE = "trainer_state.pt"
-RNG_STATE = "rng-{rank}.pt"
 
 
 @dataclass
@@ -116,9 +113,9 @@ def set_rng_state(state: dict) -> None:
 
 def load_rng_state(path: Path, rank: int) -> None:
     """This process's RNG state; a process the checkpoint had none for (more processes now) takes rank 0's."""
-    rng_file = path / RNG_STATE.format(rank=rank)
+    rng_file = CheckpointDir(path).rng(rank)
     if not rng_file.exists():
-        rng_file = path / RNG_STATE.format(rank=0)
+        rng_file = CheckpointDir(path).rng(0)
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=True))
 
@@ -201,18 +198,16 @@ def save(
     assumed), which the main process then puts in place.
     """
     path = layout.checkpoint(progress.step)
-    tmp = path.with_name(f".{path.name}.tmp")  # one name that every process knows
+    tmp = CheckpointDir(layout.checkpoint_temporary(progress.step))  # one name that every process knows
     state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a save that was killed
-        tmp.mkdir(parents=True)
-        accelerator.unwrap_model(model).model.save_pretrained(
-            tmp / MODEL, state_dict=state_dict, safe_serialization=True
-        )
-        tokenizer.save_pretrained(tmp / MODEL)  # so a full fine-tune's checkpoint loads as it is
+        shutil.rmtree(tmp.root, ignore_errors=True)  # left by a save that was killed
+        tmp.root.mkdir(parents=True)
+        accelerator.unwrap_model(model).model.save_pretrained(tmp.model, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp.model)  # so a full fine-tune's checkpoint loads as it is
     optimizer_state = opt_state_dict(accelerator, model, opt)  # all processes: a collective under FSDP
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / RNG_STATE.format(rank=accelerator.process_index))
+    torch.save(rng_state(), tmp.rng(accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
@@ -224,8 +219,8 @@ def save(
             "world_size": accelerator.num_processes,
             "optimizer_format": optimizer_format(accelerator),
         }
-        _save_last(state, tmp / TRAINER_STATE)
-        rundir.replace_dir(tmp, path)
+        _save_last(state, tmp.trainer_state)
+        rundir.replace_dir(tmp.root, path)
         prune(layout, keep)
     accelerator.wait_for_everyone()
 
@@ -244,7 +239,7 @@ def _checkpoints(layout: rundir.TrainDir) -> list[Path]:
     found = {}
     for path in layout.checkpoints.iterdir():
         step = path.name.rpartition("-")[2]
-        if step.isdigit() and layout.checkpoint(int(step)) == path and (path / TRAINER_STATE).exists():
+        if step.isdigit() and layout.checkpoint(int(step)) == path and CheckpointDir(path).trainer_state.exists():
             found[int(step)] = path
     return [found[step] for step in sorted(found)]
 
@@ -259,15 +254,6 @@ def prune(layout: rundir.TrainDir, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _temporary_step(path: Path) -> int | None:
-    """N for a save's temporary directory `.step-N.tmp`, else None."""
-    name = path.name
-    if not (name.startswith(".step-") and name.endswith(".tmp")):
-        return None
-    step = name[len(".step-") : -len(".tmp")]
-    return int(step) if step.isdigit() else None
-
-
 def clean_temporaries(layout: rundir.TrainDir) -> None:
     """Clear the temporary directories killed saves left under checkpoints/ (each up to a model and its optimizer
     state). One that is complete (trainer_state.pt, written last, is there) and newer than every checkpoint in
@@ -277,10 +263,10 @@ def clean_temporaries(layout: rundir.TrainDir) -> None:
         return
     newest = latest(layout)
     newest_step = int(newest.name.rpartition("-")[2]) if newest is not None else -1
-    steps = {path: _temporary_step(path) for path in layout.checkpoints.iterdir()}
+    steps = {path: layout.temporary_step(path) for path in layout.checkpoints.iterdir()}
     temporaries = sorted(((step, path) for path, step in steps.items() if step is not None), reverse=True)
     for step, path in temporaries:  # newest first: only the newest complete one can be the latest checkpoint
-        if step > newest_step and (path / TRAINER_STATE).exists():
+        if step > newest_step and CheckpointDir(path).trainer_state.exists():
             rundir.replace_dir(path, layout.checkpoint(step))  # what is there under its name resumes nothing
             newest_step = step
         else:
@@ -294,8 +280,10 @@ def drop_resume_state(layout: rundir.TrainDir, same_as_model: int | None = None)
     model/ is saved in the master weights' dtype without a LoRA merge): that checkpoint goes whole, or a 3B run would
     keep 12 GB of float32 weights twice. Call only after the final model and the summary are written."""
     for path in _checkpoints(layout):
-        (path / TRAINER_STATE).unlink()  # first: without it the directory is no longer a checkpoint to resume
-        for rng_file in path.glob(RNG_STATE.format(rank="*")):
+        CheckpointDir(
+            path
+        ).trainer_state.unlink()  # first: without it the directory is no longer a checkpoint to resume
+        for rng_file in path.glob(CheckpointDir(path).rng("*").name):
             rng_file.unlink()
     if same_as_model is not None and layout.checkpoint(same_as_model).is_dir():
         shutil.rmtree(layout.checkpoint(same_as_model))
@@ -308,7 +296,7 @@ def drop_resume_state(layout: rundir.TrainDir, same_as_model: int | None = None)
 
 def read_state(path: Path, identity: str) -> dict:
     """The checkpoint's step, stream position, optimizer state and compute; refuses other settings or inputs."""
-    state = torch.load(path / TRAINER_STATE, weights_only=True)
+    state = torch.load(CheckpointDir(path).trainer_state, weights_only=True)
     if state.get("identity") != identity:
         diffs = identity_differences(state["identity"], identity) if state.get("identity") else ["no record"]
         raise RuntimeError(
@@ -322,7 +310,7 @@ def load_weights(path: Path, hf_model) -> None:
     """Load a checkpoint's weights (full model or LoRA adapter) into the unwrapped, unsharded model."""
     from safetensors.torch import load_file
 
-    weights_file = path / MODEL / "model.safetensors"
+    weights_file = ModelDir(CheckpointDir(path).model).weights
     if weights_file.exists():
         result = hf_model.load_state_dict(load_file(weights_file), strict=False)
         # save_pretrained leaves out tied copies (e.g. the output head of a tied model): those may be missing.
@@ -338,7 +326,7 @@ def load_weights(path: Path, hf_model) -> None:
     else:  # a peft adapter directory
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(hf_model, load_file(path / MODEL / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(hf_model, load_file(ModelDir(CheckpointDir(path).model).adapter_weights))
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"{path}: adapter weights do not match the model: {result.unexpected_keys[:5]}")
 
