@@ -126,8 +126,10 @@ def test_every_stage_says_what_it_did_and_where_in_one_line(tmp_path, capsys):
         line == f"{summary['n_hard']} hard and {summary['n_easy']} easy examples (0 flagged, left out); "
         f"{run / 'split.parquet'}, audit: {run / 'split_audit.json'}{warnings}"
     )
-    line = last_line("upsample", "--run_dir", str(run), "--arm", "hard")
-    assert line.startswith(f"arm hard: {24 + summary['n_hard']} training rows (24 distinct, {summary['n_hard']} extra")
+    line = last_line("upsample", "--run_dir", str(run), "--distribution", "hard")
+    assert line.startswith(
+        f"hard distribution: {24 + summary['n_hard']} training rows (24 distinct, {summary['n_hard']} extra"
+    )
     train_out = tmp_path / "train"
     line = last_line(
         "train",

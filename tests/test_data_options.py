@@ -309,7 +309,7 @@ def test_profile_split_and_upsample_read_a_dataset_dict_from_the_command_line(da
     cli.main(["split", "--run_dir", str(run), *data])
     audit = json.loads((run / "split_audit.json").read_text())
     assert "level" in json.dumps(audit)  # the difficulty column, read from the DatasetDict's train split
-    cli.main(["upsample", "--run_dir", str(run), "--arm", "hard", *data])
+    cli.main(["upsample", "--run_dir", str(run), "--distribution", "hard", *data])
     n_hard = json.loads((run / "split_summary.json").read_text())["n_hard"]
     manifest = json.loads((run / "arms" / "hard" / "manifest.json").read_text())
     assert manifest["n_rows"] == len(parts["train"]) + n_hard

@@ -189,7 +189,7 @@ def test_external_split_feeds_upsample(tmp_path, train_file):
     ext = write_external(tmp_path / "t.parquet", ids, two_groups(ids, hard))
     run_dir = str(tmp_path / "run")
     run(SplitConfig(run_dir=run_dir, trajectories=ext, data=train_file))
-    counts = upsample(UpsampleConfig(run_dir=run_dir, arm="hard", m=2, data=train_file))
+    counts = upsample(UpsampleConfig(run_dir=run_dir, distribution="hard", m=2, data=train_file))
     arm = rundir.RunDir(run_dir).arm("hard")
     assert rundir.read_manifest(arm.manifest) == {i: 3 if i in hard else 1 for i in ids}
     lines = [json.loads(line) for line in arm.train_jsonl.read_text().splitlines()]
@@ -227,7 +227,7 @@ def test_trl_sft_trainer_recipe_trains_on_the_upsampled_arm(tmp_path, train_file
     run_dir = str(tmp_path / "run")
     ext = write_external(tmp_path / "t.parquet", ids, two_groups(ids, hard))
     run(SplitConfig(run_dir=run_dir, trajectories=ext, data=train_file))
-    upsample(UpsampleConfig(run_dir=run_dir, arm="hard", m=1, data=train_file))
+    upsample(UpsampleConfig(run_dir=run_dir, distribution="hard", m=1, data=train_file))
     arm = rundir.RunDir(run_dir).arm("hard")
 
     # The documented recipe as written, with only the paths and the length of training changed.

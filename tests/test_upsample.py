@@ -80,7 +80,7 @@ def test_random_arm_is_seeded_uniform_and_order_free():
 
 def test_multiplicities_bad_input():
     df = split_table()
-    with pytest.raises(UpsampleError, match="unknown arm"):
+    with pytest.raises(UpsampleError, match="unknown distribution"):
         multiplicities(df, "medium", 1)
     with pytest.raises(UpsampleError, match="non-negative"):
         multiplicities(df, "hard", -1)
@@ -106,7 +106,7 @@ def read_lines(path):
 @pytest.mark.parametrize("arm", ["hard", "easy", "random", "base"])
 def test_run_materializes_each_id_multiplicity_times(tmp_path, arm):
     make_run(tmp_path)
-    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm=arm, m=2, seed=1))
+    counts = run(UpsampleConfig(run_dir=str(tmp_path), distribution=arm, m=2, seed=1))
     arm_dir = tmp_path / "arms" / arm
     lines = read_lines(arm_dir / "train.jsonl")
     got = Counter(r["id"] for r in lines)
@@ -133,11 +133,11 @@ def test_run_materializes_each_id_multiplicity_times(tmp_path, arm):
 
 def test_materialized_order_is_shuffled_and_seeded(tmp_path):
     make_run(tmp_path)
-    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, seed=1))
+    run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", m=2, seed=1))
     first = [r["id"] for r in read_lines(tmp_path / "arms" / "hard" / "train.jsonl")]
-    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, seed=1))
+    run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", m=2, seed=1))
     assert [r["id"] for r in read_lines(tmp_path / "arms" / "hard" / "train.jsonl")] == first
-    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, seed=2, overwrite=True))
+    run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", m=2, seed=2, overwrite=True))
     other = [r["id"] for r in read_lines(tmp_path / "arms" / "hard" / "train.jsonl")]
     assert other != first and sorted(other) == sorted(first)
     grouped = [i for i in IDS for _ in range(3 if i in ALL_HARD else 1)]
@@ -179,7 +179,9 @@ def test_synth_variants_added_and_marked(tmp_path, monkeypatch):
     (tmp_path / "mysynth.py").write_text(SYNTH_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     make_run(tmp_path)
-    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=1, synth_fn="mysynth:twins", synth_per_hard=2))
+    counts = run(
+        UpsampleConfig(run_dir=str(tmp_path), distribution="hard", m=1, synth_fn="mysynth:twins", synth_per_hard=2)
+    )
     arm_dir = tmp_path / "arms" / "hard"
     got = Counter(r["id"] for r in read_lines(arm_dir / "train.jsonl"))
     synth_ids = {f"{p}~v{j}" for p in ALL_HARD for j in range(2)}
@@ -193,7 +195,7 @@ def test_synth_variants_added_and_marked(tmp_path, monkeypatch):
     counts = run(
         UpsampleConfig(
             run_dir=str(tmp_path),
-            arm="hard",
+            distribution="hard",
             synth_fn="mysynth:clash",
             synth_per_hard=2,
             out=str(tmp_path / "elsewhere"),
@@ -205,14 +207,22 @@ def test_synth_variants_added_and_marked(tmp_path, monkeypatch):
     # a training problem reworded is not a new problem: dropped and counted as a duplicate
     counts = run(
         UpsampleConfig(
-            run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:copycat", synth_per_hard=2, out=str(tmp_path / "cc")
+            run_dir=str(tmp_path),
+            distribution="hard",
+            synth_fn="mysynth:copycat",
+            synth_per_hard=2,
+            out=str(tmp_path / "cc"),
         )
     )
     man = pq.read_table(tmp_path / "cc" / "manifest.parquet").to_pandas()
     assert set(man.loc[man["origin"] == "synth", "id"]) == {f"{p}~new" for p in ALL_HARD}
     assert counts["n_synth_dropped_duplicates"] == len(ALL_HARD)
     # a generator taking only the example: its list is cut to synth_per_hard
-    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:one_arg", synth_per_hard=1, overwrite=True))
+    run(
+        UpsampleConfig(
+            run_dir=str(tmp_path), distribution="hard", synth_fn="mysynth:one_arg", synth_per_hard=1, overwrite=True
+        )
+    )
     man = pq.read_table(arm_dir / "manifest.parquet").to_pandas()
     assert set(man.loc[man["origin"] == "synth", "id"]) == {f"{p}~x" for p in ALL_HARD}
 
@@ -224,7 +234,7 @@ def test_variants_reproducing_heldout_problems_are_dropped(tmp_path, monkeypatch
     held = Example(id="t1", prompt="Tom has 3 apples and buys 4 more. How many?\n", response="#### 7")
     save_examples(str(tmp_path / "data" / "test.jsonl"), [held])
     # default: the validation/test files beside the training file (here only test.jsonl exists)
-    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="mysynth:leaky", synth_per_hard=3))
+    counts = run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", synth_fn="mysynth:leaky", synth_per_hard=3))
     man = pq.read_table(tmp_path / "arms" / "hard" / "manifest.parquet").to_pandas()
     assert set(man.loc[man["origin"] == "synth", "id"]) == {f"{p}~new" for p in ALL_HARD}
     assert counts["n_synth_dropped_heldout"] == 2 * len(ALL_HARD)
@@ -233,7 +243,7 @@ def test_variants_reproducing_heldout_problems_are_dropped(tmp_path, monkeypatch
     counts = run(
         UpsampleConfig(
             run_dir=str(tmp_path),
-            arm="hard",
+            distribution="hard",
             synth_fn="mysynth:leaky",
             synth_per_hard=3,
             heldout=[],
@@ -245,7 +255,7 @@ def test_variants_reproducing_heldout_problems_are_dropped(tmp_path, monkeypatch
         run(
             UpsampleConfig(
                 run_dir=str(tmp_path),
-                arm="hard",
+                distribution="hard",
                 synth_fn="mysynth:leaky",
                 heldout=[str(tmp_path / "nope.jsonl")],
                 out=str(tmp_path / "x"),
@@ -283,11 +293,14 @@ def test_run_errors(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"arm": "medium"}, "arm must be one of"),
+        ({"distribution": "medium"}, "distribution must be one of"),
         ({"m": -1}, "m must be >= 0"),
         ({"m": 1_000_000}, "m must be <= 100"),  # once ran for minutes without a word
         ({"synth_per_hard": -2}, "synth_per_hard must be >= 0"),
-        ({"arm": "base", "synth_fn": "datalever.synth:variants"}, "base arm selects no examples"),
+        (
+            {"distribution": "base", "synth_fn": "datalever.synth:variants"},
+            "distribution 'base': it selects no examples",
+        ),
     ],
 )
 def test_bad_options_are_refused_when_the_config_is_built(options, match):
@@ -314,7 +327,9 @@ def test_default_generator_on_embedded_data(tmp_path):
     )
     pq.write_table(pa.Table.from_pandas(split, preserve_index=False), tmp_path / "split.parquet")
     counts = run(
-        UpsampleConfig(run_dir=str(tmp_path), arm="hard", synth_fn="datalever.synth:variants", synth_per_hard=2)
+        UpsampleConfig(
+            run_dir=str(tmp_path), distribution="hard", synth_fn="datalever.synth:variants", synth_per_hard=2
+        )
     )
     assert counts["n_synth"] + counts["n_synth_dropped_duplicates"] == 2 * len(hard)
     examples_out, mult = read_arm(tmp_path / "arms" / "hard")
@@ -329,9 +344,9 @@ def test_default_generator_on_embedded_data(tmp_path):
 
 def test_an_arm_is_replaced_only_by_the_same_work_unless_overwrite(tmp_path):
     make_run(tmp_path)
-    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=1))
-    run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=1))  # the same work: redone in place
+    run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", m=1))
+    run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", m=1))  # the same work: redone in place
     with pytest.raises(ConfigError, match=r"holds upsample outputs made with other settings \(m: 1 -> 2\)"):
-        run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2))
-    counts = run(UpsampleConfig(run_dir=str(tmp_path), arm="hard", m=2, overwrite=True))
+        run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", m=2))
+    counts = run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", m=2, overwrite=True))
     assert counts["m"] == 2 and provenance.recorded_settings(tmp_path / "arms" / "hard", "upsample")["m"] == 2

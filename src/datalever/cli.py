@@ -254,9 +254,9 @@ def summary_line(path: tuple[str, ...], config, result: dict) -> str:
             f"({result['n_flagged_excluded']} flagged, left out); {where.split}, audit: {where.audit}{warnings}"
         )
     if command == "upsample":
-        where = config.out or RunDir(config.run_dir).arm(config.arm).root
+        where = config.out or RunDir(config.run_dir).arm(config.distribution).root
         return (
-            f"arm {result['arm']}: {result['n_rows']} training rows ({result['n_unique']} distinct, "
+            f"{result['distribution']} distribution: {result['n_rows']} training rows ({result['n_unique']} distinct, "
             f"{result['n_extra_copies']} extra copies); {where}"
         )
     return f"done; outputs in {getattr(config, 'out', None) or getattr(config, 'run_dir', '.')}"

@@ -52,8 +52,9 @@ from datalever.examples import DataFormat, Example, read_data
 from datalever.provenance import Classified
 from datalever.rundir import ArmDir, RunDir
 
-# The training distributions an arm can draw: the original data, or hard/easy/random examples upsampled.
-ARMS = ("hard", "easy", "random", "base")
+# The training distributions upsample builds: the original data, or hard/easy/random examples upsampled. (An
+# experiment's arm is a whole recipe that names one of them, `ArmConfig.data`, with an optimizer and a length.)
+DISTRIBUTIONS = ("hard", "easy", "random", "base")
 MAX_M = 100  # extra uses of a selected example
 
 
@@ -66,10 +67,10 @@ class UpsampleConfig(DataFormat):
     """Build one arm's training set from the split: every example once, the selected ones 1 + m times."""
 
     run_dir: str = "runs/demo"
-    """Run directory: reads split.parquet and the training examples, writes arms/<arm>/."""
-    arm: str = "hard"
+    """Run directory: reads split.parquet and the training examples, writes arms/<distribution>/."""
+    distribution: str = "hard"
     """Which examples get extra copies: 'hard', 'easy' (control), 'random' (control, same number of extra copies as
-    'hard') or 'base' (none)."""
+    'hard') or 'base' (none). An experiment's arm names one in its `data`."""
     m: int = 1
     """Extra uses of each selected example: 1 = used twice (2x), 2 = three times (3x)."""
     seed: int = 0
@@ -96,14 +97,14 @@ class UpsampleConfig(DataFormat):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        checks.one_of("arm", self.arm, ARMS)
+        checks.one_of("distribution", self.distribution, DISTRIBUTIONS)
         checks.non_negative("m", self.m)
         # Each selected example is used 1 + m times: beyond MAX_M the arm is one example repeated, not a
         # reweighted dataset (the paper's question stops at 10x), and building it takes minutes.
         checks.at_most("m", self.m, MAX_M)
         checks.non_negative("synth_per_hard", self.synth_per_hard)
-        if self.synth_fn and self.arm == "base":
-            raise checks.ConfigError("synth_fn with arm 'base': the base arm selects no examples to synthesize from")
+        if self.synth_fn and self.distribution == "base":
+            raise checks.ConfigError("synth_fn with distribution 'base': it selects no examples to synthesize from")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,18 +127,18 @@ def _flagged(split_df: pd.DataFrame) -> pd.Series:
     return pd.Series(False, index=split_df.index)
 
 
-def selected_ids(split_df: pd.DataFrame, arm: str, seed: int) -> list[str]:
-    """The ids that get extra copies in `arm`, in split-table order."""
+def selected_ids(split_df: pd.DataFrame, distribution: str, seed: int) -> list[str]:
+    """The ids that get extra copies in `distribution`, in split-table order."""
     _check_split(split_df)
-    if arm not in ARMS:
-        raise UpsampleError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    if distribution not in DISTRIBUTIONS:
+        raise UpsampleError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
     flagged = _flagged(split_df)
     hard = split_df["hard"].astype(bool) & ~flagged
-    if arm == "base":
+    if distribution == "base":
         return []
-    if arm == "hard":
+    if distribution == "hard":
         return split_df.loc[hard, "id"].astype(str).tolist()
-    if arm == "easy":
+    if distribution == "easy":
         easy = ~hard & ~flagged
         if "assigned" in split_df.columns:  # small sources are hard whole; only clustered rows are "easy"
             easy &= split_df["assigned"] == "kmeans"
@@ -151,11 +152,11 @@ def selected_ids(split_df: pd.DataFrame, arm: str, seed: int) -> list[str]:
     return [i for i in split_df["id"].astype(str) if i in picked]
 
 
-def multiplicities(split_df: pd.DataFrame, arm: str, m: int = 1, seed: int = 0) -> dict[str, int]:
-    """id -> number of uses in `arm` (see the module docstring), in split-table order."""
+def multiplicities(split_df: pd.DataFrame, distribution: str, m: int = 1, seed: int = 0) -> dict[str, int]:
+    """id -> number of uses in `distribution` (see the module docstring), in split-table order."""
     if int(m) != m or m < 0:
         raise UpsampleError(f"m must be a non-negative integer, got {m!r}")
-    sel = set(selected_ids(split_df, arm, seed))
+    sel = set(selected_ids(split_df, distribution, seed))
     return {i: 1 + int(m) if i in sel else 1 for i in split_df["id"].astype(str)}
 
 
@@ -261,17 +262,17 @@ def heldout_paths(cfg: UpsampleConfig, train_file: Path) -> list[str]:
 
 
 def run(cfg: UpsampleConfig) -> dict:
-    """Build `RUN/arms/<arm>/`; returns the counts written to manifest.json."""
+    """Build `RUN/arms/<distribution>/` (or `out`); returns the counts written to manifest.json."""
     from datalever.examples import load_examples
 
     run_dir = RunDir(cfg.run_dir)
-    arm_dir = ArmDir(cfg.out) if cfg.out else run_dir.arm(cfg.arm)
+    arm_dir = ArmDir(cfg.out) if cfg.out else run_dir.arm(cfg.distribution)
     provenance.refuse_other_settings(arm_dir.root, "upsample", cfg, ignore=UPSAMPLE_SETTINGS.ignored)
     split_path = Path(cfg.split_table) if cfg.split_table else run_dir.split().split
     split_df, examples, train_file = read_inputs(cfg, run_dir, split_path)
 
-    mult = multiplicities(split_df, cfg.arm, cfg.m, cfg.seed)
-    selected = selected_ids(split_df, cfg.arm, cfg.seed)
+    mult = multiplicities(split_df, cfg.distribution, cfg.m, cfg.seed)
+    selected = selected_ids(split_df, cfg.distribution, cfg.seed)
     rows = [
         {"id": ex.id, "source": ex.source, "multiplicity": mult[ex.id], "origin": "original", "parent_id": None}
         for ex in examples
@@ -299,7 +300,7 @@ def run(cfg: UpsampleConfig) -> dict:
 
     flagged = _flagged(split_df)
     counts = {
-        "arm": cfg.arm,
+        "distribution": cfg.distribution,
         "m": cfg.m,
         "seed": cfg.seed,
         "n_examples": len(examples),
@@ -384,7 +385,7 @@ UPSAMPLE_SETTINGS = Classified(
         "fields",
         "template",
         "run_dir",
-        "arm",
+        "distribution",
         "m",
         "seed",
         "synth_fn",

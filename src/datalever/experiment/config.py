@@ -25,8 +25,7 @@ from datalever.rundir import RunDir
 from datalever.split import FEATURES
 from datalever.synth import SynthConfig
 from datalever.train import TrainConfig
-from datalever.upsample import ARMS as upsample_arms
-from datalever.upsample import MAX_M
+from datalever.upsample import DISTRIBUTIONS, MAX_M
 
 LAUNCHERS = ("local", "slurm")
 
@@ -57,7 +56,7 @@ class ArmConfig:
             raise checks.ConfigError(
                 f"arm name {self.name!r}: use letters, digits, '.', '_' and '-' (it names a directory under arms/)"
             )
-        checks.one_of(f"arm {self.name}: data", self.data, upsample_arms)
+        checks.one_of(f"arm {self.name}: data", self.data, DISTRIBUTIONS)
         if self.optimizer is not None:
             checks.one_of(f"arm {self.name}: optimizer", self.optimizer, OPTIMIZERS)
         if self.features is not None:

@@ -264,7 +264,7 @@ def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int) -> ArmDir
         upsample_run(
             UpsampleConfig(
                 run_dir=cfg.run_dir,
-                arm=arm.data,
+                distribution=arm.data,
                 m=cfg.m,
                 seed=seed,
                 synth_fn=arm.synth_fn,
