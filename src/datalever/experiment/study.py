@@ -69,9 +69,9 @@ def run(cfg: ExperimentConfig) -> str:
         check_same_settings(each)
         provenance.record(each.run_dir, "experiment", each)
     launcher = launcher_for(cfg)
+    if cfg.launcher == "slurm" and cfg.slurm.detach:
+        return launcher.submit_all(units(cfg))
     driver.run(units(cfg), cfg.run_dir, launcher, show=cfg.progress)
-    if getattr(launcher, "detached", False):
-        return launcher.detached
     run_dir = RunDir(cfg.run_dir)
     results, plots = (run_dir.sweep_md, run_dir.plot("frontier")) if cfg.sweep else (run_dir.results_md, None)
     where = f"results: {results}" + (f" (plots: {run_dir.plot('*')})" if plots is None else f" (plot: {plots})")

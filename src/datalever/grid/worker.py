@@ -40,8 +40,9 @@ def set_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
-def run_unit(config_file: str, name: str, processes: int = 1, claimed: bool = False) -> int:
-    """Run the unit; the exit status (0, CLAIMED_EXIT, REQUEUE_EXIT or 1)."""
+def run_unit(config_file: str, name: str, processes: int = 1, claimed: bool = False, reraise: tuple = ()) -> int:
+    """Run the unit; the exit status (0, CLAIMED_EXIT, REQUEUE_EXIT or 1). Exceptions of the types in `reraise` go
+    to the caller (a SLURM job handles a stop itself)."""
     set_threads()
     root, unit = load_unit(config_file, name)
     try:
@@ -56,6 +57,8 @@ def run_unit(config_file: str, name: str, processes: int = 1, claimed: bool = Fa
                 return subprocess.run(command).returncode
             unit.run()
         return 0
+    except reraise:
+        raise
     except ClaimedElsewhere as e:
         print(e, file=sys.stderr)
         return CLAIMED_EXIT
