@@ -35,7 +35,9 @@ def comparable(run_dir: Path) -> dict:
 
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if "wall" not in k and k not in ("versions", "plots", "markdown")}
+            return {
+                k: strip(v) for k, v in value.items() if "wall" not in k and k not in ("versions", "plots", "markdown")
+            }
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value

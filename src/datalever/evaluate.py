@@ -30,6 +30,7 @@ from datalever import checks, provenance, rundir
 from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
 from datalever.models import DTYPES, unwrap
+from datalever.progress import bar as progress_bar
 from datalever.progress import label as progress_label
 from datalever.tokens import Formatter, check_chat_template
 
@@ -242,8 +243,6 @@ def generate_ids(
     decoding it alone in float32 on a CPU (tested); in bf16 on a GPU, kernels chosen per shape can flip
     a near-tie.
     """
-    from tqdm.auto import tqdm
-
     max_new_tokens, stop = options.max_new_tokens, options.stop
     if max_new_tokens < 1 or options.batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
@@ -283,7 +282,7 @@ def generate_ids(
     was_training = gen_model.training
     gen_model.eval()
     try:
-        with tqdm(total=len(encoded), desc=progress_label("generate"), unit="ex", disable=not options.progress) as bar:
+        with progress_bar(total=len(encoded), desc=progress_label("generate"), unit="ex", show=options.progress) as bar:
             for idx in length_sorted_batches(encoded, options.batch_size):
                 input_ids, attention_mask = _left_pad([encoded[i] for i in idx], pad, device)
                 stopping = StopStrings(tokenizer, stop, triggers, input_ids.shape[1]) if stop else None

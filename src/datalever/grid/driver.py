@@ -133,9 +133,12 @@ def _busy_elsewhere(unit: Unit, root, state: _State) -> bool:
 
 def _start(unit: Unit, launcher: Launcher, state: _State, bar) -> None:
     start = time.monotonic()
+    if getattr(launcher, "synchronous", False):  # it runs the unit before it returns: say so first
+        _say(bar, f"started {unit.name} (here)")
     where = launcher.start(unit)
     state.running[unit.name] = (start, where)
-    _say(bar, f"started {unit.name} ({where})")
+    if not getattr(launcher, "synchronous", False):
+        _say(bar, f"started {unit.name} ({where})")
 
 
 def _ended(unit: Unit, outcome: Outcome, state: _State, bar) -> None:

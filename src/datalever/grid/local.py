@@ -28,6 +28,7 @@ class InProcess:
     """Each unit run here, one at a time."""
 
     capacity = 1
+    synchronous = True  # start() returns when the unit has run
 
     def __init__(self, root: str | Path):
         self.root = root
@@ -37,8 +38,10 @@ class InProcess:
         start = time.monotonic()
         try:
             with claim_together(self.root, unit.name):
-                unit.run()
-            outcome = Outcome(unit.name, "done")
+                finished_elsewhere = unit.done()  # between its being found ready and its claim: nothing to do
+                if not finished_elsewhere:
+                    unit.run()
+            outcome = Outcome(unit.name, "done", "finished by another process" if finished_elsewhere else "here")
         except ClaimedElsewhere:
             outcome = Outcome(unit.name, "elsewhere")
         except Preempted:

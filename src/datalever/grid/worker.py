@@ -50,6 +50,8 @@ def run_unit(config_file: str, name: str, processes: int = 1, claimed: bool = Fa
             unit.run()
             return 0
         with claim(root, name):
+            if unit.done():  # finished by another process between its being found ready and this claim
+                return 0
             if processes > 1:
                 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(processes), "-m", "datalever.grid.worker", "--config", config_file, "--unit", name,

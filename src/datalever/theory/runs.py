@@ -12,6 +12,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from datalever.progress import bar as progress_bar
 from datalever.theory.config import TheoryConfig
 from datalever.theory.model import (
     Features,
@@ -286,12 +287,11 @@ class Pools:
 
 
 def build_pools(problem: Problem) -> Pools:
-    from tqdm.auto import tqdm
-
     cfg = problem.cfg
     members = _pool_members(problem)
     pools = Pools([], [], [], torch.zeros(len(problem.runs), 3, cfg.heads, cfg.d + 1, dtype=DTYPE))
-    for s in tqdm(range(cfg.seeds), desc="theory: pools + proxy", disable=not cfg.progress, mininterval=1.0):
+    bar = progress_bar(total=cfg.seeds, desc="theory: pools + proxy", show=cfg.progress, mininterval=1.0)
+    for s in range(cfg.seeds):
         # one generator per seed draws the pool, the proxy's init, the test set and the random init, in that
         # order, whatever the arms: reordering or skipping a draw would change every number
         gen = torch.Generator().manual_seed(1000003 * (cfg.seed + s) + 17)
@@ -301,6 +301,8 @@ def build_pools(problem: Problem) -> Pools:
         seed_rows = rows_index([r for r, run in enumerate(problem.runs) if run.s == s])
         pools.test_groups.append((seed_rows, _test_stats(problem, gen)))
         _set_inits(problem, s, random_init(1, cfg.heads, cfg.d, cfg.init_scale, gen, DTYPE)[0], pools.theta0)
+        bar.update(1)
+    bar.close()
     pools.theta0 = pools.theta0.to(problem.device)
     return pools
 
@@ -412,14 +414,12 @@ class TrainingLog:
 
 def train_runs(problem: Problem, pools: Pools) -> TrainingLog:
     """All runs as one batch: each arm's optimizer on its pool, logged every cfg.log_every steps."""
-    from tqdm.auto import tqdm
-
     cfg = problem.cfg
     mode = [problem.specs[run.arm].mode for run in problem.runs]
     rho = [problem.specs[run.arm].rho for run in problem.runs]
     start = time.time()
     desc = f"theory: {len(problem.runs)} runs"
-    with tqdm(total=cfg.steps, desc=desc, disable=not cfg.progress, mininterval=1.0) as pbar:
+    with progress_bar(total=cfg.steps, desc=desc, show=cfg.progress, mininterval=1.0) as pbar:
         _, logs = train(
             problem.feat,
             pools.theta0,
