@@ -356,9 +356,9 @@ class RunDir(_Layout):
         return self.grid / "jobs" / f"{unit}.json"
 
     @property
-    def slurm(self) -> Path:
-        """submitit's folder: each job's script, pickles and scheduler output."""
-        return self.grid / "slurm"
+    def slurm_jobs(self) -> Path:
+        """submitit's folder pattern (%j: the job id): each job's script, pickles and scheduler output."""
+        return self.grid / "slurm" / "%j"
 
     @property
     def logs(self) -> Path:

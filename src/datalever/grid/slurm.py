@@ -88,7 +88,7 @@ class Slurm:
     # ----------------------------------------------------------------- submitting
 
     def _executor(self):
-        executor = submitit.AutoExecutor(folder=str(RunDir(self.root).slurm / "%j"), cluster="slurm")
+        executor = submitit.AutoExecutor(folder=str(RunDir(self.root).slurm_jobs), cluster="slurm")
         params = {"timeout_min": self.cfg.time_min, "slurm_signal_delay_s": self.cfg.signal_delay_s}
         params["cpus_per_task"] = self.cfg.cpus_per_run or (8 * self.gpus_per_run if self.gpus_per_run else 2)
         params["tasks_per_node"], params["nodes"] = 1, 1
@@ -172,7 +172,7 @@ class Slurm:
         return Outcome(unit, status, where, log=paths.stdout, tail=tail)
 
     def _paths(self, job_id: str) -> JobPaths:
-        return JobPaths(RunDir(self.root).slurm / "%j", job_id=job_id)
+        return JobPaths(RunDir(self.root).slurm_jobs, job_id=job_id)
 
     def stop(self) -> None:
         """The driver is stopped: the jobs go on (rerun the same command to reattach)."""
