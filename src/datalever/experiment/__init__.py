@@ -11,4 +11,14 @@
 from datalever.experiment.config import ArmConfig, ExperimentConfig
 from datalever.experiment.study import run, units
 
-__all__ = ["ArmConfig", "ExperimentConfig", "run", "units"]
+
+def units_from_file(config_file: str):
+    """The run directory and the units of the experiment whose settings a driver wrote to `config_file`: what a
+    worker process or a SLURM job runs one of (`grid.worker`)."""
+    from datalever.cli import read_config
+
+    cfg = read_config(ExperimentConfig, config_file)
+    return cfg.run_dir, units(cfg)
+
+
+__all__ = ["ArmConfig", "ExperimentConfig", "run", "units", "units_from_file"]

@@ -78,16 +78,19 @@ def run(cfg: ExperimentConfig) -> str:
     return f"{results.read_text().rstrip()}\n\n{where}; this invocation took {time.perf_counter() - t0:.0f} s"
 
 
+STUDY = "datalever.experiment"  # the module a worker or a job asks for the units (`units_from_file`)
+
+
 def launcher_for(cfg: ExperimentConfig):
     """Where the units run: here one at a time (the default), N local workers, or SLURM jobs. Workers and jobs
     rebuild the units from the settings as this driver has them (`settings_file`)."""
     if cfg.launcher == "slurm":
         from datalever.grid.slurm import Slurm
 
-        return Slurm(cfg.run_dir, settings_file(cfg), cfg.slurm, cfg.gpus_per_run)
+        return Slurm(STUDY, cfg.run_dir, settings_file(cfg), cfg.slurm, cfg.gpus_per_run)
     if cfg.workers == 1 and cfg.gpus_per_run <= 1:
         return InProcess(cfg.run_dir)
-    return Workers(cfg.run_dir, settings_file(cfg), cfg.workers, cfg.gpus_per_run)
+    return Workers(STUDY, cfg.run_dir, settings_file(cfg), cfg.workers, cfg.gpus_per_run)
 
 
 def settings_file(cfg: ExperimentConfig) -> Path:

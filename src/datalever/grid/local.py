@@ -79,10 +79,11 @@ def visible_gpus() -> list[str]:
 
 
 class Workers:
-    """Up to `workers` units at once, each in a worker process of its own."""
+    """Up to `workers` units at once, each in a worker process of its own, which rebuilds the units of the module
+    `study` from `config_file`."""
 
-    def __init__(self, root: str | Path, config_file: Path, workers: int, gpus_per_run: int = 0):
-        self.root, self.config_file, self.capacity = Path(root), config_file, workers
+    def __init__(self, study: str, root: str | Path, config_file: Path, workers: int, gpus_per_run: int = 0):
+        self.study, self.root, self.config_file, self.capacity = study, Path(root), config_file, workers
         self.gpus_per_run = gpus_per_run
         self.free_gpus = visible_gpus() if gpus_per_run else []
         if gpus_per_run and len(self.free_gpus) < gpus_per_run * workers:
@@ -96,8 +97,8 @@ class Workers:
     def command(self, unit: Unit) -> list[str]:
         """The worker's command line (with several GPUs it claims the unit, then runs it under torchrun)."""
         processes = max(1, self.gpus_per_run)
-        return [sys.executable, "-m", "datalever.grid.worker", "--config", str(self.config_file), "--unit", unit.name,
-                "--processes", str(processes)]  # fmt: skip
+        return [sys.executable, "-m", "datalever.grid.worker", "--study", self.study, "--config", str(self.config_file),
+                "--unit", unit.name, "--processes", str(processes)]  # fmt: skip
 
     def environment(self, gpus: list[str]) -> dict[str, str]:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}

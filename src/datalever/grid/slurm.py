@@ -44,14 +44,14 @@ RESULT_GRACE_S = 30.0  # how long a job that left the queue may take to show its
 class UnitJob(submitit.helpers.Checkpointable):
     """One unit as a SLURM job (submitit pickles it; its `checkpoint` requeues it as it started)."""
 
-    def __init__(self, config_file: str, unit: str, processes: int):
-        self.config_file, self.unit, self.processes = config_file, unit, processes
+    def __init__(self, study: str, config_file: str, unit: str, processes: int):
+        self.study, self.config_file, self.unit, self.processes = study, config_file, unit, processes
 
     def __call__(self) -> int:
-        return run_job(self.config_file, self.unit, self.processes)
+        return run_job(self.study, self.config_file, self.unit, self.processes)
 
 
-def run_job(config_file: str, unit: str, processes: int) -> int:
+def run_job(study: str, config_file: str, unit: str, processes: int) -> int:
     """Inside the job: check the run directory is visible here, then run the unit as a worker does; the exit status.
     A unit stopped by a signal with its state saved leaves the job without a result (SLURM brings it back)."""
     from datalever.grid import worker
@@ -65,7 +65,7 @@ def run_job(config_file: str, unit: str, processes: int) -> int:
     if threads and "DATALEVER_THREADS" not in os.environ:
         os.environ["DATALEVER_THREADS"] = threads
     try:
-        return worker.run_unit(config_file, unit, processes, reraise=(Preempted,))
+        return worker.run_unit(study, config_file, unit, processes, reraise=(Preempted,))
     except Preempted as stopped:
         if stopped.warning:  # the time limit is near: nobody else brings the job back
             requeue_slurm_job()
@@ -75,8 +75,9 @@ def run_job(config_file: str, unit: str, processes: int) -> int:
 class Slurm:
     """Units as SLURM jobs (`SlurmConfig`: partition, account, time, resources, a limit on jobs at once)."""
 
-    def __init__(self, root: str | Path, config_file: Path, cfg: SlurmConfig, gpus_per_run: int = 0):
-        self.root, self.config_file, self.cfg, self.gpus_per_run = Path(root), config_file, cfg, gpus_per_run
+    def __init__(self, study: str, root: str | Path, config_file: Path, cfg: SlurmConfig, gpus_per_run: int = 0):
+        self.study, self.root, self.config_file, self.cfg = study, Path(root), config_file, cfg
+        self.gpus_per_run = gpus_per_run
         self.capacity = cfg.max_running or 1_000_000
         self.running: dict[str, tuple[str, float]] = {}  # unit -> (job id, when it left the queue or 0)
         self.detached = ""  # with detach: what was submitted, said to the user instead of a report
@@ -108,7 +109,7 @@ class Slurm:
         if after:
             extra["dependency"] = "afterok:" + ":".join(after)
         self.executor.update_parameters(name=f"datalever:{unit.name}", slurm_additional_parameters=extra)
-        job = self.executor.submit(UnitJob(str(self.config_file), unit.name, max(1, self.gpus_per_run)))
+        job = self.executor.submit(UnitJob(self.study, str(self.config_file), unit.name, max(1, self.gpus_per_run)))
         record = {"job_id": job.job_id, "folder": str(job.paths.folder), "submitted": time.time()}
         rundir.write_json(RunDir(self.root).job_record(unit.name), record)
         return job.job_id

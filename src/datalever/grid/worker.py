@@ -1,6 +1,7 @@
 """One unit in a process of its own: what `grid.local.Workers` starts and what a SLURM job runs.
 
-    python -m datalever.grid.worker --config RUN/.grid/config-<hash>.yaml --unit arms/hard/seed0 [--processes G]
+    python -m datalever.grid.worker --study datalever.experiment --config RUN/.grid/config-<hash>.yaml \
+        --unit arms/hard/seed0 [--processes G]
 
 It claims the unit, runs it and exits 0; 73 if another process holds the claim; 75 if it was stopped by a signal
 with its state saved (`preempt`); 1 with the traceback if it failed. With `--processes G` > 1 the claim is held here
@@ -10,6 +11,7 @@ while the unit runs under torchrun, one process per device (each of those runs w
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -20,16 +22,14 @@ from datalever.grid.units import ClaimedElsewhere, Unit, claim
 from datalever.preempt import REQUEUE_EXIT, Preempted
 
 
-def load_unit(config_file: str, name: str) -> tuple[str, Unit]:
-    """The experiment's run directory (where claims live) and its unit `name`, rebuilt from the settings file."""
-    from datalever import experiment
-    from datalever.cli import read_config
-
-    cfg = read_config(experiment.ExperimentConfig, config_file)
-    units = {unit.name: unit for unit in experiment.units(cfg)}
-    if name not in units:
-        raise SystemExit(f"no unit {name!r} in the experiment of {config_file}")
-    return cfg.run_dir, units[name]
+def load_unit(study: str, config_file: str, name: str) -> tuple[str, Unit]:
+    """The run directory (where claims live) and the unit `name` of the study module `study` (which rebuilds its units
+    from a settings file: `units_from_file`)."""
+    root, units = importlib.import_module(study).units_from_file(config_file)
+    found = {unit.name: unit for unit in units}
+    if name not in found:
+        raise SystemExit(f"no unit {name!r} in the study of {config_file}")
+    return root, found[name]
 
 
 def set_threads() -> None:
@@ -40,11 +40,13 @@ def set_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
-def run_unit(config_file: str, name: str, processes: int = 1, claimed: bool = False, reraise: tuple = ()) -> int:
+def run_unit(
+    study: str, config_file: str, name: str, processes: int = 1, claimed: bool = False, reraise: tuple = ()
+) -> int:
     """Run the unit; the exit status (0, CLAIMED_EXIT, REQUEUE_EXIT or 1). Exceptions of the types in `reraise` go
     to the caller (a SLURM job handles a stop itself)."""
     set_threads()
-    root, unit = load_unit(config_file, name)
+    root, unit = load_unit(study, config_file, name)
     try:
         if claimed:
             unit.run()
@@ -54,8 +56,8 @@ def run_unit(config_file: str, name: str, processes: int = 1, claimed: bool = Fa
                 return 0
             if processes > 1:
                 command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), "-m", "datalever.grid.worker", "--config", config_file, "--unit", name,
-                           "--claimed"]  # fmt: skip
+                           str(processes), "-m", "datalever.grid.worker", "--study", study, "--config", config_file,
+                           "--unit", name, "--claimed"]  # fmt: skip
                 return subprocess.run(command).returncode
             unit.run()
         return 0
@@ -74,7 +76,8 @@ def run_unit(config_file: str, name: str, processes: int = 1, claimed: bool = Fa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m datalever.grid.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="the experiment's settings (a YAML file)")
+    parser.add_argument("--study", required=True, help="the module whose units_from_file rebuilds the units")
+    parser.add_argument("--config", required=True, help="the study's settings (a YAML file)")
     parser.add_argument("--unit", required=True, help="the unit's name, e.g. arms/hard/seed0")
     parser.add_argument("--processes", type=int, default=1, help="processes (devices) the unit runs on")
     parser.add_argument("--claimed", action="store_true", help="the claim is held by the parent (under torchrun)")
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     from datalever.cli import _quiet_libraries
 
     _quiet_libraries()
-    sys.exit(run_unit(args.config, args.unit, args.processes, args.claimed))
+    sys.exit(run_unit(args.study, args.config, args.unit, args.processes, args.claimed))
 
 
 if __name__ == "__main__":
