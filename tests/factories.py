@@ -64,3 +64,20 @@ def brute_force_loss(model, tokenizer, ex, max_length: int) -> float:
     labels[0, : max(enc.n_prompt, 1)] = IGNORE
     with torch.no_grad():
         return model(input_ids=ids, labels=labels).loss.item()
+
+
+def comparable_results(run_dir) -> dict:
+    """An experiment's results.json without what differs between two runs of the same work: clocks, versions, where
+    the plots are, and the markdown (its table has a wall-clock column; every number it shows is in the rest)."""
+    from datalever.rundir import RunDir
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {
+                k: strip(v) for k, v in value.items() if "wall" not in k and k not in ("versions", "plots", "markdown")
+            }
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(json.loads(RunDir(run_dir).results_json.read_text()))

@@ -22,6 +22,7 @@ from datalever.grid import driver
 from datalever.grid.local import InProcess
 from datalever.grid.units import ClaimedElsewhere, Unit, check_graph, claim, claimed_elsewhere
 from datalever.rundir import RunDir
+from factories import comparable_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,21 +189,6 @@ def test_new_grid_options_are_checked_before_any_work(tmp_path):
 # ----------------------------------------------------------------------------- processes (slow)
 
 
-def comparable(run_dir: Path) -> dict:
-    """results.json without clocks, versions, plot paths and the markdown (whose table has a wall-clock column)."""
-
-    def strip(value):
-        if isinstance(value, dict):
-            return {
-                k: strip(v) for k, v in value.items() if "wall" not in k and k not in ("versions", "plots", "markdown")
-            }
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
-    return strip(json.loads(RunDir(run_dir).results_json.read_text()))
-
-
 def digests(run_dir: Path, arms, seeds) -> dict:
     found = {}
     for arm in arms:
@@ -232,7 +218,7 @@ def test_two_workers_give_the_numbers_of_one_unit_at_a_time(tmp_path):
     assert "started arms/hard/seed1" in two.stderr and "1 thread" in two.stderr
     arms, seeds = ["base", "hard", "random"], [0, 1]
     assert digests(tmp_path / "two", arms, seeds) == digests(tmp_path / "one", arms, seeds)
-    assert comparable(tmp_path / "two") == comparable(tmp_path / "one")
+    assert comparable_results(tmp_path / "two") == comparable_results(tmp_path / "one")
     log = RunDir(tmp_path / "two").unit_log("arms/hard/seed0").read_text()
     assert "\r" not in log and "train adamw: " in log  # plain progress lines in a unit's log, no redraws
 

@@ -18,6 +18,7 @@ from datalever import experiment
 from datalever.demo import shipped_config
 from datalever.grid.slurm_config import SlurmConfig
 from datalever.rundir import RunDir
+from factories import comparable_results
 
 pytestmark = pytest.mark.slow
 
@@ -27,22 +28,6 @@ def quick(run_dir: Path, **changes):
     cfg.run_dir, cfg.arms, cfg.seeds, cfg.progress = str(run_dir), ["base", "hard"], [0], False
     cfg.train.epochs = 8  # 48 steps: long enough to preempt one while it trains
     return dataclasses.replace(cfg, **changes)
-
-
-def comparable(run_dir: Path) -> dict:
-    """results.json without what differs between two runs of the same work: clocks, versions, where the plots are,
-    and the markdown (its table has a wall-clock column; every number it shows is in the rest)."""
-
-    def strip(value):
-        if isinstance(value, dict):
-            return {
-                k: strip(v) for k, v in value.items() if "wall" not in k and k not in ("versions", "plots", "markdown")
-            }
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
-    return strip(json.loads(RunDir(run_dir).results_json.read_text()))
 
 
 def digest(path: Path) -> str:
@@ -85,7 +70,7 @@ def test_the_quick_grid_through_slurm_survives_a_requeue_and_reports_as_the_loca
     out = next(Path(json.loads(RunDir(on_slurm).job_record("arms/hard/seed0").read_text())["folder"]).glob("*.out"))
     assert "resuming from" in out.read_text()  # from the checkpoint SIGTERM made, not from the start
 
-    assert comparable(on_slurm) == comparable(local)
+    assert comparable_results(on_slurm) == comparable_results(local)
     for arm in ("base", "hard"):
         here, there = RunDir(local).seed_dir(arm, 0), RunDir(on_slurm).seed_dir(arm, 0)
         assert digest(there.train.model / "model.safetensors") == digest(here.train.model / "model.safetensors")
