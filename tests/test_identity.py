@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from datalever import experiment, optim, profile, provenance, upsample
+from datalever import experiment, optim, profile, provenance, split, upsample
 from datalever.train import config as train_config
 
 CLASSIFIED = [
@@ -17,6 +17,7 @@ CLASSIFIED = [
     (optim.OptimConfig, optim.OPTIM_SETTINGS),
     (profile.ProfileConfig, profile.PROFILE_SETTINGS),
     (upsample.UpsampleConfig, upsample.UPSAMPLE_SETTINGS),
+    (split.SplitConfig, split.SPLIT_SETTINGS),
     (experiment.ExperimentConfig, experiment.config.EXPERIMENT_SETTINGS),
 ]
 

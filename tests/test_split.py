@@ -209,6 +209,80 @@ def test_small_source_is_hard_whole_and_null_source_is_a_stratum():
     assert (c["assigned"] == "small_source").all() and (c["cluster"] == -1).all()
 
 
+def sized_sources(sizes: dict[str, int]):
+    """Each source's rows split half and half between a low-loss and a high-loss group (hard known by
+    construction); a source of one row is a single high row."""
+    ids, sources, rows, hard = [], [], [], set()
+    for name, n in sizes.items():
+        for i in range(n):
+            high = i >= n // 2
+            ids.append(f"{name}{i}")
+            sources.append(name)
+            rows.append((9.0 if high else 1.0) + 0.01 * i + np.arange(4) * -0.001)
+            if high:
+                hard.add(f"{name}{i}")
+    return ids, sources, np.array(rows), hard
+
+
+@pytest.mark.parametrize(
+    "rule, handling, small, upsampled",
+    [
+        # sizes A 1, B 40, C 20: 61 rows / 3 sources = a mean of 20.3; min_source_size 10
+        ("count", "upsample", {"A"}, {"A"}),  # only A is under 10
+        ("mean", "upsample", {"A", "C"}, {"A", "C"}),  # the prototype's rule: C (20 rows) is under the mean too
+        ("mean", "keep", {"A", "C"}, set()),  # small sources used once: neither hard nor easy
+        ("mean", "cluster", {"A"}, set()),  # C is clustered like B; A (1 row < k) cannot be: kept
+    ],
+)
+def test_small_sources_by_rule_and_handling(rule, handling, small, upsampled):
+    ids, sources, L, hard = sized_sources({"A": 1, "B": 40, "C": 20})
+    df = split_trajectories(
+        ids, sources, L, stratify=True, min_source_size=10, small_sources=handling, small_source_rule=rule
+    )
+    by_source = {s: df[df["source"] == s] for s in ("A", "B", "C")}
+    for name, rows in by_source.items():
+        if name in small:
+            assert (rows["cluster"] == -1).all(), name
+            assert rows["hard"].all() == (name in upsampled) and rows["hard"].any() == (name in upsampled), name
+            assert set(rows["assigned"]) == {"small_source" if name in upsampled else "small_source_kept"}, name
+        else:  # clustered: its high half is hard
+            assert set(rows.loc[rows["hard"], "id"]) == {i for i in rows["id"] if i in hard}, name
+            assert set(rows["assigned"]) == {"kmeans"}, name
+
+
+def test_the_summary_says_how_many_examples_each_rule_upsampled(tmp_path):
+    ids, sources, L, _ = sized_sources({"A": 1, "B": 40, "C": 20})
+    write_store(tmp_path, ids, sources, L)
+    cfg = SplitConfig(run_dir=str(tmp_path), stratify=True, min_source_size=10, small_source_rule="mean")
+    s = run(cfg)
+    assert s["small_sources"] == ["A", "C"]
+    assert s["small_source_rule"] == {
+        "rule": "mean",
+        "min_source_size": 10,
+        "handling": "upsample",
+        "n_sources": 2,
+        "n_examples": 21,
+        "n_upsampled": 21,
+    }
+    kept = run(SplitConfig(**{**cfg.__dict__, "small_sources": "keep", "overwrite": True}))
+    assert kept["small_source_rule"]["n_upsampled"] == 0 and kept["n_hard"] == 20  # B's high half only
+
+
+def test_relative_features_ranked_by_their_own_mean_as_the_prototype_does():
+    """X: high loss falling fast (ratios 0.5); Y: low loss falling slowly (ratios 0.9). By raw loss X is hard; by the
+    mean ratio (hard_by features) Y is: the cluster whose loss fell least."""
+    x = np.array([[10.0, 5.0, 2.5]] * 5) + np.arange(5)[:, None] * 0.01
+    y = np.array([[1.0, 0.9, 0.81]] * 5) + np.arange(5)[:, None] * 0.001
+    ids = [f"x{i}" for i in range(5)] + [f"y{i}" for i in range(5)]
+    losses = np.vstack([x, y])
+    by_loss = split_trajectories(ids, [None] * 10, losses, features="relative")
+    by_ratio = split_trajectories(ids, [None] * 10, losses, features="relative", hard_by="features")
+    assert hard_ids(by_loss) == {f"x{i}" for i in range(5)}
+    assert hard_ids(by_ratio) == {f"y{i}" for i in range(5)}
+    same = split_trajectories(ids, [None] * 10, losses, features="trajectory", hard_by="features")
+    assert hard_ids(same) == hard_ids(by_loss)  # on raw trajectories the two rules are one
+
+
 def test_stratified_split_in_summary(tmp_path):
     ids, sources, L, expected = interleaved_sources()
     ids += ["C0", "C1"]
@@ -350,7 +424,7 @@ def test_run_refuses_an_unfinished_profile(tmp_path):
 def test_plot_legends_mark_the_hard_cluster():
     import pandas as pd
 
-    from datalever.split import _group_label
+    from datalever.split_summary import _group_label
 
     df = pd.DataFrame({"hard": [False, False, True, True, True]})
     assert _group_label(df, "0", df["hard"] == False) == "cluster 0, n=2"  # noqa: E712
@@ -364,6 +438,9 @@ def test_plot_legends_mark_the_hard_cluster():
         ({"features": "shape"}, "features must be one of"),
         ({"k": 1}, "k must be an integer >= 2"),
         ({"min_source_size": 0}, "min_source_size must be > 0"),
+        ({"small_sources": "drop"}, "small_sources must be one of upsample, cluster, keep"),
+        ({"small_source_rule": "median"}, "small_source_rule must be one of count, mean"),
+        ({"hard_by": "ratio"}, "hard_by must be one of loss, features"),
     ],
 )
 def test_bad_split_options_are_refused_when_the_config_is_built(options, match):

@@ -28,13 +28,18 @@ and ``residual`` removes the level that the mix of token kinds sets.
 Features are clustered as they are (no rescaling). The "hard" cluster is the one whose members have the highest
 mean of a hardness value: for ``trajectory``, ``final`` and ``relative`` the raw loss (mean over all members and
 all checkpoints); for ``residual`` the residual (hard = more loss than the composition predicts; ranking it by raw
-loss would bring the composition back). Cluster labels are then renumbered by that mean, so cluster 0 is the
+loss would bring the composition back). With ``hard_by="features"`` it is the mean of the clustered features
+themselves, as the prototype ranks them: for ``relative`` the highest mean ratio (the loss that fell least). Cluster
+labels are then renumbered by that mean, so cluster 0 is the
 easiest and cluster k-1 the hardest: with stratification, label j means "the j-th easiest within its source".
 
-Stratification (``stratify=True``) clusters each source separately. A source with fewer than
-``max(min_source_size, k)`` usable examples is not clustered: all of it is labelled hard (so it is
-upsampled whole), with ``cluster = -1`` and ``assigned = "small_source"``; it is reported in the
-summary. Rows whose ``source`` is null form one stratum of their own.
+Stratification (``stratify=True``) clusters each source separately. A small source (``small_source_rule``:
+fewer than ``max(min_source_size, k)`` usable examples; with ``mean`` also fewer rows than the mean source size, the
+prototype's rule) is not clustered: by default (``small_sources="upsample"``) all of it is labelled hard (so it is
+upsampled whole), with ``cluster = -1`` and ``assigned = "small_source"``; with ``keep`` it is used once
+(``assigned = "small_source_kept"``, not hard); with ``cluster`` it is clustered like the others unless it has fewer
+than k usable examples. The summary reports the sources and how many examples each rule upsampled. Rows whose
+``source`` is null form one stratum of their own.
 
 Flagged rows (non-empty ``flag``; their losses are NaN) are excluded from clustering: they get
 ``cluster = -1``, ``hard = False``, ``assigned = "flagged"`` and are counted in the summary. NaN is
@@ -54,19 +59,26 @@ import logging
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 
 from datalever import audit, checks, provenance, rundir, trajectories
-from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
+from datalever.examples import NO_SOURCE, DataFormat, local_data, read_data
+from datalever.provenance import Classified
+from datalever.split_summary import SMALL_ASSIGNED, plot_split, summarize
 
 log = logging.getLogger(__name__)
 
 
 class SplitError(ValueError):
     """The trajectories cannot be split as asked (the message says why)."""
+
+
+SMALL_SOURCES = ("upsample", "cluster", "keep")  # what becomes of a source too small to cluster (with stratify)
+SMALL_SOURCE_RULES = ("count", "mean")  # which sources are small
+HARD_BY = ("loss", "features")  # which cluster is hard
 
 
 @dataclass
@@ -84,9 +96,23 @@ class SplitConfig(DataFormat):
     seed: int = 0
     """Seed of k-means (scikit-learn KMeans, n_init=10)."""
     stratify: bool = False
-    """Cluster each data source separately (sources too small to cluster are labelled hard as a whole)."""
+    """Cluster each data source separately (what happens to sources too small to cluster: small_sources)."""
+    small_sources: str = "upsample"
+    """With stratify, a source that small_source_rule calls small: upsample (all of it labelled hard, so upsampled
+    whole, without clustering: what the prototype does) | cluster (clustered like any other; one with fewer than k
+    usable examples is kept) | keep (used once: neither hard nor easy)."""
+    small_source_rule: str = "count"
+    """With stratify, which sources are small: count (fewer usable examples than min_source_size) | mean (fewer rows
+    than the mean source size, or fewer usable examples than min_source_size: the prototype's rule,
+    schedules/s2l_upsample.py of github.com/chrisVat/sam, with min_source_size 78). A source with fewer than k usable
+    examples is small under either."""
     min_source_size: int = 10
-    """With stratify: a source with fewer usable examples than this is not clustered but labelled hard whole."""
+    """With stratify: the size below which a source is small (small_source_rule)."""
+    hard_by: str = "loss"
+    """Which cluster is hard: loss (the highest mean raw loss over its members and checkpoints; for residual features
+    the highest mean residual) | features (the highest mean of the features k-means clustered: the prototype's rule;
+    it differs from loss for relative features, where it is the highest mean ratio loss[t+1]/loss[t], the cluster
+    whose loss fell least, and for final, where it is the final loss alone)."""
     trajectories: str | None = None
     """Loss trajectories computed by another tool, instead of RUN/trajectories.parquet: a Parquet file with an 'id'
     column (datalever content ids of the training examples), optional 'source' and 'flag', and every other numeric
@@ -112,7 +138,35 @@ class SplitConfig(DataFormat):
                 f"k must be an integer >= 2 (two clusters at least: easy and hard), got {self.k!r}"
             )
         checks.positive("min_source_size", self.min_source_size)
+        checks.one_of("small_sources", self.small_sources, SMALL_SOURCES)
+        checks.one_of("small_source_rule", self.small_source_rule, SMALL_SOURCE_RULES)
+        checks.one_of("hard_by", self.hard_by, HARD_BY)
         checks.existing_path("trajectories", self.trajectories, optional=True)
+
+
+SPLIT_SETTINGS = Classified(
+    # Every one decides the split's files; paths as given (an experiment compares its own split without them: a run
+    # directory moved elsewhere continues).
+    decide=(
+        "schema",
+        "fields",
+        "template",
+        "run_dir",
+        "features",
+        "k",
+        "seed",
+        "stratify",
+        "small_sources",
+        "small_source_rule",
+        "min_source_size",
+        "hard_by",
+        "trajectories",
+        "data",
+        "split",
+        "out",
+    ),
+    ignored=("overwrite",),
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +301,9 @@ def split_trajectories(
     seed: int = 0,
     stratify: bool = False,
     min_source_size: int = 10,
+    small_sources: str = "upsample",
+    small_source_rule: str = "count",
+    hard_by: str = "loss",
     flags: Sequence[str] | None = None,
     steps: Sequence[int] | None = None,
     covariates: np.ndarray | None = None,
@@ -263,16 +320,32 @@ def split_trajectories(
     strata = _strata(sources)
     threshold = max(int(min_source_size), k) if stratify else k  # the smallest stratum clustered on its own
     feats = _features(kind, losses, covariates, flags, strata if stratify else None, threshold)
-    frame, cols = _working_frame(ids, sources, flags, losses, kind.hardness(losses, feats), feats, kind.columns(steps))
+    hardness = kind.hardness(losses, feats) if hard_by == "loss" else feats
+    frame, cols = _working_frame(ids, sources, flags, losses, hardness, feats, kind.columns(steps))
     input_order = frame.index.copy()
     usable = _clustered_rows(frame, cols)
+    small = _small_strata(strata, usable, k, min_source_size, small_source_rule) if stratify else set()
     for name, mask in _groups(strata, usable, stratify):
-        if stratify and mask.sum() < threshold:
-            frame.loc[mask, ["cluster", "hard", "assigned"]] = [-1, True, "small_source"]  # upsampled whole
+        if name in small and (small_sources != "cluster" or mask.sum() < k):
+            upsampled = small_sources == "upsample"  # else kept: used once, neither hard nor easy
+            frame.loc[mask, ["cluster", "hard", "assigned"]] = [-1, upsampled, SMALL_ASSIGNED[upsampled]]
         else:
             _cluster(frame, mask, cols, k, seed, "all examples" if name is None else f"source {name!r}")
     assert frame.index.equals(input_order)
     return _output(frame, cols)
+
+
+def _small_strata(strata: np.ndarray, usable: np.ndarray, k: int, min_size: int, rule: str) -> set:
+    """The sources too small to cluster: fewer usable rows than min_size (and than k, always); with rule "mean" also
+    fewer rows than the mean source size (the prototype's: rows in the pool / sources, flagged rows included)."""
+    names, rows = np.unique(strata, return_counts=True)
+    mean_rows = rows.sum() / len(names)
+    small = set()
+    for name, n_rows in zip(names, rows):
+        n_usable = int((usable & (strata == name)).sum())
+        if n_usable < max(min_size, k) or (rule == "mean" and n_rows < mean_rows):
+            small.add(name)
+    return small
 
 
 def _checked_input(ids, sources, losses, *, features: str, k: int, flags, steps) -> tuple[np.ndarray, list, list]:
@@ -416,165 +489,6 @@ def _output(frame: pd.DataFrame, cols: _Columns) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------
-# Summary
-
-
-def _difficulty(df: pd.DataFrame, metas: dict[str, dict]) -> dict[str, Any]:
-    """Per difficulty attribute: its mean (numeric) or value counts (categorical) per cluster."""
-    out: dict[str, Any] = {}
-    groups = _summary_groups(df)
-    for key in DIFFICULTY_KEYS:
-        values = {i: metas[i][key] for i in df["id"] if i in metas and key in metas[i] and metas[i][key] is not None}
-        if not values:
-            continue
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values())
-        per: dict[str, Any] = {}
-        for gname, mask in groups:
-            vs = [values[i] for i in df.loc[mask, "id"] if i in values]
-            if numeric:
-                per[gname] = {"n": len(vs), "mean": float(np.mean(vs)) if vs else None}
-            else:
-                counts: dict[str, int] = {}
-                for v in vs:
-                    counts[str(v)] = counts.get(str(v), 0) + 1
-                per[gname] = dict(sorted(counts.items()))
-        out[key] = {"kind": "numeric" if numeric else "categorical", "per_cluster": per}
-    return out
-
-
-def _summary_groups(df: pd.DataFrame) -> list[tuple[str, pd.Series]]:
-    """Named row groups of the summary: each k-means cluster, then small sources and flagged rows."""
-    groups = [
-        (str(c), (df["assigned"] == "kmeans") & (df["cluster"] == c))
-        for c in sorted(df.loc[df["assigned"] == "kmeans", "cluster"].unique())
-    ]
-    for special in ("small_source", "flagged"):
-        mask = df["assigned"] == special
-        if mask.any():
-            groups.append((special, mask))
-    return groups
-
-
-def summarize(
-    df: pd.DataFrame,
-    losses_by_id: pd.DataFrame,
-    *,
-    k: int,
-    features: str,
-    stratify: bool,
-    min_source_size: int,
-    seed: int,
-    steps: Sequence[int],
-    metas: dict[str, dict] | None = None,
-) -> dict[str, Any]:
-    """The split summary (sizes, per-source sizes, mean trajectories, difficulty per cluster)."""
-    clusters = {}
-    for gname, mask in _summary_groups(df):
-        if gname == "flagged":
-            continue
-        traj = losses_by_id.loc[df.loc[mask, "id"]].to_numpy()
-        clusters[gname] = {
-            "size": int(mask.sum()),
-            "hard": bool(df.loc[mask, "hard"].all()),
-            "mean_loss": float(traj.mean()),
-            "mean_trajectory": [float(v) for v in traj.mean(axis=0)],
-            "std_trajectory": [float(v) for v in traj.std(axis=0)],
-        }
-    summary: dict[str, Any] = {
-        "features": features,
-        "k": k,
-        "seed": seed,
-        "stratify": stratify,
-        "min_source_size": min_source_size if stratify else None,
-        "steps": [int(s) for s in steps],
-        "n_examples": int(len(df)),
-        "n_clustered": int((df["assigned"] == "kmeans").sum()),
-        "n_hard": int(df["hard"].sum()),
-        "n_easy": int(((df["assigned"] == "kmeans") & ~df["hard"]).sum()),
-        "n_flagged_excluded": int((df["assigned"] == "flagged").sum()),
-        "flag_counts": {str(f): int(c) for f, c in df.loc[df["flag"] != "", "flag"].value_counts().items()},
-        "clusters": clusters,
-    }
-    if stratify:
-        strata = df["source"].fillna(NO_SOURCE)
-        per_source = {}
-        for s in sorted(strata.unique()):
-            m = strata == s
-            per_source[s] = {
-                "n": int(m.sum()),
-                "n_flagged": int((m & (df["assigned"] == "flagged")).sum()),
-                "small_source": bool((m & (df["assigned"] == "small_source")).any()),
-                "n_hard": int((m & df["hard"]).sum()),
-                "sizes": {
-                    str(c): int(v)
-                    for c, v in df.loc[m & (df["assigned"] == "kmeans"), "cluster"].value_counts().sort_index().items()
-                },
-            }
-        summary["per_source"] = per_source
-        summary["small_sources"] = [s for s, v in per_source.items() if v["small_source"]]
-    if metas:
-        diff = _difficulty(df, metas)
-        if diff:
-            summary["difficulty"] = diff
-    return summary
-
-
-# ----------------------------------------------------------------------------------------------
-# Plots
-
-
-def _group_label(df: pd.DataFrame, gname: str, mask) -> str:
-    """Legend text of a cluster (or small source): its name, whether it is the upsampled one, its size."""
-    hard = " (hard)" if df.loc[mask, "hard"].all() else ""
-    name = f"cluster {gname}" if gname.isdigit() else gname
-    return f"{name}{hard}, n={int(mask.sum())}"
-
-
-def plot_split(
-    df: pd.DataFrame,
-    losses_by_id: pd.DataFrame,
-    steps: Sequence[int],
-    out: rundir.SplitDir,
-    xlabel: str = "proxy training step",
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = [(g, m) for g, m in _summary_groups(df) if g != "flagged"]
-    colors = plt.get_cmap("tab10")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for j, (gname, mask) in enumerate(groups):
-        traj = losses_by_id.loc[df.loc[mask, "id"]].to_numpy()
-        mu, sd = traj.mean(axis=0), traj.std(axis=0)
-        ax.plot(steps, mu, marker="o", color=colors(j), label=_group_label(df, gname, mask))
-        ax.fill_between(steps, mu - sd, mu + sd, color=colors(j), alpha=0.2)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("response loss (mean ± std)")
-    ax.set_title("Loss trajectory per cluster")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out.trajectories_plot, dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for j, (gname, mask) in enumerate(groups):
-        sub = df.loc[mask]
-        ax.scatter(
-            sub["loss_drop"], sub["mean_loss"], s=10, alpha=0.6, color=colors(j), label=_group_label(df, gname, mask)
-        )
-    ax.set_xlabel("loss drop (first - last checkpoint)")
-    ax.set_ylabel("mean loss over checkpoints")
-    ax.set_title("Data map")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out.datamap_plot, dpi=110)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
 # The stage
 
 
@@ -632,7 +546,7 @@ def run(cfg: SplitConfig) -> dict:
 
     run_dir = rundir.RunDir(cfg.run_dir)
     out = rundir.SplitDir(cfg.out) if cfg.out else run_dir.split()
-    provenance.refuse_other_settings(out.root, "split", cfg)
+    provenance.refuse_other_settings(out.root, "split", cfg, ignore=SPLIT_SETTINGS.ignored)
     digest = provenance.file_sha256(cfg.trajectories) if cfg.trajectories else None
     refuse_other_trajectories(out, cfg, digest)
     ids, sources, losses, flags, meta = read_input(cfg, run_dir)
@@ -660,6 +574,9 @@ def run(cfg: SplitConfig) -> dict:
         seed=cfg.seed,
         stratify=cfg.stratify,
         min_source_size=cfg.min_source_size,
+        small_sources=cfg.small_sources,
+        small_source_rule=cfg.small_source_rule,
+        hard_by=cfg.hard_by,
         flags=flags,
         steps=steps,
         covariates=covariates,
@@ -674,6 +591,8 @@ def run(cfg: SplitConfig) -> dict:
         stratify=cfg.stratify,
         min_source_size=cfg.min_source_size,
         seed=cfg.seed,
+        small_sources=cfg.small_sources,
+        small_source_rule=cfg.small_source_rule,
         steps=steps,
         metas=metas,
     )

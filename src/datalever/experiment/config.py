@@ -22,7 +22,7 @@ from datalever.optim import NAMES as OPTIMIZERS
 from datalever.profile import ProfileConfig
 from datalever.provenance import Classified
 from datalever.rundir import RunDir
-from datalever.split import FEATURES
+from datalever.split import FEATURES, HARD_BY, SMALL_SOURCE_RULES, SMALL_SOURCES
 from datalever.synth import SynthConfig
 from datalever.train import TrainConfig
 from datalever.upsample import DISTRIBUTIONS, MAX_M
@@ -118,6 +118,17 @@ class ExperimentConfig(DataFormat):
     digits, letters and symbols: what the proxy finds hard beyond the composition of the text)."""
     stratify: bool = False
     """Cluster within each data source."""
+    small_sources: str = "upsample"
+    """With stratify, a source that small_source_rule calls small: upsample (whole, without clustering: the
+    prototype's) | cluster (like any other) | keep (used once); see `datalever split --help`."""
+    small_source_rule: str = "count"
+    """With stratify, which sources are small: count (fewer usable examples than min_source_size) | mean (fewer rows
+    than the mean source size, or than min_source_size: the prototype's rule, with min_source_size 78)."""
+    min_source_size: int = 10
+    """With stratify: the size below which a source is small."""
+    hard_by: str = "loss"
+    """Which cluster is hard: loss (the highest mean raw loss; residual: residual) | features (the highest mean of the
+    clustered features: the prototype's; for relative features the highest mean ratio)."""
     m: int = 1
     """Extra uses of each selected example (1: twice, 2: three times)."""
     arms: list[str] = field(default_factory=lambda: ["base", "hard", "random", "easy", "base-long", "sam"])
@@ -179,6 +190,10 @@ class ExperimentConfig(DataFormat):
     def __post_init__(self) -> None:
         """The whole experiment is checked here, before any data is generated or model trained."""
         checks.one_of("features", self.features, FEATURES)
+        checks.one_of("small_sources", self.small_sources, SMALL_SOURCES)
+        checks.one_of("small_source_rule", self.small_source_rule, SMALL_SOURCE_RULES)
+        checks.positive("min_source_size", self.min_source_size)
+        checks.one_of("hard_by", self.hard_by, HARD_BY)
         checks.non_negative("m", self.m)
         checks.at_most("m", self.m, MAX_M)
         checks.one_of("eval_split", self.eval_split, ("test", "validation"))
@@ -308,6 +323,10 @@ EXPERIMENT_SETTINGS = Classified(
         "profile",  # but the settings below that the experiment sets itself
         "features",
         "stratify",
+        "small_sources",
+        "small_source_rule",
+        "min_source_size",
+        "hard_by",
         "m",
         "extra_arms",
         "train",  # but the settings below that the experiment sets itself, or that change no number
