@@ -50,6 +50,7 @@ def test_every_deciding_train_setting_changes_the_resume_identity():
     changed = {
         "epochs": 2.0,
         "max_steps": 7,
+        "stop_after_steps": 3,
         "batch_size": 16,
         "max_length": 64,
         "optim": optim.OptimConfig(lr=1e-3),

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from datalever import profile, rundir, synth
+from datalever.checks import ConfigError
 from datalever.examples import load_examples
 from datalever.models import load_model, load_tokenizer, resolve_model
 from datalever.optim import OptimConfig
@@ -430,3 +431,31 @@ def test_the_pass_before_training_counts_in_what_profiling_cost(reference):
     assert meta["initial_wall_s"] > 0
     assert got["record_flops"] == 2.0 * summary["n_params"] * meta["record_tokens"] * (len(STEPS) + 1)
     assert got["record_wall_s"] == pytest.approx(sum(meta["record_wall_s"].values()) + meta["initial_wall_s"])
+
+
+# ----------------------------------------------------------------------------- the schedule's horizon
+
+
+def test_a_proxy_can_be_the_start_of_a_longer_schedule(prepared, tmp_path):
+    """fraction 1 of 49 examples in batches of 8: 7 steps; schedule_epochs 3: a 19-step cosine (warmup 3%: 1 step),
+    of which the proxy runs the first 7, its learning rate read from its log against the hand-computed cosine."""
+    run_dir = new_run_dir(prepared, tmp_path / "run")
+    meta = profile.run(config(run_dir, schedule_epochs=3.0, warmup_ratio=0.03))
+    assert meta["steps"] == STEPS and meta["proxy_steps"] == 7  # the same recorded steps as a 7-step run
+    log = [json.loads(line) for line in (run_dir / "profile" / "train_log.jsonl").read_text().splitlines()]
+    peak, horizon = 3e-3, math.ceil(3.0 * 49 / 8)  # 3 epochs of 49 examples in batches of 8: 19 steps
+    warmup = math.ceil(0.03 * horizon)  # 1
+
+    def expected(step):  # the update with index step - 1, as the loop sets it before stepping
+        s = step - 1
+        if s < warmup:
+            return peak * s / warmup
+        return peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (horizon - warmup)))
+
+    assert [r["step"] for r in log] == list(range(1, 8))
+    assert [r["lr"] for r in log] == pytest.approx([expected(s) for s in range(1, 8)], rel=1e-9)
+    assert log[-1]["lr"] > 0.8 * peak  # near its peak at the last recorded step, not decayed to 0
+    summary = rundir.read_json(run_dir / "profile" / "train_summary.json")
+    assert summary["steps"] == 7 and summary["schedule_steps"] == horizon
+    with pytest.raises(ConfigError, match="schedule_epochs=0.5 must be at least fraction=1.0"):
+        config(run_dir, schedule_epochs=0.5)

@@ -57,6 +57,11 @@ class ProfileConfig(DataFormat):
     """Proxy model: HF checkpoint directory or hub id, `preset:NAME` (built from scratch) or `embedded:demo-base`."""
     fraction: float = 1 / 3
     """Fraction of an epoch the proxy trains for."""
+    schedule_epochs: float | None = None
+    """The length, in epochs, of the learning-rate schedule the proxy's `fraction` of an epoch is the start of (its
+    warmup and cosine run over all of it): the prototype recorded the first checkpoints of a 3- or 5-epoch cosine run,
+    so its learning rate was still near its peak there. None: the schedule ends with the proxy's run (its learning
+    rate decays to 0 at the last recorded step)."""
     checkpoints: int = 5
     """K: how many evenly spaced steps of the proxy run record every example's loss (the last is the final step)."""
     batch_size: int = 32
@@ -80,6 +85,12 @@ class ProfileConfig(DataFormat):
     def __post_init__(self) -> None:
         super().__post_init__()
         checks.positive("fraction", self.fraction)
+        checks.positive("schedule_epochs", self.schedule_epochs, optional=True)
+        if self.schedule_epochs is not None and self.schedule_epochs < self.fraction:
+            raise checks.ConfigError(
+                f"schedule_epochs={self.schedule_epochs} must be at least fraction={self.fraction} (the run is a part "
+                "of its schedule)"
+            )
         checks.positive("checkpoints", self.checkpoints)
         checks.positive("batch_size", self.batch_size)
         checks.positive("micro_batch_size", self.micro_batch_size)
@@ -102,6 +113,7 @@ PROFILE_SETTINGS = Classified(
         "chat_template",
         "proxy",
         "fraction",
+        "schedule_epochs",
         "checkpoints",
         "batch_size",
         "micro_batch_size",
@@ -162,8 +174,8 @@ def run(cfg: ProfileConfig) -> dict:
     finished = existing_store(run_dir, identity)
     if finished is not None:
         return finished
-    train_cfg = proxy_train_config(cfg, data, run_dir)
-    n_steps = total_steps(train_cfg, len(examples))
+    train_cfg = proxy_train_config(cfg, data, run_dir, len(examples))
+    n_steps = train_cfg.stop_after_steps or total_steps(train_cfg, len(examples))
     steps = record_steps(n_steps, cfg.checkpoints)
     state = PartialState()
     with state.main_process_first():  # one process builds a preset; the others then find it built
@@ -195,9 +207,10 @@ def existing_store(run_dir: RunDir, identity: dict) -> dict | None:
     return None
 
 
-def proxy_train_config(cfg: ProfileConfig, data: str, run_dir: RunDir) -> TrainConfig:
-    """The proxy's run: `fraction` of an epoch of the data, in RUN/profile/."""
-    return TrainConfig(
+def proxy_train_config(cfg: ProfileConfig, data: str, run_dir: RunDir, n_examples: int) -> TrainConfig:
+    """The proxy's run: `fraction` of an epoch of the data, in RUN/profile/; with schedule_epochs, the start of a
+    schedule that long (it stops after the fraction's steps)."""
+    proxy = TrainConfig(
         model=cfg.proxy,
         data=data,
         split=cfg.split,
@@ -206,7 +219,7 @@ def proxy_train_config(cfg: ProfileConfig, data: str, run_dir: RunDir) -> TrainC
         template=cfg.template,
         chat_template=cfg.chat_template,
         out=str(run_dir.proxy.root),
-        epochs=cfg.fraction,
+        epochs=cfg.fraction if cfg.schedule_epochs is None else cfg.schedule_epochs,
         batch_size=cfg.batch_size,
         micro_batch_size=cfg.micro_batch_size,
         max_length=cfg.max_length,
@@ -215,6 +228,9 @@ def proxy_train_config(cfg: ProfileConfig, data: str, run_dir: RunDir) -> TrainC
         seed=cfg.seed,
         progress=cfg.progress,
     )
+    if cfg.schedule_epochs is not None:
+        proxy.stop_after_steps = total_steps(dataclasses.replace(proxy, epochs=cfg.fraction), n_examples)
+    return proxy
 
 
 def start_store(

@@ -78,6 +78,10 @@ class TrainConfig(DataFormat):
     """Passes over the (multiplicity-weighted) training data; fractions allowed."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
+    stop_after_steps: int | None = None
+    """End the run after this many optimizer steps while its schedule (warmup, cosine) runs over all of them (epochs or
+    max_steps): a part of a longer run, as a proxy profiled from the early checkpoints of a multi-epoch run is (the
+    profile's schedule_epochs). None: the run ends where its schedule does."""
     batch_size: int = 32
     """Examples per optimizer step, over all processes."""
     micro_batch_size: int = 8
@@ -170,6 +174,7 @@ class TrainConfig(DataFormat):
         for name in ("batch_size", "micro_batch_size", "max_length", "epochs", "keep_last"):
             checks.positive(name, getattr(self, name))
         checks.positive("max_steps", self.max_steps, optional=True)
+        checks.positive("stop_after_steps", self.stop_after_steps, optional=True)
         checks.positive("max_grad_norm", self.max_grad_norm, optional=True)  # a negative norm would flip the step
         checks.non_negative("eval_every", self.eval_every)
         checks.non_negative("save_every", self.save_every)
@@ -208,6 +213,7 @@ TRAIN_SETTINGS = Classified(
     decide=(
         "epochs",
         "max_steps",
+        "stop_after_steps",  # enters the identity only when set: runs recorded before it existed ran to the end
         "batch_size",
         "max_length",
         "optim",
@@ -273,6 +279,8 @@ def resume_identity(cfg: TrainConfig, inputs: dict[str, str | None]) -> str:
     settings["save_dtype"] = cast_dtype(cfg.save_dtype, cfg.mixed_precision, cfg.dtype)
     if settings["save_dtype"] is None:
         del settings["save_dtype"]
+    if settings["stop_after_steps"] is None:
+        del settings["stop_after_steps"]
     # The rendering decides the tokens and the loss mask. Plain text ("none") is what runs did before the option
     # existed, so it enters only otherwise; a template file by its content (edited in place, it is other work).
     template = chat_template_identity(getattr(cfg, "chat_template", "none"))

@@ -102,7 +102,8 @@ class TrainJob:
     encoded: list[Encoded]  # the training examples, indexed by the stream
     val_encoded: list[Encoded]
     stream: ExampleStream
-    steps: int
+    steps: int  # the schedule's length (its cosine reaches min_lr at this step)
+    last_step: int  # where the run ends: `steps`, or earlier with stop_after_steps
     warmup: int
     identity: str  # what a checkpoint must share to be resumed (`config.resume_identity`)
     progress: Progress  # where the run stands: updated by every step, saved by every checkpoint
@@ -193,6 +194,7 @@ def setup(cfg: TrainConfig, inputs: TrainInputs, *, replace: bool = False) -> Tr
         val_encoded=val_encoded,
         stream=stream,
         steps=steps,
+        last_step=min(steps, cfg.stop_after_steps or steps),
         warmup=warmup_steps(cfg, steps),
         identity=inputs.identity,
         progress=progress,
@@ -232,20 +234,20 @@ def start_logs(job: TrainJob, examples: list[Example]) -> None:
 def checkpoint_due(job: TrainJob, checkpoint_steps: set[int], timer: SaveTimer) -> bool:
     """The same answer on every process: steps all know; the timer's decision is the main process's."""
     step, every = job.progress.step, job.cfg.save_every
-    return (every and step % every == 0) or step == job.steps or step in checkpoint_steps or timer.due()
+    return (every and step % every == 0) or step == job.last_step or step in checkpoint_steps or timer.due()
 
 
 def train_loop(
     job: TrainJob, on_step: Callable | None, checkpoint_steps: set[int], stop: preempt.StopRequest | None = None
 ) -> None:
-    """Optimizer steps up to `job.steps`: each logged, shown to `on_step`, checkpointed when due; after a stop
+    """Optimizer steps up to `job.last_step`: each logged, shown to `on_step`, checkpointed when due; after a stop
     request, checkpointed at once and ended with `preempt.Preempted`."""
     cfg, progress = job.cfg, job.progress
     timer = SaveTimer(cfg.save_every_minutes, job.accelerator)
     show = cfg.progress and job.accelerator.is_local_main_process
-    bar = progress_bar(total=job.steps, initial=progress.step, desc=f"train {cfg.optim.name}", show=show)
+    bar = progress_bar(total=job.last_step, initial=progress.step, desc=f"train {cfg.optim.name}", show=show)
     start = time.perf_counter() - progress.compute.wall_s  # a resumed run continues the checkpoint's clock
-    while progress.step < job.steps:
+    while progress.step < job.last_step:
         t0 = time.perf_counter()
         stats, tokens = train_step(job)
         progress.compute.wall_s = time.perf_counter() - start
@@ -367,7 +369,7 @@ def log_step(job: TrainJob, stats: StepStats, tokens_per_s: float) -> dict:
     }
     if stats.sam_loss is not None:
         record["sam_loss"] = stats.sam_loss
-    if (cfg.eval_every and step % cfg.eval_every == 0) or step == job.steps:
+    if (cfg.eval_every and step % cfg.eval_every == 0) or step == job.last_step:
         record["val_loss"] = validation_loss(
             job.model, job.val_encoded, job.tokenizer.pad_token_id, job.accelerator, cfg.micro_batch_size
         )
@@ -415,7 +417,7 @@ def finish(job: TrainJob) -> dict:
     accelerator = job.accelerator
     final_loss, final_val_loss = logs.final_losses(job.layout.log)
     summary = {
-        "steps": job.steps,
+        "steps": job.last_step,
         "n_params": job.n_params,
         "trainable_params": job.trainable,
         "examples": job.n_examples,
@@ -429,13 +431,15 @@ def finish(job: TrainJob) -> dict:
         "distributed_type": accelerator.distributed_type.value,
         "truncation": dataclasses.asdict(job.truncation),
     }
+    if job.last_step < job.steps:  # stopped part of the way along its schedule (a proxy run: stop_after_steps)
+        summary["schedule_steps"] = job.steps
     checkpoint.save_final_model(job.layout, accelerator, job.model, job.tokenizer, job.cfg, job.model_path)
     if accelerator.is_main_process:
         rundir.write_json(job.layout.summary, summary)
         # Only now: until the summary marks the run finished, a kill resumes it from the last checkpoint.
         if not job.cfg.keep_optimizer_state:
             checkpoint.drop_resume_state(
-                job.layout, same_as_model=job.steps if checkpoint.model_is_master_copy(job.cfg) else None
+                job.layout, same_as_model=job.last_step if checkpoint.model_is_master_copy(job.cfg) else None
             )
     accelerator.wait_for_everyone()
     return summary
