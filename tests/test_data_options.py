@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from datalever import cli, experiment, provenance
+from datalever import cli, experiment, provenance, synth
+from datalever.checks import ConfigError
 from datalever.demo import shipped_config
 from datalever.examples import DataFormat, content_id, load_examples, read_data, save_examples
 from datalever.synth import generate
@@ -313,3 +314,32 @@ def test_profile_split_and_upsample_read_a_dataset_dict_from_the_command_line(da
     n_hard = json.loads((run / "split_summary.json").read_text())["n_hard"]
     manifest = json.loads((run / "arms" / "hard" / "manifest.json").read_text())
     assert manifest["n_rows"] == len(parts["train"]) + n_hard
+
+
+def test_a_validation_share_is_held_out_as_datasets_shuffle_orders_it(tmp_path):
+    """The prototype's hold-out: `dataset.shuffle(seed=42)`, the first 95% trained on. The reference is `datasets`
+    itself."""
+    import datasets
+
+    from datalever.experiment.data import hold_out
+
+    rows = list(range(101))
+    kept, held = hold_out(rows, 0.05, 42)
+    shuffled = datasets.Dataset.from_dict({"i": rows}).shuffle(seed=42)["i"]
+    n_kept = int(101 * 0.95)
+    assert kept == shuffled[:n_kept] and held == shuffled[n_kept:]
+
+
+def test_an_experiment_holds_out_validation_examples_from_its_training_file(tmp_path):
+    train = tmp_path / "train.jsonl"
+    synth.write_splits(str(tmp_path), n_train=40, n_val=4, n_test=8, seed=0)
+    cfg = _experiment(tmp_path / "run", train_file=str(train), test_file=str(tmp_path / "test.jsonl"), val_holdout=0.25)
+    files = experiment.data.data_files(cfg)
+    kept, held = load_examples(files["train"]), load_examples(files["validation"])
+    everything = {ex.id for ex in load_examples(str(train))}
+    assert len(kept) == 30 and len(held) == 10 and {e.id for e in kept} | {e.id for e in held} == everything
+    assert not {e.id for e in kept} & {e.id for e in held}
+    with pytest.raises(ConfigError, match="give val_file or val_holdout, not both"):
+        _experiment(tmp_path / "run2", train_file=str(train), val_file=str(train), val_holdout=0.1)
+    with pytest.raises(ConfigError, match="val_holdout is a share of train_file below 1"):
+        _experiment(tmp_path / "run2", train_file=str(train), val_holdout=1.0)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
+
 from datalever import checks, provenance, rundir
 from datalever.examples import (
     DataFormat,
@@ -27,7 +29,7 @@ def data_paths(cfg: ExperimentConfig) -> dict[str, str]:
     run_dir = RunDir(cfg.run_dir)
     if not cfg.train_file:
         return {split: str(run_dir.data_file(split)) for split in SPLITS}
-    names = {"train": cfg.train_file, "validation": cfg.val_file}
+    names = {"train": cfg.train_file, "validation": cfg.val_file or (cfg.train_file if cfg.val_holdout else None)}
     names.update({test_data_name(name): path for name, path in test_sets(cfg).items()})
     return {name: str(run_dir.data_file(name)) for name, path in names.items() if path is not None}
 
@@ -65,10 +67,24 @@ def import_data(cfg: ExperimentConfig, run_dir: RunDir) -> dict[str, str]:
             continue
         target = run_dir.data_file(name)
         examples = read_data(path, data_format, split=split, default_split=role, split_option=option)
+        if name == "train" and cfg.val_holdout:
+            if _is_own_file(path, target):  # what an earlier import kept: holding out again would shrink it each time
+                raise checks.ConfigError(f"val_holdout: train_file {path} is this run's own copy; give the original")
+            examples, held_out = hold_out(examples, cfg.val_holdout, cfg.val_holdout_seed)
+            save_examples(str(run_dir.data_file("validation")), held_out)
         if not _is_own_file(path, target):
             save_examples(str(target), examples)
     provenance.record(run_dir.data, "import", cfg.data_format(), sources={k: v[0] for k, v in sources.items()})
     return data_paths(cfg)
+
+
+def hold_out(examples: list, share: float, seed: int) -> tuple[list, list]:
+    """(kept, held out): the examples in the order `datasets`' Dataset.shuffle(seed=seed) gives them (numpy's
+    default_rng(seed).permutation), the first int(n * (1 - share)) kept, the rest held out: the prototype's
+    `dataset.shuffle(seed=42)`, then `select(range(int(len * 0.95)))` for training and the rest for validation."""
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n_kept = int(len(examples) * (1 - share))
+    return [examples[i] for i in order[:n_kept]], [examples[i] for i in order[n_kept:]]
 
 
 def _is_own_file(path: str, target: Path) -> bool:
