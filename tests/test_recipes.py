@@ -45,13 +45,27 @@ def test_every_recipe_is_tested():
 def test_recipe_holds_the_papers_settings(name):
     cfg = load(name)  # read as --config reads it; every stage's config has checked its options
     p, t = cfg.profile, cfg.train
-    # Proxy (paper: Pythia-70M, 1/3 epoch, K=5; prototype: AdamW lr 2e-5, batch 32, warmup 3%, length 512).
+    # Proxy (paper: Pythia-70M, 1/3 epoch; summary: K=5; prototype: AdamW lr 2e-5, batch 32, warmup 3% of a 3-epoch
+    # cosine schedule, length 512).
     assert p.proxy == "EleutherAI/pythia-70m"
-    assert (p.fraction, p.checkpoints) == (1 / 3, 5)
+    assert (p.fraction, p.checkpoints, p.schedule_epochs) == (1 / 3, 5, 3.0)
     assert (p.optim.name, p.optim.lr, p.batch_size, p.warmup_ratio, p.max_length) == ("adamw", 2e-5, 32, 0.03, 512)
     # Split and upsampling: trajectory features, k=2 (the split stage's k: the experiment has no option for it),
     # within each source, hard examples used twice.
-    assert (cfg.features, cfg.stratify, cfg.m, SplitConfig.k) == ("trajectory", True, 1, 2)
+    assert (cfg.features, cfg.stratify, cfg.m, SplitConfig.k, cfg.hard_by) == ("trajectory", True, 1, 2, "loss")
+    # The prototype's small sources: below the mean source size (or 78 rows), upsampled whole without clustering.
+    assert (cfg.small_sources, cfg.small_source_rule, cfg.min_source_size) == ("upsample", "mean", 78)
+    # The prototype's prompt (Stanford Alpaca's preamble, nothing after "### Response:"), for training and test, its
+    # 5% validation hold-out (seed 42) and its 300 new tokens.
+    preamble = (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    )
+    assert cfg.template == preamble + "\n\n### Instruction:\n{instruction}\n\n### Response:"
+    assert cfg.test_templates == {
+        "gsm8k": preamble + "\n\n### Instruction:\n{question}\n\n### Response:",
+        "math": preamble + "\n\n### Instruction:\n{problem}\n\n### Response:",
+    }
+    assert (cfg.val_holdout, cfg.val_holdout_seed, cfg.eval_max_new_tokens) == (0.05, 42, 300)
     # Target (prototype: lr 2e-5, batch 32, 3 epochs, length 512, warmup 0.03 then cosine to 0, clip 1.0, wd 0).
     assert (t.optim.lr, t.batch_size, t.epochs, t.max_length) == (2e-5, 32, 3, 512)
     assert (t.warmup_ratio, t.min_lr_ratio) == (0.03, 0)
@@ -100,10 +114,11 @@ def test_lora_and_sam_settings():
 
 
 def write_local_data(root: Path) -> dict[str, str]:
-    """A few rows in each hub dataset's format: MathInstruct (Alpaca, two sources of 12 so that each is clustered
-    on its own), GSM8K (`#### N`) and MATH-500 (problem/solution with \\boxed{N}, answer, subject, level)."""
+    """A few rows in each hub dataset's format: MathInstruct (Alpaca: a source of 100 rows, clustered on its own, and
+    one of 12, below the mean source size and 78 rows, which the prototype's rule upsamples whole), GSM8K (`#### N`)
+    and MATH-500 (problem/solution with \\boxed{N}, answer, subject, level)."""
     train = []
-    for i in range(12):
+    for i in range(100):
         a, b = i + 2, 3 * i + 1
         train.append(
             {
@@ -112,6 +127,8 @@ def write_local_data(root: Path) -> dict[str, str]:
                 "output": f"Tom has {a} + {b} = {a + b} apples. The answer is {a + b}.",
             }
         )
+    for i in range(12):
+        a, b = i + 2, 3 * i + 1
         train.append(
             {
                 "source": "data/CoT/MATH_train.json",
@@ -153,8 +170,8 @@ def shrink(cfg, run_dir: Path, files: dict):
     profile = dataclasses.replace(
         cfg.profile,
         proxy=TINY[FAMILIES[cfg.profile.proxy]],
-        batch_size=1,  # 24 rows x 1/3 epoch = 8 proxy steps: room for K=5 recorded steps
-        micro_batch_size=1,
+        batch_size=4,  # 106 rows (95% of 112) x 1/3 epoch = 9 proxy steps: room for K=5 recorded steps
+        micro_batch_size=4,
         token_budget=None,
     )
     train = dataclasses.replace(
@@ -189,10 +206,17 @@ def test_recipe_runs_end_to_end_on_tiny_stand_ins(name, tmp_path):
     header = run.results_md.read_text().split("\n| arm |")[1].splitlines()[0]
     assert all(f"{t} acc %" in header for t in tests), header
     assert set(results["arms"]) == set(recipe.arms)
-    # The test sets are asked in the training data's Alpaca format.
-    for t in tests:
-        prompts = [ex.prompt for ex in load_examples(str(run.data_file(f"test-{t}")))]
-        assert all(p.startswith("### Instruction:\n") and p.endswith("\n\n### Response:\n") for p in prompts), t
+    # The test sets are asked in the training data's prompt, the prototype's: Alpaca's preamble, then the question.
+    for t in ["train", "validation", *(f"test-{t}" for t in tests)]:
+        prompts = [ex.prompt for ex in load_examples(str(run.data_file(t)))]
+        assert all(p.startswith("Below is an instruction") and p.endswith("\n\n### Response:") for p in prompts), t
+    # 5% of the training rows held out for validation; the small source upsampled whole, the large one clustered.
+    assert len(load_examples(str(run.data_file("validation")))) == 112 - int(112 * 0.95)
+    summary = rundir.read_json(run.split().summary)
+    assert summary["small_sources"] == ["data/CoT/MATH_train.json"]
+    assert summary["small_source_rule"]["n_upsampled"] == sum(
+        1 for ex in load_examples(str(run.data_file("train"))) if ex.source == "data/CoT/MATH_train.json"
+    )
     for arm in recipe.arms:
         assert set(results["arms"][arm]["benchmarks"]) == set(tests)
         for seed in cfg.seeds:
