@@ -144,12 +144,30 @@ def test_hard_by_length_warns_and_hard_by_level_does_not():
     assert by_length["features"]["response_chars"]["auroc"] == 1.0
     assert abs(by_length["features"]["level"]["auroc"] - 0.5) < 0.1
     assert by_length["constant"] == ["prompt_chars", "truncated"]  # one prompt for all, nothing cut
-    (warning,) = by_length["warnings"]
-    assert "tracks response_chars" in warning and "best: level" in warning
+    composition, no_difficulty = by_length["warnings"]
+    assert "tracks response_chars" in composition and "best: level" in composition
+    assert no_difficulty.startswith("hard membership follows no difficulty column better than chance (best: level")
 
     by_level = audit.audit_split(split_frame(ids, levels == "hard"), examples)
     assert by_level["features"]["level"]["auroc"] > 0.9
     assert by_level["warnings"] == []
+
+
+def test_a_split_that_follows_no_difficulty_column_says_so():
+    """The residual split on real GSM8K text once followed the calculator steps less than chance (AUROC 0.46, higher
+    in easy) without a word. Planted: hard = the easy problems; hard = a coin toss; hard = the hard level."""
+    examples, _, levels = planted()
+    ids = [ex.id for ex in examples]
+    reversed_ = audit.audit_split(split_frame(ids, levels == "easy"), examples)
+    (warning,) = [w for w in reversed_["warnings"] if "no difficulty column" in w]
+    assert "best: level" in warning and "higher in easy" in warning
+    coin = np.random.default_rng(5).random(len(ids)) < 0.5
+    level = audit.audit_split(split_frame(ids, coin), examples)["features"]["level"]
+    assert level["ci95"][0] <= 0.5  # the coin follows nothing: the warning's condition, checked by hand
+    assert any("no difficulty column" in w for w in audit.audit_split(split_frame(ids, coin), examples)["warnings"])
+    assert not audit.audit_split(split_frame(ids, levels == "hard"), examples)["warnings"]
+    no_columns = [Example(ex.id, ex.prompt, ex.response) for ex in examples]
+    assert not audit.audit_split(split_frame(ids, coin), no_columns)["warnings"]  # nothing to follow: no claim
 
 
 def test_a_weak_composition_effect_without_difficulty_columns_does_not_warn():

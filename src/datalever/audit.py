@@ -11,6 +11,7 @@ k-means assigned, how well each property of an example separates hard from easy 
   easy < medium < hard) and, for GSM8K answers, the number of ``<<...>>`` calculator steps.
 
 It warns when a composition feature separates hard from easy (significantly) better than every difficulty column,
+when no difficulty column is higher in the hard cluster better than chance (a split that finds no harder problems),
 and checks that the proxy learned the language at all: its mean per-token loss on the data against ln(vocab size),
 the loss of a model that predicts every token uniformly (an untrained one), and against the loss of a model that
 knows only how frequent each token is (where the proxy's tokenizer can be read).
@@ -238,6 +239,21 @@ def composition_warning(features: dict[str, dict]) -> str | None:
     return f"{what} more than any difficulty column (best: {dname}, AUROC {d['auroc']:.3f}): {advice}"
 
 
+def difficulty_warning(features: dict[str, dict]) -> str | None:
+    """One line when the data has difficulty columns and hard membership follows none of them better than chance:
+    no difficulty column is higher in the hard cluster with a 95% interval above 0.5."""
+    found = {n: f for n, f in features.items() if f["group"] == DIFFICULTY}
+    if not found or any(f["ci95"][0] > 0.5 for f in found.values()):
+        return None
+    name, best = max(found.items(), key=lambda nf: nf[1]["auroc"])
+    lo, hi = best["ci95"]
+    return (
+        f"hard membership follows no difficulty column better than chance (best: {name}, AUROC {best['auroc']:.3f}, "
+        f"95% CI {lo:.2f}-{hi:.2f}, higher in {best['higher_in']}): the split may not find the harder problems; "
+        "check the proxy (did it learn the data's language? is its run long enough for the losses to diverge?)"
+    )
+
+
 def audit_split(
     split_df: pd.DataFrame,
     examples: Iterable | None = None,
@@ -256,7 +272,8 @@ def audit_split(
     hard = pd.Series(rows["hard"].to_numpy(bool), index=pd.Index(ids, dtype=object))
     table = feature_table(ids, examples, counts, rows["flag"].tolist())
     features, constant = score_features(table, hard)
-    warnings = [w for w in [composition_warning(features), (proxy or {}).get("warning")] if w]
+    found = [composition_warning(features), difficulty_warning(features), (proxy or {}).get("warning")]
+    warnings = [w for w in found if w]
     return {
         "n": len(ids),
         "n_hard": int(hard.sum()),
