@@ -257,3 +257,22 @@ def test_a_failed_unit_names_its_log_and_last_lines_while_the_others_finish(tmp_
     assert RunDir(tmp_path).seed_dir("base", 0).eval.metrics.exists()  # the unit that does not read it finished
     assert not RunDir(tmp_path).seed_dir("rel", 0).root.exists()
     assert "1 unit(s) failed: splits/relative" in done.stderr and "rerun the same command" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_unit_on_several_processes_runs_under_torchrun_with_its_claim_held_by_the_worker(tmp_path):
+    """What --gpus_per_run 2 starts for a unit (here on CPUs: torchrun with two gloo processes): the worker claims the
+    unit, runs it under torchrun, and the arm trains on two processes."""
+    from datalever.experiment.study import settings_file
+
+    cfg = quick(tmp_path, arms=["base"], seeds=[0])
+    units = {u.name: u for u in experiment.units(cfg)}
+    for name in ("data", "profile", "split", "arms/base/seed0/data"):
+        units[name].run()
+    command = [sys.executable, "-m", "datalever.grid.worker", "--study", "datalever.experiment", "--config",
+               str(settings_file(cfg)), "--unit", "arms/base/seed0", "--processes", "2"]  # fmt: skip
+    done = subprocess.run(command, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(RunDir(tmp_path).seed_dir("base", 0).train.summary.read_text())
+    assert summary["world_size"] == 2 and units["arms/base/seed0"].done()

@@ -100,7 +100,7 @@ def _drive(by_name: dict[str, Unit], root, launcher: Launcher, state: _State, ba
         for unit in _ready(units, state):
             if unit.in_driver:
                 _run_in_driver(unit, root, state, bar)
-            elif len(state.running) < launcher.capacity and not _busy_elsewhere(unit, root, state):
+            elif len(state.running) < launcher.capacity and not _busy_elsewhere(unit, root, state, bar):
                 _start(unit, launcher, state, bar)
         if not state.running:
             if not state.elsewhere and not _ready(units, state):
@@ -117,13 +117,15 @@ def _ready(units: list[Unit], state: _State) -> list[Unit]:
     return [u for u in units if u.name not in taken and all(d in state.done for d in u.after)]
 
 
-def _busy_elsewhere(unit: Unit, root, state: _State) -> bool:
+def _busy_elsewhere(unit: Unit, root, state: _State, bar) -> bool:
     """Whether another process runs `unit`; one it finished counts as done here."""
     if unit.name not in state.elsewhere:
         return False
     if unit.done():
         state.elsewhere.discard(unit.name)
         state.done.add(unit.name)
+        bar.update(1)
+        _say(bar, f"finished {unit.name} (by another process)")
         return True
     if claimed_elsewhere(root, unit.name):
         return True

@@ -115,8 +115,15 @@ class Workers:
         with open(log, "a") as out:
             out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(self.command(unit))}\n")
             out.flush()
+            # A session of its own: Ctrl-C at the driver's terminal reaches the driver alone, which then stops its
+            # workers with SIGTERM (train and profile save the step in progress) instead of killing them mid-step.
             proc = subprocess.Popen(
-                self.command(unit), stdout=out, stderr=subprocess.STDOUT, env=self.environment(gpus), cwd=os.getcwd()
+                self.command(unit),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.environment(gpus),
+                cwd=os.getcwd(),
+                start_new_session=True,
             )
         self.procs[unit.name] = (proc, time.monotonic(), gpus, log)
         devices = f"GPU {','.join(gpus)}" if gpus else f"{self.threads} thread{'s' if self.threads > 1 else ''}"
