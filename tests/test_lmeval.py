@@ -96,6 +96,21 @@ def test_without_lm_eval_one_line_names_the_extra(tmp_path, monkeypatch):
         lmeval.run("model", "data.jsonl", tmp_path)
 
 
+def test_the_command_refuses_before_any_work_without_lm_eval(tmp_path, monkeypatch, capsys):
+    from datalever import cli
+
+    data = tmp_path / "test.jsonl"
+    save_examples(str(data), [_gsm8k(1)])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["lm-eval", "--data", str(data), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["datalever lm-eval: error: lm-eval: lm-eval is not installed: pip install 'datalever[lm-eval]'"]
+    assert not (tmp_path / "out").exists()
+
+
 def _experiment(tmp_path, **kw):
     from datalever.experiment import ExperimentConfig
 
@@ -219,8 +234,6 @@ def test_lm_eval_minerva_math_on_a_tiny_preset(tmp_path):
         "antlr4-python3-runtime"
     ).startswith("4.11"):
         pytest.skip("lm-eval's minerva_math needs antlr4-python3-runtime 4.11 (pip install 'datalever[lm-eval]')")
-    from datalever.models import resolve_model
-
     rows = [
         Example(
             f"m{i}", f"Problem: What is ${i}/2$?\nSolution:\n", f"$\\frac{{{i}}}{{2}}$: \\boxed{{\\frac{{{i}}}{{2}}}}"
@@ -229,7 +242,10 @@ def test_lm_eval_minerva_math_on_a_tiny_preset(tmp_path):
     ]
     data = tmp_path / "math.jsonl"
     save_examples(str(data), rows)
-    found = lmeval.run(resolve_model("preset:tiny"), str(data), tmp_path, max_gen_toks=8)
+    from datalever import cli
+
+    cli.main(["lm-eval", "--model", "preset:tiny", "--data", str(data), "--out", str(tmp_path), "--max_gen_toks", "8"])
+    found = json.loads(rundir.EvalDir(tmp_path).lm_eval.read_text())
     assert found["task"] == "minerva_math" and found["kind"] == "math" and found["num_fewshot"] == 4
     assert found["prompt"].startswith("Problem:\nFind the domain") and found["prompt"].endswith(
         "What is $1/2$?\n\nSolution:"

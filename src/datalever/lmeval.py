@@ -36,7 +36,9 @@ first `####` or "the answer is", else the last `\\boxed{}`, else the last value,
 `1234.0`, `1/2` = `0.5`), and prompts (lm-eval's "Question: ... Answer:" with its few-shot examples, where the arm
 was trained and is asked by datalever in its own training format, e.g. MathInstruct's Alpaca prompt, zero-shot).
 
-lm-eval is an optional extra (`pip install 'datalever[lm-eval]'`), imported only inside `run`.
+lm-eval is an optional extra (`pip install 'datalever[lm-eval]'`), imported only inside `run`. The command
+`datalever lm-eval` (`LmEvalConfig`) runs it on any model and test set; an experiment with `lm_eval: true` on every
+arm's saved model.
 """
 
 from __future__ import annotations
@@ -46,13 +48,13 @@ import logging
 import os
 import re
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import yaml
 
-from datalever import rundir
-from datalever.examples import DEFAULT_TEMPLATES, Example, read_data
+from datalever import checks, rundir
+from datalever.examples import DEFAULT_TEMPLATES, Example, local_data, read_data
 from datalever.rundir import EvalDir
 
 log = logging.getLogger(__name__)
@@ -294,3 +296,80 @@ def run(
         ", ".join(f"{k} {v:.4f}" for k, v in found["accuracy"].items()),
     )
     return found
+
+
+def require_lm_eval(option: str) -> None:
+    """A ConfigError naming `option` and the extra to install when lm-eval is missing (said before any work)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise checks.ConfigError(f"{option}: {INSTALL_HINT}")
+
+
+@dataclass
+class LmEvalConfig:
+    """Evaluate a model with lm-evaluation-harness itself on a local test set, offline (its gsm8k or minerva_math
+    task over local files): numbers comparable with published lm-eval results."""
+
+    model: str = "runs/train/model"
+    """HF checkpoint directory (an arm's train/model), or `preset:NAME` / `embedded:demo-base`."""
+    data: str | None = None
+    """Test examples: a datalever file (an experiment's RUN/data/test*.jsonl) or any local data datalever reads;
+    required."""
+    out: str = "runs/eval"
+    """Output directory: lm_eval.json (accuracies, settings, lm-eval's version) and lm_eval/ (the task directory
+    given to lm-eval and its per-sample log)."""
+    kind: str = "auto"
+    """gsm8k (answers after ####: lm-eval's gsm8k) | math (\\boxed answers: its minerva_math) | auto (from the gold
+    answers)."""
+    templates: list[str] = field(default_factory=list)
+    """Templates the test prompts may have been rendered with (the question is taken back out of each prompt), e.g.
+    the Alpaca template of a run's test_templates; datalever's default templates are tried after them."""
+    fewshot: str | None = None
+    """gsm8k: a local file of GSM8K-style examples to draw lm-eval's few-shot examples from (lm-eval draws 5 from
+    GSM8K's train split); without it, zero-shot. math: none (Minerva's 4 fixed examples ship with lm-eval)."""
+    num_fewshot: int | None = None
+    """Few-shot examples per question; default lm-eval's (gsm8k 5 with `fewshot`, else 0; math 4)."""
+    max_gen_toks: int = MAX_GEN_TOKS
+    """Most tokens generated per question (lm-eval's default 256)."""
+    batch_size: int = 16
+    """Questions per generation batch."""
+    limit: int | None = None
+    """Evaluate only the first N examples."""
+    dtype: str | None = None
+    """Weights dtype (float32, bfloat16, float16, auto); default bfloat16 on a GPU that supports it, else the
+    checkpoint's."""
+    trust_remote_code: bool = False
+    """Allow custom model code from the checkpoint (only for checkpoints you trust)."""
+
+    def __post_init__(self) -> None:
+        checks.one_of("kind", self.kind, KINDS)
+        checks.positive("max_gen_toks", self.max_gen_toks)
+        checks.positive("batch_size", self.batch_size)
+        checks.positive("limit", self.limit, optional=True)
+        checks.non_negative("num_fewshot", self.num_fewshot, optional=True)
+        if self.data is None:
+            raise checks.ConfigError("data is required: the test examples (--data FILE)")
+        local_data("data", self.data)
+        local_data("fewshot", self.fewshot, optional=True)
+        require_lm_eval("lm-eval")
+
+
+def run_command(cfg: LmEvalConfig) -> dict:
+    """`datalever lm-eval`: `run` with the command's options (the model spec resolved as every stage does)."""
+    from datalever.models import resolve_model
+
+    return run(
+        resolve_model(cfg.model),
+        cfg.data,
+        cfg.out,
+        kind=cfg.kind,
+        templates=cfg.templates,
+        fewshot=cfg.fewshot,
+        num_fewshot=cfg.num_fewshot,
+        max_gen_toks=cfg.max_gen_toks,
+        batch_size=cfg.batch_size,
+        limit=cfg.limit,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+    )

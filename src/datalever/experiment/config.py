@@ -218,12 +218,9 @@ class ExperimentConfig(DataFormat):
             raise checks.ConfigError("lm_eval_fewshot is for lm_eval: set lm_eval true too")
         if not self.lm_eval:
             return
-        import importlib.util
+        from datalever.lmeval import require_lm_eval
 
-        if importlib.util.find_spec("lm_eval") is None:
-            from datalever.lmeval import INSTALL_HINT
-
-            raise checks.ConfigError(f"lm_eval: {INSTALL_HINT}")
+        require_lm_eval("lm_eval")
         unknown = sorted(set(self.lm_eval_fewshot or {}) - set(benchmarks(self)))
         if unknown:
             raise checks.ConfigError(
