@@ -12,6 +12,7 @@ from datalever import experiment, provenance
 from datalever.answers import answers_match
 from datalever.demo import shipped_config
 from datalever.train import loop
+from factories import write_arm_results
 
 ARMS, SEEDS = ["base", "hard"], [0, 1]
 
@@ -182,18 +183,13 @@ def test_report_shows_generation_counts_and_lm_eval_beside_datalever(tmp_path):
     beside datalever's accuracy, and n/a for a count that a seed's metrics predate."""
     from datalever import rundir
     from datalever.report import LM_EVAL_NOTE, write_report
-    from datalever.rundir import RunDir
 
     counts = {"base": [(4, 0, 6, 1), (6, 2, 8, 1)], "hard": [(1, 3, 2, 0), (None, 5, 2, 0)]}
     for arm, per_seed in counts.items():
         for seed, (cut, program, no_marker, ungradable) in enumerate(per_seed):
-            d = RunDir(tmp_path).seed_dir(arm, seed)
             metrics = {"accuracy": 0.5 + 0.1 * seed, "n": 20, "n_program": program, "n_no_marker": no_marker,
                        "n_ungradable": ungradable, "n_cut": cut}  # fmt: skip
-            rundir.write_json(d.eval_on("gsm8k").metrics, metrics)
-            compute = {k: 1 for k in ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")}
-            rundir.write_json(d.train.summary, {"compute": compute, "final_val_loss": 1.0})
-            d.train.log.write_text('{"step": 1, "loss": 1.0}\n')
+            d = write_arm_results(tmp_path, arm, seed, metrics, "gsm8k")
             if arm == "hard" or seed == 0:  # base's seed 1 has no lm-eval run
                 rundir.write_json(
                     d.eval_on("gsm8k").lm_eval,
@@ -217,15 +213,9 @@ def test_report_shows_generation_counts_and_lm_eval_beside_datalever(tmp_path):
 
 
 def test_a_report_without_counts_or_lm_eval_shows_neither(tmp_path):
-    from datalever import rundir
     from datalever.report import write_report
-    from datalever.rundir import RunDir
 
-    d = RunDir(tmp_path).seed_dir("base", 0)
-    rundir.write_json(d.eval.metrics, {"accuracy": 0.5, "n": 10})  # metrics from before the counts
-    compute = {k: 1 for k in ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")}
-    rundir.write_json(d.train.summary, {"compute": compute, "final_val_loss": 1.0})
-    d.train.log.write_text('{"step": 1, "loss": 1.0}\n')
+    write_arm_results(tmp_path, "base", 0, {"accuracy": 0.5, "n": 10})  # metrics from before the counts
     text = write_report(tmp_path, ["base"], [0], controls=["base"])["markdown"]
     assert "cut at the cap" not in text and "lm-evaluation-harness" not in text
 
