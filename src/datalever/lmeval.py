@@ -14,13 +14,15 @@ reads replaced:
   `strict-match` takes the first `#### (\\-?[0-9\\.\\,]+)`, `flexible-extract` the last number
   (`(-?[$0-9.,]{2,})|(-?[0-9]+)`); both compared by exact match after removing commas, "$", everything up to
   "#### " and a final "." (case ignored). lm-eval draws 5 few-shot examples from GSM8K's train split: here from
-  a local file of GSM8K-style examples when one is given (`fewshot`), else the test is asked zero-shot.
+  the GSM8K-style examples given (`fewshot`: a local copy of that split, or `openai/gsm8k:main` where the hub or
+  its cache is reachable), else the test is asked zero-shot.
 - MATH-style tests (answers in `\\boxed{}`) mirror lm-eval's `minerva_math` (tasks/minerva_math/
   minerva_math_algebra.yaml, version 3.1, as `minerva_math500` applies it to MATH-500): prompt
   "Problem:\\n{problem}\\n\\nSolution:", Minerva's 4 fixed few-shot examples (they ship with lm-eval: offline),
   stops at "Problem:"; `exact_match` compares the normalized "Final Answer: The final answer is ..." with the
   gold's last `\\boxed{}` (sympy), `math_verify` compares the whole generation with the gold solution
-  (math-verify).
+  (math-verify). On the full MATH test set one task over all 5,000 problems gives what lm-eval's `minerva_math`
+  group reports (its subject tasks' mean weighted by size).
 
 What changes to read local files: `dataset_path: json` with `dataset_kwargs.data_files` naming the documents
 written here (the test set's questions and gold solutions in the task's own columns: question/answer, or
@@ -211,8 +213,9 @@ def run(
 
     kind: gsm8k | math | auto (from the gold responses: `####` or `\\boxed`). templates: the templates the test
     prompts may have been rendered with (the question is taken back out of each prompt; datalever's defaults are
-    tried after them). fewshot: a local file of GSM8K-style examples for gsm8k's few-shot examples (lm-eval draws
-    them from GSM8K's train split); num_fewshot: default lm-eval's (gsm8k 5 with `fewshot`, else 0; math 4).
+    tried after them). fewshot: GSM8K-style examples for gsm8k's few-shot examples (lm-eval draws them from
+    GSM8K's train split: a local copy, or `openai/gsm8k:main`, whose train split is read); num_fewshot: default
+    lm-eval's (gsm8k 5 with `fewshot`, else 0; math 4).
     max_gen_toks: lm-eval's default (256) unless given. dtype: default bfloat16 on a GPU that supports it, else the
     checkpoint's. The JSON holds lm-eval's accuracies (gsm8k: strict-match and flexible-extract; math:
     exact_match and math_verify), their standard errors, the settings and lm-eval's version; the per-sample log
@@ -241,7 +244,7 @@ def run(
         shots = _documents(read_data(fewshot, default_split="train"), task, templates)
     if task.fewshot_from_split and not shots:
         if num_fewshot:
-            raise ValueError(f"num_fewshot={num_fewshot} needs few-shot examples: give fewshot (a local file)")
+            raise ValueError(f"num_fewshot={num_fewshot} needs few-shot examples: give fewshot")
         num_fewshot = 0
     out = EvalDir(out)
     name = f"datalever_{task.mirrors}"
@@ -326,8 +329,9 @@ class LmEvalConfig:
     """Templates the test prompts may have been rendered with (the question is taken back out of each prompt), e.g.
     the Alpaca template of a run's test_templates; datalever's default templates are tried after them."""
     fewshot: str | None = None
-    """gsm8k: a local file of GSM8K-style examples to draw lm-eval's few-shot examples from (lm-eval draws 5 from
-    GSM8K's train split); without it, zero-shot. math: none (Minerva's 4 fixed examples ship with lm-eval)."""
+    """gsm8k: GSM8K-style examples to draw lm-eval's few-shot examples from (lm-eval draws 5 from GSM8K's train
+    split: a local copy, or `openai/gsm8k:main` where the hub or its cache is reachable); without it, zero-shot.
+    math: none (Minerva's 4 fixed examples ship with lm-eval)."""
     num_fewshot: int | None = None
     """Few-shot examples per question; default lm-eval's (gsm8k 5 with `fewshot`, else 0; math 4)."""
     max_gen_toks: int = MAX_GEN_TOKS

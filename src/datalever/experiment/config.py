@@ -145,10 +145,10 @@ class ExperimentConfig(DataFormat):
     local files). Written as lm_eval.json beside each evaluation's metrics.json; the report puts it beside
     datalever's accuracy: numbers comparable with published lm-eval results."""
     lm_eval_fewshot: dict[str, str] | None = None
-    """lm-eval's few-shot examples for gsm8k-style test sets, a local file by test set name, e.g.
-    '{gsm8k: data/gsm8k_train.jsonl}' (lm-eval's gsm8k draws 5 from GSM8K's train split; a local copy keeps it
-    offline); a gsm8k-style test set without one is asked zero-shot. MATH-style test sets always get Minerva's 4
-    fixed examples, which ship with lm-eval."""
+    """Where lm-eval's gsm8k draws its few-shot examples for gsm8k-style test sets, by test set name, e.g.
+    '{gsm8k: openai/gsm8k:main}' (GSM8K's train split, as lm-eval does) or a local copy of it (offline); a
+    gsm8k-style test set without one is asked zero-shot. MATH-style test sets always get Minerva's 4 fixed
+    examples, which ship with lm-eval."""
     curve_every: float = 1.0
     """Learning curves: validation accuracy (greedy, the eval settings) every this many epochs of the training data
     as given (the same optimizer steps in every arm, so arms are compared at equal steps), and at each arm's last
