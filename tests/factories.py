@@ -1,5 +1,5 @@
-"""Builders shared by the tests: data, a training config on a tiny preset, reading what a run wrote, and the loss
-engine's brute-force reference."""
+"""Builders shared by the tests: data, a training config on a tiny preset, reading what a run wrote, hand-made arm
+results for the report, and the loss engine's brute-force reference."""
 
 from __future__ import annotations
 
@@ -81,3 +81,17 @@ def comparable_results(run_dir) -> dict:
         return value
 
     return strip(json.loads(RunDir(run_dir).results_json.read_text()))
+
+
+def write_arm_results(run_dir, arm: str, seed: int, metrics: dict, benchmark: str = "test"):
+    """Hand-made results of one arm and seed, as the report reads them: the evaluation's metrics on `benchmark`, a
+    training summary with unit compute and a one-step log. Returns the arm and seed's ArmDir."""
+    from datalever import rundir
+    from datalever.rundir import RunDir
+
+    d = RunDir(run_dir).seed_dir(arm, seed)
+    rundir.write_json(d.eval_on(benchmark).metrics, metrics)
+    compute = {k: 1 for k in ("optimizer_steps", "forwards", "backwards", "tokens", "flops", "wall_s")}
+    rundir.write_json(d.train.summary, {"compute": compute, "final_val_loss": 1.0})
+    d.train.log.write_text('{"step": 1, "loss": 1.0}\n')
+    return d

@@ -261,3 +261,47 @@ def test_grading_time_limit_holds_outside_the_main_thread(monkeypatch):
     assert result == [Grade(False, "timeout")]
     assert time.monotonic() - start < 30
     assert answers_match("\\sqrt{4}", "2") is True  # and the next comparison is served
+
+
+# ----------------------------------------------------------------------------- program answers
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "n0 = 20.0\nn1 = 5.0\nt0 = n0 * n1\nanswer = t0 / 100.0\nprint(answer)",  # MathInstruct's MathQA-PoT
+        "# define the variables\ntotal = 50\nspent = 20\n# print the result\nprint(total - spent)",
+        "def solution():\n    apples = 3 + 4\n    return apples\n\nprint(solution())",
+        "import sympy as sp\nx = sp.symbols('x')\nprint(sp.solve(x**2 - 4, x))",
+        "from math import comb\nans = comb(5, 2)",  # cut before its print: still a program
+        "import math\nr = math.sqrt(16)",
+        "def f(x) -> int:\n    return x",
+        "    print (round(7 / 3, 2))",  # indented, a space before the parenthesis
+        "```python\nx = 3\n```\nThe answer is 3",
+        "```py\nx = 3\n```",
+        "Let me write code.\nprint(2 + 2)",
+    ],
+)
+def test_program_answers(text):
+    assert answers.is_program(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72",
+        "x = 5\ny = 3\nSo x + y = 8. The answer is 8",  # equations in prose are not code
+        "We could print(8) it, but the answer is 8",  # print( inside a sentence
+        "The printer printed 8 pages.",
+        "Import duties are 5%, so the answer is 5",
+        "import duties are 5%",  # a sentence, not an import of one module
+        "from the first box we take 3",
+        "def f(x) = x^2, so f(3) = 9",  # a definition in math, not Python's
+        "```\n3 + 4 = 7\n```",  # a fence that does not say Python
+        "\\boxed{\\frac{1}{2}}",
+    ],
+)
+def test_answers_that_are_not_programs(text):
+    assert not answers.is_program(text)

@@ -1,6 +1,7 @@
 """Tests of the evaluation stage: batched greedy generation, metrics, the eval command."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from datalever.answers import Grade
 from datalever.checks import ConfigError
 from datalever.evaluate import (
     EvalConfig,
+    Generation,
     GenerationOptions,
     compute_metrics,
     cut_at_stop,
@@ -82,6 +84,60 @@ def test_each_row_stops_at_its_own_eos(tiny):
         cut = before.index(stop_token) if stop_token in before else len(before)
         assert after == before[:cut]  # rows that did not stop continue unchanged
     assert len(stopped[row]) <= 3
+
+
+class _CharTokenizer:
+    """Token i is the character chr(i): hand-made generations decode to what they spell."""
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return ["".join(map(chr, row)) for row in rows]
+
+
+def _ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def test_generations_say_which_the_cap_cut(monkeypatch):
+    """Hand-made token rows as generate_ids returns them (EOS and end of turn already removed), cap 5."""
+    rows = {
+        "capped": _ids("12345"),  # 5 tokens, no end: cut
+        "eos at the cap": _ids("1234"),  # its 5th token was EOS (removed): ended on its own
+        "eos early": _ids("12"),
+        "stop at the cap": _ids("123Q:"),  # the stop string arrived with the 5th token: ended on its own
+        "stop early": _ids("1Q:"),
+    }
+    monkeypatch.setattr(ev, "generate_ids", lambda model, tok, prompts, options: [rows[p] for p in prompts])
+    out = ev.generations(None, _CharTokenizer(), list(rows), GenerationOptions(max_new_tokens=5, stop=["Q:"]))
+    assert [g.cut for g in out] == [True, False, False, False, False]
+    assert [g.text for g in out] == ["12345", "1234", "12", "123", "1"]
+    # without stop strings, a full row is cut whatever it spells
+    out = ev.generations(None, _CharTokenizer(), ["stop at the cap"], GenerationOptions(max_new_tokens=5))
+    assert out == [Generation("123Q:", True)]
+    assert not ev.reached_cap(_ids("12345"), "12345", GenerationOptions(max_new_tokens=6))
+
+
+def test_a_real_model_cut_at_the_cap_ended_by_eos_or_by_a_stop_string(tiny):
+    model, tok, _ = tiny
+    options = GenerationOptions(max_new_tokens=8, batch_size=8, progress=False)
+    free = generate_ids(model, tok, PROMPTS, options)
+    assert all(len(row) == 8 for row in free)  # the random tiny model never says EOS this early
+    assert [g.cut for g in ev.generations(model, tok, PROMPTS, options)] == [True] * len(PROMPTS)
+    # the third token made an EOS: every row holding it ends there, on its own
+    eos_like = free[0][2]
+    old = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, eos_like]
+    try:
+        ended = ev.generations(model, tok, PROMPTS, options)
+    finally:
+        model.generation_config.eos_token_id = old
+    assert ended[0].cut is False
+    assert [g.cut for g in ended] == [eos_like not in row for row in free]
+    # a stop string that the first row completes with its last token: that row ended on its own
+    whole = tok.decode(free[0], skip_special_tokens=True)
+    stop = whole[-3:].strip() or whole.strip()
+    assert stop and all(stop not in tok.decode(row[:-1], skip_special_tokens=True) for row in free[:1])
+    stopped = ev.generations(model, tok, PROMPTS[:1], dataclasses.replace(options, stop=[stop]))
+    assert stopped[0].cut is False and stopped[0].text == cut_at_stop(whole, [stop])
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-qwen3", "tiny-gemma3"])
@@ -266,9 +322,9 @@ def fake_generate(monkeypatch):
 
     def fake(model, tokenizer, prompts, **kwargs):
         calls.append(list(prompts))
-        return [GENERATIONS[p] for p in prompts]
+        return [Generation(GENERATIONS[p], p == "p4") for p in prompts]  # p4 ran out of room
 
-    monkeypatch.setattr(ev, "generate", fake)
+    monkeypatch.setattr(ev, "generations", fake)
     return calls
 
 
@@ -297,8 +353,12 @@ def test_metrics_by_hand(fake_generate):
         "gold",
         "correct",
         "grading",
+        "cut",
+        "program",
     }
     assert [r["grading"] for r in records] == ["graded"] * 6
+    assert [r["cut"] for r in records] == [False, False, False, True, False, False]
+    assert metrics["n_cut"] == 1 and metrics["n_program"] == 0
     assert metrics["n"] == 6 and metrics["n_correct"] == 4 and metrics["accuracy"] == pytest.approx(4 / 6)
     assert metrics["n_no_answer"] == 1 and metrics["n_no_gold"] == 0
     assert metrics["n_no_marker"] == 2  # p4 (nothing) and p5 (its last number)
@@ -329,7 +389,9 @@ def _evaluate(monkeypatch, pairs):
     """evaluate_examples on (generation, response) pairs, the generations given."""
     examples = [Example(f"e{i}", f"p{i}", response, "s", {}) for i, (_, response) in enumerate(pairs)]
     texts = {f"p{i}": generation for i, (generation, _) in enumerate(pairs)}
-    monkeypatch.setattr(ev, "generate", lambda model, tokenizer, prompts, **kw: [texts[p] for p in prompts])
+    monkeypatch.setattr(
+        ev, "generations", lambda model, tokenizer, prompts, **kw: [Generation(texts[p], False) for p in prompts]
+    )
     return evaluate_examples(None, None, examples, difficulty_keys=[])
 
 
@@ -391,6 +453,31 @@ def test_metrics_of_records_without_answer_from():
     ]
     m = compute_metrics(old)
     assert m["n_no_marker"] == 1 and m["n_ungradable"] == 0
+    assert m["n_cut"] is None  # not recorded then: unknown, not zero
+    assert m["n_program"] == 0
+    m = compute_metrics([*old, {"generation": "x = 4\nprint(x)", "extracted": "4", "gold": "4", "correct": True}])
+    assert m["n_program"] == 1  # decided again from the text
+
+
+def test_program_answers_are_counted_and_never_run(monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: pytest.fail("a program answer was run"))
+    metrics, records = _evaluate(
+        monkeypatch,
+        [
+            ("n0 = 3.0\nn1 = 4.0\nanswer = n0 + n1\nprint(answer)", "#### 7"),  # MathInstruct's PoT style
+            ("def solution():\n    return 12\n\nprint(solution())", "#### 12"),
+            ("import math\nprint(math.sqrt(16))", "#### 4"),
+            ("3 + 4 = 7\n#### 7", "#### 7"),
+            ("We could print(7) it, but the answer is 7", "#### 7"),  # prose that mentions print(
+        ],
+    )
+    assert [r["program"] for r in records] == [True, True, True, False, False]
+    assert metrics["n_program"] == 3
+    # graded on what find_answer finds in the text, not on what the program would print: 12 is the last number
+    # of the second, while the first's last number is 4 (n1 = 4.0) and the third's 16
+    assert [r["correct"] for r in records] == [False, True, False, True, True]
 
 
 # ----------------------------------------------------------------------------- options, checked up front
@@ -505,12 +592,12 @@ def test_run_passes_the_generation_and_loading_options(tiny, tmp_path, monkeypat
     data = tmp_path / "test.jsonl"
     save_examples(str(data), EXAMPLES)
     loaded, generated = {}, {}
-    real_model, real_tokenizer, real_generate = models.load_model, models.load_tokenizer, ev.generate
+    real_model, real_tokenizer, real_generate = models.load_model, models.load_tokenizer, ev.generations
     monkeypatch.setattr(models, "load_model", lambda path, **kw: loaded.setdefault("model", kw) and real_model(path))
     monkeypatch.setattr(
         models, "load_tokenizer", lambda path, **kw: loaded.setdefault("tokenizer", kw) and real_tokenizer(path)
     )
-    monkeypatch.setattr(ev, "generate", lambda *a, **kw: generated.update(kw) or real_generate(*a, **kw))
+    monkeypatch.setattr(ev, "generations", lambda *a, **kw: generated.update(kw) or real_generate(*a, **kw))
     cfg = EvalConfig(
         model=str(tiny[2]),
         data=str(data),

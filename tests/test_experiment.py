@@ -12,6 +12,7 @@ from datalever import experiment, provenance
 from datalever.answers import answers_match
 from datalever.demo import shipped_config
 from datalever.train import loop
+from factories import write_arm_results
 
 ARMS, SEEDS = ["base", "hard"], [0, 1]
 
@@ -175,6 +176,48 @@ def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_
     assert "  - by level: easy +0.0 ± 0.0 (0/2/0), medium +0.0 ± 0.0 (0/2/0), hard +12.5" in results["markdown"]
     # the plot reads in the tables' order: easy, medium, hard (not alphabetically)
     assert ticks["results_difficulty.png"] == ["easy", "medium", "hard"]
+
+
+def test_report_shows_generation_counts_and_lm_eval_beside_datalever(tmp_path):
+    """Hand-made metrics with the counts, and lm-eval's JSON for some arms and seeds: means over seeds, each
+    beside datalever's accuracy, and n/a for a count that a seed's metrics predate."""
+    from datalever import rundir
+    from datalever.report import LM_EVAL_NOTE, write_report
+
+    counts = {"base": [(4, 0, 6, 1), (6, 2, 8, 1)], "hard": [(1, 3, 2, 0), (None, 5, 2, 0)]}
+    for arm, per_seed in counts.items():
+        for seed, (cut, program, no_marker, ungradable) in enumerate(per_seed):
+            metrics = {"accuracy": 0.5 + 0.1 * seed, "n": 20, "n_program": program, "n_no_marker": no_marker,
+                       "n_ungradable": ungradable, "n_cut": cut}  # fmt: skip
+            d = write_arm_results(tmp_path, arm, seed, metrics, "gsm8k")
+            if arm == "hard" or seed == 0:  # base's seed 1 has no lm-eval run
+                rundir.write_json(
+                    d.eval_on("gsm8k").lm_eval,
+                    {"task": "gsm8k", "num_fewshot": 5, "n": 20, "lm_eval_version": "0.4.13",
+                     "accuracy": {"strict-match": 0.2 + 0.1 * seed, "flexible-extract": 0.4}},
+                )  # fmt: skip
+    results = write_report(tmp_path, ["base", "hard"], [0, 1], controls=["base"], benchmarks=["gsm8k"])
+    base, hard = (results["arms"][a]["benchmarks"]["gsm8k"] for a in ("base", "hard"))
+    assert base["counts"] == {"n_cut": 5, "n_program": 1, "n_no_marker": 7, "n_ungradable": 1}
+    assert hard["counts"]["n_cut"] is None and hard["counts"]["n_program"] == 4
+    assert hard["lm_eval"]["scores"]["strict-match"]["mean"] == pytest.approx(0.25)
+    assert hard["lm_eval"]["n_seeds"] == 2 and base["lm_eval"]["n_seeds"] == 1
+    text = (tmp_path / "results.md").read_text()
+    assert "| base | gsm8k | 20 | 5 | 1 | 7 | 1 |" in text
+    assert "| hard | gsm8k | 20 | n/a | 4 | 2 | 0 |" in text
+    assert (
+        "| hard | gsm8k | 55.0 ± 63.5 | gsm8k, 5-shot | strict-match 25.0 ± 63.5; flexible-extract 40.0 ± 0.0 |" in text
+    )
+    assert "| base | gsm8k | 55.0 ± 63.5 | gsm8k, 5-shot (1 of 2 seeds) | strict-match 20.0 ± n/a;" in text
+    assert LM_EVAL_NOTE in text
+
+
+def test_a_report_without_counts_or_lm_eval_shows_neither(tmp_path):
+    from datalever.report import write_report
+
+    write_arm_results(tmp_path, "base", 0, {"accuracy": 0.5, "n": 10})  # metrics from before the counts
+    text = write_report(tmp_path, ["base"], [0], controls=["base"])["markdown"]
+    assert "cut at the cap" not in text and "lm-evaluation-harness" not in text
 
 
 def test_a_split_made_with_other_features_is_not_reused(tmp_path):

@@ -11,6 +11,9 @@
   math-verify under a wall-clock limit that holds in any thread (`MathVerifier`). A timeout or a failure
   there means "not equal", and the `Grade` says which it was, so that an evaluation can count them.
 
+- `is_program`: whether a generation answers with a program (program of thought, as MathInstruct teaches:
+  Python that prints its answer) rather than stating the answer; such answers are counted, never run.
+
 Model output is only ever parsed: no eval/exec/sympify of generated text, except through
 math-verify's own LaTeX/expression parser (in a worker process of its own).
 """
@@ -231,6 +234,36 @@ def find_answer(text: str) -> Found:
 def extract_answer(text: str) -> str | None:
     """The final answer stated in `text`, or None (see `find_answer`)."""
     return find_answer(text).answer
+
+
+# ----------------------------------------------------------------------------- program answers
+
+# Lines that only a program has: a print call, a function definition, an import; each at the start of a line
+# (after indentation), as Python writes them. Prose that mentions print(...) in a sentence is not a program.
+_PROGRAM_LINE = re.compile(
+    r"^[ \t]*(?:print[ \t]*\("
+    r"|def[ \t]+[A-Za-z_]\w*[ \t]*\(.*\)[ \t]*(?:->.*)?:[ \t]*$"
+    r"|import[ \t]+[A-Za-z_][\w.]*(?:[ \t]+as[ \t]+[A-Za-z_]\w*)?[ \t]*(?:,[ \t]*[A-Za-z_][\w.]*)*[ \t]*$"
+    r"|from[ \t]+[A-Za-z_][\w.]*[ \t]+import[ \t]+[A-Za-z_*(])",
+    re.MULTILINE,
+)
+_PYTHON_FENCE = re.compile(r"^[ \t]*```[ \t]*(?:python3?|py)\b", re.MULTILINE | re.IGNORECASE)
+
+
+def is_program(text: str | None) -> bool:
+    """Whether `text` answers with a program (program of thought) rather than by stating its answer.
+
+    The rule: a line, after any indentation, that begins a Python print call (`print(`), defines a function
+    (`def name(...):`) or imports (`import math`, `from sympy import *`); or a code fence opened as Python
+    (```python, ```py). MathInstruct's program-of-thought answers end in `print(...)` (`print(answer)`,
+    `print(solution())`), so a program cut by the generation cap before its print still counts when it began
+    with an import or a def. A sentence that mentions print( after other words is prose, not a program.
+    The text is only matched, never run: a program answer's value is unknown to datalever, which grades what
+    `find_answer` finds in it (usually a number from the code, so it counts as wrong); the prototype ran it.
+    """
+    if not text:
+        return False
+    return bool(_PROGRAM_LINE.search(text) or _PYTHON_FENCE.search(text))
 
 
 # ----------------------------------------------------------------------------- answer comparison

@@ -82,6 +82,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
         "run",
         "Greedy-decode answers and report exact-match accuracy overall, per source and per difficulty.",
     ),
+    ("lm-eval",): (
+        "datalever.lmeval",
+        "LmEvalConfig",
+        "run_command",
+        "Evaluate a model with lm-evaluation-harness itself on a local test set, offline (gsm8k or minerva_math).",
+    ),
     ("experiment",): (
         "datalever.experiment",
         "ExperimentConfig",

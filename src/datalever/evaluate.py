@@ -5,13 +5,15 @@ The pipeline, one function each:
 - `generate`: batched greedy decoding of each example's prompt (tokenized exactly as in training),
   prompts left-padded, rows of similar length batched together, a static KV cache where the model
   supports one, each row stopped at EOS or at a stop string (its text cut before it); a row's
-  tokens are those of decoding it alone.
+  tokens are those of decoding it alone. `generations` also says which rows the cap cut (`max_new_tokens`
+  reached without an end of their own).
 - `grade_example`: the answer in a generation (`answers.find_answer`) and in the reference response,
   and whether they agree (`answers.grade`); an example that cannot be graded is counted, never fatal.
 - `evaluate_examples` / `compute_metrics`: accuracy overall, per source and per difficulty
-  attribute found in each example's meta, plus one record per prediction.
+  attribute found in each example's meta, plus one record per prediction; counts of what a reader of the
+  accuracy needs besides (generations cut by the cap, answers written as programs, unmarked and ungradable ones).
 
-Model output is only ever parsed (answers.py), never executed.
+Model output is only ever parsed (answers.py), never executed: a program answer is counted, not run.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from datalever import checks, provenance, rundir
-from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade
+from datalever.answers import ERROR, GRADED, MARKERS, TIMEOUT, find_answer, grade, is_program
 from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_data, read_data
 from datalever.models import DTYPES, unwrap
 from datalever.progress import bar as progress_bar
@@ -298,14 +300,40 @@ def generate_ids(
     return results
 
 
+class Generation(NamedTuple):
+    """A prompt's continuation: its text (decoded without special tokens, cut before the first stop string) and
+    whether it was cut by the cap: `max_new_tokens` tokens without an end (EOS, an end of turn or a stop string)."""
+
+    text: str
+    cut: bool
+
+
+def reached_cap(ids: Sequence[int], text: str, options: GenerationOptions) -> bool:
+    """Whether a continuation ended because it reached `options.max_new_tokens`, not at an end of its own.
+
+    `ids` as `generate_ids` returns them (EOS and end of turn removed, so a row that ended there is shorter than
+    the cap) and `text` their decoding before any stop string is cut: a row that reached the cap is cut unless the
+    stop string that stopped it arrived with its last token (a stop string anywhere in it stops the row)."""
+    return len(ids) >= options.max_new_tokens and not any(s in text for s in options.stop)
+
+
+def generations(
+    model, tokenizer, prompts: list[str] | list[list[int]], options: GenerationOptions = GenerationOptions()
+) -> list[Generation]:
+    """Greedy continuation of each prompt (text, or token ids) and whether the cap cut it (`Generation`)."""
+    ids = generate_ids(model, tokenizer, prompts, options=options)
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
+    return [
+        Generation(cut_at_stop(text, options.stop), reached_cap(row, text, options)) for row, text in zip(ids, texts)
+    ]
+
+
 def generate(
     model, tokenizer, prompts: list[str] | list[list[int]], options: GenerationOptions = GenerationOptions()
 ) -> list[str]:
     """Greedy continuation of each prompt (text, or token ids), decoded without special tokens (only the new
     text), cut before the first stop string."""
-    ids = generate_ids(model, tokenizer, prompts, options=options)
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True) if ids else []
-    return [cut_at_stop(text, options.stop) for text in texts]
+    return [g.text for g in generations(model, tokenizer, prompts, options)]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -331,15 +359,27 @@ def _marked(record: dict) -> bool:
     return find_answer(record.get("generation") or "").marked
 
 
+def _program(record: dict) -> bool:
+    # Records written before `program` existed: decided again from the generation (the rule reads only the text).
+    if "program" in record:
+        return bool(record["program"])
+    return is_program(record.get("generation"))
+
+
 def compute_metrics(records: Sequence[dict], difficulty_keys: Sequence[str] = DIFFICULTY_KEYS) -> dict:
     """Accuracy overall, per source and per value of each difficulty key present in `meta`.
 
     metrics = {accuracy, n, n_correct, n_no_answer, n_no_marker, n_no_gold, n_ungradable, n_grading_timeout,
+               n_cut, n_program,
                per_source: {source: {accuracy, n, n_correct}},
                per_difficulty: {key: {str(value): {accuracy, n, n_correct}}}}
     n_no_answer: generations with no answer at all; n_no_marker: generations that do not state their
     answer explicitly (no ####, "the answer is" or \\boxed; the answer, if any, is the whole text or its
-    last value), a superset of n_no_answer. n_ungradable: examples whose grading failed or timed out
+    last value), a superset of n_no_answer. n_cut: generations cut by the cap (`max_new_tokens` tokens without
+    EOS, end of turn or stop string: an answer may be missing because the model ran out of room, not because it
+    had none); None for records written before the cut was recorded. n_program: answers written as programs
+    (`answers.is_program`: program of thought, which MathInstruct teaches), counted and never run, graded on what
+    `find_answer` finds in their text. n_ungradable: examples whose grading failed or timed out
     (n_grading_timeout of them timed out). An example without a gold answer, or that could not be
     graded, counts as wrong (and in n_no_gold / n_ungradable): a problem to see, not to hide. Keys
     absent from every example are left out of per_difficulty.
@@ -370,6 +410,8 @@ def compute_metrics(records: Sequence[dict], difficulty_keys: Sequence[str] = DI
         "n_no_gold": sum(r["gold"] is None for r in records),
         "n_ungradable": sum(r.get("grading", GRADED) != GRADED for r in records),
         "n_grading_timeout": sum(r.get("grading") == TIMEOUT for r in records),
+        "n_cut": sum(bool(r["cut"]) for r in records) if all("cut" in r for r in records) else None,
+        "n_program": sum(_program(r) for r in records),
         "per_source": {s: _group(c) for s, c in sorted(by_source.items())},
         "per_difficulty": per_difficulty,
     }
@@ -423,7 +465,8 @@ def evaluate_examples(
     With an `accelerator` (an `Accelerator` or accelerate's `PartialState`) of several processes,
     each process generates for its shard (examples[rank::world]) and the records are gathered,
     so every process returns the full result. Records: id, source, meta, prompt (the text the model was given,
-    chat template included), generation, extracted, answer_from, gold, correct, grading (see `grade_example`).
+    chat template included), generation, extracted, answer_from, gold, correct, grading (see `grade_example`),
+    cut (the cap ended the generation: `reached_cap`) and program (`answers.is_program`).
     `formatter` renders the prompts as training did (default: plain text, the prompts as written); generation also
     stops at its end of turn. With `options.synced` (the model is sharded over the processes: FSDP) every shard is
     filled up to the same length with copies of the first example, so that every process runs as many batches; their
@@ -442,9 +485,9 @@ def evaluate_examples(
         progress=options.progress and (accelerator is None or accelerator.is_local_main_process),
         end_ids=(*options.end_ids, *(formatter.stop_ids() if formatter else ())),
     )
-    generations = generate(model, tokenizer, prompts, options=options)
+    outputs = generations(model, tokenizer, prompts, options=options)
     records = []
-    for pos, ex, prompt, text in zip(positions, shard, prompts, generations):
+    for pos, ex, prompt, (text, cut) in zip(positions, shard, prompts, outputs):
         if pos < 0:
             continue
         records.append(
@@ -456,6 +499,8 @@ def evaluate_examples(
                 "prompt": _shown_prompt(formatter, tokenizer, ex, prompt),
                 "generation": text,
                 **grade_example(text, ex.response),
+                "cut": cut,
+                "program": is_program(text),
             }
         )
     if world > 1:
@@ -646,11 +691,15 @@ def run(cfg: EvalConfig) -> dict:
     if accelerator is not None:
         accelerator.wait_for_everyone()
     log.info(
-        "accuracy %.4f on %d examples (%d without an answer, %d without an answer marker, %d ungradable)",
+        "accuracy %.4f on %d examples (%d without an answer, %d without an answer marker, %d ungradable, "
+        "%d cut at max_new_tokens=%d, %d written as programs)",
         metrics["accuracy"] or 0.0,
         metrics["n"],
         metrics["n_no_answer"],
         metrics["n_no_marker"],
         metrics["n_ungradable"],
+        metrics["n_cut"],
+        cfg.max_new_tokens,
+        metrics["n_program"],
     )
     return metrics

@@ -1,7 +1,8 @@
 """The experiment's report: accuracy per arm with 95% confidence intervals over seeds, accuracy by
 difficulty, relative gain over base, compute spent (the proxy's share included), paired
-comparisons of `hard` against each control over the same seeds, and each split's audit (what the hard
-cluster tracks: difficulty, or length and token composition)."""
+comparisons of `hard` against each control over the same seeds, each split's audit (what the hard
+cluster tracks: difficulty, or length and token composition), what the generations were (cut by the cap,
+written as programs, unmarked, ungradable) and, where it ran, lm-evaluation-harness's accuracy beside datalever's."""
 
 from __future__ import annotations
 
@@ -17,22 +18,56 @@ from datalever.stats import t_interval
 
 
 def collect(run_dir: RunDir, arms: list[str], seeds: list[int], benchmarks: Sequence[str] = ("test",)) -> dict:
-    """Per arm and seed: the metrics on each benchmark (`metrics`: the first one's) and the training run's compute."""
+    """Per arm and seed: the metrics on each benchmark (`metrics`: the first one's), lm-eval's results where it ran
+    (`lm_eval`, by benchmark) and the training run's compute."""
     rows = {}
     for arm in arms:
         for seed in seeds:
             d = run_dir.seed_dir(arm, seed)
             by_benchmark = {name: rundir.read_json(d.eval_on(name).metrics) for name in benchmarks}
+            lm_eval = {name: rundir.read_json(d.eval_on(name).lm_eval) for name in benchmarks
+                       if d.eval_on(name).lm_eval.exists()}  # fmt: skip
             summary = rundir.read_json(d.train.summary)
-            rows[(arm, seed)] = {"metrics": by_benchmark[benchmarks[0]], "benchmarks": by_benchmark, "train": summary}
+            rows[(arm, seed)] = {"metrics": by_benchmark[benchmarks[0]], "benchmarks": by_benchmark, "train": summary,
+                                 "lm_eval": lm_eval}  # fmt: skip
     return rows
 
 
+# Counts of what the generations were, from each evaluation's metrics (evaluate.compute_metrics).
+COUNTS = {
+    "n_cut": "cut at the cap",
+    "n_program": "program answers",
+    "n_no_marker": "no answer marker",
+    "n_ungradable": "ungradable",
+}
+
+
 def benchmark_accuracy(rows: dict, arm: str, seeds: list[int], benchmark: str) -> dict:
-    accs = [rows[(arm, s)]["benchmarks"][benchmark]["accuracy"] for s in seeds]
+    """Accuracy on one benchmark over seeds; the generation counts (`COUNTS`, mean over seeds; None where a seed's
+    metrics predate a count); lm-eval's accuracies on it where it ran (`lm_eval_accuracy`)."""
+    metrics = [rows[(arm, s)]["benchmarks"][benchmark] for s in seeds]
+    accs = [m["accuracy"] for m in metrics]
     acc_mean, acc_ci = t_interval(accs)
-    n = rows[(arm, seeds[0])]["benchmarks"][benchmark]["n"]
-    return {"per_seed": dict(zip(map(str, seeds), accs)), "mean": acc_mean, "ci95": acc_ci, "n": n}
+    counts = {k: None if any(m.get(k) is None for m in metrics) else mean(m[k] for m in metrics) for k in COUNTS}
+    return {"per_seed": dict(zip(map(str, seeds), accs)), "mean": acc_mean, "ci95": acc_ci, "n": metrics[0]["n"],
+            "counts": counts, "lm_eval": lm_eval_accuracy(rows, arm, seeds, benchmark)}  # fmt: skip
+
+
+def lm_eval_accuracy(rows: dict, arm: str, seeds: list[int], benchmark: str) -> dict | None:
+    """lm-eval's accuracies on a benchmark (each of its scores: mean, 95% CI and per seed, over the seeds where it
+    ran), its task and shots; None where it ran for no seed."""
+    found = {s: rows[(arm, s)].get("lm_eval", {}).get(benchmark) for s in seeds}
+    found = {s: f for s, f in found.items() if f is not None}
+    if not found:
+        return None
+    first = next(iter(found.values()))
+    scores = {}
+    for name in first["accuracy"]:
+        values = [f["accuracy"][name] for f in found.values()]
+        m, ci = t_interval(values)
+        scores[name] = {"mean": m, "ci95": ci, "per_seed": {str(s): f["accuracy"][name] for s, f in found.items()}}
+    return {"task": first["task"], "num_fewshot": first["num_fewshot"], "n": first["n"], "n_seeds": len(found),
+            "version": first.get("lm_eval_version"), "scores": scores}  # fmt: skip
 
 
 def proxy_compute(run_dir: RunDir) -> dict:
@@ -352,6 +387,8 @@ def markdown(results: dict) -> str:
             f"Proxy (shared by all arms): {p.get('optimizer_steps', 0):.0f} optimizer steps, "
             f"{p.get('wall_s', 0):.0f} s training plus {p.get('record_wall_s', 0):.0f} s recording.",
         ]
+    lines += _count_lines(arms, names)
+    lines += _lm_eval_lines(arms, names, len(results["seeds"]))
     if results["paired"]:
         lines += ["", "Paired differences over the same seeds (accuracy points, mean ± 95% CI; wins/ties/losses):", ""]
         for name, d in results["paired"].items():
@@ -367,6 +404,66 @@ def markdown(results: dict) -> str:
     lines += curve_lines(results.get("curves") or {})
     lines += _data_check_lines(results.get("data_checks") or {})
     return "\n".join(lines)
+
+
+def _count_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}".removesuffix(".0")
+
+
+def _count_lines(arms: dict, names: list[str]) -> list[str]:
+    """A table of the generation counts per arm and test set (none where every count predates this report)."""
+    per = [(arm, b, a["benchmarks"][b]["counts"]) for arm, a in arms.items() for b in names]
+    if all(v is None for _, _, counts in per for v in counts.values()):
+        return []
+    lines = [
+        "",
+        "Generations per test set (examples, mean over seeds): cut at the cap (max_new_tokens reached without EOS or a "
+        "stop string), answers written as programs (program of thought: counted, never run; graded on their text), "
+        'without an answer marker (####, "the answer is", \\boxed), ungradable:',
+        "",
+        "| arm | test set | n | " + " | ".join(COUNTS.values()) + " |",
+        "|" + "---|" * (len(COUNTS) + 3),
+    ]
+    for arm, b, counts in per:
+        n = arms[arm]["benchmarks"][b]["n"]
+        lines.append(f"| {arm} | {b} | {n} | " + " | ".join(_count_text(counts[k]) for k in COUNTS) + " |")
+    return lines
+
+
+LM_EVAL_NOTE = (
+    "Why the two can differ. Extraction: lm-eval's gsm8k strict-match takes the first `#### N` (regex "
+    "`#### (\\-?[0-9\\.\\,]+)`) and flexible-extract the last number in the generation, even one written after the "
+    "answer; both then compare strings (commas, `$` and a final `.` removed). Its minerva_math compares the "
+    'normalized "Final Answer: The final answer is ..." with the gold\'s last `\\boxed{}` (exact_match), or the whole '
+    "generation with the gold solution through math-verify (math_verify). datalever takes the first `####` or "
+    '"the answer is", else the last `\\boxed{}`, else the last value, and compares values (`1,234` = `1234.0`, '
+    '`1/2` = `0.5`, math-verify for the rest). Prompts: lm-eval asks in its own format ("Question: ... Answer:", '
+    '"Problem: ... Solution:") with its few-shot examples, datalever in the arm\'s training format (e.g. an Alpaca '
+    "prompt), zero-shot; a fine-tuned model can do better in the format it was trained on."
+)
+
+
+def _lm_eval_lines(arms: dict, names: list[str], n_seeds: int) -> list[str]:
+    """lm-eval's accuracies beside datalever's, per arm and test set, and why they can differ."""
+    per = [(arm, b, a["benchmarks"][b]) for arm, a in arms.items() for b in names if a["benchmarks"][b]["lm_eval"]]
+    if not per:
+        return []
+    lines = [
+        "",
+        "lm-evaluation-harness on the same test sets and saved models (accuracy %, mean ± 95% CI over seeds), beside "
+        "datalever's:",
+        "",
+        "| arm | test set | datalever | lm-eval task | lm-eval |",
+        "|---|---|---|---|---|",
+    ]
+    for arm, b, bench in per:
+        lm = bench["lm_eval"]
+        task = f"{lm['task']}, {lm['num_fewshot']}-shot" + (
+            f" ({lm['n_seeds']} of {n_seeds} seeds)" if lm["n_seeds"] < n_seeds else ""
+        )
+        scores = "; ".join(f"{k} {_pct(v['mean'])} ± {_pct(v['ci95'])}" for k, v in lm["scores"].items())
+        lines.append(f"| {arm} | {b} | {_pct(bench['mean'])} ± {_pct(bench['ci95'])} | {task} | {scores} |")
+    return lines + ["", LM_EVAL_NOTE]
 
 
 def _paired_text(d: dict) -> str:

@@ -185,6 +185,40 @@ class EvalDir(_Layout):
         """Written last: its presence marks a finished evaluation."""
         return self.root / "metrics.json"
 
+    @property
+    def lm_eval(self) -> Path:
+        """lm-evaluation-harness's accuracies on the same test set (`lmeval.run`); written last of its files."""
+        return self.root / "lm_eval.json"
+
+    @property
+    def lm_eval_work(self) -> LmEvalDir:
+        """lm-eval's task over the local test file, the documents it read and its per-sample log."""
+        return LmEvalDir(self.root / "lm_eval")
+
+
+@dataclass(frozen=True)
+class LmEvalDir(_Layout):
+    """What `lmeval.run` gives lm-evaluation-harness and gets back: a task directory for its `include_path`."""
+
+    def task(self, name: str) -> Path:
+        """The generated task config (a YAML that includes lm-eval's own task and points it at local files)."""
+        return self.root / f"{name}.yaml"
+
+    @property
+    def docs(self) -> Path:
+        """The test set as lm-eval's task reads its documents (JSON lines with the task's own columns)."""
+        return self.root / "test.jsonl"
+
+    @property
+    def fewshot_docs(self) -> Path:
+        """The examples lm-eval draws its few-shot examples from, where the task takes them from a split."""
+        return self.root / "fewshot.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        """lm-eval's per-sample log: each document, the prompt it sent, the generation and each filter's verdict."""
+        return self.root / "samples.jsonl"
+
 
 @dataclass(frozen=True)
 class SplitDir(_Layout):

@@ -154,6 +154,18 @@ class ExperimentConfig(DataFormat):
     """Prompts per generation batch."""
     eval_limit: int | None = None
     """Evaluate only the first N examples (quick checks)."""
+    lm_eval: bool = False
+    """Also evaluate each arm's saved model with lm-evaluation-harness itself, offline, on each test set as the run
+    holds it (`pip install 'datalever[lm-eval]'`): lm-eval's gsm8k for test sets whose answers follow `####` (strict
+    and flexible match), its minerva_math for `\\boxed` answers (exact match and math-verify), each with lm-eval's
+    own prompt, few-shot examples and extraction (lmeval.py names the task YAML mirrored and what changed to read
+    local files). Written as lm_eval.json beside each evaluation's metrics.json; the report puts it beside
+    datalever's accuracy: numbers comparable with published lm-eval results."""
+    lm_eval_fewshot: dict[str, str] | None = None
+    """Where lm-eval's gsm8k draws its few-shot examples for gsm8k-style test sets, by test set name, e.g.
+    '{gsm8k: openai/gsm8k:main}' (GSM8K's train split, as lm-eval does) or a local copy of it (offline); a
+    gsm8k-style test set without one is asked zero-shot. MATH-style test sets always get Minerva's 4 fixed
+    examples, which ship with lm-eval."""
     curve_every: float = 1.0
     """Learning curves: validation accuracy (greedy, the eval settings) every this many epochs of the training data
     as given (the same optimizer steps in every arm, so arms are compared at equal steps), and at each arm's last
@@ -222,7 +234,25 @@ class ExperimentConfig(DataFormat):
         self._check_arms()
         self._check_seeds()
         self._check_files()
+        self._check_lm_eval()
         self._check_stage_data_options()
+
+    def _check_lm_eval(self) -> None:
+        """lm-eval runs after each arm's training: a missing install or a wrong few-shot file is said before any."""
+        if self.lm_eval_fewshot and not self.lm_eval:
+            raise checks.ConfigError("lm_eval_fewshot is for lm_eval: set lm_eval true too")
+        if not self.lm_eval:
+            return
+        from datalever.lmeval import require_lm_eval
+
+        require_lm_eval("lm_eval")
+        unknown = sorted(set(self.lm_eval_fewshot or {}) - set(benchmarks(self)))
+        if unknown:
+            raise checks.ConfigError(
+                f"lm_eval_fewshot names {unknown}, which are not what the arms are evaluated on ({benchmarks(self)})"
+            )
+        for name, path in (self.lm_eval_fewshot or {}).items():
+            local_data(f"lm_eval_fewshot {name}", path)
 
     def _check_arms(self) -> None:
         if not self.arms:
@@ -348,6 +378,8 @@ EXPERIMENT_SETTINGS = Classified(
         "eval_max_new_tokens",
         "eval_batch_size",
         "eval_limit",
+        "lm_eval",  # lm-eval's accuracies in the report
+        "lm_eval_fewshot",
         "curve_every",
         "curve_limit",
         "allow_overlap",  # the report records the check

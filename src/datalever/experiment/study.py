@@ -302,7 +302,8 @@ def arm_train_config(cfg: ExperimentConfig, arm: ArmConfig, seed: int, arm_dir: 
 
 
 def evaluated(cfg: ExperimentConfig, arm_dir: ArmDir) -> bool:
-    return all(arm_dir.eval_on(name).metrics.exists() for name in benchmarks(cfg))
+    outputs = ("metrics", "lm_eval") if cfg.lm_eval else ("metrics",)
+    return all(getattr(arm_dir.eval_on(name), o).exists() for name in benchmarks(cfg) for o in outputs)
 
 
 def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int) -> dict:
@@ -321,22 +322,40 @@ def run_arm(cfg: ExperimentConfig, arm: ArmConfig, seed: int) -> dict:
 
 
 def evaluate(cfg: ExperimentConfig, arm_dir: ArmDir, files: dict, name: str) -> dict:
+    """datalever's evaluation of the arm's saved model on one test set, then (with `lm_eval`) lm-eval's."""
     out = arm_dir.eval_on(name)
     if out.metrics.exists():
-        return rundir.read_json(out.metrics)
-    eval_cfg = EvalConfig(
-        model=str(arm_dir.train.model),
-        data=eval_data(cfg, files, name),
-        out=str(out.root),
-        max_new_tokens=cfg.eval_max_new_tokens,
-        batch_size=cfg.eval_batch_size,
-        limit=cfg.eval_limit,
-        chat_template=cfg.train.chat_template,
-        trust_remote_code=cfg.train.trust_remote_code,
-        progress=cfg.progress,
-    )
-    with progress.context(f"eval {name}"):
-        return eval_run(eval_cfg)
+        metrics = rundir.read_json(out.metrics)
+    else:
+        eval_cfg = EvalConfig(
+            model=str(arm_dir.train.model),
+            data=eval_data(cfg, files, name),
+            out=str(out.root),
+            max_new_tokens=cfg.eval_max_new_tokens,
+            batch_size=cfg.eval_batch_size,
+            limit=cfg.eval_limit,
+            chat_template=cfg.train.chat_template,
+            trust_remote_code=cfg.train.trust_remote_code,
+            progress=cfg.progress,
+        )
+        with progress.context(f"eval {name}"):
+            metrics = eval_run(eval_cfg)
+    if cfg.lm_eval and not out.lm_eval.exists():
+        from datalever import lmeval
+
+        with progress.context(f"lm-eval {name}"):
+            lmeval.run(
+                str(arm_dir.train.model),
+                eval_data(cfg, files, name),
+                out.root,
+                # the question is taken back out of each prompt: the templates it may have been rendered with
+                templates=[t for t in ((cfg.test_templates or {}).get(name), cfg.template) if t],
+                fewshot=(cfg.lm_eval_fewshot or {}).get(name),
+                batch_size=cfg.eval_batch_size,
+                limit=cfg.eval_limit,
+                trust_remote_code=cfg.train.trust_remote_code,
+            )
+    return metrics
 
 
 # ----------------------------------------------------------------------------- the report
