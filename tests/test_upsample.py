@@ -123,6 +123,10 @@ def test_run_materializes_each_id_multiplicity_times(tmp_path, arm):
     man = pq.read_table(arm_dir / "manifest.parquet").to_pandas()
     assert dict(zip(man["id"], man["multiplicity"])) == dict(got)
     assert set(man["origin"]) == {"original"} and man["parent_id"].isna().all()
+    # TRL's prompt/completion columns, read as they are: each row's text is its example's (examples.jsonl).
+    by_id = {ex.id: ex for ex in load_examples(str(arm_dir / "examples.jsonl"))}
+    assert all(set(r) == {"prompt", "completion", "id", "source"} for r in lines)
+    assert all((r["prompt"], r["completion"]) == (by_id[r["id"]].prompt, by_id[r["id"]].response) for r in lines)
     assert counts["n_rows"] == len(lines) and counts["n_extra_copies"] == len(lines) - len(IDS)
     assert json.loads((arm_dir / "manifest.json").read_text()) == counts
     # the content travels with the id

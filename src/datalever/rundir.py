@@ -261,7 +261,8 @@ class ArmDir(_Layout):
 
     @property
     def train_jsonl(self) -> Path:
-        """The upsampled set in full, each example as many times as its multiplicity (for other trainers)."""
+        """The upsampled set in full, each example as many times as its multiplicity, in TRL's prompt/completion
+        columns (for other trainers)."""
         return self.root / "train.jsonl"
 
     @property

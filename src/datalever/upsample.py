@@ -27,7 +27,8 @@ the very accuracy the experiment measures. "Reproduces" means the same prompt te
 and spacing), or the same numbers in the prompt with the same final answer (a reworded copy).
 
 Outputs in ``RUN/arms/<arm>/`` (or ``out``): ``train.jsonl`` (materialized: each example repeated multiplicity
-times, in a seeded shuffled order; it holds duplicate ids by design), ``examples.jsonl`` (each
+times, in a seeded shuffled order; it holds duplicate ids by design; columns prompt, completion, id, source: TRL's
+SFTTrainer reads it as it is), ``examples.jsonl`` (each
 example once: with the manifest, what `datalever train` reads, drawing each example as often as
 its multiplicity without copying data), ``manifest.parquet`` (id, source, multiplicity, origin "original"|"synth",
 parent_id for synth) and ``manifest.json`` (counts).
@@ -356,14 +357,24 @@ def shuffled_rows(manifest: pd.DataFrame, seed: int) -> list[int]:
     return [order[j] for j in rng.permutation(len(order))]
 
 
+def write_prompt_completion(path: Path, examples: list[Example]) -> None:
+    """The examples as rows of TRL's prompt/completion format (what its SFTTrainer reads as it is: loss on the
+    completion only), with the datalever id and source beside them, atomically."""
+    import json
+
+    rows = [{"prompt": ex.prompt, "completion": ex.response, "id": ex.id, "source": ex.source} for ex in examples]
+    rundir.atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
 def write_arm(arm_dir: ArmDir, unique: list[Example], order: list[int], manifest: pd.DataFrame) -> None:
-    """train.jsonl (the upsampled set in full), examples.jsonl (each example once) and manifest.parquet."""
+    """train.jsonl (the upsampled set in full, in TRL's columns), examples.jsonl (each example once, datalever's) and
+    manifest.parquet."""
     import pyarrow as pa
 
     from datalever.examples import save_examples
 
     arm_dir.root.mkdir(parents=True, exist_ok=True)
-    save_examples(str(arm_dir.train_jsonl), [unique[j] for j in order])
+    write_prompt_completion(arm_dir.train_jsonl, [unique[j] for j in order])
     save_examples(str(arm_dir.examples), unique)
     schema = pa.schema(
         [
