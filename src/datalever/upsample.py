@@ -396,5 +396,5 @@ UPSAMPLE_SETTINGS = Classified(
         "heldout",
         "out",
     ),
-    ignored=("overwrite",),
+    ignored=("overwrite", "on_conflict"),
 )
