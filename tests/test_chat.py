@@ -737,6 +737,17 @@ def test_an_unusable_template_file_is_one_line_before_any_work(tmp_path, message
         assert capsys.readouterr().err == f"datalever {name}: error: chat_template {path}: {cause}\n"
 
 
+def test_a_template_file_that_is_no_text_or_a_directory_is_one_line(tmp_path):
+    """Once a UnicodeDecodeError traceback from the first rendering; a directory was "no such file"."""
+    path = tmp_path / "t.jinja"
+    path.write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(checks.ConfigError) as refused:
+        check_chat_template(str(path))
+    assert str(refused.value).startswith(f"chat_template {path}: cannot read it as UTF-8 text ('utf-8' codec can't")
+    with pytest.raises(checks.ConfigError, match=f"^chat_template {tmp_path}: a directory, not a template file$"):
+        check_chat_template(str(tmp_path))
+
+
 def test_a_template_that_needs_no_generation_prompt_is_accepted(toks, tmp_path):
     path = tmp_path / "inst.jinja"
     path.write_text(INST, encoding="utf-8")

@@ -117,6 +117,18 @@ BAD_KEYS = [
         "extra_arms:\n  - {name: x, dta: hard}\n",
         "line 2: unknown option 'extra_arms[].dta' (did you mean 'extra_arms[].data'?)",
     ),
+    # Once tracebacks, when the config was built or the run began ('NoneType' object is not subscriptable, ...).
+    (
+        ["train"],
+        "optim: null\n",
+        "line 1: option 'optim' holds options of its own (optim: {OPTION: VALUE}, or optim.OPTION: VALUE), got 'null'",
+    ),
+    (
+        ["experiment"],
+        "arms: [base]\ntrain: 3\n",
+        "line 2: option 'train' holds options of its own (train: {OPTION: VALUE}, or train.OPTION: VALUE), got '3'",
+    ),
+    (["experiment"], "extra_arms:\n  - 3\n", "line 2: each item of 'extra_arms' holds options, got '3'"),
     (["profile"], "- fraction: 0.5\n", "expected `option: value` lines, got a list"),
     (["profile"], "# nothing yet\n", "no `option: value` lines in it (empty, or comments only)"),
 ]
@@ -282,3 +294,12 @@ def test_every_stage_says_what_it_did_and_where_in_one_line(tmp_path, capsys):
     )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert line.startswith(f"accuracy {metrics['accuracy']:.1%} on 4 examples")
+
+
+def test_a_config_that_is_missing_or_a_directory_is_one_line(tmp_path, capsys):
+    assert refused(["train", "--config", str(tmp_path / "no.yaml")], capsys) == (
+        f"datalever train: error: --config {tmp_path / 'no.yaml'}: no such file"
+    )
+    assert refused(["train", "--config", str(tmp_path)], capsys) == (
+        f"datalever train: error: --config {tmp_path}: a directory, not a YAML file"
+    )

@@ -47,6 +47,8 @@ def check_chat_template(value: str) -> None:
     if value in ("auto", "none"):
         return
     path = Path(value).expanduser()
+    if path.is_dir():
+        raise checks.ConfigError(f"chat_template {value}: a directory, not a template file")
     if not path.is_file():
         raise checks.ConfigError(f"chat_template must be auto, none or a template file; no such file: {value}")
     try:

@@ -44,6 +44,8 @@ def check_config_file(config_cls, path: str) -> None:
     of `config_cls` (nested configs' options too, as `train: {epochs: 3}` or `train.epochs: 3`), each once.
     Otherwise a ConfigError naming the file, the line and the cause, with the closest option for a misspelled one."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise ConfigError(f"--config {path}: a directory, not a YAML file")
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -93,12 +95,21 @@ def _mapping_problem(node: yaml.MappingNode, cls, prefix: str, options: list[str
         if hint is None:
             return f"line {line}: unknown option {prefix + key!r}{did_you_mean(prefix + key, options)}"
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
-        if dataclasses.is_dataclass(hint) and isinstance(value_node, yaml.MappingNode):
+        if dataclasses.is_dataclass(hint) and not isinstance(value_node, yaml.MappingNode):
+            shown = value_node.value if isinstance(value_node, yaml.ScalarNode) else "a list"
+            return (
+                f"line {line}: option {prefix + key!r} holds options of its own ({key}: {{OPTION: VALUE}}, or "
+                f"{key}.OPTION: VALUE), got {shown!r}"
+            )
+        if dataclasses.is_dataclass(hint):
             problem = _mapping_problem(value_node, hint, f"{prefix}{key}.", options)
         elif dataclasses.is_dataclass(item) and isinstance(value_node, yaml.SequenceNode):
             scope = f"{prefix}{key}[]."
-            nested = [v for v in value_node.value if isinstance(v, yaml.MappingNode)]
-            found = (_mapping_problem(v, item, scope, option_names(item, scope)) for v in nested)
+            other = next((v for v in value_node.value if not isinstance(v, yaml.MappingNode)), None)
+            if other is not None:
+                shown = other.value if isinstance(other, yaml.ScalarNode) else "a list"
+                return f"line {other.start_mark.line + 1}: each item of {prefix + key!r} holds options, got {shown!r}"
+            found = (_mapping_problem(v, item, scope, option_names(item, scope)) for v in value_node.value)
             problem = next(filter(None, found), None)
         else:
             problem = None
@@ -173,6 +184,11 @@ def usage_error(config_cls, error: ArgumentError) -> str:
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is list else None
         if unknown and dataclasses.is_dataclass(item):  # a list of configs (extra_arms): an item's option
             return f"{name}: unknown option {unknown.group(1)!r}{did_you_mean(unknown.group(1), option_names(item))}"
+        not_item = re.search(
+            r"Not a valid subclass of \w+\. Got value: (.*?)(?: Subclass types|$)", " ".join(detail.split())
+        )
+        if not_item:
+            return f"{name}: each item holds options ({{OPTION: VALUE, ...}}), got {not_item.group(1)!r}"
         unloadable = re.search(r"Unable to load config '(.*?)'", detail)
         if unloadable:
             shown = unloadable.group(1)
