@@ -499,11 +499,10 @@ LAST_ONLY = (
 def test_a_template_that_renders_prefixes_inconsistently_is_refused(toks, tmp_path, template, ex):
     path = tmp_path / "bad.jinja"
     path.write_text(template, encoding="utf-8")
-    formatter = Formatter(toks["qwen"], str(path))
     with pytest.raises(ValueError, match="renders a conversation's beginning differently"):
-        formatter.encode(ex, 512)
+        Formatter(toks["qwen"], str(path)).encode(ex, 512)  # COUNTING: refused when made (one exchange shows it)
     if template is LAST_ONLY:
-        formatter.encode(SINGLE, 512)  # one assistant turn: nothing rendered otherwise, accepted
+        Formatter(toks["qwen"], str(path)).encode(SINGLE, 512)  # one assistant turn: nothing rendered otherwise
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -678,3 +677,112 @@ def test_a_missing_template_file_is_refused_before_any_work(tmp_path, messages_f
         assert exit_.value.code == 2
         assert f"no such file: {missing}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- templates that cannot work
+
+SYNTAX_ERROR = "{% for m in messages %}\n<|{{ m['role'] }}|>\n{{ m['content'] }\n{% endfor %}"
+NO_ASSISTANT = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+NO_GENERATION_PROMPT = "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+# Llama 2's way: nothing between the user's turn and the answer, so no generation prompt is needed.
+INST = "[INST] {{ messages[0]['content'] }} [/INST]{% if messages|length > 1 %} {{ messages[1]['content'] }}{% endif %}"
+NEEDS_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}\n{{ raise_exception('begin with a system turn') }}\n{% endif %}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+# What each is refused with, after "chat_template FILE: ", by hand from the template's lines and what it renders.
+UNUSABLE = {
+    "syntax": (SYNTAX_ERROR, "line 3: Jinja syntax error: unexpected '}'"),
+    "no-assistant": (NO_ASSISTANT, "renders no assistant turn: an assistant message's text is not in its output"),
+    "no-generation-prompt": (
+        NO_GENERATION_PROMPT,
+        "writes no generation prompt: add_generation_prompt adds nothing, so an evaluation prompt would end before "
+        "the assistant's header '<|assistant|>\\n'; make the template write it when add_generation_prompt is true",
+    ),
+    "raises": (NEEDS_SYSTEM, "line 2: rendering a conversation fails: begin with a system turn (TemplateError)"),
+}
+COMMANDS = {
+    "score": ["score", "--chat_template"],
+    "profile": ["profile", "--chat_template"],
+    "train": ["train", "--chat_template"],
+    "eval": ["eval", "--chat_template"],
+    "experiment": ["experiment", "--train.chat_template"],
+}
+
+
+@pytest.mark.parametrize("case", UNUSABLE)
+def test_an_unusable_template_file_is_one_line_before_any_work(tmp_path, messages_file, capsys, monkeypatch, case):
+    """Once a 52-line traceback (exit status 1) from the first rendering, after the model had loaded."""
+    template, cause = UNUSABLE[case]
+    path = tmp_path / "t.jinja"
+    path.write_text(template, encoding="utf-8")
+    with pytest.raises(checks.ConfigError) as refused:
+        check_chat_template(str(path))
+    assert str(refused.value) == f"chat_template {path}: {cause}"
+    real = cli._load
+
+    def never_run(config):
+        raise AssertionError("the command ran")
+
+    monkeypatch.setattr(cli, "_load", lambda command: (real(command)[0], never_run))
+    for name, command in COMMANDS.items():
+        data = [] if name == "experiment" else ["--data", messages_file]
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([*command, str(path), *data])
+        assert exit_.value.code == 2, name
+        assert capsys.readouterr().err == f"datalever {name}: error: chat_template {path}: {cause}\n"
+
+
+def test_a_template_file_that_is_no_text_or_a_directory_is_one_line(tmp_path):
+    """Once a UnicodeDecodeError traceback from the first rendering; a directory was "no such file"."""
+    path = tmp_path / "t.jinja"
+    path.write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(checks.ConfigError) as refused:
+        check_chat_template(str(path))
+    assert str(refused.value).startswith(f"chat_template {path}: cannot read it as UTF-8 text ('utf-8' codec can't")
+    with pytest.raises(checks.ConfigError, match=f"^chat_template {tmp_path}: a directory, not a template file$"):
+        check_chat_template(str(tmp_path))
+
+
+def test_a_template_that_needs_no_generation_prompt_is_accepted(toks, tmp_path):
+    path = tmp_path / "inst.jinja"
+    path.write_text(INST, encoding="utf-8")
+    check_chat_template(str(path))
+    ex = chat(("user", "What is 2 + 3?"), ("assistant", "#### 5"))
+    tok = toks["plain"]
+    encoded = Formatter(tok, str(path)).encode(ex, 512)
+    prompt = tok("[INST] What is 2 + 3? [/INST]", add_special_tokens=False)["input_ids"]
+    assert encoded.input_ids == prompt + tok(" #### 5", add_special_tokens=False)["input_ids"]
+    assert encoded.n_prompt == len(prompt)
+
+
+def test_the_tokenizers_own_template_is_checked_too(toks):
+    tok = copy.deepcopy(toks["plain"])
+    tok.chat_template = NO_GENERATION_PROMPT
+    with pytest.raises(ValueError, match=r"^the tokenizer's chat template: writes no generation prompt: .*"):
+        Formatter(tok, "auto")
+
+
+def test_a_template_that_fails_on_an_example_names_it_in_one_line(toks, tmp_path):
+    """A template that refuses a conversation it was not made for (a system turn, as Mistral's and Gemma's first
+    templates did) once raised Jinja's TemplateError from inside the tokenizer; now one line names the example, the
+    template's line and the cause."""
+    path = tmp_path / "no-system.jinja"
+    path.write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}\n{{ raise_exception('System role not supported') }}"
+        "\n{% endif %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}",
+        encoding="utf-8",
+    )
+    formatter = Formatter(toks["plain"], str(path))  # a user turn and an answer render
+    formatter.encode(SINGLE, 512)
+    with pytest.raises(ValueError) as refused:
+        formatter.encode(MULTI, 512)
+    assert str(refused.value) == (
+        f"chat_template {path} fails on example {MULTI.id}: line 2: rendering a conversation fails: System role not "
+        "supported (TemplateError)"
+    )

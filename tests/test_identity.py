@@ -89,6 +89,7 @@ def test_every_deciding_train_setting_changes_the_resume_identity():
         "micro_batch_size": 2,
         "group_by_length": False,
         "gradient_checkpointing": True,
+        "on_conflict": "error",
     }
     assert set(ignored) == set(train_config.TRAIN_SETTINGS.ignored)
     for name, value in ignored.items():
@@ -97,5 +98,5 @@ def test_every_deciding_train_setting_changes_the_resume_identity():
 
 def test_ignored_upsample_and_experiment_settings_are_what_the_refusals_skip():
     assert set(experiment.config.EXPERIMENT_SETTINGS.ignored) <= experiment.config.NOT_COMPARED
-    assert upsample.UPSAMPLE_SETTINGS.ignored == ("overwrite",)
+    assert set(upsample.UPSAMPLE_SETTINGS.ignored) <= set(provenance.NEVER_COMPARED)
     assert provenance.MISSING != None  # noqa: E711 - a setting one side lacks is never taken for None

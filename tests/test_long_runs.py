@@ -488,5 +488,5 @@ def test_the_rendering_is_part_of_the_resume_identity(tmp_path):
     ids = {name: resume_identity(c, {}) for name, c in (("none", plain), ("auto", auto), ("file", from_file))}
     assert len(set(ids.values())) == 3
     assert "chat_template" not in ids["none"]
-    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")  # edited in place: other work
+    template.write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")  # edited in place: other work
     assert resume_identity(TrainConfig(chat_template=str(template)), {}) != ids["file"]

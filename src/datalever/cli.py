@@ -13,9 +13,11 @@ import sys
 import typing
 
 import jsonargparse
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
+from datalever.checks import ConfigError
 from datalever.preempt import REQUEUE_EXIT, Preempted, requeue_slurm_job
+from datalever.usage import check_config_file, config_files, in_file, unknown_command, usage_error
 
 jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -109,8 +111,14 @@ def _load(command: tuple[str, ...]):
     return getattr(mod, cls), getattr(mod, fn)
 
 
+def _parser(**kwargs) -> ArgumentParser:
+    """A parser that raises its errors (`main` says them in one line) instead of printing the usage text: `--help`
+    is the place for that."""
+    return ArgumentParser(exit_on_error=False, **kwargs)
+
+
 def _subparser(config_cls, help_text: str) -> ArgumentParser:
-    parser = ArgumentParser(description=(config_cls.__doc__ or help_text).strip())
+    parser = _parser(description=(config_cls.__doc__ or help_text).strip())
     parser.add_argument(
         "--config", action=ActionConfigFile, help="A YAML file of option values; options after it override it."
     )
@@ -122,7 +130,7 @@ def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
     """The parser; only the chosen command's module is imported (the others get a help line), so start-up is fast."""
     from datalever import __version__
 
-    parser = ArgumentParser(
+    parser = _parser(
         prog="datalever", description="datalever: the training-data distribution as a lever on LLM fine-tuning."
     )
     parser.add_argument("--version", action="version", version=f"datalever {__version__}")
@@ -131,10 +139,10 @@ def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
     # Level order: first all top-level names, then the second level (jsonargparse requires it).
     for path, (_, _, _, help_text) in COMMANDS.items():
         if len(path) == 1:
-            sub = _subparser(_load(path)[0], help_text) if only == path else ArgumentParser(description=help_text)
+            sub = _subparser(_load(path)[0], help_text) if only == path else _parser(description=help_text)
             top.add_subcommand(path[0], sub, help=help_text)
         elif path[0] not in groups:
-            group = ArgumentParser(description=f"`{path[0]}` commands.")
+            group = _parser(description=f"`{path[0]}` commands.")
             top.add_subcommand(
                 path[0], group, help=f"{path[0]} commands: " + ", ".join(p[1] for p in COMMANDS if p[0] == path[0])
             )
@@ -143,7 +151,7 @@ def build_parser(only: tuple[str, ...] | None = None) -> ArgumentParser:
         subs = group.add_subcommands(dest="command")
         for path, (_, _, _, help_text) in COMMANDS.items():
             if len(path) == 2 and path[0] == name:
-                sub = _subparser(_load(path)[0], help_text) if only == path else ArgumentParser(description=help_text)
+                sub = _subparser(_load(path)[0], help_text) if only == path else _parser(description=help_text)
                 subs.add_subcommand(path[1], sub, help=help_text)
     return parser
 
@@ -170,8 +178,13 @@ def _to_value(hint, value):
 
 
 def read_config(config_cls, path: str | os.PathLike):
-    """A config dataclass from a YAML file, read exactly as `--config FILE` reads it on the command line."""
-    values = _subparser(config_cls, "").parse_args(["--config", str(path)]).as_dict()
+    """A config dataclass from a YAML file, read exactly as `--config FILE` reads it on the command line; a file that
+    is not valid YAML, or names an option the config does not have, is a ConfigError of one line."""
+    check_config_file(config_cls, str(path))
+    try:
+        values = _subparser(config_cls, "").parse_args(["--config", str(path)]).as_dict()
+    except ArgumentError as e:
+        raise ConfigError(f"{path}: {usage_error(config_cls, e)}") from None
     values.pop("config", None)
     return _to_dataclass(config_cls, values)
 
@@ -198,7 +211,18 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     path = _command_path(argv)
     parser = build_parser(only=path)
-    ns = parser.parse_args(argv)
+    config_cls = _load(path)[0] if path else None
+    try:
+        if config_cls is not None and not {"-h", "--help"} & set(argv):
+            for file in config_files(argv):
+                check_config_file(config_cls, file)
+        ns = parser.parse_args(argv)
+    except ConfigError as e:
+        _usage_exit(path, str(e))
+    except ArgumentError as e:
+        _usage_exit(
+            path, unknown_command(argv, COMMANDS) if path is None else in_file(argv, usage_error(config_cls, e))
+        )
     node = ns
     for name in path or ():
         node = node[name]
@@ -222,6 +246,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print(result if isinstance(result, str) else summary_line(path, config, result))
     _leave_process_group()
+
+
+def _usage_exit(path: tuple[str, ...] | None, message: str) -> typing.NoReturn:
+    """A command line that cannot be read: one line and exit status 2 (as argparse), `--help` for the usage."""
+    command = f"datalever {' '.join(path)}" if path else "datalever"
+    print(f"{command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def exit_preempted(path: tuple[str, ...], stopped: Preempted) -> typing.NoReturn:

@@ -124,7 +124,7 @@ PROFILE_SETTINGS = Classified(
         "seed",
     ),
     inputs=("data",),  # what it holds counts (the store's data_fingerprint), not its path
-    ignored=("run_dir", "progress"),  # where the store lives, how it is shown
+    ignored=("run_dir", "progress", "on_conflict"),  # where the store lives, how it is shown; refuse or warn
 )
 
 

@@ -162,6 +162,9 @@ def settings_differences(recorded: dict, config: Any, ignore: Iterable[str] = ()
     return [f"{k}: {None if old is MISSING else old!r} -> {new!r}" for k, old, new in found]
 
 
+NEVER_COMPARED = ("overwrite", "progress", "on_conflict")
+
+
 def refuse_other_settings(
     out_dir: str | os.PathLike, stage: str, config: Any, *, ignore: Iterable[str] = ()
 ) -> list[str]:
@@ -170,7 +173,8 @@ def refuse_other_settings(
     from datalever.checks import ConfigError
 
     recorded = recorded_settings(out_dir, stage)
-    diffs = [] if recorded is None else settings_differences(recorded, config, {*ignore, "overwrite", "progress"})
+    # Change no output anywhere: replacing it, showing progress, refusing conflicting labels rather than naming them.
+    diffs = [] if recorded is None else settings_differences(recorded, config, {*ignore, *NEVER_COMPARED})
     if diffs and not getattr(config, "overwrite", False):
         shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
         raise ConfigError(

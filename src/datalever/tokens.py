@@ -17,6 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from datalever.chat import check_chat_template as check_chat_template  # the configs' check, imported from here
+from datalever.chat import failure, template_problem
 from datalever.examples import PLAIN_ASSISTANT, Example, plain_turn
 
 IGNORE = -100  # label of a position that carries no loss (prompt and padding)
@@ -101,14 +103,6 @@ class Truncation:
         )
 
 
-def check_chat_template(value: str) -> None:
-    """`auto`, `none`, or a template file that exists."""
-    from datalever import checks
-
-    if value not in ("auto", "none") and not Path(value).expanduser().is_file():
-        raise checks.ConfigError(f"chat_template must be auto, none or a template file; no such file: {value}")
-
-
 def chat_template_text(tokenizer, chat_template: str) -> str | None:
     """The Jinja template the option names (None: plain text)."""
     if chat_template == "none":
@@ -123,12 +117,23 @@ def chat_template_text(tokenizer, chat_template: str) -> str | None:
 Segment = tuple[str, bool]  # text, and whether its tokens carry loss
 
 
+class TemplateFailed(Exception):
+    """Rendering through the chat template raised (the cause is the template's error)."""
+
+
 class Formatter:
     """How examples become token ids under one tokenizer: plainly, or through a chat template."""
 
     def __init__(self, tokenizer, chat_template: str = "none"):
         self.tokenizer = tokenizer
         self.template = chat_template_text(tokenizer, chat_template)
+        self._option = chat_template
+        problem = self.template is not None and template_problem(self._apply)
+        if problem:  # a file was checked with placeholder tokens already; the tokenizer's own template is seen here
+            raise ValueError(f"{self._name()}: {problem}; use --chat_template none or another template FILE")
+
+    def _name(self) -> str:
+        return "the tokenizer's chat template" if self._option == "auto" else f"chat_template {self._option}"
 
     def describe(self) -> str:
         return "chat template" if self.template else "plain text"
@@ -139,12 +144,21 @@ class Formatter:
         """The example as text segments; the last one that carries loss is the final assistant turn (with EOS when
         plain), followed under a template by what the template writes after its end-of-turn token."""
         if self.template is not None:
-            return self._chat_segments(conversation(ex))
+            try:
+                return self._chat_segments(conversation(ex))
+            except TemplateFailed as e:
+                raise ValueError(f"{self._name()} fails on example {ex.id}: {failure(e.__cause__)}") from e.__cause__
         if ex.messages is None:
             return [(ex.prompt, False), (ex.response, True)]
         return _plain_segments(ex.messages)
 
     def _render(self, turns: Sequence[tuple[str, str]], *, generation_prompt: bool) -> str:
+        try:
+            return self._apply(turns, generation_prompt)
+        except Exception as e:  # the template's own code (raise_exception on a system turn, ...): not a traceback
+            raise TemplateFailed() from e
+
+    def _apply(self, turns: Sequence[tuple[str, str]], generation_prompt: bool) -> str:
         messages = [{"role": role, "content": content} for role, content in turns]
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt

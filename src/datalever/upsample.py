@@ -407,5 +407,5 @@ UPSAMPLE_SETTINGS = Classified(
         "heldout",
         "out",
     ),
-    ignored=("overwrite",),
+    ignored=("overwrite", "on_conflict"),
 )

@@ -5,14 +5,17 @@
     save_examples(path, examples)           JSONL in the "datalever" schema (round-trips)
     find_overlap(named_sets) -> list[Overlap]   examples shared by splits (same id or prompt);
                                             overlap_error / check_overlap turn them into a DataError
+    find_conflicts(source, examples, places)  one source's examples that ask the same question with different
+                                            final answers; every loader counts them (on_conflict: warn | error)
 
 One module per concern, each importing only the ones above it:
 
     base      Example, content_id, DataError, NO_SOURCE, the difficulty keys and levels
     readers   files, directories and Hub datasets -> located records, and every malformed-input error
     formats   schemas, default templates, plain rendering, detection, record -> Example, duplicates
-    load      DataFormat, load_examples / read_data, save_examples, local paths vs Hub names
     overlap   examples shared between splits
+    conflicts the same question with different final answers (conflicting labels)
+    load      DataFormat, load_examples / read_data, save_examples, local paths vs Hub names
     check     the `data check` command
 
 Everything importable from `datalever.examples` before it became a package still is, from here.
@@ -20,6 +23,7 @@ Everything importable from `datalever.examples` before it became a package still
 
 from datalever.examples.base import DIFFICULTY_KEYS, LEVELS, NO_SOURCE, DataError, Example, content_id
 from datalever.examples.check import CheckConfig, run_check
+from datalever.examples.conflicts import Conflicts, check_conflicts, find_conflicts
 from datalever.examples.formats import (
     DEFAULT_TEMPLATES,
     PLAIN_ASSISTANT,
@@ -52,6 +56,7 @@ from datalever.examples.readers import FILE_READERS, Located, SplitRequest
 
 __all__ = [
     "CheckConfig",
+    "Conflicts",
     "DEFAULT_TEMPLATES",
     "DIFFICULTY_KEYS",
     "DataError",
@@ -68,10 +73,12 @@ __all__ = [
     "STRUCTURED_ROLES",
     "Schema",
     "SplitRequest",
+    "check_conflicts",
     "check_overlap",
     "content_id",
     "detect_schema",
     "examples_written_by_datalever",
+    "find_conflicts",
     "find_overlap",
     "load_examples",
     "local_data",

@@ -29,12 +29,16 @@ class CheckConfig(DataFormat):
 
 def run_check(cfg: CheckConfig) -> str:
     request = SplitRequest(cfg.split, None, "--split")  # as read_data reads it, with how it was read
-    examples, how = load_and_describe(cfg.data, cfg.schema, cfg.fields, cfg.template, request, "error")
+    on_conflict = "error" if cfg.on_conflict == "error" else "ignore"  # warn: the report says it
+    examples, how, conflicts = load_and_describe(
+        cfg.data, cfg.schema, cfg.fields, cfg.template, request, "error", on_conflict
+    )
     sources = Counter(ex.source or NO_SOURCE for ex in examples)
     lines = [
         f"{cfg.data}: {len(examples)} examples",
         f"schema: {how}",
         "sources: " + ", ".join(f"{k}={v}" for k, v in sources.most_common()),
+        f"conflicting labels: {conflicts.summary()}",
         f"fingerprint: {provenance.fingerprint(examples)}",
     ]
     if examples:

@@ -314,7 +314,7 @@ def handle_duplicates(name: str, examples: list[Example], wheres: list[str], on_
     more = ", ..." if len(dup_rows) > len(firsts) else ""
     msg = (
         f"{name}: {n_dups} duplicate examples ({len(dup_rows)} distinct ids), first at "
-        f"{unit} {_numbers(wheres, firsts)}{more} (copies of {unit} {_numbers(wheres, originals)}{more})"
+        f"{unit} {place_numbers(wheres, firsts)}{more} (copies of {unit} {place_numbers(wheres, originals)}{more})"
     )
     if on_duplicate == "error":
         raise DataError(msg + "; pass on_duplicate='keep_first' to keep the first copy of each")
@@ -323,7 +323,7 @@ def handle_duplicates(name: str, examples: list[Example], wheres: list[str], on_
     return [ex for i, ex in enumerate(examples) if i not in dropped]
 
 
-def _numbers(wheres: list[str], indices: list[int]) -> str:
+def place_numbers(wheres: list[str], indices: list[int]) -> str:
     """ "4", "4 and 9", "4, 6 and 9" from locations like "row 4"."""
     nums = [wheres[i].split()[1] for i in indices]
     return " and ".join(filter(None, [", ".join(nums[:-1]), nums[-1]]))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from datalever import checks
 from datalever.examples.base import DataError, Example
+from datalever.examples.conflicts import ON_CONFLICT, Conflicts, check_conflicts, find_conflicts
 from datalever.examples.formats import SCHEMAS, check_fields, choose_schema, handle_duplicates, to_example
 from datalever.examples.readers import SplitRequest, columns_of, format_of, read_records
 
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataFormat:
-    """How the records of a data source become examples: the options every command that reads data shares.
+    """How the records of a data source become examples, and whether conflicting labels among them are refused: the
+    options every command that reads data shares.
 
     Files datalever wrote itself (columns id, prompt, response: an arm's examples.jsonl, `data synth`'s splits)
     are read as written; these options apply to the others."""
@@ -34,10 +36,15 @@ class DataFormat:
     '{prompt: q, response: a, source: origin}'."""
     template: str | None = None
     """Prompt template over the roles and text columns, e.g. 'Q: {question}\\nA:\\n'; default: the schema's own."""
+    on_conflict: str = "warn"
+    """Examples that ask the same question (the prompt up to case and spacing) with different final answers (as an
+    evaluation reads them: 7 and 8; a reworded solution with the same answer is no conflict): warn (one line naming
+    a few) | error (refuse the data)."""
 
     def __post_init__(self) -> None:
         if self.schema != "auto":
             checks.one_of("schema", self.schema, ["auto", *SCHEMAS])
+        checks.one_of("on_conflict", self.on_conflict, ON_CONFLICT)
         if self.fields is not None and not (
             isinstance(self.fields, dict) and all(isinstance(v, str) for v in self.fields.values())
         ):
@@ -45,7 +52,7 @@ class DataFormat:
 
     def data_format(self) -> DataFormat:
         """These options alone (a stage config that inherits them passes itself through this)."""
-        return DataFormat(self.schema, self.fields, self.template)
+        return DataFormat(self.schema, self.fields, self.template, self.on_conflict)
 
 
 def load_examples(
@@ -58,6 +65,7 @@ def load_examples(
     default_split: str | None = None,
     on_duplicate: str = "error",
     split_option: str = "--split",
+    on_conflict: str = "warn",
 ) -> list[Example]:
     """Load examples from a file, a directory or a Hub dataset name ("openai/gsm8k:main": name and config).
 
@@ -70,13 +78,15 @@ def load_examples(
         role's: "train" for training data, "test" for evaluation); a source of one split is read whole.
     on_duplicate: "error" (default) or "keep_first" (drops later copies, with a warning).
     split_option: the option that sets `split` for this source, which errors name (--val_split, ...).
+    on_conflict: examples with the same prompt and different final answers (`conflicts`): "warn" (default: one
+        line, once a process), "error" (a DataError naming a few) or "ignore".
 
     JSONL, JSON, CSV and TSV files may be gzip-compressed (data.jsonl.gz, or gzip bytes under any
     name: read transparently) and must be UTF-8, or UTF-16/UTF-32 with a byte-order mark (decoded).
     Any malformed file raises one DataError naming the file, the line or row where known, and why.
     """
     request = SplitRequest(split, default_split, split_option)
-    return load_and_describe(path, schema, fields, template, request, on_duplicate)[0]
+    return load_and_describe(path, schema, fields, template, request, on_duplicate, on_conflict)[0]
 
 
 def load_and_describe(
@@ -86,8 +96,10 @@ def load_and_describe(
     template: str | None,
     request: SplitRequest,
     on_duplicate: str,
-) -> tuple[list[Example], str]:
-    """The examples of a source, and how they were read: `gsm8k (detected; columns: question, answer)`."""
+    on_conflict: str = "warn",
+) -> tuple[list[Example], str, Conflicts]:
+    """The examples of a source, how they were read (`gsm8k (detected; columns: question, answer)`) and their
+    conflicting labels (refused or warned about as `on_conflict` says)."""
     if on_duplicate not in ("error", "keep_first"):
         raise ValueError(f"on_duplicate must be 'error' or 'keep_first', not {on_duplicate!r}")
     name, records = read_records(os.fspath(path), request)
@@ -104,8 +116,13 @@ def load_and_describe(
     examples = [to_example(name, where, rec, chosen, fields or {}, template) for where, rec in records]
     if chosen.name == "prompt_completion" and examples[0].messages is not None:
         how += "; conversational: read as messages"
+    first_at: dict[str, str] = {}
+    for (where, _), ex in zip(records, examples):
+        first_at.setdefault(ex.id, where)
     examples = handle_duplicates(name, examples, [w for w, _ in records], on_duplicate)
-    return examples, f"{chosen.name} ({how}; columns: {', '.join(columns)})"
+    conflicts = find_conflicts(name, examples, [first_at[ex.id] for ex in examples])
+    check_conflicts(conflicts, on_conflict)
+    return examples, f"{chosen.name} ({how}; columns: {', '.join(columns)})", conflicts
 
 
 def read_data(
@@ -128,6 +145,7 @@ def read_data(
         default_split=default_split,
         on_duplicate=on_duplicate,
         split_option=split_option,
+        on_conflict=fmt.on_conflict,
     )
 
 

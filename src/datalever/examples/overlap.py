@@ -36,7 +36,7 @@ class Overlap:
 
     def describe(self) -> str:
         """One clause: "test shares 3 of 10 examples with train (2 same id, 1 same prompt), e.g. ..."."""
-        shown = ", ".join(f"{i} {_clip(prompt, 50)!r}" for i, prompt in self.samples)
+        shown = ", ".join(f"{i} {clip(prompt, 50)!r}" for i, prompt in self.samples)
         return (
             f"{self.second} shares {self.count} of {self.size} examples with {self.first} "
             f"({self.same_id} same id, {self.same_prompt} same prompt up to case and spacing), e.g. {shown}"
@@ -139,5 +139,5 @@ def check_overlap(named_sets: Mapping[str, Sequence[Example]], *, allow_overlap:
     return overlaps
 
 
-def _clip(text: str, n: int) -> str:
+def clip(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."

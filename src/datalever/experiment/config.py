@@ -316,8 +316,11 @@ class ExperimentConfig(DataFormat):
         would be ignored, so they are refused, naming the top-level option to use."""
         stages = {"train": self.train, "profile": self.profile}
         for stage, cfg in stages.items():
-            for option in ("schema", "fields", "template", "split") + (("val_split",) if stage == "train" else ()):
-                default = "auto" if option == "schema" else None
+            options = ("schema", "fields", "template", "on_conflict", "split") + (
+                ("val_split",) if stage == "train" else ()
+            )
+            for option in options:
+                default = {"schema": "auto", "on_conflict": "warn"}.get(option)
                 if getattr(cfg, option) != default:
                     top = {"split": "train_split", "val_split": "val_split"}.get(option, option)
                     raise checks.ConfigError(
@@ -397,15 +400,18 @@ EXPERIMENT_SETTINGS = Classified(
         "gpus_per_run",
         "launcher",
         "slurm",
+        "on_conflict",  # conflicting labels refused or named: the data read is the same
     ),
 )
 NOT_COMPARED = set(EXPERIMENT_SETTINGS.ignored)
 NOT_COMPARED |= {f"train.{k}" for k in ("data", "manifest", "val_data", "out", "seed", "progress", "overwrite")}
-NOT_COMPARED |= {f"train.{k}" for k in ("split", "val_split", "schema", "fields", "template", "run_name")}
+NOT_COMPARED |= {
+    f"train.{k}" for k in ("split", "val_split", "schema", "fields", "template", "on_conflict", "run_name")
+}
 # How often a run saves and what it keeps change no number.
 NOT_COMPARED |= {f"train.{k}" for k in ("save_every", "save_every_minutes", "keep_last", "keep_optimizer_state")}
 NOT_COMPARED |= {"train.log_with"}
-NOT_COMPARED |= {f"profile.{k}" for k in ("split", "schema", "fields", "template")}
+NOT_COMPARED |= {f"profile.{k}" for k in ("split", "schema", "fields", "template", "on_conflict")}
 NOT_COMPARED |= {f"profile.{k}" for k in ("run_dir", "data", "progress")}
 
 

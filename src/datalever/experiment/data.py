@@ -58,7 +58,7 @@ def import_data(cfg: ExperimentConfig, run_dir: RunDir) -> dict[str, str]:
         # another is detected from its columns (GSM8K, MATH, ...), whatever the training data's format.
         own = path in (cfg.train_file, cfg.val_file)
         template = (cfg.test_templates or {}).get(name)
-        test_format = fmt if own else DataFormat()
+        test_format = fmt if own else DataFormat(on_conflict=fmt.on_conflict)
         if template is not None:
             test_format = dataclasses.replace(test_format, template=template)
         sources[test_data_name(name)] = (path, test_format, cfg.test_split, "test", "--test_split")

@@ -251,6 +251,7 @@ TRAIN_SETTINGS = Classified(
         "micro_batch_size",
         "group_by_length",
         "gradient_checkpointing",
+        "on_conflict",  # whether conflicting labels are refused or only named: the data that is read is the same
     ),
 )
 LORA_SETTINGS = Classified(decide=("enabled", "r", "alpha", "dropout", "target_modules"), ignored=())
