@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 
-from datalever import experiment, optim, profile, provenance, split, upsample
+from datalever import evaluate, experiment, optim, profile, provenance, split, upsample
 from datalever.train import config as train_config
 
 CLASSIFIED = [
@@ -18,6 +18,7 @@ CLASSIFIED = [
     (profile.ProfileConfig, profile.PROFILE_SETTINGS),
     (upsample.UpsampleConfig, upsample.UPSAMPLE_SETTINGS),
     (split.SplitConfig, split.SPLIT_SETTINGS),
+    (evaluate.EvalConfig, evaluate.EVAL_SETTINGS),
     (experiment.ExperimentConfig, experiment.config.EXPERIMENT_SETTINGS),
 ]
 

@@ -34,6 +34,7 @@ from datalever.examples import DIFFICULTY_KEYS, NO_SOURCE, DataFormat, local_dat
 from datalever.models import DTYPES, unwrap
 from datalever.progress import bar as progress_bar
 from datalever.progress import label as progress_label
+from datalever.provenance import Classified
 from datalever.tokens import Formatter, check_chat_template
 
 log = logging.getLogger(__name__)
@@ -633,6 +634,33 @@ class EvalConfig(DataFormat):
         check_chat_template(self.chat_template)
 
 
+EVAL_SETTINGS = Classified(
+    # Every one decides the predictions or the metrics (the batch size and the cache too: other kernels, other
+    # padding, other rounding in a greedy decode); the paths as given.
+    decide=(
+        "schema",
+        "fields",
+        "template",
+        "model",
+        "data",
+        "split",
+        "chat_template",
+        "out",
+        "seed",
+        "max_new_tokens",
+        "batch_size",
+        "limit",
+        "difficulty_keys",
+        "max_prompt_length",
+        "dtype",
+        "stop",
+        "cache",
+        "trust_remote_code",
+    ),
+    ignored=("progress", "overwrite", "on_conflict"),
+)
+
+
 def eval_dtype(dtype: str | None, device: torch.device) -> str | None:
     """The dtype to load in: `dtype` if given, else bfloat16 on a GPU that supports it, else None (the loader's
     default, so CPU results are those of before this default existed)."""
@@ -653,7 +681,7 @@ def run(cfg: EvalConfig) -> dict:
 
     from datalever.models import load_model, load_tokenizer, resolve_model
 
-    provenance.refuse_other_settings(cfg.out, "evaluate", cfg)
+    provenance.refuse_other_settings(cfg.out, "evaluate", cfg, ignore=EVAL_SETTINGS.ignored)
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Launched with torchrun/accelerate: the process state already set up (e.g. by training in

@@ -165,7 +165,7 @@ SPLIT_SETTINGS = Classified(
         "split",
         "out",
     ),
-    ignored=("overwrite",),
+    ignored=("overwrite", "on_conflict"),  # on_conflict: warn or refuse, the same data either way
 )
 
 
