@@ -6,7 +6,7 @@
 
 On the same GSM8K-length prompts (the embedded generator `datalever.synth`, rendered as eval renders them):
   plain     today's plain path: `model.generate` on left-padded batches in input order, dynamic KV cache;
-  datalever `evaluate.generate_ids`: length-sorted batches, static KV cache where the model supports one
+  datalever `generation.generate_ids`: length-sorted batches, static KV cache where the model supports one
             (on a GPU HF then compiles the decoding step), stop strings (`--stop`, none by default).
 Both generate exactly `--max_new_tokens` tokens per prompt (EOS suppressed until then: random-init
 presets rarely emit it, trained ones would each stop elsewhere), so the token count is known.
@@ -31,17 +31,17 @@ import time
 import torch
 
 from datalever import synth
-from datalever.evaluate import (
+from datalever.evaluate import eval_dtype
+from datalever.examples import DEFAULT_TEMPLATES
+from datalever.generation import (
     GenerationOptions,
     _eos_ids,
     _left_pad,
     _until_eos,
     encode_prompts,
-    eval_dtype,
     generate_ids,
     supports_static_cache,
 )
-from datalever.examples import DEFAULT_TEMPLATES
 from datalever.models import load_model, load_tokenizer, resolve_model
 
 CPU_BANDWIDTH_GBS = 20.0

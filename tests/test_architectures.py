@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from datalever import models, synth, train
-from datalever.evaluate import GenerationOptions, evaluate_examples
+from datalever.evaluate import evaluate_examples
 from datalever.examples import load_examples
+from datalever.generation import GenerationOptions
 from datalever.losses import score_examples
 from datalever.optim import OptimConfig, muon_param_split
 from datalever.rundir import TrainDir

@@ -19,7 +19,7 @@ import torch
 from tokenizers import AddedToken
 from tokenizers.processors import TemplateProcessing
 
-from datalever import checks, cli, evaluate, rundir
+from datalever import checks, cli, generation, rundir
 from datalever.examples import Example, content_id, load_examples, plain_prompt
 from datalever.models import PRESETS, build_config, load_tokenizer, resolve_model
 from datalever.tokens import IGNORE, Formatter, Truncation, check_chat_template, collate, encode_example
@@ -590,13 +590,13 @@ def test_score_train_and_eval_from_the_command_line(
     assert read_yaml(train_out / "train.config.yaml")["chat_template"] == option
 
     captured = {}
-    real = evaluate.generate_ids
+    real = generation.generate_ids
 
     def spy(model, tokenizer, prompts, **kw):
         captured.update(prompts=[list(p) for p in prompts], end_ids=list(kw["options"].end_ids))
         return real(model, tokenizer, prompts, **kw)
 
-    monkeypatch.setattr(evaluate, "generate_ids", spy)
+    monkeypatch.setattr(generation, "generate_ids", spy)
     eval_out = tmp_path / "eval"
     cli.main(
         [

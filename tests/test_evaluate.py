@@ -8,23 +8,22 @@ import pytest
 import torch
 
 from datalever import evaluate as ev
+from datalever import generation
 from datalever.answers import Grade
 from datalever.checks import ConfigError
-from datalever.evaluate import (
-    EvalConfig,
+from datalever.evaluate import EvalConfig, compute_metrics, evaluate_examples
+from datalever.examples import NO_SOURCE, Example
+from datalever.generation import (
     Generation,
     GenerationOptions,
-    compute_metrics,
     cut_at_stop,
     encode_prompts,
-    evaluate_examples,
     generate,
     generate_ids,
     length_sorted_batches,
     stop_triggers,
     supports_static_cache,
 )
-from datalever.examples import NO_SOURCE, Example
 
 torch.set_num_threads(1)
 
@@ -106,14 +105,14 @@ def test_generations_say_which_the_cap_cut(monkeypatch):
         "stop at the cap": _ids("123Q:"),  # the stop string arrived with the 5th token: ended on its own
         "stop early": _ids("1Q:"),
     }
-    monkeypatch.setattr(ev, "generate_ids", lambda model, tok, prompts, options: [rows[p] for p in prompts])
-    out = ev.generations(None, _CharTokenizer(), list(rows), GenerationOptions(max_new_tokens=5, stop=["Q:"]))
+    monkeypatch.setattr(generation, "generate_ids", lambda model, tok, prompts, options: [rows[p] for p in prompts])
+    out = generation.generations(None, _CharTokenizer(), list(rows), GenerationOptions(max_new_tokens=5, stop=["Q:"]))
     assert [g.cut for g in out] == [True, False, False, False, False]
     assert [g.text for g in out] == ["12345", "1234", "12", "123", "1"]
     # without stop strings, a full row is cut whatever it spells
-    out = ev.generations(None, _CharTokenizer(), ["stop at the cap"], GenerationOptions(max_new_tokens=5))
+    out = generation.generations(None, _CharTokenizer(), ["stop at the cap"], GenerationOptions(max_new_tokens=5))
     assert out == [Generation("123Q:", True)]
-    assert not ev.reached_cap(_ids("12345"), "12345", GenerationOptions(max_new_tokens=6))
+    assert not generation.reached_cap(_ids("12345"), "12345", GenerationOptions(max_new_tokens=6))
 
 
 def test_a_real_model_cut_at_the_cap_ended_by_eos_or_by_a_stop_string(tiny):
@@ -121,13 +120,13 @@ def test_a_real_model_cut_at_the_cap_ended_by_eos_or_by_a_stop_string(tiny):
     options = GenerationOptions(max_new_tokens=8, batch_size=8, progress=False)
     free = generate_ids(model, tok, PROMPTS, options)
     assert all(len(row) == 8 for row in free)  # the random tiny model never says EOS this early
-    assert [g.cut for g in ev.generations(model, tok, PROMPTS, options)] == [True] * len(PROMPTS)
+    assert [g.cut for g in generation.generations(model, tok, PROMPTS, options)] == [True] * len(PROMPTS)
     # the third token made an EOS: every row holding it ends there, on its own
     eos_like = free[0][2]
     old = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = [tok.eos_token_id, eos_like]
     try:
-        ended = ev.generations(model, tok, PROMPTS, options)
+        ended = generation.generations(model, tok, PROMPTS, options)
     finally:
         model.generation_config.eos_token_id = old
     assert ended[0].cut is False
@@ -136,7 +135,7 @@ def test_a_real_model_cut_at_the_cap_ended_by_eos_or_by_a_stop_string(tiny):
     whole = tok.decode(free[0], skip_special_tokens=True)
     stop = whole[-3:].strip() or whole.strip()
     assert stop and all(stop not in tok.decode(row[:-1], skip_special_tokens=True) for row in free[:1])
-    stopped = ev.generations(model, tok, PROMPTS[:1], dataclasses.replace(options, stop=[stop]))
+    stopped = generation.generations(model, tok, PROMPTS[:1], dataclasses.replace(options, stop=[stop]))
     assert stopped[0].cut is False and stopped[0].text == cut_at_stop(whole, [stop])
 
 
@@ -324,7 +323,7 @@ def fake_generate(monkeypatch):
         calls.append(list(prompts))
         return [Generation(GENERATIONS[p], p == "p4") for p in prompts]  # p4 ran out of room
 
-    monkeypatch.setattr(ev, "generations", fake)
+    monkeypatch.setattr(generation, "generations", fake)
     return calls
 
 
@@ -390,7 +389,7 @@ def _evaluate(monkeypatch, pairs):
     examples = [Example(f"e{i}", f"p{i}", response, "s", {}) for i, (_, response) in enumerate(pairs)]
     texts = {f"p{i}": generation for i, (generation, _) in enumerate(pairs)}
     monkeypatch.setattr(
-        ev, "generations", lambda model, tokenizer, prompts, **kw: [Generation(texts[p], False) for p in prompts]
+        generation, "generations", lambda model, tokenizer, prompts, **kw: [Generation(texts[p], False) for p in prompts]
     )
     return evaluate_examples(None, None, examples, difficulty_keys=[])
 
@@ -592,12 +591,12 @@ def test_run_passes_the_generation_and_loading_options(tiny, tmp_path, monkeypat
     data = tmp_path / "test.jsonl"
     save_examples(str(data), EXAMPLES)
     loaded, generated = {}, {}
-    real_model, real_tokenizer, real_generate = models.load_model, models.load_tokenizer, ev.generations
+    real_model, real_tokenizer, real_generate = models.load_model, models.load_tokenizer, generation.generations
     monkeypatch.setattr(models, "load_model", lambda path, **kw: loaded.setdefault("model", kw) and real_model(path))
     monkeypatch.setattr(
         models, "load_tokenizer", lambda path, **kw: loaded.setdefault("tokenizer", kw) and real_tokenizer(path)
     )
-    monkeypatch.setattr(ev, "generations", lambda *a, **kw: generated.update(kw) or real_generate(*a, **kw))
+    monkeypatch.setattr(generation, "generations", lambda *a, **kw: generated.update(kw) or real_generate(*a, **kw))
     cfg = EvalConfig(
         model=str(tiny[2]),
         data=str(data),

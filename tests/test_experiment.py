@@ -141,13 +141,13 @@ def test_report_pairs_every_non_control_arm_with_every_control_seed_by_seed(tmp_
     from datalever.rundir import RunDir
 
     ticks = {}
-    save = report._save_figure
+    save = report.save_figure
 
     def record_ticks(fig, path):
         ticks[Path(path).name] = [t.get_text() for t in fig.axes[0].get_xticklabels()]
         return save(fig, path)
 
-    monkeypatch.setattr(report, "_save_figure", record_ticks)
+    monkeypatch.setattr(report, "save_figure", record_ticks)
 
     acc = {"base": [0.50, 0.60], "random": [0.55, 0.55], "hard": [0.60, 0.58], "hard-final": [0.52, 0.70]}
     hard_problems = {"base": [0.10, 0.20], "random": [0.10, 0.10], "hard": [0.30, 0.25], "hard-final": [0.2, 0.2]}

@@ -76,7 +76,7 @@ def test_an_m_sweep_links_the_arms_that_do_not_depend_on_m(tmp_path):
 def test_the_sweep_report_tables_each_points_paired_differences(tmp_path):
     """Hand-made point results: the cross-point table holds each point's own pairs, a dash where a point has none."""
     from datalever import rundir
-    from datalever.report import write_sweep_report
+    from datalever.report_sweep import write_sweep_report
     from datalever.rundir import RunDir
 
     def arm(acc):
@@ -215,7 +215,7 @@ def test_on_test_arms_are_compared_where_both_were_evaluated_at_the_same_step():
 
 
 def test_the_frontier_keeps_what_nothing_beats_on_both_axes():
-    from datalever.report import frontier
+    from datalever.report_sweep import frontier
 
     entries = [
         {"point": "a", "arm": "base", "flops": 1.0, "accuracy": 0.3},

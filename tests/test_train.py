@@ -705,7 +705,8 @@ def test_the_live_model_is_evaluated_under_fsdp_as_its_saved_copy_is_alone(data,
     generation is a collective: 5 prompts over 2 processes in batches of 2 give one process 2 batches and the other
     1, and rows may end at different lengths. The processes must stay in step (one filler batch, synced decoding)
     and give exactly the generations of the saved final model (the same weights) decoded in one plain process."""
-    from datalever.evaluate import GenerationOptions, evaluate_examples
+    from datalever.evaluate import evaluate_examples
+    from datalever.generation import GenerationOptions
 
     five = tmp_path / "five.jsonl"
     save_examples(str(five), load_examples(data["test"])[:5])

@@ -216,11 +216,11 @@ def curve_lines(curves: dict) -> list[str]:
         cells = []
         for a in arms.values():
             p = next((p for p in a["points"] if p["step"] == step), None)
-            cells.append("" if p is None else f"{_pct(p['val_mean'])} ± {_pct(p['val_ci95'])}")
+            cells.append("" if p is None else f"{pct(p['val_mean'])} ± {pct(p['val_ci95'])}")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines += ["", "Test accuracy % at the checkpoint chosen on validation (its best point), per test set:", ""]
     for name, a in arms.items():
-        chosen = "; ".join(f"{t} {_pct(v['mean'])} ± {_pct(v['ci95'])}" for t, v in a["chosen_test"].items())
+        chosen = "; ".join(f"{t} {pct(v['mean'])} ± {pct(v['ci95'])}" for t, v in a["chosen_test"].items())
         at = ", ".join(str(c["step"]) for c in a["chosen"].values())
         lines.append(f"- {name}: {chosen or 'n/a'} (chosen steps {at})")
     if curves["paired_at_equal_steps"]:
@@ -235,13 +235,13 @@ def curve_lines(curves: dict) -> list[str]:
 
 def _equal_step_lines(paired: dict, counts: bool = False) -> list[str]:
     def cell(d: dict) -> str:
-        text = f"step {d['step']}: {100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])}"
+        text = f"step {d['step']}: {100 * d['mean_diff']:+.1f} ± {pct(d['ci95'])}"
         return text + (" ({}/{}/{})".format(*d["wins_ties_losses"]) if counts else "")
 
     return [f"- {name}: " + ", ".join(cell(d) for d in diffs) for name, diffs in paired.items()]
 
 
-def _save_figure(fig, path: Path) -> str:
+def save_figure(fig, path: Path) -> str:
     """Lay out, write (PNG, 120 dpi) and close a figure; returns its path."""
     import matplotlib.pyplot as plt
 
@@ -273,7 +273,7 @@ def plot_curves(curves: dict, run_dir: RunDir) -> list[str]:
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title("Learning curves (mean, 95% band over seeds)")
         ax.legend(fontsize=8)
-        paths.append(_save_figure(fig, run_dir.plot(name)))
+        paths.append(save_figure(fig, run_dir.plot(name)))
     return paths
 
 
@@ -344,7 +344,7 @@ def _level_order(level: str) -> tuple:
     return (LEVELS.index(level), "") if level in LEVELS else (len(LEVELS), str(level))
 
 
-def _pct(x: float) -> str:
+def pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
@@ -374,9 +374,9 @@ def markdown(results: dict) -> str:
     for name, a in arms.items():
         acc = a["accuracy"]
         gain = a.get("relative_gain_vs_base")
-        cells = [name, f"{_pct(acc['mean'])} ± {_pct(acc['ci95'])}", "—" if gain is None else f"{100 * gain:+.1f}%"]
-        cells += [_pct(a["by_level"].get(lv, {}).get("mean", math.nan)) for lv in levels]
-        cells += [f"{_pct(a['benchmarks'][b]['mean'])} ± {_pct(a['benchmarks'][b]['ci95'])}" for b in others]
+        cells = [name, f"{pct(acc['mean'])} ± {pct(acc['ci95'])}", "—" if gain is None else f"{100 * gain:+.1f}%"]
+        cells += [pct(a["by_level"].get(lv, {}).get("mean", math.nan)) for lv in levels]
+        cells += [f"{pct(a['benchmarks'][b]['mean'])} ± {pct(a['benchmarks'][b]['ci95'])}" for b in others]
         c = a["compute"]
         cells += [f"{c['optimizer_steps']:.0f}", f"{c['forwards']:.0f}", f"{c['backwards']:.0f}", f"{c['wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -392,12 +392,12 @@ def markdown(results: dict) -> str:
     if results["paired"]:
         lines += ["", "Paired differences over the same seeds (accuracy points, mean ± 95% CI; wins/ties/losses):", ""]
         for name, d in results["paired"].items():
-            lines.append(f"- {name}: {_paired_text(d)}")
+            lines.append(f"- {name}: {paired_text(d)}")
             levels = (results.get("paired_by_level") or {}).get(name)
             if levels:
-                lines.append("  - by level: " + ", ".join(f"{lv} {_paired_text(v)}" for lv, v in levels.items()))
+                lines.append("  - by level: " + ", ".join(f"{lv} {paired_text(v)}" for lv, v in levels.items()))
             for b in others:
-                lines.append(f"  - on {b}: {_paired_text(results['paired_by_benchmark'][b][name])}")
+                lines.append(f"  - on {b}: {paired_text(results['paired_by_benchmark'][b][name])}")
     for name, found in (results.get("split_audits") or {}).items():
         title = "Split audit" if name == "split" else f"Split audit ({name})"
         lines += ["", *audit.markdown_lines(found, title)]
@@ -461,13 +461,13 @@ def _lm_eval_lines(arms: dict, names: list[str], n_seeds: int) -> list[str]:
         task = f"{lm['task']}, {lm['num_fewshot']}-shot" + (
             f" ({lm['n_seeds']} of {n_seeds} seeds)" if lm["n_seeds"] < n_seeds else ""
         )
-        scores = "; ".join(f"{k} {_pct(v['mean'])} ± {_pct(v['ci95'])}" for k, v in lm["scores"].items())
-        lines.append(f"| {arm} | {b} | {_pct(bench['mean'])} ± {_pct(bench['ci95'])} | {task} | {scores} |")
+        scores = "; ".join(f"{k} {pct(v['mean'])} ± {pct(v['ci95'])}" for k, v in lm["scores"].items())
+        lines.append(f"| {arm} | {b} | {pct(bench['mean'])} ± {pct(bench['ci95'])} | {task} | {scores} |")
     return lines + ["", LM_EVAL_NOTE]
 
 
-def _paired_text(d: dict) -> str:
-    return f"{100 * d['mean_diff']:+.1f} ± {_pct(d['ci95'])} ({d['wins']}/{d['ties']}/{d['losses']})"
+def paired_text(d: dict) -> str:
+    return f"{100 * d['mean_diff']:+.1f} ± {pct(d['ci95'])} ({d['wins']}/{d['ties']}/{d['losses']})"
 
 
 def _data_check_lines(checks: dict) -> list[str]:
@@ -505,7 +505,7 @@ def plot(results: dict, run_dir: RunDir) -> list[str]:
         )
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy per arm (mean, 95% CI, seeds as dots)")
-    paths.append(_save_figure(fig, run_dir.plot("accuracy")))
+    paths.append(save_figure(fig, run_dir.plot("accuracy")))
 
     levels = sorted({lv for a in arms.values() for lv in a["by_level"]}, key=_level_order)
     if levels:
@@ -522,7 +522,7 @@ def plot(results: dict, run_dir: RunDir) -> list[str]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("Accuracy by difficulty level")
         ax.legend(fontsize=8)
-        paths.append(_save_figure(fig, run_dir.plot("difficulty")))
+        paths.append(save_figure(fig, run_dir.plot("difficulty")))
     return paths
 
 
@@ -548,7 +548,7 @@ def plot_loss_curves(run_dir: RunDir, arms: list[str], seed: int) -> str:
     ax.set_yscale("log")
     ax.set_title(f"Training loss per arm, seed {seed} (dots: validation loss)")
     ax.legend(fontsize=8)
-    return _save_figure(fig, run_dir.plot("loss"))
+    return save_figure(fig, run_dir.plot("loss"))
 
 
 def write_report(
@@ -607,108 +607,3 @@ def write_report(
     rundir.atomic_write_text(run_dir.results_md, "# Results\n\n" + results["markdown"] + "\n")
     rundir.write_json(run_dir.results_json, results)
     return results
-
-
-# ----------------------------------------------------------------------------- sweeps
-
-
-def arm_flops(results: dict, arm: str) -> float:
-    """An arm's training FLOPs (mean over seeds), plus the proxy's when its data came from the split."""
-    proxy = (
-        (results.get("proxy_compute") or {}).get("total_flops", 0.0) if arm in results.get("split_arms", []) else 0.0
-    )
-    return results["arms"][arm]["compute"]["flops"] + proxy
-
-
-def frontier(entries: list[dict]) -> list[dict]:
-    """The entries no other entry beats on both axes (more accuracy for no more FLOPs), by FLOPs."""
-    best, out = -math.inf, []
-    for e in sorted(entries, key=lambda e: (e["flops"], -e["accuracy"])):
-        if e["accuracy"] > best:
-            out.append(e)
-            best = e["accuracy"]
-    return out
-
-
-def write_sweep_report(run_dir: str | Path, points: list[str]) -> str:
-    """One report over a sweep's points: each point's table, and accuracy against compute over every point and arm
-    (sweep_results.md / .json, results_frontier.png)."""
-    run_dir = RunDir(run_dir)
-    summary, sections, entries, paired = {"points": []}, [], [], {}
-    for name in points:
-        results = rundir.read_json(RunDir(run_dir.sweep_point(name)).results_json)
-        paired[name] = results["paired"]
-        arms = {}
-        for arm, a in results["arms"].items():
-            arms[arm] = {
-                "accuracy": a["accuracy"]["mean"],
-                "ci95": a["accuracy"]["ci95"],
-                "flops": arm_flops(results, arm),
-            }
-            entries.append({"point": name, "arm": arm, **arms[arm]})
-        summary["points"].append({"point": name, "arms": arms})
-        sections += [f"## {name}", "", results["markdown"], ""]
-    summary["frontier"] = frontier(entries)
-    lines = [
-        "# Sweep",
-        "",
-        "Accuracy against compute (FLOPs, the proxy's share included for arms built from the split); the frontier is",
-        "every point and arm that no other beats on both:",
-        "",
-        "| point | arm | test acc % (mean ± 95% CI) | FLOPs | on the frontier |",
-        "|---|---|---|---|---|",
-    ]
-    on_frontier = {(e["point"], e["arm"]) for e in summary["frontier"]}
-    for e in sorted(entries, key=lambda e: e["flops"]):
-        mark = "yes" if (e["point"], e["arm"]) in on_frontier else ""
-        lines.append(
-            f"| {e['point']} | {e['arm']} | {_pct(e['accuracy'])} ± {_pct(e['ci95'])} | {e['flops']:.3g} | {mark} |"
-        )
-    markdown = "\n".join(lines + [""] + _paired_across_points(paired) + sections)
-    summary["plot"] = plot_frontier(entries, summary["frontier"], run_dir)
-    rundir.atomic_write_text(run_dir.sweep_md, markdown)
-    rundir.write_json(run_dir.sweep_json, summary)
-    return markdown + f"\n\nsweep results: {run_dir.sweep_md} (plot: {summary['plot']})"
-
-
-def _paired_across_points(paired: dict[str, dict]) -> list[str]:
-    """One table of every point's paired differences (a row per point, a column per comparison): how a
-    comparison moves along the sweep, e.g. hard against base-long as m grows."""
-    names = list(dict.fromkeys(pair for by_pair in paired.values() for pair in by_pair))
-    if not names:
-        return []
-    lines = [
-        "Paired differences at each point (accuracy points, mean ± 95% CI over the same seeds; wins/ties/losses):",
-        "",
-        "| point | " + " | ".join(names) + " |",
-        "|---" * (len(names) + 1) + "|",
-    ]
-    for point, by_pair in paired.items():
-        cells = [_paired_text(by_pair[pair]) if pair in by_pair else "—" for pair in names]
-        lines.append(f"| {point} | " + " | ".join(cells) + " |")
-    return lines + [""]
-
-
-def plot_frontier(entries: list[dict], front: list[dict], run_dir: RunDir) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for arm in dict.fromkeys(e["arm"] for e in entries):
-        mine = [e for e in entries if e["arm"] == arm]
-        errs = [0.0 if math.isnan(e["ci95"]) else 100 * e["ci95"] for e in mine]
-        ax.errorbar([e["flops"] for e in mine], [100 * e["accuracy"] for e in mine], yerr=errs, fmt="o", capsize=3,
-                    label=arm)  # fmt: skip
-        for e in mine:
-            ax.annotate(
-                e["point"], (e["flops"], 100 * e["accuracy"]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-            )
-    ax.plot([e["flops"] for e in front], [100 * e["accuracy"] for e in front], "k--", lw=0.8, label="frontier")
-    ax.set_xscale("log")
-    ax.set_xlabel("FLOPs (proxy included)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against compute, every sweep point and arm")
-    ax.legend(fontsize=7)
-    return _save_figure(fig, run_dir.plot("frontier"))

@@ -41,8 +41,9 @@ def main(path: str) -> None:
         if step == kill_at:
             os._exit(17)
         if step == eval_at:
-            from datalever.evaluate import GenerationOptions, evaluate_during_training
+            from datalever.evaluate import evaluate_during_training
             from datalever.examples import load_examples
+            from datalever.generation import GenerationOptions
             from datalever.models import load_tokenizer, resolve_model
 
             tokenizer = load_tokenizer(resolve_model(values["model"], seed=values.get("seed", 0)))

@@ -63,7 +63,8 @@ class CurveRecorder:
             rundir.write_json(self.arm_dir.curve, {"steps": self.steps, "points": sorted_points(self.points)})
 
     def _accuracy(self, model, accelerator, benchmark: str, limit: int | None) -> float:
-        from datalever.evaluate import GenerationOptions, evaluate_during_training
+        from datalever.evaluate import evaluate_during_training
+        from datalever.generation import GenerationOptions
         from datalever.models import load_tokenizer, resolve_model
 
         if self._formatter is None:

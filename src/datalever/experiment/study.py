@@ -379,7 +379,7 @@ def report(cfg: ExperimentConfig) -> dict:
 
 
 def sweep_report(cfg: ExperimentConfig) -> str:
-    from datalever.report import write_sweep_report
+    from datalever.report_sweep import write_sweep_report
 
     return write_sweep_report(RunDir(cfg.run_dir).root, [point_name(point) for point in sweep_points(cfg)])
 
