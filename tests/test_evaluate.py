@@ -389,7 +389,9 @@ def _evaluate(monkeypatch, pairs):
     examples = [Example(f"e{i}", f"p{i}", response, "s", {}) for i, (_, response) in enumerate(pairs)]
     texts = {f"p{i}": generation for i, (generation, _) in enumerate(pairs)}
     monkeypatch.setattr(
-        generation, "generations", lambda model, tokenizer, prompts, **kw: [Generation(texts[p], False) for p in prompts]
+        generation,
+        "generations",
+        lambda model, tokenizer, prompts, **kw: [Generation(texts[p], False) for p in prompts],
     )
     return evaluate_examples(None, None, examples, difficulty_keys=[])
 
