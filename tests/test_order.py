@@ -1,4 +1,4 @@
-"""Each epoch's order (sampler.epoch_order) and the training stream built on it, against counts and orders
+"""Each epoch's order (train.order.epoch_order) and the training stream built on it, against counts and orders
 written out independently."""
 
 from __future__ import annotations
