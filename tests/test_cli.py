@@ -173,6 +173,10 @@ MISTYPED = [
         ["data", "synth", "--n_trian", "3"],
         "datalever data synth: error: unknown option --n_trian (did you mean --n_train?)",
     ),
+    (
+        ["upsample", "--arm", "hard"],  # upsample's option before it was named apart from the experiment's arms
+        "datalever upsample: error: unknown option --arm (did you mean --distribution?)",
+    ),
     (["train", "--max_steps", "abc"], "datalever train: error: max_steps: expected an integer or null, got 'abc'"),
     (["train", "--progress", "maybe"], "datalever train: error: progress: expected true or false, got 'maybe'"),
     (["train", "extra"], "datalever train: error: unexpected argument 'extra' (options are given as --name value)"),

@@ -26,8 +26,10 @@ def config_files(argv: list[str]) -> list[str]:
     return files
 
 
-# What other trainers call an option (Hugging Face's Trainer, TRL), for "did you mean": a name nobody misspelled.
+# What other trainers call an option (Hugging Face's Trainer, TRL), or an earlier datalever did, for "did you mean": a
+# name nobody misspelled.
 OTHER_NAMES = {
+    "arm": "distribution",  # upsample's, before this session (an experiment's arm is a whole recipe)
     "learning_rate": "optim.lr",
     "num_train_epochs": "epochs",
     "weight_decay": "optim.weight_decay",
