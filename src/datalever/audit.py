@@ -48,6 +48,9 @@ UNTRAINED_FRACTION = 0.8
 # demo-base proxy ends its profile run at 0.45 of it, the same architecture trained from scratch for the same 21
 # steps at 0.96). Above 0.9 of the unigram loss the proxy's loss mostly says which tokens an example contains.
 UNIGRAM_FRACTION = 0.9
+# Both are necessary, not sufficient (docs/results/proxy-language/): a proxy pretrained on equation drills alone ended
+# at 0.66 of the unigram loss, no warning, with its hard cluster holding the easy problems (level AUROC 0.26), while
+# proxies pretrained on plain sentences, at 0.63-0.65, made the best splits (0.79-0.83). `difficulty_warning` caught it.
 
 
 # ----------------------------------------------------------------------------------------------
