@@ -103,6 +103,22 @@ def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_base_reads_no_split(tmp_path):
+    """The data as given needs no split: every example once, in the same order with a split table or without."""
+    make_run(tmp_path)
+    with_split = run(UpsampleConfig(run_dir=str(tmp_path), distribution="base", seed=1, out=str(tmp_path / "a")))
+    (tmp_path / "split.parquet").unlink()
+    without = run(UpsampleConfig(run_dir=str(tmp_path), distribution="base", seed=1, out=str(tmp_path / "b")))
+    assert [r["id"] for r in read_lines(tmp_path / "a" / "train.jsonl")] == [
+        r["id"] for r in read_lines(tmp_path / "b" / "train.jsonl")
+    ]
+    assert Counter(r["id"] for r in read_lines(tmp_path / "b" / "train.jsonl")) == {i: 1 for i in IDS}
+    assert without["n_hard"] is None and without["n_flagged"] is None and without["n_rows"] == len(IDS)
+    assert with_split["n_rows"] == len(IDS)
+    with pytest.raises(UpsampleError, match="no split at"):  # every other distribution still needs one
+        run(UpsampleConfig(run_dir=str(tmp_path), distribution="hard", seed=1, out=str(tmp_path / "c")))
+
+
 @pytest.mark.parametrize("arm", ["hard", "easy", "random", "base"])
 def test_run_materializes_each_id_multiplicity_times(tmp_path, arm):
     make_run(tmp_path)

@@ -87,7 +87,7 @@ class UpsampleConfig(DataFormat):
     split: str | None = None
     """Split of `data` when it holds several (a DatasetDict, a hub dataset); default: train."""
     split_table: str | None = None
-    """The easy/hard split to read (split.parquet); default RUN/split.parquet."""
+    """The easy/hard split to read (split.parquet); default RUN/split.parquet. Distribution 'base' reads none."""
     heldout: list[str] | None = None
     """With synth_fn: held-out example files (validation, test) that variants must not reproduce; default:
     validation.jsonl and test.jsonl beside the training file, where they exist."""
@@ -272,8 +272,11 @@ def run(cfg: UpsampleConfig) -> dict:
     split_path = Path(cfg.split_table) if cfg.split_table else run_dir.split().split
     split_df, examples, train_file = read_inputs(cfg, run_dir, split_path)
 
-    mult = multiplicities(split_df, cfg.distribution, cfg.m, cfg.seed)
-    selected = selected_ids(split_df, cfg.distribution, cfg.seed)
+    if split_df is None:  # base: every example once
+        mult, selected = {ex.id: 1 for ex in examples}, []
+    else:
+        mult = multiplicities(split_df, cfg.distribution, cfg.m, cfg.seed)
+        selected = selected_ids(split_df, cfg.distribution, cfg.seed)
     rows = [
         {"id": ex.id, "source": ex.source, "multiplicity": mult[ex.id], "origin": "original", "parent_id": None}
         for ex in examples
@@ -299,14 +302,14 @@ def run(cfg: UpsampleConfig) -> dict:
     order = shuffled_rows(manifest, cfg.seed)
     write_arm(arm_dir, unique, order, manifest)
 
-    flagged = _flagged(split_df)
+    flagged = None if split_df is None else _flagged(split_df)
     counts = {
         "distribution": cfg.distribution,
         "m": cfg.m,
         "seed": cfg.seed,
         "n_examples": len(examples),
-        "n_flagged": int(flagged.sum()),
-        "n_hard": int((split_df["hard"].astype(bool) & ~flagged).sum()),
+        "n_flagged": None if flagged is None else int(flagged.sum()),  # base reads no split: None
+        "n_hard": None if flagged is None else int((split_df["hard"].astype(bool) & ~flagged).sum()),
         "n_selected": len(selected),
         "n_extra_copies": int(sum(mult.values()) - len(mult)),
         "n_synth": len(synth),
@@ -325,19 +328,25 @@ def run(cfg: UpsampleConfig) -> dict:
     return counts
 
 
-def read_inputs(cfg: UpsampleConfig, run_dir: RunDir, split_path: Path) -> tuple[pd.DataFrame, list[Example], Path]:
-    """The split table, the training examples it was made from (every one in it, and no other) and their file."""
+def read_inputs(
+    cfg: UpsampleConfig, run_dir: RunDir, split_path: Path
+) -> tuple[pd.DataFrame | None, list[Example], Path]:
+    """The split table (None for distribution base, which needs none), the training examples it was made from
+    (every one in it, and no other) and their file."""
     import pyarrow.parquet as pq
 
     from datalever.examples import looks_local
 
-    if not split_path.exists():
+    needs_split = cfg.distribution != "base"
+    if needs_split and not split_path.exists():
         raise UpsampleError(f"no split at {split_path} (run the split stage first)")
-    split_df = pq.read_table(split_path).to_pandas()
     train_file = Path(cfg.data) if cfg.data else run_dir.data_file("train")
     if looks_local(str(train_file)) and not train_file.exists():
         raise UpsampleError(f"training examples not found at {train_file} (set --data)")
     examples = read_data(str(train_file), cfg.data_format(), split=cfg.split, default_split="train")
+    if not needs_split:
+        return None, examples, train_file
+    split_df = pq.read_table(split_path).to_pandas()
     split_ids = set(split_df["id"].astype(str))
     not_in_split = [ex.id for ex in examples if ex.id not in split_ids]
     not_in_train = sorted(split_ids - {ex.id for ex in examples})
