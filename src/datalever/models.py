@@ -78,6 +78,10 @@ PRESETS: dict[str, Preset] = {
     "tiny-phi": Preset("phi", hidden=32, layers=2, heads=4, intermediate=64, vocab=512, max_positions=512),
     # The demo's proxy and target: trains in minutes on 2 CPU cores.
     "demo": Preset("llama", hidden=128, layers=4, heads=4, intermediate=384, vocab=512),
+    # The demo's width halved and doubled (0.28 M and 3.7 M parameters against its 0.98 M): the proxy sizes of
+    # docs/results/proxies/, pretrained as demo-base was (`datalever model pretrain --preset demo-small`).
+    "demo-small": Preset("llama", hidden=64, layers=4, heads=4, intermediate=192, vocab=512),
+    "demo-large": Preset("llama", hidden=256, layers=4, heads=4, intermediate=768, vocab=512),
     # Pythia-70M's shape (hidden 512, 6 layers, 8 heads, 50304 embedding rows) for benchmarks.
     "pythia-70m": Preset("gpt_neox", hidden=512, layers=6, heads=8, intermediate=2048, vocab=50304, max_positions=2048),
     # The shapes of two of the paper's targets (random weights; the local tokenizer uses the first 512 rows), for
