@@ -66,6 +66,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str, str]] = {
         "Train a proxy briefly and record every training example's loss trajectory.",
     ),
     ("split",): ("datalever.split", "SplitConfig", "run", "Cluster loss trajectories into easy and hard examples."),
+    ("compare-splits",): (
+        "datalever.split_compare",
+        "CompareConfig",
+        "run",
+        "Compare the easy/hard splits several runs made of one training set (agreement, audit, divergence).",
+    ),
     ("upsample",): (
         "datalever.upsample",
         "UpsampleConfig",

@@ -1,5 +1,7 @@
 """A sweep's report: each point's results side by side (sweep_results.{md,json}), every point's paired differences in
-one table, and accuracy against compute over every point and arm, with the frontier (results_frontier.png)."""
+one table, and accuracy against compute over every point and arm, with the frontier (results_frontier.png); where the
+points profile differently (a proxy, fraction or K sweep), how their splits differ (split_compare:
+split_comparison.{md,json,png})."""
 
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ def frontier(entries: list[dict]) -> list[dict]:
     return out
 
 
-def write_sweep_report(run_dir: str | Path, points: list[str]) -> str:
+def write_sweep_report(run_dir: str | Path, points: list[str], compare_splits: bool = False) -> str:
     """One report over a sweep's points: each point's table, and accuracy against compute over every point and arm
-    (sweep_results.md / .json, results_frontier.png)."""
+    (sweep_results.md / .json, results_frontier.png); with `compare_splits`, the points' splits compared."""
     run_dir = RunDir(run_dir)
     summary, sections, entries, paired = {"points": []}, [], [], {}
     for name in points:
@@ -63,11 +65,22 @@ def write_sweep_report(run_dir: str | Path, points: list[str]) -> str:
         lines.append(
             f"| {e['point']} | {e['arm']} | {pct(e['accuracy'])} ± {pct(e['ci95'])} | {e['flops']:.3g} | {mark} |"
         )
-    markdown = "\n".join(lines + [""] + _paired_across_points(paired) + sections)
+    splits = _compared_splits(run_dir, points) if compare_splits else []
+    markdown = "\n".join(lines + [""] + _paired_across_points(paired) + splits + sections)
     summary["plot"] = plot_frontier(entries, summary["frontier"], run_dir)
     rundir.atomic_write_text(run_dir.sweep_md, markdown)
     rundir.write_json(run_dir.sweep_json, summary)
     return markdown + f"\n\nsweep results: {run_dir.sweep_md} (plot: {summary['plot']})"
+
+
+def _compared_splits(run_dir: RunDir, points: list[str]) -> list[str]:
+    """The points' splits compared (split_comparison.*), and its table as a section of the sweep's report."""
+    from datalever import split_compare
+
+    found = split_compare.compare({name: run_dir.sweep_point(name) for name in points})
+    text = split_compare.write(found, run_dir.split_comparison)
+    table = text.split("## ")[0].split("\n", 2)[2]  # the first table, without its title
+    return ["## Splits", "", table.rstrip(), "", f"(every pair, and the plot: {run_dir.split_comparison.md})", ""]
 
 
 def _paired_across_points(paired: dict[str, dict]) -> list[str]:

@@ -251,6 +251,24 @@ class SplitDir(_Layout):
 
 
 @dataclass(frozen=True)
+class ComparisonDir(_Layout):
+    """What `datalever compare-splits` writes (and a sweep's report, at its root, where its points' splits differ):
+    how splits of one training set agree, each one's audit, and how far apart its clusters' losses are."""
+
+    @property
+    def md(self) -> Path:
+        return self.root / "split_comparison.md"
+
+    @property
+    def json(self) -> Path:
+        return self.root / "split_comparison.json"
+
+    @property
+    def plot(self) -> Path:
+        return self.root / "split_comparison.png"
+
+
+@dataclass(frozen=True)
 class ArmDir(_Layout):
     """One arm's training set (from `datalever upsample`) and, in an experiment, its training and evaluation."""
 
@@ -371,6 +389,11 @@ class RunDir(_Layout):
     def sweep_json(self) -> Path:
         return self.root / "sweep_results.json"
 
+    @property
+    def split_comparison(self) -> ComparisonDir:
+        """A sweep's comparison of its points' splits (where the points profile differently)."""
+        return ComparisonDir(self.root)
+
     # -------------------------------------------------------------------- the grid's bookkeeping (grid/)
 
     @property
@@ -409,6 +432,7 @@ class RunDir(_Layout):
         synth.config.yaml or import.config.yaml is there): data of the user's own is never removed."""
         named = [self.trajectories, self.trajectories_meta, self.proxy.root, self.splits, self.root / "arms"]
         named += [self.root / "sweep", self.sweep_md, self.sweep_json]
+        named += [self.split_comparison.md, self.split_comparison.json, self.split_comparison.plot]
         named += [self.split().split, self.split().summary, self.split().trajectories_plot, self.split().datamap_plot]
         named += [self.split().audit]
         named += [self.results_json, self.results_md, *self.root.glob("results_*.png"), self.logs]
