@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from datalever import experiment
@@ -224,3 +225,74 @@ def test_the_frontier_keeps_what_nothing_beats_on_both_axes():
         {"point": "b", "arm": "hard", "flops": 3.0, "accuracy": 0.35},  # same compute, less accuracy: off
     ]
     assert [(e["point"], e["arm"]) for e in frontier(entries)] == [("a", "base"), ("b", "base")]
+
+
+# ----------------------------------------------------------------------------- the proxy as a sweep axis
+
+
+def test_a_proxy_sweep_names_each_point_by_its_model(tmp_path):
+    proxies = ["preset:tiny", "runs/proxies/demo-large-1500/", "embedded:demo-base", "arm:base"]
+    cfg = _config(tmp_path, sweep={"proxy": proxies, "fraction": [0.5]})
+    names = [experiment.config.point_name(p) for p in experiment.config.sweep_points(cfg)]
+    assert names == [
+        "proxy=preset-tiny,fraction=0.5",
+        "proxy=demo-large-1500,fraction=0.5",
+        "proxy=embedded-demo-base,fraction=0.5",
+        "proxy=arm-base,fraction=0.5",
+    ]
+    sub = experiment.config.sweep_config(cfg, {"proxy": "runs/proxies/demo-large-1500/", "fraction": 0.5})
+    assert (sub.profile.proxy, sub.profile.fraction) == ("runs/proxies/demo-large-1500/", 0.5)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"sweep": {"proxy": [1]}}, "sweep.proxy takes model names or paths"),
+        ({"sweep": {"fraction": ["preset:tiny"]}}, "sweep.fraction takes numbers"),
+        ({"sweep": {"proxy": ["a/demo", "b/demo"]}}, "name the same sweep directory"),
+        ({"sweep": {"proxy": ["arm:nothing"]}}, "nothing is not one of the arms"),
+        ({"sweep": {"proxy": ["arm:hard"]}}, "trains on data made from the split"),
+        ({"profile": {"proxy": "arm:base", "seed": 3}}, "seed profile.seed=3, which is not one of the seeds"),
+    ],
+)
+def test_a_bad_proxy_is_refused_before_any_work(tmp_path, changes, message):
+    base = _config(tmp_path)
+    if "profile" in changes:
+        changes = {"profile": dataclasses.replace(base.profile, **changes["profile"])}
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(base, **changes)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_oracle_proxy_profiles_after_the_arm_whose_model_it_is(tmp_path):
+    """arm:base: the profile waits for the base arm's run; base's data does not wait for the split (it reads none:
+    else the graph would be a circle); hard's data still does."""
+    cfg = _config(tmp_path, profile=dataclasses.replace(_config(tmp_path).profile, proxy="arm:base"))
+    units = {u.name: u for u in experiment.units(cfg)}
+    assert units["profile"].after == ("data", "arms/base/seed0")
+    assert units["arms/base/seed0/data"].after == ("data",)
+    assert units["arms/hard/seed0/data"].after == ("split",)
+    assert experiment.study.proxy_model(cfg) == str(tmp_path / "arms" / "base" / "seed0" / "train" / "model")
+
+
+def test_a_proxy_sweep_profiles_with_each_proxy_and_compares_the_splits(tmp_path):
+    """preset:tiny and the base arm's own fine-tuned model (arm:base): base trains once (it reads no split), the
+    oracle point profiles with that model, and the report compares the two splits."""
+    cfg = _config(tmp_path, sweep={"proxy": ["preset:tiny", "arm:base"]})
+    experiment.run(cfg)
+    first, oracle = tmp_path / "sweep" / "proxy=preset-tiny", tmp_path / "sweep" / "proxy=arm-base"
+    assert json.loads((oracle / "arms" / "base" / "seed0" / "reused_from.json").read_text())["changed"] == ["proxy"]
+    meta = json.loads((oracle / "trajectories.meta.json").read_text())
+    assert meta["proxy"]["path"] == str(oracle / "arms" / "base" / "seed0" / "train" / "model")
+    assert meta["proxy"]["hidden_size"] == 32  # the fine-tuned tiny model, not the demo preset
+    base_model = first / "arms" / "base" / "seed0" / "train" / "model" / "model.safetensors"
+    assert (oracle / "arms" / "base" / "seed0" / "train" / "model" / "model.safetensors").read_bytes() == (
+        base_model.read_bytes()
+    )
+    first_losses = pd.read_parquet(first / "trajectories.parquet").filter(like="loss_step")
+    oracle_losses = pd.read_parquet(oracle / "trajectories.parquet").filter(like="loss_step")
+    assert first_losses.iloc[:, 0].mean() > oracle_losses.iloc[:, 0].mean()  # the oracle knows the task already
+    result = json.loads((tmp_path / "split_comparison.json").read_text())
+    assert result["names"] == ["proxy=preset-tiny", "proxy=arm-base"]
+    assert result["ari"][0][0] == result["ari"][1][1] == pytest.approx(1.0)
+    assert "## Splits" in (tmp_path / "sweep_results.md").read_text()

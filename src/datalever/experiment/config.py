@@ -174,13 +174,14 @@ class ExperimentConfig(DataFormat):
     processes share each point's prompts (under FSDP they generate in lockstep from the sharded weights)."""
     curve_limit: int | None = None
     """Validation examples per curve point (the first N); default: all."""
-    sweep: dict[str, list[float]] | None = None
-    """Sweep points in one config: lists for epochs, m, fraction (the proxy's share of an epoch) and checkpoints
-    (K), e.g. '{m: [1, 2, 4, 9]}' (the paper's 2x, 3x, 5x, 10x); every combination runs as an experiment of its own
-    under RUN/sweep/<axis>=<value>,.../ and one report compares them (a table per point, and accuracy against
-    compute: the frontier). An arm that trains the data as given (base, sam) does not depend on m, fraction or
-    K: a later point links the earlier point's finished run of it (reused_from.json) instead of training it
-    again."""
+    sweep: dict[str, list[float | str]] | None = None
+    """Sweep points in one config: lists for epochs, m, fraction (the proxy's share of an epoch), checkpoints (K)
+    and proxy (the profile's proxy: a model as profile.proxy takes it, or `arm:NAME`), e.g. '{m: [1, 2, 4, 9]}'
+    (the paper's 2x, 3x, 5x, 10x); every combination runs as an experiment of its own under
+    RUN/sweep/<axis>=<value>,.../ (a proxy named by its last path part: proxy=demo-large-1500) and one report
+    compares them (a table per point, accuracy against compute: the frontier, and, where the points' splits differ,
+    how: splits.md). An arm that trains the data as given (base, sam) depends on none of m, fraction, K or proxy:
+    a later point links the earlier point's finished run of it (reused_from.json) instead of training it again."""
     workers: int = 1
     """Units run at once on this machine: 1 runs them one at a time in this process (their bars on this terminal); N
     runs N at a time, each in a worker process of its own (its output in RUN/logs/<unit>.log), with cores / N threads
@@ -232,6 +233,7 @@ class ExperimentConfig(DataFormat):
         super().__post_init__()
         self._check_sweep()
         self._check_arms()
+        self._check_oracle()
         self._check_seeds()
         self._check_files()
         self._check_lm_eval()
@@ -274,10 +276,39 @@ class ExperimentConfig(DataFormat):
             if not isinstance(values, list) or not values or len(set(values)) != len(values):
                 raise checks.ConfigError(f"sweep.{axis} must list distinct values, got {values!r}")
             for value in values:
-                if axis in ("m", "checkpoints") and (isinstance(value, bool) or int(value) != value):
+                if (axis == "proxy") != isinstance(value, str) or isinstance(value, bool):
+                    kind = "model names or paths" if axis == "proxy" else "numbers"
+                    raise checks.ConfigError(f"sweep.{axis} takes {kind}, got {value!r}")
+                if axis in ("m", "checkpoints") and int(value) != value:
                     raise checks.ConfigError(f"sweep.{axis} takes whole numbers, got {value!r}")
+            names = [value_name(v) for v in values]
+            if len(set(names)) != len(names):
+                raise checks.ConfigError(
+                    f"sweep.{axis}: {values} name the same sweep directory ({names}); give paths whose last parts "
+                    "differ"
+                )
         for point in sweep_points(self):  # each point is checked as a config of its own, before any work
             sweep_config(self, point)
+
+    def _check_oracle(self) -> None:
+        """profile.proxy arm:NAME profiles with that arm's fine-tuned model (seed profile.seed): an arm of this
+        experiment whose training does not depend on the split, or the split would wait for itself."""
+        name = oracle_arm(self.profile.proxy)
+        if name is None:
+            return
+        if name not in self.arms:
+            raise checks.ConfigError(f"profile.proxy {self.profile.proxy}: {name} is not one of the arms {self.arms}")
+        arm = arm_spec(self, name)
+        if arm.data != "base" or arm.synth_fn or arm.match_steps_of:
+            raise checks.ConfigError(
+                f"profile.proxy {self.profile.proxy}: arm {name} trains on data made from the split, which this "
+                "proxy's profile makes; name an arm that trains the data as given (e.g. base)"
+            )
+        if self.profile.seed not in self.seeds:
+            raise checks.ConfigError(
+                f"profile.proxy {self.profile.proxy} is the arm's model of seed profile.seed={self.profile.seed}, "
+                f"which is not one of the seeds {self.seeds}"
+            )
 
     def _check_seeds(self) -> None:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -335,6 +366,14 @@ def arm_spec(cfg: ExperimentConfig, name: str) -> ArmConfig:
     if name in BUILTIN_ARMS:
         return BUILTIN_ARMS[name]
     raise checks.ConfigError(f"unknown arm {name!r}: built-in {sorted(BUILTIN_ARMS)}, or define it in extra_arms")
+
+
+ORACLE_PREFIX = "arm:"  # profile.proxy arm:base: the base arm's own fine-tuned model as the proxy (it knows the task)
+
+
+def oracle_arm(proxy: str) -> str | None:
+    """The arm whose fine-tuned model profile.proxy names (`arm:NAME`), or None for any other model."""
+    return proxy.removeprefix(ORACLE_PREFIX) if proxy.startswith(ORACLE_PREFIX) else None
 
 
 def test_sets(cfg: ExperimentConfig) -> dict[str, str]:
@@ -417,10 +456,11 @@ NOT_COMPARED |= {f"profile.{k}" for k in ("run_dir", "data", "progress")}
 
 # What a sweep may vary: axis -> (the nested config holding it, or None for the experiment's own, field name).
 SWEEP_AXES = {"epochs": ("train", "epochs"), "m": (None, "m"), "fraction": ("profile", "fraction"),
-              "checkpoints": ("profile", "checkpoints")}  # fmt: skip
+              "checkpoints": ("profile", "checkpoints"), "proxy": ("profile", "proxy")}  # fmt: skip
+SPLIT_AXES = ("fraction", "checkpoints", "proxy")  # the axes that change the profile, and so the split
 
 
-def sweep_points(cfg: ExperimentConfig) -> list[dict[str, float]]:
+def sweep_points(cfg: ExperimentConfig) -> list[dict[str, float | str]]:
     """Every combination of the sweep's values, in the order given (axes as listed)."""
     if not cfg.sweep:
         return []
@@ -428,17 +468,27 @@ def sweep_points(cfg: ExperimentConfig) -> list[dict[str, float]]:
     return [dict(zip(axes, values)) for values in itertools.product(*(cfg.sweep[a] for a in axes))]
 
 
-def point_name(point: dict[str, float]) -> str:
+def value_name(value: float | str) -> str:
+    """A sweep value as its directory names it: a number as %g; a model by its last path part, with anything but
+    letters, digits, '.', '_' and '-' as '-' (embedded:demo-base -> embedded-demo-base, arm:base -> arm-base)."""
+    if not isinstance(value, str):
+        return f"{value:g}"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", value.rstrip("/").rsplit("/", 1)[-1]) or "-"
+
+
+def point_name(point: dict[str, float | str]) -> str:
     """m=2,epochs=3: a sweep point's directory under RUN/sweep/."""
-    return ",".join(f"{axis}={value:g}" for axis, value in point.items())
+    return ",".join(f"{axis}={value_name(value)}" for axis, value in point.items())
 
 
-def sweep_config(cfg: ExperimentConfig, point: dict[str, float]) -> ExperimentConfig:
+def sweep_config(cfg: ExperimentConfig, point: dict[str, float | str]) -> ExperimentConfig:
     """The experiment of one sweep point: the same settings with the point's values, in its own run directory."""
     sub = copy.deepcopy(cfg)
     for axis, value in point.items():
         holder_name, name = SWEEP_AXES[axis]
         holder = sub if holder_name is None else getattr(sub, holder_name)
-        setattr(holder, name, int(value) if axis in ("m", "checkpoints") else float(value))
+        setattr(
+            holder, name, value if axis == "proxy" else int(value) if axis in ("m", "checkpoints") else float(value)
+        )
     changes = {"run_dir": str(RunDir(cfg.run_dir).sweep_point(point_name(point))), "sweep": None}
     return dataclasses.replace(sub, **changes)  # checked again as it is built

@@ -37,11 +37,13 @@ from datalever.evaluate import run as eval_run
 from datalever.experiment.config import (
     CONTROL_ARMS,
     NOT_COMPARED,
+    SPLIT_AXES,
     SWEEP_AXES,
     ArmConfig,
     ExperimentConfig,
     arm_spec,
     benchmarks,
+    oracle_arm,
     point_name,
     sweep_config,
     sweep_points,
@@ -135,9 +137,11 @@ def experiment_units(cfg: ExperimentConfig, prefix: str = "", links: dict[str, L
     links = links or {}
     arms = [arm_spec(cfg, name) for name in cfg.arms]
     data, profile = f"{prefix}data", f"{prefix}profile"
+    oracle = oracle_arm(cfg.profile.proxy)  # the proxy is an arm's fine-tuned model: its run comes first
+    reads = (data,) if oracle is None else (data, f"{prefix}arms/{oracle}/seed{cfg.profile.seed}")
     found = [
         Unit(data, "data", run=lambda: prepare_data(cfg), done=lambda: False, in_driver=True),
-        Unit(profile, "profile", run=lambda: run_profile(cfg), done=lambda: profiled(cfg), after=(data,)),
+        Unit(profile, "profile", run=lambda: run_profile(cfg), done=lambda: profiled(cfg), after=reads),
     ]
     for features in dict.fromkeys([cfg.features] + [a.features or cfg.features for a in arms]):
         run, done = partial(run_split, cfg, features), partial(split_done, cfg, features)
@@ -166,7 +170,8 @@ def arm_units(cfg: ExperimentConfig, arm: ArmConfig, seed: int, prefix: str, lin
         "upsample",
         run=partial(prepare_arm_data, cfg, arm, seed),
         done=RunDir(cfg.run_dir).seed_dir(arm.name, seed).counts.exists,
-        after=(prefix + split_unit(cfg, arm.features or cfg.features),),
+        # the data as given reads no split (so an arm:base proxy can profile with the base arm's model)
+        after=(f"{prefix}data",) if reads_no_split(arm) else (prefix + split_unit(cfg, arm.features or cfg.features),),
         in_driver=True,  # a second's work on files: a process or a job of its own would cost more than the work
     )
     return [arm_data, Unit(where, "train", run=partial(run_arm, cfg, arm, seed), done=done, after=tuple(reads))]
@@ -203,7 +208,22 @@ def run_profile(cfg: ExperimentConfig) -> None:
 
 
 def profile_config(cfg: ExperimentConfig):
-    return dataclasses.replace(cfg.profile, run_dir=cfg.run_dir, data=data_paths(cfg)["train"], progress=cfg.progress)
+    return dataclasses.replace(
+        cfg.profile, proxy=proxy_model(cfg), run_dir=cfg.run_dir, data=data_paths(cfg)["train"], progress=cfg.progress
+    )
+
+
+def proxy_model(cfg: ExperimentConfig) -> str:
+    """The profile's proxy; an `arm:NAME` proxy is that arm's fine-tuned model of seed profile.seed."""
+    oracle = oracle_arm(cfg.profile.proxy)
+    if oracle is None:
+        return cfg.profile.proxy
+    return str(RunDir(cfg.run_dir).seed_dir(oracle, cfg.profile.seed).train.model)
+
+
+def reads_no_split(arm: ArmConfig) -> bool:
+    """An arm that trains the data as given, each example once: its data is made without the split."""
+    return arm.data == "base" and not arm.synth_fn
 
 
 def profiled(cfg: ExperimentConfig) -> bool:
@@ -277,7 +297,7 @@ def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int) -> ArmDir
                 synth_fn=arm.synth_fn,
                 data=files["train"],
                 heldout=[f for name, f in files.items() if name != "train"],
-                split_table=str(split_dir(cfg, arm.features).split),
+                split_table=None if reads_no_split(arm) else str(split_dir(cfg, arm.features).split),
                 out=str(out.root),
             )
         )
@@ -381,7 +401,8 @@ def report(cfg: ExperimentConfig) -> dict:
 def sweep_report(cfg: ExperimentConfig) -> str:
     from datalever.report_sweep import write_sweep_report
 
-    return write_sweep_report(RunDir(cfg.run_dir).root, [point_name(point) for point in sweep_points(cfg)])
+    points = [point_name(point) for point in sweep_points(cfg)]
+    return write_sweep_report(RunDir(cfg.run_dir).root, points, compare_splits=bool(set(cfg.sweep) & set(SPLIT_AXES)))
 
 
 def arm_axes(cfg: ExperimentConfig, arm: ArmConfig) -> set[str]:
