@@ -162,7 +162,8 @@ def test_the_study_s_units_read_what_they_need(tmp_path):
     assert units["split"].after == units["splits/final"].after == ("profile",)
     assert units["arms/hard-final/seed0/data"].after == ("splits/final",)
     assert units["arms/base-long/seed0"].after == ("arms/base-long/seed0/data", "arms/hard/seed0/data")
-    assert set(units["report"].after) == {"data", *(f"arms/{a}/seed0" for a in cfg.arms)}
+    assert set(units["report"].after) == {"data", "split", "splits/final", *(f"arms/{a}/seed0" for a in cfg.arms)}
+    assert units["arms/base/seed0/data"].after == ("data",)  # the data as given reads no split
     assert [u.name for u in units.values() if u.in_driver] == ["data", *(f"arms/{a}/seed0/data" for a in cfg.arms),
                                                                "report"]  # fmt: skip
 

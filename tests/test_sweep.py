@@ -272,6 +272,11 @@ def test_the_oracle_proxy_profiles_after_the_arm_whose_model_it_is(tmp_path):
     assert units["profile"].after == ("data", "arms/base/seed0")
     assert units["arms/base/seed0/data"].after == ("data",)
     assert units["arms/hard/seed0/data"].after == ("split",)
+    assert set(units["report"].after) >= {"split", "arms/base/seed0", "arms/hard/seed0"}
+    only_base = _config(tmp_path, arms=["base"], sweep={"proxy": ["preset:tiny", "arm:base"]})
+    for unit in experiment.units(only_base):  # no arm reads a split; the reports, which show it, still wait for it
+        if unit.kind == "report" and unit.name != "report":
+            assert unit.name.removesuffix("report") + "split" in unit.after
     assert experiment.study.proxy_model(cfg) == str(tmp_path / "arms" / "base" / "seed0" / "train" / "model")
 
 

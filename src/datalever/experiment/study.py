@@ -148,7 +148,8 @@ def experiment_units(cfg: ExperimentConfig, prefix: str = "", links: dict[str, L
         found.append(Unit(prefix + split_unit(cfg, features), "split", run=run, done=done, after=(profile,)))
     for arm, seed in itertools.product(arms, cfg.seeds):
         found += arm_units(cfg, arm, seed, prefix, links.get(arm.name))
-    arm_runs = tuple(u.name for u in found if u.kind in ("train", "link"))
+    # the report shows the splits too: it waits for them even where no arm reads one (arms: [base])
+    arm_runs = tuple(u.name for u in found if u.kind in ("split", "train", "link"))
     found.append(Unit(f"{prefix}report", "report", run=lambda: report(cfg), done=lambda: False,
                       after=(data, *arm_runs), in_driver=True))  # fmt: skip
     return found
