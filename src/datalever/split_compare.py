@@ -235,9 +235,10 @@ def plot(result: dict, path: Path) -> str:
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_title(title)
         fig.colorbar(image, ax=ax, fraction=0.046)
-    for name in names:
+    colors = matplotlib.colormaps["turbo"](np.linspace(0.05, 0.95, len(names)))  # one each, past ten splits too
+    for i, (name, color) in enumerate(zip(names, colors)):
         d = result["splits"][name]["divergence"]
-        axes[2].plot(d["epochs"], d["relative_gap"], marker="o", label=name)
+        axes[2].plot(d["epochs"], d["relative_gap"], marker="osv^D"[i % 5], color=color, label=name)
     axes[2].axhline(0, color="gray", lw=0.5)
     axes[2].set_xlabel("proxy training (epochs)")
     axes[2].set_ylabel("(hard - easy mean loss) / mean loss")
