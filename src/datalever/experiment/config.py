@@ -180,8 +180,9 @@ class ExperimentConfig(DataFormat):
     (the paper's 2x, 3x, 5x, 10x); every combination runs as an experiment of its own under
     RUN/sweep/<axis>=<value>,.../ (a proxy named by its last path part: proxy=demo-large-1500) and one report
     compares them (a table per point, accuracy against compute: the frontier, and, where the points' splits differ,
-    how: splits.md). An arm that trains the data as given (base, sam) depends on none of m, fraction, K or proxy:
-    a later point links the earlier point's finished run of it (reused_from.json) instead of training it again."""
+    how: split_comparison.md). An arm that trains the data as given (base, sam) depends on none of m, fraction, K or
+    proxy: a later point links the earlier point's finished run of it (reused_from.json) instead of training it
+    again."""
     workers: int = 1
     """Units run at once on this machine: 1 runs them one at a time in this process (their bars on this terminal); N
     runs N at a time, each in a worker process of its own (its output in RUN/logs/<unit>.log), with cores / N threads
