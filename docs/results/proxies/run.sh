@@ -41,3 +41,10 @@ datalever experiment --config configs/embedded.yaml --run_dir runs/proxies/downs
 
 # 4. hard-synth's variants re-profiled with the same proxy (demo-base, 1/3 epoch): synth.json.
 python docs/results/proxies/synth.py
+
+# 4, second half: hard-synth against a base-long matched to its steps (an extra arm under base-long's name, so the
+# report pairs them), 5 seeds; then against the study's hard arm, seed by seed.
+datalever experiment --config configs/embedded.yaml --run_dir runs/proxies/downstream-synth \
+  --arms '[hard-synth, base-long]' --extra_arms '[{name: base-long, data: base, match_steps_of: hard-synth}]' \
+  --seeds '[0, 1, 2, 3, 4]' --workers 2
+python docs/results/proxies/synth_vs_hard.py
