@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 24: which proxy finds the examples that matter? Every command that made docs/results/proxies/, in order.
-# About 3 hours of two cores in all (the runs overlapped: each unit runs with one thread, so the numbers are the
+# About 4 hours of two cores in all (the runs overlapped: each unit runs with one thread, so the numbers are the
 # same whatever else runs beside it).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
