@@ -100,7 +100,7 @@ def test_the_gap_is_the_hard_minus_the_easy_mean_loss_at_each_step(tmp_path):
         [9.0, 9.0, 9.0, 9.0],  # flagged: left out, whatever its loss
     ]
     run = make_run(tmp_path / "r", losses, [False, False, True, False], flags=["", "", "", "too_long"])
-    found = split_compare.describe(run)["divergence"]
+    found = split_compare.describe(run, split_compare.read_split(run))["divergence"]
     assert found["steps"] == [10, 20, 30, 40]
     assert found["epochs"] == [5.0, 10.0, 15.0, 20.0]  # step * batch 2 / 4 examples
     assert found["gap"] == pytest.approx([0.0, 0.5, 1.0, 1.0])

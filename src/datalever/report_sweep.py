@@ -78,9 +78,9 @@ def _compared_splits(run_dir: RunDir, points: list[str]) -> list[str]:
     from datalever import split_compare
 
     found = split_compare.compare({name: run_dir.sweep_point(name) for name in points})
-    text = split_compare.write(found, run_dir.split_comparison)
-    table = text.split("## ")[0].split("\n", 2)[2]  # the first table, without its title
-    return ["## Splits", "", table.rstrip(), "", f"(every pair, and the plot: {run_dir.split_comparison.md})", ""]
+    split_compare.write(found, run_dir.split_comparison)
+    table = split_compare.splits_table(found)
+    return ["## Splits", "", *table, "", f"(every pair, and the plot: {run_dir.split_comparison.md})", ""]
 
 
 def _paired_across_points(paired: dict[str, dict]) -> list[str]:

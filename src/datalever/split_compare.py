@@ -39,9 +39,13 @@ class CompareConfig:
             raise checks.ConfigError(f"runs: name two run directories or more to compare, got {self.runs}")
         if self.names is not None and len(self.names) != len(self.runs):
             raise checks.ConfigError(f"names: one per run ({len(self.runs)}), got {len(self.names)}")
-        names = self.names or [Path(r).name for r in self.runs]
-        if len(set(names)) != len(names):
-            raise checks.ConfigError(f"the runs' names repeat ({names}): give --names")
+        if len(set(self.run_names)) != len(self.run_names):
+            raise checks.ConfigError(f"the runs' names repeat ({self.run_names}): give --names")
+
+    @property
+    def run_names(self) -> list[str]:
+        """The names given, or each directory's name."""
+        return self.names or [Path(r).name for r in self.runs]
 
 
 # ----------------------------------------------------------------------------- one split
@@ -92,11 +96,11 @@ def divergence(store: trajectories.Trajectories, split: pd.DataFrame) -> dict:
     }
 
 
-def describe(run: str | Path) -> dict:
-    """One split: the proxy and its run, the hard set's size, the audit's findings, the losses' divergence."""
+def describe(run: str | Path, split: pd.DataFrame) -> dict:
+    """One split (its table `split`, read from `run`): the proxy and its run, the hard set's size, the audit's
+    findings, the losses' divergence."""
     run_dir = RunDir(run)
     store = trajectories.read_store(run_dir.trajectories)
-    split = read_split(run)
     audit = rundir.read_json(run_dir.split().audit) if run_dir.split().audit.exists() else {}
     config = store.meta.get("config") or {}
     features = audit.get("features", {})
@@ -144,15 +148,14 @@ def agreement(a: pd.DataFrame, b: pd.DataFrame) -> dict:
 
 
 def compare(runs: dict[str, str | Path]) -> dict:
-    """Every split described, and every pair's agreement (matrices in the order given)."""
+    """Every split described, and every pair's agreement (symmetric matrices in the order given)."""
     splits = {name: read_split(path) for name, path in runs.items()}
     names = list(runs)
-    pairs = {name: {other: agreement(splits[name], splits[other]) for other in names} for name in names}
+    pairs = {(a, b): agreement(splits[a], splits[b]) for i, a in enumerate(names) for b in names[i:]}
+    pairs |= {(b, a): found for (a, b), found in pairs.items()}  # each pair once: the measures are symmetric
     return {
-        "splits": {name: describe(path) for name, path in runs.items()},
-        "ari": [[pairs[a][b]["ari"] for b in names] for a in names],
-        "hard_jaccard": [[pairs[a][b]["hard_jaccard"] for b in names] for a in names],
-        "hard_overlap": [[pairs[a][b]["hard_overlap"] for b in names] for a in names],
+        "splits": {name: describe(path, splits[name]) for name, path in runs.items()},
+        **{key: [[pairs[a, b][key] for b in names] for a in names] for key in ("ari", "hard_jaccard", "hard_overlap")},
         "names": names,
     }
 
@@ -181,12 +184,23 @@ def auroc_cell(found: dict | None) -> str:
 def markdown(result: dict, reference: str | None = None) -> str:
     """The table of splits (agreement with `reference`, default the first) and the pairwise matrices."""
     names = result["names"]
+    lines = ["# Splits compared", "", *splits_table(result, reference)]
+    for key, title in (("ari", "Adjusted Rand index"), ("hard_jaccard", "Hard sets' overlap (Jaccard)")):
+        lines += ["", f"## {title}, every pair", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for a, row in zip(names, result[key])]
+    warned = [(name, w) for name, s in result["splits"].items() for w in s["warnings"]]
+    if warned:
+        lines += ["", "## Warnings", ""] + [f"- {name}: {w}" for name, w in warned]
+    return "\n".join(lines) + "\n"
+
+
+def splits_table(result: dict, reference: str | None = None) -> list[str]:
+    """A row per split, its agreement with `reference` (default the first), with the paragraph that reads it."""
+    names = result["names"]
     ref = reference or names[0]
     i_ref = names.index(ref)
     audited = list(dict.fromkeys(k for s in result["splits"].values() for k in s["audit"]))
     lines = [
-        "# Splits compared",
-        "",
         "Hard-set AUROC of each difficulty column and of the response's length (0.5: the split does not follow it;",
         "above 0.5: higher in the hard set), the gap between the hard and easy examples' mean loss at the first and",
         f"last recorded step (and over the mean loss, last), and agreement with {ref}: the adjusted Rand index of the",
@@ -208,13 +222,7 @@ def markdown(result: dict, reference: str | None = None) -> str:
             f"{result['ari'][i][i_ref]:.2f} | {result['hard_jaccard'][i][i_ref]:.2f} | "
             f"{'-' if unigram is None else f'{unigram:.2f}'} | {len(s['warnings'])} |"
         )
-    for key, title in (("ari", "Adjusted Rand index"), ("hard_jaccard", "Hard sets' overlap (Jaccard)")):
-        lines += ["", f"## {title}, every pair", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        lines += [f"| {a} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for a, row in zip(names, result[key])]
-    warned = [(name, w) for name, s in result["splits"].items() for w in s["warnings"]]
-    if warned:
-        lines += ["", "## Warnings", ""] + [f"- {name}: {w}" for name, w in warned]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(result: dict, path: Path) -> str:
@@ -258,7 +266,6 @@ def write(result: dict, out: ComparisonDir, reference: str | None = None) -> str
 
 
 def run(cfg: CompareConfig) -> str:
-    names = cfg.names or [Path(r).name for r in cfg.runs]
     out = ComparisonDir(cfg.out)
-    text = write(compare(dict(zip(names, cfg.runs))), out)
+    text = write(compare(dict(zip(cfg.run_names, cfg.runs))), out)
     return f"{text.rstrip()}\n\nwritten: {out.md}, {out.json}, {out.plot}"

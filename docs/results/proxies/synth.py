@@ -22,6 +22,7 @@ import pandas as pd
 
 from datalever import profile, split, upsample
 from datalever.examples import load_examples
+from datalever.optim import OptimConfig
 
 ROOT = Path(__file__).resolve().parents[3]
 POINT = ROOT / "runs/proxies/sweep/sweep/proxy=embedded-demo-base,fraction=0.333333"
@@ -56,7 +57,7 @@ def reprofile(point: Path, arm: Path) -> Path:
     n_all, n_original = len(load_examples(str(arm / "examples.jsonl"))), meta["n_examples"]
     settings.update(run_dir=str(run), data=str(arm / "examples.jsonl"), progress=False)
     settings["fraction"] = settings["fraction"] * n_original / n_all
-    settings["optim"] = profile.OptimConfig(**settings["optim"])
+    settings["optim"] = OptimConfig(**settings["optim"])
     fields = {f.name for f in dataclasses.fields(profile.ProfileConfig)}
     if not (run / "trajectories.parquet").exists():
         profile.run(profile.ProfileConfig(**{k: v for k, v in settings.items() if k in fields}))

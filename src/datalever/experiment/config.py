@@ -50,6 +50,12 @@ class ArmConfig:
     """Split features for this arm: trajectory | final | relative | residual; None: the experiment's. The same
     profile is split again under splits/<features>/."""
 
+    @property
+    def reads_split(self) -> bool:
+        """Whether its training set is made from the split (any distribution but base, or variants of selected
+        examples), and so depends on the profile; base, the data as given, needs none."""
+        return self.data != "base" or bool(self.synth_fn)
+
     def __post_init__(self) -> None:
         # The name becomes a directory under arms/: one plain path component, never a way out of the run.
         if not ARM_NAME.fullmatch(self.name or ""):
@@ -300,7 +306,7 @@ class ExperimentConfig(DataFormat):
         if name not in self.arms:
             raise checks.ConfigError(f"profile.proxy {self.profile.proxy}: {name} is not one of the arms {self.arms}")
         arm = arm_spec(self, name)
-        if arm.data != "base" or arm.synth_fn or arm.match_steps_of:
+        if arm.reads_split or arm.match_steps_of:
             raise checks.ConfigError(
                 f"profile.proxy {self.profile.proxy}: arm {name} trains on data made from the split, which this "
                 "proxy's profile makes; name an arm that trains the data as given (e.g. base)"

@@ -172,7 +172,7 @@ def arm_units(cfg: ExperimentConfig, arm: ArmConfig, seed: int, prefix: str, lin
         run=partial(prepare_arm_data, cfg, arm, seed),
         done=RunDir(cfg.run_dir).seed_dir(arm.name, seed).counts.exists,
         # the data as given reads no split (so an arm:base proxy can profile with the base arm's model)
-        after=(f"{prefix}data",) if reads_no_split(arm) else (prefix + split_unit(cfg, arm.features or cfg.features),),
+        after=(prefix + split_unit(cfg, arm.features or cfg.features),) if arm.reads_split else (f"{prefix}data",),
         in_driver=True,  # a second's work on files: a process or a job of its own would cost more than the work
     )
     return [arm_data, Unit(where, "train", run=partial(run_arm, cfg, arm, seed), done=done, after=tuple(reads))]
@@ -220,11 +220,6 @@ def proxy_model(cfg: ExperimentConfig) -> str:
     if oracle is None:
         return cfg.profile.proxy
     return str(RunDir(cfg.run_dir).seed_dir(oracle, cfg.profile.seed).train.model)
-
-
-def reads_no_split(arm: ArmConfig) -> bool:
-    """An arm that trains the data as given, each example once: its data is made without the split."""
-    return arm.data == "base" and not arm.synth_fn
 
 
 def profiled(cfg: ExperimentConfig) -> bool:
@@ -298,7 +293,7 @@ def prepare_arm_data(cfg: ExperimentConfig, arm: ArmConfig, seed: int) -> ArmDir
                 synth_fn=arm.synth_fn,
                 data=files["train"],
                 heldout=[f for name, f in files.items() if name != "train"],
-                split_table=None if reads_no_split(arm) else str(split_dir(cfg, arm.features).split),
+                split_table=str(split_dir(cfg, arm.features).split) if arm.reads_split else None,
                 out=str(out.root),
             )
         )
@@ -409,7 +404,7 @@ def sweep_report(cfg: ExperimentConfig) -> str:
 def arm_axes(cfg: ExperimentConfig, arm: ArmConfig) -> set[str]:
     """The sweep axes an arm's training depends on. An arm that trains the data as given (base, sam) depends on
     the epochs only: not on m, nor on the profile behind the split (fraction, K). Any other arm, on all of them."""
-    if arm.data != "base" or arm.synth_fn:
+    if arm.reads_split:
         return set(SWEEP_AXES)
     if arm.match_steps_of is not None:  # the length of another arm's data (never itself matched: _check_arms)
         return {"epochs"} | arm_axes(cfg, arm_spec(cfg, arm.match_steps_of))
